@@ -1,0 +1,438 @@
+//! The tenant database: connecting with the tenant's DB user, migrations,
+//! reads, the job's batched apply and the synchronous fallback transition.
+//!
+//! Only SQL that MySQL 8, TiDB and MariaDB share: no RETURNING, and
+//! `ON DUPLICATE KEY UPDATE ... VALUES(col)` for upserts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{MySql, QueryBuilder, Row};
+
+use crate::config::TenantConfig;
+use crate::domain::{Action, Delta, Forbidden, State, transition};
+use crate::event::LikeEvent;
+use crate::version::{VersionClock, now_ms};
+
+/// Rows per statement in batched statements.
+const CHUNK: usize = 500;
+
+/// The embedded migrations of a tenant schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects a pool to the tenant schema with the tenant's DB user. Lazy: the
+/// first query connects, so a process starts while the DB is down.
+pub fn connect_lazy(t: &TenantConfig) -> Result<MySqlPool, sqlx::Error> {
+    let opts = MySqlConnectOptions::from_str(&t.db.url)?
+        .username(&t.db.username)
+        .password(&t.db.password)
+        .database(&t.schema());
+    Ok(MySqlPoolOptions::new()
+        .max_connections(t.db.max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(opts))
+}
+
+/// Brings the tenant schema up to date; idempotent.
+pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// A record as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// Current state.
+    pub state: State,
+    /// Newest applied version (0: never written).
+    pub version: i64,
+    /// The item owner.
+    pub up_mid: i64,
+}
+
+/// Counts of an item (or received likes, with `dislikes` 0) and their version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Likes.
+    pub likes: i64,
+    /// Dislikes.
+    pub dislikes: i64,
+    /// Grows with every change; 0 for an item never counted.
+    pub version: i64,
+}
+
+/// One entry of a newest-first list: (Unix ms, id).
+pub type ListEntry = (i64, i64);
+
+fn state_of(row: &MySqlRow, col: &str) -> Result<State, sqlx::Error> {
+    let code: i8 = row.try_get(col)?;
+    State::from_code(code as i64).ok_or_else(|| sqlx::Error::Decode(format!("bad state {code}").into()))
+}
+
+/// States of one user on several items of a business.
+pub async fn load_states(
+    pool: &MySqlPool,
+    mid: i64,
+    business: i64,
+    messages: &[i64],
+) -> Result<HashMap<i64, Record>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in messages.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT message_id, state, version, up_mid FROM like_records WHERE mid = ",
+        );
+        q.push_bind(mid).push(" AND business_id = ").push_bind(business).push(" AND message_id IN (");
+        let mut sep = q.separated(", ");
+        for m in chunk {
+            sep.push_bind(*m);
+        }
+        q.push(")");
+        for row in q.build().fetch_all(pool).await? {
+            let rec = Record { state: state_of(&row, "state")?, version: row.try_get("version")?, up_mid: row.try_get("up_mid")? };
+            out.insert(row.try_get("message_id")?, rec);
+        }
+    }
+    Ok(out)
+}
+
+/// Counts of several items of a business; items never counted are absent.
+pub async fn load_counts(pool: &MySqlPool, business: i64, messages: &[i64]) -> Result<HashMap<i64, Counts>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in messages.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT message_id, likes, dislikes, version FROM like_counts WHERE business_id = ",
+        );
+        q.push_bind(business).push(" AND message_id IN (");
+        let mut sep = q.separated(", ");
+        for m in chunk {
+            sep.push_bind(*m);
+        }
+        q.push(")");
+        for row in q.build().fetch_all(pool).await? {
+            let c = Counts { likes: row.try_get("likes")?, dislikes: row.try_get("dislikes")?, version: row.try_get("version")? };
+            out.insert(row.try_get("message_id")?, c);
+        }
+    }
+    Ok(out)
+}
+
+/// Likes received by an owner in a business.
+pub async fn load_received(pool: &MySqlPool, business: i64, up_mid: i64) -> Result<Counts, sqlx::Error> {
+    let row = sqlx::query("SELECT likes, version FROM received_likes WHERE business_id = ? AND up_mid = ?")
+        .bind(business)
+        .bind(up_mid)
+        .fetch_optional(pool)
+        .await?;
+    match row {
+        Some(r) => Ok(Counts { likes: r.try_get("likes")?, dislikes: 0, version: r.try_get("version")? }),
+        None => Ok(Counts::default()),
+    }
+}
+
+/// A user's liked items of a business, newest first, strictly after `after`.
+pub async fn list_user_likes(
+    pool: &MySqlPool,
+    mid: i64,
+    business: i64,
+    after: Option<ListEntry>,
+    limit: u32,
+) -> Result<Vec<ListEntry>, sqlx::Error> {
+    let (ms, id) = after.unwrap_or((i64::MAX, i64::MAX));
+    let rows = sqlx::query(
+        "SELECT mtime, message_id FROM like_records \
+         WHERE mid = ? AND business_id = ? AND state = 1 AND (mtime < ? OR (mtime = ? AND message_id < ?)) \
+         ORDER BY mtime DESC, message_id DESC LIMIT ?",
+    )
+    .bind(mid)
+    .bind(business)
+    .bind(ms)
+    .bind(ms)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get("mtime")?, r.try_get("message_id")?))).collect()
+}
+
+/// The users who like an item, newest first, strictly after `after`.
+pub async fn list_item_likers(
+    pool: &MySqlPool,
+    business: i64,
+    message: i64,
+    after: Option<ListEntry>,
+    limit: u32,
+) -> Result<Vec<ListEntry>, sqlx::Error> {
+    let (ms, id) = after.unwrap_or((i64::MAX, i64::MAX));
+    let rows = sqlx::query(
+        "SELECT mtime, mid FROM like_records \
+         WHERE business_id = ? AND message_id = ? AND state = 1 AND (mtime < ? OR (mtime = ? AND mid < ?)) \
+         ORDER BY mtime DESC, mid DESC LIMIT ?",
+    )
+    .bind(business)
+    .bind(message)
+    .bind(ms)
+    .bind(ms)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get("mtime")?, r.try_get("mid")?))).collect()
+}
+
+/// What one batch apply did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Transitions the DB took in this batch, with the state the DB had
+    /// before: one downstream event each.
+    pub transitions: Vec<(LikeEvent, State)>,
+    /// Events whose version the DB already holds (applied by an earlier
+    /// attempt that died before acknowledging): downstream is at-least-once,
+    /// so they are published again; consumers deduplicate by version.
+    pub already_applied: Vec<LikeEvent>,
+    /// Items whose cached counts should be refreshed.
+    pub items: Vec<(i64, i64)>,
+    /// Owners whose cached received likes should be refreshed.
+    pub owners: Vec<(i64, i64)>,
+}
+
+/// Sums of deltas per key, ordered so that concurrent writers lock rows in
+/// the same order.
+#[derive(Default)]
+struct Sums {
+    counts: BTreeMap<(i64, i64), Delta>,
+    received: BTreeMap<(i64, i64), i64>,
+}
+
+impl Sums {
+    fn add(&mut self, business: i64, message: i64, from: Record, to_state: State, to_up: i64) {
+        let d = Delta::between(from.state, to_state);
+        if !d.is_zero() {
+            let e = self.counts.entry((business, message)).or_default();
+            e.likes += d.likes;
+            e.dislikes += d.dislikes;
+        }
+        if from.state == State::Like {
+            *self.received.entry((business, from.up_mid)).or_default() -= 1;
+        }
+        if to_state == State::Like {
+            *self.received.entry((business, to_up)).or_default() += 1;
+        }
+    }
+
+    async fn write(&self, tx: &mut sqlx::Transaction<'_, MySql>) -> Result<(), sqlx::Error> {
+        let counts: Vec<_> = self.counts.iter().filter(|(_, d)| !d.is_zero()).collect();
+        for chunk in counts.chunks(CHUNK) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "INSERT INTO like_counts (business_id, message_id, likes, dislikes, version) ",
+            );
+            q.push_values(chunk, |mut b, ((biz, msg), d)| {
+                b.push_bind(*biz).push_bind(*msg).push_bind(d.likes).push_bind(d.dislikes).push_bind(1i64);
+            });
+            q.push(
+                " ON DUPLICATE KEY UPDATE likes = likes + VALUES(likes), \
+                 dislikes = dislikes + VALUES(dislikes), version = version + 1",
+            );
+            q.build().execute(&mut **tx).await?;
+        }
+        let received: Vec<_> = self.received.iter().filter(|(_, d)| **d != 0).collect();
+        for chunk in received.chunks(CHUNK) {
+            let mut q = QueryBuilder::<MySql>::new("INSERT INTO received_likes (business_id, up_mid, likes, version) ");
+            q.push_values(chunk, |mut b, ((biz, up), d)| {
+                b.push_bind(*biz).push_bind(*up).push_bind(**d).push_bind(1i64);
+            });
+            q.push(" ON DUPLICATE KEY UPDATE likes = likes + VALUES(likes), version = version + 1");
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn lock_records(
+    tx: &mut sqlx::Transaction<'_, MySql>,
+    keys: &[(i64, i64, i64)],
+) -> Result<HashMap<(i64, i64, i64), Record>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in keys.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT mid, business_id, message_id, up_mid, state, version FROM like_records \
+             WHERE (mid, business_id, message_id) IN (",
+        );
+        let mut sep = q.separated(", ");
+        for (mid, biz, msg) in chunk {
+            sep.push("(").push_bind_unseparated(*mid).push_unseparated(", ");
+            sep.push_bind_unseparated(*biz).push_unseparated(", ").push_bind_unseparated(*msg).push_unseparated(")");
+        }
+        q.push(") FOR UPDATE");
+        for row in q.build().fetch_all(&mut **tx).await? {
+            let key = (row.try_get("mid")?, row.try_get("business_id")?, row.try_get("message_id")?);
+            out.insert(
+                key,
+                Record { state: state_of(&row, "state")?, version: row.try_get("version")?, up_mid: row.try_get("up_mid")? },
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn upsert_records(tx: &mut sqlx::Transaction<'_, MySql>, events: &[&LikeEvent]) -> Result<(), sqlx::Error> {
+    for chunk in events.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO like_records (mid, business_id, message_id, up_mid, state, version, mtime) ",
+        );
+        q.push_values(chunk, |mut b, e| {
+            b.push_bind(e.mid)
+                .push_bind(e.business_id)
+                .push_bind(e.message_id)
+                .push_bind(e.up_mid)
+                .push_bind(e.state.code())
+                .push_bind(e.version)
+                .push_bind(e.mtime_ms);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE up_mid = VALUES(up_mid), state = VALUES(state), \
+             mtime = VALUES(mtime), version = VALUES(version)",
+        );
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Applies a batch of events in ONE transaction: each record takes the newest
+/// event of the batch if it is newer than the stored version, and the counts
+/// and received likes move by the summed deltas of the state changes the DB
+/// saw. Replaying any events again changes nothing.
+pub async fn apply_events(pool: &MySqlPool, events: &[LikeEvent]) -> Result<Applied, sqlx::Error> {
+    let mut newest: BTreeMap<(i64, i64, i64), &LikeEvent> = BTreeMap::new();
+    for e in events {
+        let slot = newest.entry(e.record()).or_insert(e);
+        if e.version > slot.version {
+            *slot = e;
+        }
+    }
+    let keys: Vec<_> = newest.keys().copied().collect();
+    let mut tx = pool.begin().await?;
+    let stored = lock_records(&mut tx, &keys).await?;
+    let mut sums = Sums::default();
+    let mut applied = Applied::default();
+    let mut writes = Vec::new();
+    for (key, e) in &newest {
+        let cur = stored.get(key).copied().unwrap_or(Record { state: State::None, version: 0, up_mid: e.up_mid });
+        if e.version > cur.version {
+            sums.add(e.business_id, e.message_id, cur, e.state, e.up_mid);
+            writes.push(*e);
+            applied.transitions.push(((*e).clone(), cur.state));
+        } else if e.version == cur.version {
+            applied.already_applied.push((*e).clone());
+        }
+    }
+    upsert_records(&mut tx, &writes).await?;
+    sums.write(&mut tx).await?;
+    tx.commit().await?;
+    let mut items: Vec<_> = newest.values().map(|e| (e.business_id, e.message_id)).collect();
+    items.sort_unstable();
+    items.dedup();
+    let mut owners: Vec<_> = newest.values().map(|e| (e.business_id, e.up_mid)).collect();
+    owners.extend(sums.received.keys().copied());
+    owners.sort_unstable();
+    owners.dedup();
+    applied.items = items;
+    applied.owners = owners;
+    Ok(applied)
+}
+
+/// Result of the synchronous fallback transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackOutcome {
+    /// State before.
+    pub prev: State,
+    /// State after.
+    pub state: State,
+    /// The new record version.
+    pub version: i64,
+    /// The item's counts after the transition.
+    pub counts: Counts,
+}
+
+/// Error of the fallback transition.
+#[derive(Debug, thiserror::Error)]
+pub enum FallbackError {
+    /// The table forbids the action.
+    #[error(transparent)]
+    Forbidden(#[from] Forbidden),
+    /// The DB failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Runs one transition as a synchronous DB transaction (Redis unreachable).
+///
+/// Counts move in the same transaction: this path is rate-limited, so the
+/// per-like counts update that the normal path avoids is bounded here. The
+/// record is queued for cache invalidation, so Redis serves nothing stale
+/// once it returns.
+pub async fn fallback_transition(
+    pool: &MySqlPool,
+    clock: &VersionClock,
+    (mid, business, message, up_mid): (i64, i64, i64, i64),
+    action: Action,
+) -> Result<FallbackOutcome, FallbackError> {
+    let mut tx = pool.begin().await?;
+    let stored = lock_records(&mut tx, &[(mid, business, message)]).await?;
+    let cur = stored.values().next().copied().unwrap_or(Record { state: State::None, version: 0, up_mid });
+    let state = transition(cur.state, action)?;
+    let event = LikeEvent {
+        mid,
+        business_id: business,
+        message_id: message,
+        up_mid,
+        state,
+        prev: cur.state,
+        version: clock.next_after(cur.version),
+        mtime_ms: now_ms(),
+    };
+    upsert_records(&mut tx, &[&event]).await?;
+    let mut sums = Sums::default();
+    sums.add(business, message, cur, state, up_mid);
+    sums.write(&mut tx).await?;
+    sqlx::query("INSERT INTO cache_invalidations (mid, business_id, message_id, up_mid) VALUES (?, ?, ?, ?)")
+        .bind(mid)
+        .bind(business)
+        .bind(message)
+        .bind(cur.up_mid)
+        .execute(&mut *tx)
+        .await?;
+    let row = sqlx::query("SELECT likes, dislikes, version FROM like_counts WHERE business_id = ? AND message_id = ?")
+        .bind(business)
+        .bind(message)
+        .fetch_optional(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let counts = match row {
+        Some(r) => Counts { likes: r.try_get("likes")?, dislikes: r.try_get("dislikes")?, version: r.try_get("version")? },
+        None => Counts::default(),
+    };
+    Ok(FallbackOutcome { prev: cur.state, state, version: event.version, counts })
+}
+
+/// A queued cache invalidation: (id, mid, business, message, previous up_mid).
+pub type Invalidation = (i64, i64, i64, i64, i64);
+
+/// The oldest queued invalidations.
+pub async fn pending_invalidations(pool: &MySqlPool, limit: u32) -> Result<Vec<Invalidation>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, mid, business_id, message_id, up_mid FROM cache_invalidations ORDER BY id LIMIT ?",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("mid")?, r.try_get("business_id")?, r.try_get("message_id")?, r.try_get("up_mid")?)))
+        .collect()
+}
+
+/// Removes invalidations up to and including `max_id`, once their keys are gone.
+pub async fn clear_invalidations(pool: &MySqlPool, max_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM cache_invalidations WHERE id <= ?").bind(max_id).execute(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Redis key layout of a tenant. Every key starts with `thumbup:<tenant>:`,
+//! which the tenant's ACL user is limited to.
+//!
+//! A user's state keys, liked list and the stream shard their events go to
+//! carry the hash tag `{<tenant>.<shard>}` after the prefix, so the transition
+//! script touches one hash slot (Redis Cluster), while the tenant as a whole
+//! spreads over `shards` slots.
+
+/// Key builder for one tenant.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    tenant: String,
+    shards: u32,
+}
+
+impl Keys {
+    /// Keys of `tenant`, whose stream has `shards` shards.
+    pub fn new(tenant: &str, shards: u32) -> Keys {
+        Keys { tenant: tenant.to_string(), shards: shards.max(1) }
+    }
+
+    /// The prefix every key of the tenant starts with.
+    pub fn prefix(&self) -> String {
+        format!("thumbup:{}:", self.tenant)
+    }
+
+    /// The number of stream shards.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The shard of a user.
+    pub fn shard_of(&self, mid: i64) -> u32 {
+        mid.rem_euclid(self.shards as i64) as u32
+    }
+
+    fn tagged(&self, shard: u32) -> String {
+        format!("thumbup:{t}:{{{t}.{shard}}}", t = self.tenant)
+    }
+
+    /// State of (user, item): `"<state>:<version>"`.
+    pub fn state(&self, mid: i64, business: i64, message: i64) -> String {
+        format!("{}:st:{mid}:{business}:{message}", self.tagged(self.shard_of(mid)))
+    }
+
+    /// The user's liked items of a business: sorted set, member message id,
+    /// score the like time in Unix milliseconds.
+    pub fn liked_list(&self, mid: i64, business: i64) -> String {
+        format!("{}:ul:{business}:{mid}", self.tagged(self.shard_of(mid)))
+    }
+
+    /// Event stream shard `shard`.
+    pub fn stream(&self, shard: u32) -> String {
+        format!("{}:ev", self.tagged(shard))
+    }
+
+    /// The stream shard that `mid`'s events go to.
+    pub fn stream_of(&self, mid: i64) -> String {
+        self.stream(self.shard_of(mid))
+    }
+
+    /// Cached counts of an item: `"<likes>:<dislikes>:<version>"`.
+    pub fn counts(&self, business: i64, message: i64) -> String {
+        format!("thumbup:{}:cnt:{business}:{message}", self.tenant)
+    }
+
+    /// Cached received likes of an owner: `"<likes>:0:<version>"`.
+    pub fn received(&self, business: i64, up_mid: i64) -> String {
+        format!("thumbup:{}:rcv:{business}:{up_mid}", self.tenant)
+    }
+
+    /// Downstream events for other systems: one per applied transition.
+    pub fn downstream(&self) -> String {
+        format!("thumbup:{}:downstream", self.tenant)
+    }
+}
+
+/// The consumer group of the job on every stream shard.
+pub const JOB_GROUP: &str = "thumbup-job";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_under_the_tenant_prefix_and_user_keys_share_a_tag() {
+        let k = Keys::new("alpha", 4);
+        let user = [k.state(7, 1, 9), k.liked_list(7, 1), k.stream_of(7)];
+        for key in user.iter().chain([k.counts(1, 9), k.received(1, 3), k.downstream()].iter()) {
+            assert!(key.starts_with("thumbup:alpha:"), "{key}");
+            assert!(!k.prefix().contains('{'));
+        }
+        for key in &user {
+            assert!(key.contains("{alpha.3}"), "{key}");
+        }
+        assert_ne!(k.stream_of(8), k.stream_of(7));
+    }
+}

@@ -1,0 +1,23 @@
+//! thumbup-core: what the service and the job share.
+//!
+//! - [`domain`]: the state machine (pure).
+//! - [`version`]: snowflake-style record versions.
+//! - [`config`]: the tenant YAML config.
+//! - [`keys`]: the Redis key layout under `thumbup:<tenant>:`.
+//! - [`event`]: the stream event codec.
+//! - [`cache`]: Redis connection, the atomic transition script, versioned cache writes.
+//! - [`db`]: migrations, reads, the job's batched apply, the DB fallback transition.
+//! - [`provision`]: creating a tenant's DB schema and user and its Redis ACL user.
+//! - [`admin`]: the admin HTTP endpoint (metrics, health) both binaries serve.
+//!
+//! No gRPC server and no Kubernetes here: the dependencies point one way.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod event;
+pub mod keys;
+pub mod provision;
+pub mod version;

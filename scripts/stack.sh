@@ -1,0 +1,583 @@
+#!/usr/bin/env bash
+# scripts/stack.sh - private MariaDB + Redis instances for thumbup development and tests.
+#
+# Usage: scripts/stack.sh COMMAND [ARGS]
+#   install                    install server/client packages (and protoc) if missing
+#   up                         install, initialise (first time) and start every instance; idempotent
+#   down                       stop every instance gracefully (data is kept); idempotent
+#   start  redis|mariadb [I]   start one server of instance I (default a) and wait until ready
+#   stop   redis|mariadb [I]   gracefully stop one server, wait until its port is closed
+#   kill   redis|mariadb [I]   SIGKILL one server (crash simulation), wait until it is gone
+#   status                     one line per server: running/stopped and port
+#   env                        print `export` lines for the admin URLs and ports
+#   reset                      down, then delete the whole stack directory
+#
+# Environment:
+#   THUMBUP_STACK_DIR            data directory (default: <repo>/.stack)
+#   THUMBUP_DB_PORT              MariaDB port of instance a (default 23306)
+#   THUMBUP_REDIS_PORT           Redis port of instance a (default 26379)
+#   THUMBUP_DB_ADMIN_PASSWORD    password of MariaDB user thumbup_admin (default thumbup-admin)
+#   THUMBUP_REDIS_ADMIN_PASSWORD password of the Redis `default` user (default thumbup-admin)
+#   THUMBUP_STACK_TIMEOUT        seconds to wait for a server to start/stop (default 60)
+#
+# Instances are named ("a", later "b" for a second datacenter); all server
+# functions take the instance name and port as parameters.  Only "a" is started.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+ROOT="$(dirname -- "$SCRIPT_DIR")"
+STACK="${THUMBUP_STACK_DIR:-$ROOT/.stack}"
+case "$STACK" in /*) ;; *) STACK="$PWD/$STACK" ;; esac
+STACK="${STACK%/}"
+
+DB_ADMIN_USER="thumbup_admin"
+DB_ADMIN_PW="${THUMBUP_DB_ADMIN_PASSWORD:-thumbup-admin}"
+REDIS_ADMIN_PW="${THUMBUP_REDIS_ADMIN_PASSWORD:-thumbup-admin}"
+TIMEOUT="${THUMBUP_STACK_TIMEOUT:-60}"
+OS_USER="$(id -un)"
+
+# Instances started by `up`.  Add "b" here once the second datacenter exists.
+INSTANCES=(a)
+
+db_port_of() {
+  case "$1" in
+    a) echo "${THUMBUP_DB_PORT:-23306}" ;;
+    b) echo "${THUMBUP_DB_PORT_B:-23307}" ;;
+    *) die "unknown instance '$1'" ;;
+  esac
+}
+redis_port_of() {
+  case "$1" in
+    a) echo "${THUMBUP_REDIS_PORT:-26379}" ;;
+    b) echo "${THUMBUP_REDIS_PORT_B:-26380}" ;;
+    *) die "unknown instance '$1'" ;;
+  esac
+}
+server_id_of() {
+  case "$1" in
+    a) echo 1 ;;
+    b) echo 2 ;;
+    *) die "unknown instance '$1'" ;;
+  esac
+}
+
+# ---------------------------------------------------------------- helpers
+
+log() { printf 'stack.sh: %s\n' "$*" >&2; }
+die() { printf 'stack.sh: error: %s\n' "$*" >&2; exit 1; }
+
+show_log_tail() { # file
+  if [[ -s "$1" ]]; then
+    printf 'stack.sh: ---- last lines of %s ----\n' "$1" >&2
+    tail -n 40 "$1" >&2 || true
+    printf 'stack.sh: ----\n' >&2
+  else
+    printf 'stack.sh: (log %s is empty or missing)\n' "$1" >&2
+  fi
+}
+
+# True if something accepts TCP connections on 127.0.0.1:port.
+port_open() {
+  # shellcheck disable=SC2016 # $1 is expanded by the inner bash
+  timeout 3 bash -c ': <>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+# Prints the pid stored in pidfile if that process is alive and is `comm`.
+live_pid() { # pidfile comm
+  local pid
+  [[ -r "$1" ]] || return 1
+  pid="$(tr -dc '0-9' <"$1" 2>/dev/null || true)"
+  [[ -n "$pid" ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  [[ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" == "$2" ]] || return 1
+  echo "$pid"
+}
+
+wait_pid_gone() { # pid seconds
+  local i
+  for ((i = 0; i < $2 * 4; i++)); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.25
+  done
+  ! kill -0 "$1" 2>/dev/null
+}
+
+wait_port_closed() { # port seconds
+  local i
+  for ((i = 0; i < $2 * 4; i++)); do
+    port_open "$1" || return 0
+    sleep 0.25
+  done
+  ! port_open "$1"
+}
+
+# Serialise mutating commands (tests may call `up` concurrently).  Daemons are
+# started with fd 9 closed so they never inherit the lock.
+lock_stack() {
+  mkdir -p "$STACK"
+  exec 9>"$STACK/.lock"
+  flock -w 300 9 || die "could not lock $STACK/.lock (another stack.sh still running?)"
+}
+
+sql_str() { # quote a value as a SQL string literal
+  local s="$1"
+  s="${s//\\/\\\\}"
+  s="${s//\'/\\\'}"
+  printf "'%s'" "$s"
+}
+
+urlencode() {
+  local LC_ALL=C s="$1" out="" c hex i
+  for ((i = 0; i < ${#s}; i++)); do
+    c="${s:i:1}"
+    case "$c" in
+      [a-zA-Z0-9._~-]) out+="$c" ;;
+      *) printf -v hex '%%%02X' "'$c"; out+="$hex" ;;
+    esac
+  done
+  printf '%s' "$out"
+}
+
+find_mariadbd() {
+  if command -v mariadbd >/dev/null 2>&1; then command -v mariadbd
+  elif [[ -x /usr/sbin/mariadbd ]]; then echo /usr/sbin/mariadbd
+  else return 1
+  fi
+}
+
+# ---------------------------------------------------------------- install
+
+cmd_install() {
+  local missing=() tool
+  find_mariadbd >/dev/null || missing+=(mariadbd)
+  for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  done
+  if ((${#missing[@]} == 0)); then
+    return 0
+  fi
+  log "missing: ${missing[*]} - installing Debian packages"
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || die "not root and sudo is not available; install: mariadb-server mariadb-client redis-server redis-tools protobuf-compiler"
+    sudo=(sudo)
+  fi
+  # The packages' postinst may start the system-wide services on 3306/6379;
+  # our instances use other ports and never talk to them.
+  "${sudo[@]}" apt-get update 9>&- || die "apt-get update failed"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    mariadb-server mariadb-client redis-server redis-tools protobuf-compiler 9>&- \
+    || die "apt-get install failed"
+  find_mariadbd >/dev/null || die "mariadbd still missing after install"
+  for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after install"
+  done
+}
+
+# ---------------------------------------------------------------- mariadb
+
+mdb_dir() { echo "$STACK/mariadb-$1"; }
+mdb_sock() { echo "$STACK/mariadb-$1/mysqld.sock"; }
+mdb_pidfile() { echo "$STACK/mariadb-$1/mariadbd.pid"; }
+mdb_log() { echo "$STACK/mariadb-$1/error.log"; }
+mdb_pid() { live_pid "$(mdb_pidfile "$1")" mariadbd; }
+
+# Local superuser connection over the unix socket.  mariadb-install-db with
+# socket auth creates root@localhost (OS user root) and <OS user>@localhost.
+mdb_root() { # instance, mariadb args...
+  local inst="$1"
+  shift
+  mariadb --no-defaults -u"$OS_USER" --socket="$(mdb_sock "$inst")" --connect-timeout=3 "$@"
+}
+
+mdb_ping() { mdb_root "$1" -N -B -e 'select 1' >/dev/null 2>&1; }
+
+init_mariadb() { # instance
+  local inst="$1" dir data tmp out
+  dir="$(mdb_dir "$inst")"
+  data="$dir/data"
+  [[ -d "$data/mysql" ]] && return 0
+  mkdir -p "$dir"
+  # unix socket paths are limited to 107 bytes
+  (($(printf '%s' "$(mdb_sock "$inst")" | wc -c) < 100)) \
+    || die "socket path $(mdb_sock "$inst") is too long; use a shorter THUMBUP_STACK_DIR"
+  tmp="$dir/data.init"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  local user_opt=()
+  [[ "$(id -u)" == 0 ]] && user_opt=(--user="$OS_USER")
+  log "initialising mariadb-$inst in $data"
+  if ! out="$(mariadb-install-db --no-defaults --datadir="$tmp" "${user_opt[@]}" \
+    --auth-root-authentication-method=socket --auth-root-socket-user="$OS_USER" \
+    --skip-test-db --skip-name-resolve 2>&1 9>&-)"; then
+    printf '%s\n' "$out" | tail -n 40 >&2
+    rm -rf "$tmp"
+    die "mariadb-install-db failed for mariadb-$inst"
+  fi
+  printf '%s\n' "$out" >"$dir/install-db.log"
+  mv "$tmp" "$data"
+}
+
+start_mariadb() { # instance port
+  local inst="$1" port="$2" dir data sock pidfile logf mariadbd pid launcher i
+  dir="$(mdb_dir "$inst")"
+  data="$dir/data"
+  sock="$(mdb_sock "$inst")"
+  pidfile="$(mdb_pidfile "$inst")"
+  logf="$(mdb_log "$inst")"
+  [[ -d "$data/mysql" ]] || die "mariadb-$inst is not initialised (run: $0 up)"
+
+  if pid="$(mdb_pid "$inst")"; then
+    if mdb_ping "$inst"; then
+      log "mariadb-$inst already running (pid $pid, port $port)"
+      return 0
+    fi
+    log "mariadb-$inst (pid $pid) is running but not answering yet; waiting"
+    launcher=""
+  else
+    if port_open "$port"; then
+      die "port $port is already in use by another process; cannot start mariadb-$inst (set THUMBUP_DB_PORT)"
+    fi
+    mariadbd="$(find_mariadbd)" || die "mariadbd not found (run: $0 install)"
+    rm -f "$pidfile" "$sock" "$sock.lock"
+    log "starting mariadb-$inst on 127.0.0.1:$port"
+    printf '\n==== stack.sh: starting mariadb-%s at %s ====\n' "$inst" "$(date '+%F %T')" >>"$logf"
+    setsid nohup "$mariadbd" --no-defaults \
+      --user="$OS_USER" \
+      --datadir="$data" \
+      --port="$port" \
+      --bind-address=127.0.0.1 \
+      --socket="$sock" \
+      --pid-file="$pidfile" \
+      --log-error="$logf" \
+      --skip-name-resolve \
+      --server-id="$(server_id_of "$inst")" \
+      --log-bin=mysql-bin \
+      --binlog-format=ROW \
+      --innodb-buffer-pool-size=128M \
+      --innodb-flush-log-at-trx-commit=1 \
+      --max-connections=500 \
+      --character-set-server=utf8mb4 \
+      --collation-server=utf8mb4_general_ci \
+      </dev/null >>"$logf" 2>&1 9>&- &
+    launcher=$!
+  fi
+
+  for ((i = 0; i < TIMEOUT * 4; i++)); do
+    if mdb_ping "$inst"; then
+      pid="$(mdb_pid "$inst" || echo '?')"
+      log "mariadb-$inst ready (pid $pid, port $port)"
+      return 0
+    fi
+    if ! mdb_pid "$inst" >/dev/null && { [[ -z "$launcher" ]] || ! kill -0 "$launcher" 2>/dev/null; }; then
+      # give a just-exited process a moment to have written its pid file
+      sleep 0.5
+      if ! mdb_pid "$inst" >/dev/null; then
+        show_log_tail "$logf"
+        die "mariadb-$inst exited during startup (see $logf)"
+      fi
+    fi
+    sleep 0.25
+  done
+  show_log_tail "$logf"
+  die "mariadb-$inst did not answer within ${TIMEOUT}s (see $logf)"
+}
+
+# Idempotently create the admin account and verify it over TCP.
+ensure_db_admin() { # instance port
+  local inst="$1" port="$2" u pw h sql=""
+  if MYSQL_PWD="$DB_ADMIN_PW" mariadb --no-defaults --protocol=TCP -h127.0.0.1 -P"$port" \
+    -u"$DB_ADMIN_USER" --connect-timeout=3 -N -B -e 'show grants' 2>/dev/null \
+    | grep -q 'ALL PRIVILEGES ON \*\.\* .*WITH GRANT OPTION'; then
+    return 0
+  fi
+  log "creating MariaDB account $DB_ADMIN_USER on mariadb-$inst"
+  u="$(sql_str "$DB_ADMIN_USER")"
+  pw="$(sql_str "$DB_ADMIN_PW")"
+  for h in 127.0.0.1 localhost %; do
+    h="$(sql_str "$h")"
+    sql+="CREATE USER IF NOT EXISTS $u@$h IDENTIFIED BY $pw;"
+    sql+="ALTER USER $u@$h IDENTIFIED BY $pw;"
+    sql+="GRANT ALL PRIVILEGES ON *.* TO $u@$h WITH GRANT OPTION;"
+  done
+  mdb_root "$inst" -e "$sql" || die "could not create $DB_ADMIN_USER on mariadb-$inst"
+  MYSQL_PWD="$DB_ADMIN_PW" mariadb --no-defaults --protocol=TCP -h127.0.0.1 -P"$port" \
+    -u"$DB_ADMIN_USER" --connect-timeout=3 -N -B -e 'select 1' >/dev/null \
+    || die "cannot log in as $DB_ADMIN_USER over TCP 127.0.0.1:$port"
+}
+
+stop_mariadb() { # instance port
+  local inst="$1" port="$2" pid
+  if ! pid="$(mdb_pid "$inst")"; then
+    log "mariadb-$inst is not running"
+    return 0
+  fi
+  log "stopping mariadb-$inst (pid $pid)"
+  timeout "$TIMEOUT" mariadb-admin --no-defaults -u"$OS_USER" --socket="$(mdb_sock "$inst")" \
+    --connect-timeout=3 shutdown >/dev/null 2>&1 || true
+  if ! wait_pid_gone "$pid" "$TIMEOUT"; then
+    log "mariadb-$inst did not stop after mariadb-admin shutdown; sending SIGTERM"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" "$TIMEOUT"; then
+      log "mariadb-$inst ignored SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      wait_pid_gone "$pid" 10 || die "could not stop mariadb-$inst (pid $pid)"
+    fi
+  fi
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after stopping mariadb-$inst"
+  log "mariadb-$inst stopped"
+}
+
+kill_mariadb() { # instance port
+  local inst="$1" port="$2" pid
+  if ! pid="$(mdb_pid "$inst")"; then
+    log "mariadb-$inst is not running"
+    return 0
+  fi
+  log "killing mariadb-$inst (SIGKILL pid $pid)"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait_pid_gone "$pid" 30 || die "mariadb-$inst (pid $pid) still alive after SIGKILL"
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after killing mariadb-$inst"
+}
+
+# ---------------------------------------------------------------- redis
+
+redis_dir() { echo "$STACK/redis-$1"; }
+redis_pidfile() { echo "$STACK/redis-$1/redis.pid"; }
+redis_log() { echo "$STACK/redis-$1/redis.log"; }
+redis_pid() { live_pid "$(redis_pidfile "$1")" redis-server; }
+
+rcli() { # port, redis-cli args...
+  local port="$1"
+  shift
+  REDISCLI_AUTH="$REDIS_ADMIN_PW" timeout 10 redis-cli -h 127.0.0.1 -p "$port" \
+    --user default --no-auth-warning "$@"
+}
+
+redis_ping() { [[ "$(rcli "$1" ping 2>/dev/null)" == PONG ]]; }
+
+init_redis() { # instance
+  local dir acl
+  dir="$(redis_dir "$1")"
+  acl="$dir/users.acl"
+  mkdir -p "$dir"
+  # Tenant users are added at runtime (ACL SETUSER + ACL SAVE): never overwrite.
+  if [[ ! -e "$acl" ]]; then
+    [[ "$REDIS_ADMIN_PW" != *[[:space:]]* ]] || die "THUMBUP_REDIS_ADMIN_PASSWORD must not contain whitespace"
+    (umask 077 && printf 'user default on >%s ~* &* +@all\n' "$REDIS_ADMIN_PW" >"$acl.tmp")
+    mv "$acl.tmp" "$acl"
+  fi
+}
+
+start_redis() { # instance port
+  local inst="$1" port="$2" dir pidfile logf pid out i
+  dir="$(redis_dir "$inst")"
+  pidfile="$(redis_pidfile "$inst")"
+  logf="$(redis_log "$inst")"
+  [[ -e "$dir/users.acl" ]] || die "redis-$inst is not initialised (run: $0 up)"
+
+  if pid="$(redis_pid "$inst")"; then
+    if redis_ping "$port"; then
+      log "redis-$inst already running (pid $pid, port $port)"
+      return 0
+    fi
+    log "redis-$inst (pid $pid) is running but not answering yet; waiting"
+  else
+    if port_open "$port"; then
+      die "port $port is already in use by another process; cannot start redis-$inst (set THUMBUP_REDIS_PORT)"
+    fi
+    rm -f "$pidfile"
+    log "starting redis-$inst on 127.0.0.1:$port"
+    if ! out="$(cd "$dir" && redis-server \
+      --port "$port" \
+      --bind 127.0.0.1 \
+      --dir "$dir" \
+      --appendonly yes \
+      --appendfsync always \
+      --save "" \
+      --daemonize yes \
+      --pidfile "$pidfile" \
+      --logfile "$logf" \
+      --aclfile "$dir/users.acl" \
+      </dev/null 2>&1 9>&-)"; then
+      printf '%s\n' "$out" >&2
+      show_log_tail "$logf"
+      die "redis-server failed to start for redis-$inst"
+    fi
+  fi
+
+  for ((i = 0; i < TIMEOUT * 4; i++)); do
+    if redis_ping "$port"; then
+      pid="$(redis_pid "$inst" || echo '?')"
+      log "redis-$inst ready (pid $pid, port $port)"
+      return 0
+    fi
+    # the daemonized server writes its pid file right after forking
+    if ((i >= 8)) && ! redis_pid "$inst" >/dev/null; then
+      show_log_tail "$logf"
+      die "redis-$inst exited during startup (see $logf)"
+    fi
+    sleep 0.25
+  done
+  show_log_tail "$logf"
+  die "redis-$inst did not answer PONG within ${TIMEOUT}s (see $logf)"
+}
+
+stop_redis() { # instance port
+  local inst="$1" port="$2" pid
+  if ! pid="$(redis_pid "$inst")"; then
+    log "redis-$inst is not running"
+    return 0
+  fi
+  log "stopping redis-$inst (pid $pid)"
+  # With AOF (appendfsync always) SHUTDOWN flushes the AOF and keeps all data.
+  rcli "$port" shutdown >/dev/null 2>&1 || true
+  if ! wait_pid_gone "$pid" "$TIMEOUT"; then
+    log "redis-$inst did not stop after SHUTDOWN; sending SIGTERM"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" "$TIMEOUT"; then
+      log "redis-$inst ignored SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      wait_pid_gone "$pid" 10 || die "could not stop redis-$inst (pid $pid)"
+    fi
+  fi
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after stopping redis-$inst"
+  log "redis-$inst stopped"
+}
+
+kill_redis() { # instance port
+  local inst="$1" port="$2" pid
+  if ! pid="$(redis_pid "$inst")"; then
+    log "redis-$inst is not running"
+    return 0
+  fi
+  log "killing redis-$inst (SIGKILL pid $pid)"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait_pid_gone "$pid" 30 || die "redis-$inst (pid $pid) still alive after SIGKILL"
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after killing redis-$inst"
+}
+
+# ---------------------------------------------------------------- commands
+
+# Instances that exist on disk or are configured (so `down` also stops "b").
+known_instances() {
+  local d seen=" " inst
+  for inst in "${INSTANCES[@]}"; do
+    seen+="$inst "
+    echo "$inst"
+  done
+  for d in "$STACK"/mariadb-* "$STACK"/redis-*; do
+    [[ -d "$d" ]] || continue
+    inst="${d##*-}"
+    [[ "$seen" == *" $inst "* ]] && continue
+    case "$inst" in a | b) ;; *) continue ;; esac
+    seen+="$inst "
+    echo "$inst"
+  done
+}
+
+cmd_up() {
+  cmd_install
+  lock_stack
+  local inst
+  for inst in "${INSTANCES[@]}"; do
+    init_mariadb "$inst"
+    start_mariadb "$inst" "$(db_port_of "$inst")"
+    ensure_db_admin "$inst" "$(db_port_of "$inst")"
+    init_redis "$inst"
+    start_redis "$inst" "$(redis_port_of "$inst")"
+  done
+}
+
+cmd_down() {
+  [[ -d "$STACK" ]] || { log "nothing to stop ($STACK does not exist)"; return 0; }
+  lock_stack
+  local inst
+  while read -r inst; do
+    stop_redis "$inst" "$(redis_port_of "$inst")"
+    stop_mariadb "$inst" "$(db_port_of "$inst")"
+  done < <(known_instances)
+}
+
+server_action() { # action server [instance]
+  local action="$1" server="${2:-}" inst="${3:-a}"
+  case "$inst" in a | b) ;; *) die "unknown instance '$inst' (expected a or b)" ;; esac
+  case "$server" in
+    redis | mariadb) ;;
+    *) die "usage: $0 $action redis|mariadb [instance]" ;;
+  esac
+  lock_stack
+  local port
+  if [[ "$server" == redis ]]; then port="$(redis_port_of "$inst")"; else port="$(db_port_of "$inst")"; fi
+  "${action}_${server}" "$inst" "$port"
+}
+
+cmd_status() {
+  local inst pid port
+  while read -r inst; do
+    port="$(db_port_of "$inst")"
+    if pid="$(mdb_pid "$inst")"; then
+      if mdb_ping "$inst"; then
+        echo "mariadb-$inst: running (port $port, pid $pid)"
+      else
+        echo "mariadb-$inst: running, not answering (port $port, pid $pid)"
+      fi
+    else
+      echo "mariadb-$inst: stopped (port $port)"
+    fi
+    port="$(redis_port_of "$inst")"
+    if pid="$(redis_pid "$inst")"; then
+      if redis_ping "$port"; then
+        echo "redis-$inst: running (port $port, pid $pid)"
+      else
+        echo "redis-$inst: running, not answering (port $port, pid $pid)"
+      fi
+    else
+      echo "redis-$inst: stopped (port $port)"
+    fi
+  done < <(known_instances)
+}
+
+cmd_env() {
+  local db_port redis_port
+  db_port="$(db_port_of a)"
+  redis_port="$(redis_port_of a)"
+  printf 'export %s=%q\n' \
+    THUMBUP_ADMIN_DB_URL "mysql://$DB_ADMIN_USER:$(urlencode "$DB_ADMIN_PW")@127.0.0.1:$db_port" \
+    THUMBUP_ADMIN_REDIS_URL "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$redis_port" \
+    THUMBUP_DB_PORT "$db_port" \
+    THUMBUP_REDIS_PORT "$redis_port"
+}
+
+cmd_reset() {
+  case "$STACK" in
+    "" | / | "$ROOT" | "$HOME") die "refusing to delete suspicious stack dir '$STACK'" ;;
+  esac
+  cmd_down
+  if [[ -d "$STACK" ]]; then
+    log "deleting $STACK"
+    rm -rf -- "$STACK"
+  fi
+}
+
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//' >&2
+}
+
+main() {
+  local cmd="${1:-}"
+  [[ $# -gt 0 ]] && shift
+  case "$cmd" in
+    install) cmd_install ;;
+    up) cmd_up ;;
+    down) cmd_down ;;
+    start | stop | kill) server_action "$cmd" "$@" ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    reset) cmd_reset ;;
+    -h | --help | help) usage ;;
+    *) usage; exit 2 ;;
+  esac
+}
+
+main "$@"
