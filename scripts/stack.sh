@@ -66,10 +66,12 @@ server_id_of() {
 log() { printf 'stack.sh: %s\n' "$*" >&2; }
 die() { printf 'stack.sh: error: %s\n' "$*" >&2; exit 1; }
 
+# Print the log written since the last "==== stack.sh: starting" marker (max 40 lines).
 show_log_tail() { # file
   if [[ -s "$1" ]]; then
     printf 'stack.sh: ---- last lines of %s ----\n' "$1" >&2
-    tail -n 40 "$1" >&2 || true
+    awk '/^==== stack\.sh: starting/ { n = 0 } { buf[n++] = $0 } END { for (i = (n > 40 ? n - 40 : 0); i < n; i++) print buf[i] }' \
+      "$1" >&2 || true
     printf 'stack.sh: ----\n' >&2
   else
     printf 'stack.sh: (log %s is empty or missing)\n' "$1" >&2
@@ -388,6 +390,7 @@ start_redis() { # instance port
     fi
     rm -f "$pidfile"
     log "starting redis-$inst on 127.0.0.1:$port"
+    printf '\n==== stack.sh: starting redis-%s at %s ====\n' "$inst" "$(date '+%F %T')" >>"$logf"
     if ! out="$(cd "$dir" && redis-server \
       --port "$port" \
       --bind 127.0.0.1 \

@@ -51,7 +51,8 @@ pub fn is_unreachable(e: &RedisError) -> bool {
 
 /// The transition script. KEYS: state, liked list, stream shard (one hash
 /// slot). ARGV: action, mid, business, message, up_mid, state ttl, liked list
-/// max, seed (`"<state>:<version>"` from the DB, or empty when not loaded).
+/// max, seed (`"<state>:<version>"` from the DB, `"U"` when the DB could not
+/// be read, or empty when not loaded).
 ///
 /// Replies `{"SEED"}` when the state is not cached and no seed was given,
 /// `{"REFUSED", state}` for a transition the table forbids, or
@@ -65,12 +66,20 @@ if not cur then
   cur = ARGV[8]
   seeded = true
 end
-local st, ver = string.match(cur, '^(%d+):(%d+)')
-st = tonumber(st)
-ver = tonumber(ver)
 local a = tonumber(ARGV[1])
-local new
-if a == 1 and (st == 0 or st == 2) then new = 1
+local st, ver, new
+if cur == 'U' then
+  -- unverified: the DB could not be read; the action alone decides the
+  -- state, and the job derives the true delta from the DB later
+  st, ver = 0, 0
+  if a == 1 then new = 1 elseif a == 3 then new = 2 else new = 0 end
+else
+  st, ver = string.match(cur, '^(%d+):(%d+)')
+  st = tonumber(st)
+  ver = tonumber(ver)
+end
+if new then
+elseif a == 1 and (st == 0 or st == 2) then new = 1
 elseif a == 3 and (st == 0 or st == 1) then new = 2
 elseif (a == 2 and st == 1) or (a == 4 and st == 2) then new = 0
 else
@@ -143,6 +152,19 @@ impl Default for Scripts {
     }
 }
 
+/// What the transition script assumes when the state is not cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seed {
+    /// Nothing: the script answers [`Transition::NeedSeed`].
+    NotLoaded,
+    /// `(state, version)` loaded from the DB.
+    Loaded(State, i64),
+    /// The DB could not be read: the action alone decides the new state
+    /// (accepted without the state check). Counts stay exact because the job
+    /// derives deltas from what the DB holds.
+    Unverified,
+}
+
 /// Arguments of one transition.
 #[derive(Debug, Clone, Copy)]
 pub struct TransitionArgs {
@@ -156,8 +178,8 @@ pub struct TransitionArgs {
     pub up_mid: i64,
     /// Requested action.
     pub action: Action,
-    /// `(state, version)` loaded from the DB, when the cache missed.
-    pub seed: Option<(State, i64)>,
+    /// What to assume when the state is not cached.
+    pub seed: Seed,
 }
 
 impl Scripts {
@@ -169,7 +191,11 @@ impl Scripts {
         tenant: &TenantConfig,
         a: TransitionArgs,
     ) -> Result<Transition, RedisError> {
-        let seed = a.seed.map(|(s, v)| format!("{}:{v}", s.code())).unwrap_or_default();
+        let seed = match a.seed {
+            Seed::NotLoaded => String::new(),
+            Seed::Loaded(s, v) => format!("{}:{v}", s.code()),
+            Seed::Unverified => "U".to_string(),
+        };
         let reply: Vec<String> = self
             .transition
             .key(keys.state(a.mid, a.business_id, a.message_id))

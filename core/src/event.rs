@@ -102,6 +102,7 @@ mod tests {
         assert_eq!(LikeEvent::decode(&map).unwrap(), e);
         map.insert("st".into(), "9".into());
         assert_eq!(LikeEvent::decode(&map).unwrap_err().field, "st");
+        map.insert("st".into(), "1".into());
         map.remove("ver");
         assert_eq!(LikeEvent::decode(&map).unwrap_err().field, "ver");
     }
