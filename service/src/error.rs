@@ -1,0 +1,82 @@
+//! The service's error type and its one mapping to gRPC status codes.
+
+use thumbup_core::domain::Forbidden;
+use tonic::{Code, Status};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No `x-thumbup-tenant` metadata.
+    #[error("missing x-thumbup-tenant metadata")]
+    MissingTenant,
+    /// The tenant is not configured.
+    #[error("unknown tenant {0:?}")]
+    UnknownTenant(String),
+    /// No or a wrong token for the tenant.
+    #[error("tenant {0:?}: missing or wrong token (send authorization: Bearer <token>)")]
+    Unauthenticated(String),
+    /// The business is not one of the tenant's.
+    #[error("tenant {tenant:?}: unknown business {business}")]
+    UnknownBusiness {
+        /// Tenant.
+        tenant: String,
+        /// Business id asked for.
+        business: i64,
+    },
+    /// A field is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The state table forbids the action.
+    #[error(transparent)]
+    Forbidden(#[from] Forbidden),
+    /// A rate limit was hit.
+    #[error("tenant {tenant:?}: rate limit exceeded: {limit}")]
+    RateLimited {
+        /// Tenant.
+        tenant: String,
+        /// Which limit.
+        limit: &'static str,
+    },
+    /// The DB failed and nothing else could answer.
+    #[error("tenant {tenant:?}: database unavailable: {source}")]
+    Db {
+        /// Tenant.
+        tenant: String,
+        /// Cause.
+        source: sqlx::Error,
+    },
+    /// Redis answered with an error (not an outage, which takes the DB path).
+    #[error("tenant {tenant:?}: redis error: {source}")]
+    Redis {
+        /// Tenant.
+        tenant: String,
+        /// Cause.
+        source: redis::RedisError,
+    },
+}
+
+impl Error {
+    /// The gRPC code of the error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::MissingTenant | Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::UnknownTenant(_) | Error::UnknownBusiness { .. } => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Forbidden(_) => Code::FailedPrecondition,
+            Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::Db { .. } => Code::Unavailable,
+            Error::Redis { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Shorthand for an INVALID_ARGUMENT error.
+pub fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}

@@ -1,0 +1,64 @@
+//! Prometheus metrics of the service, registered in the default registry
+//! that the admin endpoint serves.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    HistogramVec, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter_vec,
+    register_int_gauge_vec,
+};
+
+/// Requests by RPC and gRPC code.
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("thumbup_service_requests_total", "gRPC requests by RPC and status code", &["rpc", "code"])
+        .expect("metric registers once")
+});
+
+/// Request latency by RPC.
+pub static LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "thumbup_service_request_duration_seconds",
+        "gRPC request latency by RPC",
+        &["rpc"],
+        vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once")
+});
+
+/// Cache lookups by cache and result (hit, miss).
+pub static CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("thumbup_service_cache_lookups_total", "cache lookups by cache and result", &["cache", "result"])
+        .expect("metric registers once")
+});
+
+/// Writes that took the synchronous DB path because Redis was unreachable.
+pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "thumbup_service_degraded_writes_total",
+        "writes run as a synchronous DB transaction while Redis was unreachable",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
+/// Writes accepted without a state check because the DB could not be read.
+pub static UNVERIFIED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "thumbup_service_unverified_writes_total",
+        "writes accepted without the state check because the DB could not be read on a cache miss",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
+/// 1 while a tenant's Redis is considered down.
+pub static REDIS_DOWN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("thumbup_service_redis_down", "1 while the tenant's Redis is considered down", &["tenant"])
+        .expect("metric registers once")
+});
+
+/// Config reloads by result.
+pub static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("thumbup_service_config_reloads_total", "tenant config reloads by result", &["result"])
+        .expect("metric registers once")
+});

@@ -1,0 +1,262 @@
+//! The read path: Redis first (falling back to the DB while Redis is down),
+//! the DB on a miss, filling the cache with versioned values; concurrent
+//! misses of one key make one DB query.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{LazyLock, Mutex};
+
+use thumbup_core::cache;
+use thumbup_core::db::{self, Counts, ListEntry};
+use thumbup_core::domain::State;
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::metrics;
+use crate::tenants::{Registry, Tenant};
+
+fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
+    Error::Db { tenant: t.name().to_string(), source }
+}
+
+fn redis_err(t: &Tenant, source: redis::RedisError) -> Error {
+    Error::Redis { tenant: t.name().to_string(), source }
+}
+
+/// Runs `f` against Redis; an outage marks Redis down and yields `None`, so
+/// the caller serves from the DB.
+async fn try_redis<T, F>(t: &Tenant, f: F) -> Result<Option<T>, Error>
+where
+    F: Future<Output = Result<T, redis::RedisError>>,
+{
+    if !t.redis_up() {
+        return Ok(None);
+    }
+    match f.await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if cache::is_unreachable(&e) => {
+            t.mark_redis_down(&e);
+            Ok(None)
+        }
+        Err(e) => Err(redis_err(t, e)),
+    }
+}
+
+fn hit(cache: &str, hits: usize, misses: usize) {
+    metrics::CACHE.with_label_values(&[cache, "hit"]).inc_by(hits as u64);
+    metrics::CACHE.with_label_values(&[cache, "miss"]).inc_by(misses as u64);
+}
+
+/// States of a user on items.
+pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Result<HashMap<i64, State>, Error> {
+    let keys: Vec<String> = messages.iter().map(|m| t.keys.state(mid, business, *m)).collect();
+    let mut con = t.redis.clone();
+    let cached = try_redis(t, cache::mget(&mut con, &keys)).await?;
+    let mut out = HashMap::new();
+    let mut missing = Vec::new();
+    match cached {
+        Some(values) => {
+            for (m, v) in messages.iter().zip(values) {
+                match v.as_deref().and_then(cache::parse_state) {
+                    Some((s, _)) => {
+                        out.insert(*m, s);
+                    }
+                    None => missing.push(*m),
+                }
+            }
+        }
+        None => missing.extend_from_slice(messages),
+    }
+    hit("state", out.len(), missing.len());
+    if !missing.is_empty() {
+        let found = db::load_states(&t.db, mid, business, &missing).await.map_err(|e| db_err(t, e))?;
+        for m in missing {
+            out.insert(m, found.get(&m).map_or(State::None, |r| r.state));
+        }
+    }
+    Ok(out)
+}
+
+type Flight = watch::Receiver<Option<Result<Counts, String>>>;
+
+/// In-flight DB loads of counts, keyed by cache key: the first miss of a key
+/// queries, later misses of the same key wait for its answer.
+static FLIGHTS: LazyLock<Mutex<HashMap<String, Flight>>> = LazyLock::new(Default::default);
+
+/// Counts of items.
+pub async fn counts(reg: &Registry, t: &Tenant, business: i64, messages: &[i64]) -> Result<HashMap<i64, Counts>, Error> {
+    let keys: Vec<String> = messages.iter().map(|m| t.keys.counts(business, *m)).collect();
+    let mut con = t.redis.clone();
+    let Some(values) = try_redis(t, cache::mget(&mut con, &keys)).await? else {
+        let found = db::load_counts(&t.db, business, messages).await.map_err(|e| db_err(t, e))?;
+        return Ok(messages.iter().map(|m| (*m, found.get(m).copied().unwrap_or_default())).collect());
+    };
+    let mut out = HashMap::new();
+    let mut missing = Vec::new();
+    for ((m, key), v) in messages.iter().zip(&keys).zip(values) {
+        match v.as_deref().and_then(cache::parse_pair) {
+            Some((likes, dislikes, version)) => {
+                out.insert(*m, Counts { likes, dislikes, version });
+            }
+            None => missing.push((*m, key.clone())),
+        }
+    }
+    hit("counts", out.len(), missing.len());
+    if missing.is_empty() {
+        return Ok(out);
+    }
+    // Lead the keys nobody is loading; follow the others.
+    let mut lead = Vec::new();
+    let mut follow = Vec::new();
+    {
+        let mut flights = FLIGHTS.lock().expect("flights lock");
+        for (m, key) in missing {
+            match flights.get(&key) {
+                // A leader cancelled mid-load leaves a closed channel: replace it.
+                Some(rx) if rx.has_changed().is_ok() => follow.push((m, rx.clone())),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(key.clone(), rx);
+                    lead.push((m, key, tx));
+                }
+            }
+        }
+    }
+    if !lead.is_empty() {
+        let ids: Vec<i64> = lead.iter().map(|(m, _, _)| *m).collect();
+        let loaded = db::load_counts(&t.db, business, &ids).await;
+        {
+            let mut flights = FLIGHTS.lock().expect("flights lock");
+            for (m, key, tx) in &lead {
+                flights.remove(key);
+                let _ = tx.send(Some(match &loaded {
+                    Ok(found) => Ok(found.get(m).copied().unwrap_or_default()),
+                    Err(e) => Err(e.to_string()),
+                }));
+            }
+        }
+        let found = loaded.map_err(|e| db_err(t, e))?;
+        for (m, key, _) in &lead {
+            let c = found.get(m).copied().unwrap_or_default();
+            // A failed fill only costs a later miss.
+            let _ = reg.scripts().set_if_newer(&mut con, key, (c.likes, c.dislikes), c.version, t.cfg.cache.counts_ttl_secs).await;
+            out.insert(*m, c);
+        }
+    }
+    for (m, mut rx) in follow {
+        let answer = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone());
+        let c = match answer {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(Error::Db { tenant: t.name().to_string(), source: sqlx::Error::Protocol(e) }),
+            // The leader was cancelled: load it ourselves.
+            None => db::load_counts(&t.db, business, &[m]).await.map_err(|e| db_err(t, e))?.get(&m).copied().unwrap_or_default(),
+        };
+        out.insert(m, c);
+    }
+    Ok(out)
+}
+
+/// Likes received by an owner.
+pub async fn received(reg: &Registry, t: &Tenant, business: i64, up_mid: i64) -> Result<i64, Error> {
+    let key = t.keys.received(business, up_mid);
+    let mut con = t.redis.clone();
+    let cached = try_redis(t, cache::mget(&mut con, std::slice::from_ref(&key))).await?;
+    if let Some(Some((likes, _, _))) = cached.as_ref().map(|v| v[0].as_deref().and_then(cache::parse_pair)) {
+        hit("received", 1, 0);
+        return Ok(likes);
+    }
+    hit("received", 0, 1);
+    let c = db::load_received(&t.db, business, up_mid).await.map_err(|e| db_err(t, e))?;
+    if cached.is_some() {
+        let _ = reg.scripts().set_if_newer(&mut con, &key, (c.likes, 0), c.version, t.cfg.cache.counts_ttl_secs).await;
+    }
+    Ok(c.likes)
+}
+
+/// One page of a user's liked items, newest first, strictly after `after`.
+/// The Redis list holds the newest likes (including those the job has not
+/// applied yet); the DB holds all applied ones. Both are read and merged: a
+/// DB entry is dropped when Redis knows better (the item is in the list, or
+/// its cached state is no longer LIKE).
+pub async fn user_likes(
+    t: &Tenant,
+    mid: i64,
+    business: i64,
+    after: Option<ListEntry>,
+    page: u32,
+) -> Result<(Vec<ListEntry>, bool), Error> {
+    let want = page as usize + 1;
+    let from_db = db::list_user_likes(&t.db, mid, business, after, want as u32).await.map_err(|e| db_err(t, e))?;
+    let list_key = t.keys.liked_list(mid, business);
+    let mut con = t.redis.clone();
+    let redis_side = try_redis(t, async {
+        let max = after.map_or("+inf".to_string(), |(ms, _)| ms.to_string());
+        let mut newest: Vec<(i64, i64)> = Vec::new();
+        let mut offset = 0;
+        // Ties on the time are resolved by id below, so read past them.
+        loop {
+            let chunk: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&list_key)
+                .arg(&max)
+                .arg("-inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(want)
+                .query_async(&mut con)
+                .await?;
+            let n = chunk.len();
+            newest.extend(chunk.into_iter().filter_map(|(m, s)| Some((s as i64, m.parse().ok()?))));
+            offset += n;
+            let beyond = newest.iter().filter(|e| after.is_none_or(|a| **e < a)).count();
+            if n < want || beyond >= want {
+                break;
+            }
+        }
+        let ids: Vec<i64> = from_db.iter().map(|(_, m)| *m).collect();
+        let mut in_list = Vec::new();
+        let mut states = Vec::new();
+        if !ids.is_empty() {
+            in_list = redis::cmd("ZMSCORE").arg(&list_key).arg(&ids).query_async::<Vec<Option<f64>>>(&mut con).await?;
+            let keys: Vec<String> = ids.iter().map(|m| t.keys.state(mid, business, *m)).collect();
+            states = cache::mget(&mut con, &keys).await?;
+        }
+        Ok((newest, in_list, states))
+    })
+    .await?;
+    let mut merged: Vec<ListEntry> = match redis_side {
+        None => from_db,
+        Some((newest, in_list, states)) => {
+            let listed: HashSet<i64> = newest.iter().map(|(_, m)| *m).collect();
+            let mut v: Vec<ListEntry> = newest.into_iter().filter(|e| after.is_none_or(|a| *e < a)).collect();
+            for (i, e) in from_db.into_iter().enumerate() {
+                let stale = in_list.get(i).is_some_and(Option::is_some)
+                    || listed.contains(&e.1)
+                    || states.get(i).and_then(|s| s.as_deref()).and_then(cache::parse_state).is_some_and(|(s, _)| s != State::Like);
+                if !stale {
+                    v.push(e);
+                }
+            }
+            v
+        }
+    };
+    merged.sort_unstable_by(|a, b| b.cmp(a));
+    merged.dedup_by_key(|e| e.1);
+    let more = merged.len() > page as usize;
+    merged.truncate(page as usize);
+    Ok((merged, more))
+}
+
+/// One page of an item's likers, newest first (from the DB: it follows the
+/// writes within one job window).
+pub async fn item_likers(
+    t: &Tenant,
+    business: i64,
+    message: i64,
+    after: Option<ListEntry>,
+    page: u32,
+) -> Result<(Vec<ListEntry>, bool), Error> {
+    let mut rows = db::list_item_likers(&t.db, business, message, after, page + 1).await.map_err(|e| db_err(t, e))?;
+    let more = rows.len() > page as usize;
+    rows.truncate(page as usize);
+    Ok((rows, more))
+}

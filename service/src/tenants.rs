@@ -1,0 +1,322 @@
+//! Tenant runtimes: per tenant its config, Redis and DB clients, rate
+//! limiters and Redis health; the registry swaps them on config reload.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use sqlx::MySqlPool;
+use thumbup_core::cache::{self, Scripts};
+use thumbup_core::config::{Config, ConfigError, TenantConfig};
+use thumbup_core::db;
+use thumbup_core::keys::Keys;
+use thumbup_core::version::VersionClock;
+use tracing::{info, warn};
+
+use crate::metrics;
+
+/// A token bucket refilled at `rate` per second, holding at most `rate`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u32) -> Bucket {
+        Bucket { tokens: rate as f64, at: Instant::now() }
+    }
+
+    fn take(&mut self, rate: u32) -> bool {
+        let now = Instant::now();
+        let rate = rate as f64;
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Users tracked before idle buckets are swept, bounding the limiter's memory.
+const MAX_TRACKED_USERS: usize = 100_000;
+
+/// Rate limits of one tenant in this process.
+#[derive(Debug)]
+pub struct Limiter {
+    tenant: Mutex<Bucket>,
+    fallback: Mutex<Bucket>,
+    users: Mutex<HashMap<i64, Bucket>>,
+}
+
+impl Limiter {
+    fn new(t: &TenantConfig) -> Limiter {
+        Limiter {
+            tenant: Mutex::new(Bucket::full(t.limits.per_tenant_per_sec)),
+            fallback: Mutex::new(Bucket::full(t.limits.db_fallback_per_sec)),
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// One tenant as this process serves it.
+pub struct Tenant {
+    /// Its config.
+    pub cfg: TenantConfig,
+    /// Its key layout.
+    pub keys: Keys,
+    /// Redis with the tenant's ACL user.
+    pub redis: ConnectionManager,
+    /// The tenant schema with the tenant's DB user.
+    pub db: MySqlPool,
+    /// Version source for the DB path.
+    pub clock: VersionClock,
+    limiter: Limiter,
+    redis_up: AtomicBool,
+}
+
+impl Tenant {
+    fn new(cfg: TenantConfig, redis_timeout: Duration) -> Result<Tenant, String> {
+        let redis = cache::connect_lazy(&cfg.redis, redis_timeout).map_err(|e| format!("redis: {e}"))?;
+        let db = db::connect_lazy(&cfg).map_err(|e| format!("db: {e}"))?;
+        Ok(Tenant {
+            keys: Keys::new(&cfg.name, cfg.stream.shards),
+            limiter: Limiter::new(&cfg),
+            clock: VersionClock::default(),
+            redis_up: AtomicBool::new(false),
+            cfg,
+            redis,
+            db,
+        })
+    }
+
+    /// The tenant's name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// True when `token` is one of the tenant's.
+    pub fn accepts(&self, token: &str) -> bool {
+        self.cfg.tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+    }
+
+    /// Takes a token of the tenant-wide limit.
+    pub fn allow_request(&self) -> bool {
+        self.limiter.tenant.lock().expect("limiter lock").take(self.cfg.limits.per_tenant_per_sec)
+    }
+
+    /// Takes a token of the per-user write limit.
+    pub fn allow_write(&self, mid: i64) -> bool {
+        let rate = self.cfg.limits.per_mid_per_sec;
+        let mut users = self.limiter.users.lock().expect("limiter lock");
+        if users.len() >= MAX_TRACKED_USERS {
+            let now = Instant::now();
+            users.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(1));
+        }
+        users.entry(mid).or_insert_with(|| Bucket::full(rate)).take(rate)
+    }
+
+    /// Takes a token of the DB-path write limit.
+    pub fn allow_fallback(&self) -> bool {
+        self.limiter.fallback.lock().expect("limiter lock").take(self.cfg.limits.db_fallback_per_sec)
+    }
+
+    /// True while Redis is trusted to serve.
+    pub fn redis_up(&self) -> bool {
+        self.redis_up.load(Ordering::Acquire)
+    }
+
+    /// Records that Redis could not be reached: requests take the DB path
+    /// until the recovery task has dropped what the DB path changed.
+    pub fn mark_redis_down(&self, why: &redis::RedisError) {
+        if self.redis_up.swap(false, Ordering::AcqRel) {
+            warn!(tenant = %self.cfg.name, error = %why, "redis unreachable: serving from the database");
+            metrics::REDIS_DOWN.with_label_values(&[&self.cfg.name]).set(1);
+        }
+    }
+
+    /// Drops the cache entries of records the DB path changed; returns how many.
+    async fn drain_invalidations(&self) -> Result<usize, String> {
+        let mut con = self.redis.clone();
+        let mut total = 0;
+        loop {
+            let batch = db::pending_invalidations(&self.db, 500).await.map_err(|e| format!("db: {e}"))?;
+            let Some(max_id) = batch.iter().map(|r| r.0).max() else { return Ok(total) };
+            let mut keys = Vec::with_capacity(batch.len() * 5);
+            for &(_, mid, biz, msg, up) in &batch {
+                keys.push(self.keys.state(mid, biz, msg));
+                keys.push(self.keys.liked_list(mid, biz));
+                keys.push(self.keys.counts(biz, msg));
+                keys.push(self.keys.received(biz, up));
+            }
+            // Owners whose likes the DB path moved: their received likes.
+            cache::delete(&mut con, &keys).await.map_err(|e| format!("redis: {e}"))?;
+            db::clear_invalidations(&self.db, max_id).await.map_err(|e| format!("db: {e}"))?;
+            total += batch.len();
+        }
+    }
+
+    /// One pass of the health loop: bring Redis back when it answers and the
+    /// invalidations are drained.
+    async fn check(&self, first: bool) {
+        if self.redis_up() {
+            if let Err(e) = self.drain_invalidations().await {
+                warn!(tenant = %self.cfg.name, error = %e, "sweeping cache invalidations failed");
+            }
+            return;
+        }
+        let mut con = self.redis.clone();
+        if let Err(e) = redis::cmd("PING").query_async::<String>(&mut con).await {
+            if first {
+                warn!(tenant = %self.cfg.name, error = %e, "redis not reachable at start: serving from the database");
+                metrics::REDIS_DOWN.with_label_values(&[&self.cfg.name]).set(1);
+            }
+            return;
+        }
+        match self.drain_invalidations().await {
+            Ok(n) => {
+                self.redis_up.store(true, Ordering::Release);
+                metrics::REDIS_DOWN.with_label_values(&[&self.cfg.name]).set(0);
+                info!(tenant = %self.cfg.name, invalidated = n, "redis serving");
+            }
+            // Without the DB the queue cannot be read; at start nothing of
+            // this process is queued, so serve from Redis and sweep later.
+            Err(e) if first => {
+                warn!(tenant = %self.cfg.name, error = %e, "invalidation queue unreadable at start; sweeping later");
+                self.redis_up.store(true, Ordering::Release);
+            }
+            Err(e) => warn!(tenant = %self.cfg.name, error = %e, "redis back, but invalidations not drained yet"),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Watches a tenant's Redis for as long as the tenant is served.
+async fn health_loop(tenant: Weak<Tenant>) {
+    let mut first = true;
+    let mut last_sweep = Instant::now();
+    loop {
+        let Some(t) = tenant.upgrade() else { return };
+        // While down, probe often; while up, sweep leftovers now and then.
+        if !t.redis_up() || first || last_sweep.elapsed() > Duration::from_secs(5) {
+            t.check(first).await;
+            last_sweep = Instant::now();
+        }
+        first = false;
+        let pause = if t.redis_up() { Duration::from_millis(500) } else { Duration::from_millis(200) };
+        drop(t);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The tenants served, swapped whole on reload.
+pub struct Registry {
+    path: Option<PathBuf>,
+    redis_timeout: Duration,
+    current: RwLock<Arc<HashMap<String, Arc<Tenant>>>>,
+    scripts: Scripts,
+}
+
+impl Registry {
+    /// Builds the registry from a config; `path` is re-read by [`Registry::reload`].
+    pub async fn new(config: Config, path: Option<PathBuf>, redis_timeout: Duration) -> Result<Arc<Registry>, String> {
+        let reg = Arc::new(Registry {
+            path,
+            redis_timeout,
+            current: RwLock::new(Arc::new(HashMap::new())),
+            scripts: Scripts::default(),
+        });
+        reg.install(config).await?;
+        Ok(reg)
+    }
+
+    /// The shared Redis scripts.
+    pub fn scripts(&self) -> &Scripts {
+        &self.scripts
+    }
+
+    /// The tenant named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.current.read().expect("registry lock").get(name).cloned()
+    }
+
+    async fn install(&self, config: Config) -> Result<(), String> {
+        let old = self.current.read().expect("registry lock").clone();
+        let mut next = HashMap::new();
+        let mut started = Vec::new();
+        for cfg in config.tenants {
+            match old.get(&cfg.name) {
+                Some(t) if t.cfg == cfg => {
+                    next.insert(cfg.name.clone(), t.clone());
+                }
+                _ => {
+                    let name = cfg.name.clone();
+                    let t = Arc::new(Tenant::new(cfg, self.redis_timeout).map_err(|e| format!("tenant {name}: {e}"))?);
+                    started.push(t.clone());
+                    next.insert(name, t);
+                }
+            }
+        }
+        // Settle the new tenants' Redis health before they serve.
+        for t in &started {
+            t.check(true).await;
+            tokio::spawn(health_loop(Arc::downgrade(t)));
+        }
+        let names: Vec<_> = next.keys().cloned().collect();
+        *self.current.write().expect("registry lock") = Arc::new(next);
+        info!(tenants = ?names, new = started.len(), "tenants installed");
+        Ok(())
+    }
+
+    /// Re-reads the config file; on error keeps serving the old config.
+    pub async fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let result = match Config::load(path) {
+            Ok(config) => self.install(config).await,
+            Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. } | ConfigError::Invalid { .. })) => {
+                Err(e.to_string())
+            }
+        };
+        metrics::RELOADS.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+        result
+    }
+
+    /// Reloads on SIGHUP and when the file's content changes (polled, so it
+    /// follows ConfigMap updates, which swap a symlink).
+    pub async fn watch(self: Arc<Self>) {
+        let Some(path) = self.path.clone() else { return };
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut seen = std::fs::read(&path).ok();
+        loop {
+            let hup_fired = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let forced = tokio::select! {
+                _ = hup_fired => true,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            let now = std::fs::read(&path).ok();
+            if forced || (now.is_some() && now != seen) {
+                seen = now;
+                match self.reload().await {
+                    Ok(()) => info!(path = %path.display(), "config reloaded"),
+                    Err(e) => warn!(path = %path.display(), error = %e, "config reload failed; keeping the old config"),
+                }
+            }
+        }
+    }
+}

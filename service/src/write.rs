@@ -1,0 +1,124 @@
+//! The write path: an atomic transition in Redis that appends the event to
+//! the tenant stream; the synchronous DB transaction while Redis is down.
+
+use thumbup_core::cache::{self, Seed, Transition, TransitionArgs};
+use thumbup_core::db::{self, Counts, FallbackError};
+use thumbup_core::domain::{Action, Delta, State};
+use tracing::{instrument, warn};
+
+use crate::error::Error;
+use crate::metrics;
+use crate::read;
+use crate::tenants::{Registry, Tenant};
+
+/// The request of one write.
+#[derive(Debug, Clone, Copy)]
+pub struct Write {
+    /// Acting user.
+    pub mid: i64,
+    /// Business.
+    pub business_id: i64,
+    /// Item.
+    pub message_id: i64,
+    /// Item owner.
+    pub up_mid: i64,
+    /// Action.
+    pub action: Action,
+}
+
+/// The reply of one write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// State after the write.
+    pub state: State,
+    /// Counts of the item including this write.
+    pub counts: Counts,
+    /// Record version.
+    pub version: i64,
+}
+
+fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
+    Error::Db { tenant: t.name().to_string(), source }
+}
+
+/// Applies one write.
+#[instrument(skip(reg, t), fields(tenant = %t.name()))]
+pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
+    if t.redis_up() {
+        match via_redis(reg, t, w).await {
+            Err(Error::Redis { source, .. }) if cache::is_unreachable(&source) => t.mark_redis_down(&source),
+            other => return other,
+        }
+    }
+    via_db(t, w).await
+}
+
+async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
+    let mut con = t.redis.clone();
+    let mut args = TransitionArgs {
+        mid: w.mid,
+        business_id: w.business_id,
+        message_id: w.message_id,
+        up_mid: w.up_mid,
+        action: w.action,
+        seed: Seed::NotLoaded,
+    };
+    let redis_err = |source| Error::Redis { tenant: t.name().to_string(), source };
+    loop {
+        match reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await.map_err(redis_err)? {
+            Transition::NeedSeed if args.seed == Seed::NotLoaded => {
+                args.seed = match db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await {
+                    Ok(found) => found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version)),
+                    Err(e) => {
+                        warn!(tenant = %t.name(), error = %e, "state not cached and DB unreadable: accepting unverified");
+                        metrics::UNVERIFIED_WRITES.with_label_values(&[t.name()]).inc();
+                        Seed::Unverified
+                    }
+                };
+            }
+            Transition::NeedSeed => unreachable!("the script never asks for a seed it was given"),
+            Transition::Refused(state) => return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into()),
+            Transition::Applied { prev, state, version, .. } => {
+                // The counts as applied so far plus this write: the job applies
+                // it within one window.
+                let before = read::counts(reg, t, w.business_id, &[w.message_id])
+                    .await
+                    .ok()
+                    .and_then(|m| m.get(&w.message_id).copied())
+                    .unwrap_or_default();
+                let d = Delta::between(prev, state);
+                let counts = Counts {
+                    likes: (before.likes + d.likes).max(0),
+                    dislikes: (before.dislikes + d.dislikes).max(0),
+                    version: before.version,
+                };
+                return Ok(Written { state, counts, version });
+            }
+        }
+    }
+}
+
+async fn via_db(t: &Tenant, w: Write) -> Result<Written, Error> {
+    if !t.allow_fallback() {
+        return Err(Error::RateLimited { tenant: t.name().to_string(), limit: "db_fallback_per_sec (redis is down)" });
+    }
+    metrics::DEGRADED_WRITES.with_label_values(&[t.name()]).inc();
+    let mut attempt = 0;
+    loop {
+        let record = (w.mid, w.business_id, w.message_id, w.up_mid);
+        match db::fallback_transition(&t.db, &t.clock, record, w.action).await {
+            Ok(o) => return Ok(Written { state: o.state, counts: o.counts, version: o.version }),
+            Err(FallbackError::Forbidden(f)) => return Err(f.into()),
+            // Deadlocks with the job's batch are retried.
+            Err(FallbackError::Db(e)) if attempt < 3 && is_retryable(&e) => attempt += 1,
+            Err(FallbackError::Db(e)) => return Err(db_err(t, e)),
+        }
+    }
+}
+
+/// MySQL deadlock (1213) and lock wait timeout (1205).
+fn is_retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|m| m.number() == 1213 || m.number() == 1205)
+}
