@@ -130,6 +130,30 @@ pub async fn load_received(pool: &MySqlPool, business: i64, up_mid: i64) -> Resu
     }
 }
 
+/// Received likes of several owners, as `(business, up_mid)` keys; owners
+/// never counted are absent.
+pub async fn load_received_many(
+    pool: &MySqlPool,
+    owners: &[(i64, i64)],
+) -> Result<HashMap<(i64, i64), Counts>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in owners.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT business_id, up_mid, likes, version FROM received_likes WHERE (business_id, up_mid) IN (",
+        );
+        let mut sep = q.separated(", ");
+        for (biz, up) in chunk {
+            sep.push("(").push_bind_unseparated(*biz).push_unseparated(", ").push_bind_unseparated(*up).push_unseparated(")");
+        }
+        q.push(")");
+        for row in q.build().fetch_all(pool).await? {
+            let c = Counts { likes: row.try_get("likes")?, dislikes: 0, version: row.try_get("version")? };
+            out.insert((row.try_get("business_id")?, row.try_get("up_mid")?), c);
+        }
+    }
+    Ok(out)
+}
+
 /// A user's liked items of a business, newest first, strictly after `after`.
 pub async fn list_user_likes(
     pool: &MySqlPool,

@@ -1,1 +1,421 @@
+//! thumbup-job: the per-tenant consumer of the event stream.
+//!
+//! Each window (10 s in production, milliseconds in tests) it reads the
+//! tenant's stream shards through the consumer group (its own pending
+//! entries first, then entries that dead consumers left pending, then new
+//! ones), applies them to the DB in ONE transaction ([`db::apply_events`]:
+//! records by version, counts and received likes by the summed deltas the DB
+//! sees), then publishes downstream events, refreshes the cached counts
+//! (never replacing a newer value) and only then acknowledges. Any failure
+//! retries the whole flush, which is idempotent, so nothing is lost or
+//! counted twice. SIGTERM flushes the open window before exit.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Histogram, IntCounterVec, IntGaugeVec, register_histogram, register_int_counter_vec, register_int_gauge_vec,
+};
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use sqlx::MySqlPool;
+use thumbup_core::cache::{self, Scripts};
+use thumbup_core::config::TenantConfig;
+use thumbup_core::db::{self, Applied};
+use thumbup_core::event::LikeEvent;
+use thumbup_core::keys::{JOB_GROUP, Keys};
+use thumbup_core::version::now_ms;
+use tracing::{debug, error, info, instrument, warn};
+
+/// Tuning of the job.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long events are gathered before one DB transaction applies them.
+    pub window: Duration,
+    /// Events that close a window early.
+    pub max_batch: usize,
+    /// Entries read per shard per call.
+    pub read_count: usize,
+    /// This consumer's name in the group (stable across restarts, so its own
+    /// pending entries are read back first).
+    pub consumer: String,
+    /// Entries pending this long on another consumer are claimed.
+    pub claim_idle: Duration,
+}
+
+static BATCH: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "thumbup_job_batch_events",
+        "events per applied window",
+        vec![1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 20000.0]
+    )
+    .expect("metric registers once")
+});
+static FLUSH: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!("thumbup_job_flush_duration_seconds", "time to apply, publish, refresh and ack one window")
+        .expect("metric registers once")
+});
+static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("thumbup_job_events_total", "stream events by outcome", &["tenant", "outcome"])
+        .expect("metric registers once")
+});
+static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("thumbup_job_errors_total", "failed steps by step", &["tenant", "step"])
+        .expect("metric registers once")
+});
+static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("thumbup_job_stream_lag_events", "entries not yet delivered to the group", &["tenant", "shard"])
+        .expect("metric registers once")
+});
+
+/// Downstream entries kept (approximately).
+const DOWNSTREAM_MAXLEN: usize = 1_000_000;
+
+/// One read entry.
+struct Entry {
+    shard: u32,
+    id: String,
+    event: LikeEvent,
+}
+
+/// The consumer of one tenant.
+pub struct Job {
+    tenant: TenantConfig,
+    keys: Keys,
+    opts: Options,
+    redis: ConnectionManager,
+    db: MySqlPool,
+    scripts: Scripts,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(7)).min(5_000))
+}
+
+impl Job {
+    /// A job for `tenant`; connects lazily.
+    pub fn new(tenant: TenantConfig, opts: Options) -> anyhow::Result<Job> {
+        Ok(Job {
+            keys: Keys::new(&tenant.name, tenant.stream.shards),
+            redis: cache::connect_lazy(&tenant.redis, Duration::from_secs(5))?,
+            db: db::connect_lazy(&tenant)?,
+            scripts: Scripts::default(),
+            tenant,
+            opts,
+        })
+    }
+
+    fn err(&self, step: &str) {
+        ERRORS.with_label_values(&[&self.tenant.name, step]).inc();
+    }
+
+    async fn ensure_groups(&self) -> Result<(), redis::RedisError> {
+        let mut con = self.redis.clone();
+        for shard in 0..self.keys.shards() {
+            let r: Result<(), _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.keys.stream(shard))
+                .arg(JOB_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut con)
+                .await;
+            match r {
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(&self, shard: u32, id: String, map: &HashMap<String, redis::Value>, out: &mut Vec<Entry>, bad: &mut Vec<(u32, String)>) {
+        match LikeEvent::decode(&cache::entry_fields(map)) {
+            Ok(event) => out.push(Entry { shard, id, event }),
+            Err(e) => {
+                error!(tenant = %self.tenant.name, shard, id = %id, error = %e, "malformed stream entry: moved to the dead-letter stream");
+                bad.push((shard, id));
+            }
+        }
+    }
+
+    /// Reads from every shard starting at `from` (`">"` for new entries,
+    /// an id for this consumer's pending ones). Returns entries read.
+    async fn read(&self, from: &str, out: &mut Vec<Entry>, bad: &mut Vec<(u32, String)>) -> Result<usize, redis::RedisError> {
+        let mut con = self.redis.clone();
+        let mut n = 0;
+        for shard in 0..self.keys.shards() {
+            let mut cursor = from.to_string();
+            loop {
+                let reply: StreamReadReply = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(JOB_GROUP)
+                    .arg(&self.opts.consumer)
+                    .arg("COUNT")
+                    .arg(self.opts.read_count)
+                    .arg("STREAMS")
+                    .arg(self.keys.stream(shard))
+                    .arg(&cursor)
+                    .query_async(&mut con)
+                    .await?;
+                let ids: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+                let got = ids.len();
+                n += got;
+                for sid in ids {
+                    if cursor != ">" {
+                        cursor = sid.id.clone();
+                    }
+                    self.decode(shard, sid.id, &sid.map, out, bad);
+                }
+                // New entries: one call per shard per pass keeps shards fair.
+                if cursor == ">" || got < self.opts.read_count {
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Claims entries pending on other (dead) consumers for longer than `claim_idle`.
+    async fn claim(&self, out: &mut Vec<Entry>, bad: &mut Vec<(u32, String)>) -> Result<usize, redis::RedisError> {
+        let mut con = self.redis.clone();
+        let mut n = 0;
+        for shard in 0..self.keys.shards() {
+            let mut start = "0-0".to_string();
+            loop {
+                let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(self.keys.stream(shard))
+                    .arg(JOB_GROUP)
+                    .arg(&self.opts.consumer)
+                    .arg(self.opts.claim_idle.as_millis() as u64)
+                    .arg(&start)
+                    .arg("COUNT")
+                    .arg(self.opts.read_count)
+                    .query_async(&mut con)
+                    .await?;
+                n += reply.claimed.len();
+                for sid in reply.claimed {
+                    self.decode(shard, sid.id, &sid.map, out, bad);
+                }
+                if reply.next_stream_id == "0-0" {
+                    break;
+                }
+                start = reply.next_stream_id;
+            }
+        }
+        if n > 0 {
+            info!(tenant = %self.tenant.name, claimed = n, "claimed entries left pending by another consumer");
+        }
+        Ok(n)
+    }
+
+    /// Applies, publishes, refreshes and acknowledges one batch.
+    #[instrument(skip_all, fields(tenant = %self.tenant.name, events = entries.len()))]
+    async fn flush_once(&self, entries: &[Entry], bad: &[(u32, String)]) -> anyhow::Result<Applied> {
+        let events: Vec<LikeEvent> = entries.iter().map(|e| e.event.clone()).collect();
+        let applied = db::apply_events(&self.db, &events).await.inspect_err(|_| self.err("apply"))?;
+        let mut con = self.redis.clone();
+        // Downstream first: a crash before the ack replays the batch, which
+        // republishes (consumers deduplicate by version).
+        if !applied.transitions.is_empty() || !applied.already_applied.is_empty() {
+            let mut pipe = redis::pipe();
+            let republished = applied.already_applied.iter().map(|e| (e, e.prev));
+            for (e, from) in applied.transitions.iter().map(|(e, from)| (e, *from)).chain(republished) {
+                pipe.cmd("XADD")
+                    .arg(self.keys.downstream())
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(DOWNSTREAM_MAXLEN)
+                    .arg("*")
+                    .arg(&[("mid", e.mid), ("biz", e.business_id), ("msg", e.message_id), ("up", e.up_mid)])
+                    .arg(&[("from", from.code() as i64), ("to", e.state.code() as i64)])
+                    .arg(&[("ver", e.version), ("mt", e.mtime_ms)])
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut con).await.inspect_err(|_| self.err("downstream"))?;
+        }
+        self.refresh(&applied).await.inspect_err(|_| self.err("refresh"))?;
+        let mut by_shard: HashMap<u32, Vec<&str>> = HashMap::new();
+        for e in entries {
+            by_shard.entry(e.shard).or_default().push(&e.id);
+        }
+        for (shard, id) in bad {
+            let _: String = redis::cmd("XADD")
+                .arg(format!("{}deadletter", self.keys.prefix()))
+                .arg("*")
+                .arg("shard")
+                .arg(*shard)
+                .arg("id")
+                .arg(id)
+                .query_async(&mut con)
+                .await?;
+            by_shard.entry(*shard).or_default().push(id);
+        }
+        let mut pipe = redis::pipe();
+        for (shard, ids) in &by_shard {
+            pipe.cmd("XACK").arg(self.keys.stream(*shard)).arg(JOB_GROUP).arg(ids).ignore();
+        }
+        pipe.query_async::<()>(&mut con).await.inspect_err(|_| self.err("ack"))?;
+        Ok(applied)
+    }
+
+    /// Sets the cached counts and received likes from the DB, never over a
+    /// newer cached value.
+    async fn refresh(&self, applied: &Applied) -> anyhow::Result<()> {
+        let mut con = self.redis.clone();
+        let ttl = self.tenant.cache.counts_ttl_secs;
+        let mut by_business: HashMap<i64, Vec<i64>> = HashMap::new();
+        for (biz, msg) in &applied.items {
+            by_business.entry(*biz).or_default().push(*msg);
+        }
+        for (biz, msgs) in by_business {
+            let found = db::load_counts(&self.db, biz, &msgs).await?;
+            for msg in msgs {
+                let c = found.get(&msg).copied().unwrap_or_default();
+                self.scripts.set_if_newer(&mut con, &self.keys.counts(biz, msg), (c.likes, c.dislikes), c.version, ttl).await?;
+            }
+        }
+        let found = db::load_received_many(&self.db, &applied.owners).await?;
+        for owner in &applied.owners {
+            let c = found.get(owner).copied().unwrap_or_default();
+            self.scripts.set_if_newer(&mut con, &self.keys.received(owner.0, owner.1), (c.likes, 0), c.version, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes until it succeeds; gives up only after `give_up` (shutdown),
+    /// leaving the entries pending for the next run.
+    async fn flush(&self, entries: &[Entry], bad: &[(u32, String)], give_up: Option<Instant>) -> bool {
+        if entries.is_empty() && bad.is_empty() {
+            return true;
+        }
+        let start = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match self.flush_once(entries, bad).await {
+                Ok(applied) => {
+                    BATCH.observe(entries.len() as f64);
+                    FLUSH.observe(start.elapsed().as_secs_f64());
+                    let t = &self.tenant.name;
+                    EVENTS.with_label_values(&[t, "applied"]).inc_by(applied.transitions.len() as u64);
+                    let skipped = entries.len() - applied.transitions.len();
+                    EVENTS.with_label_values(&[t, "skipped"]).inc_by(skipped as u64);
+                    debug!(tenant = %t, events = entries.len(), applied = applied.transitions.len(), "window flushed");
+                    return true;
+                }
+                Err(e) => {
+                    warn!(tenant = %self.tenant.name, error = %e, attempt, "flush failed; retrying");
+                    if give_up.is_some_and(|g| Instant::now() > g) {
+                        error!(tenant = %self.tenant.name, "giving up at shutdown: entries stay pending for the next run");
+                        return false;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Trims applied entries older than the retention; never past anything
+    /// pending or undelivered. Also exports the lag.
+    async fn maintain(&self) -> Result<(), redis::RedisError> {
+        let mut con = self.redis.clone();
+        let keep_from = now_ms() - (self.tenant.stream.retention_secs as i64) * 1000;
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.stream(shard);
+            let groups: Vec<HashMap<String, redis::Value>> =
+                redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut con).await?;
+            let Some(g) = groups.iter().find(|g| {
+                g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP)
+            }) else {
+                continue;
+            };
+            let int = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
+            let text = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+            if let Some(lag) = int("lag") {
+                LAG.with_label_values(&[&self.tenant.name, &shard.to_string()]).set(lag);
+            }
+            let delivered_ms = text("last-delivered-id").and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(0);
+            let pending: (i64, Option<String>, Option<String>, redis::Value) =
+                redis::cmd("XPENDING").arg(&key).arg(JOB_GROUP).query_async(&mut con).await?;
+            let oldest_pending_ms = pending.1.and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(i64::MAX);
+            let min_ms = keep_from.min(delivered_ms).min(oldest_pending_ms);
+            if min_ms > 0 {
+                let _: i64 = redis::cmd("XTRIM").arg(&key).arg("MINID").arg("~").arg(min_ms).query_async(&mut con).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown` resolves, then flushes the open window.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let mut attempt = 0;
+        while let Err(e) = self.ensure_groups().await {
+            warn!(tenant = %self.tenant.name, error = %e, "creating the consumer groups failed; retrying");
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(backoff(attempt)) => {}
+            }
+            attempt += 1;
+        }
+        info!(tenant = %self.tenant.name, consumer = %self.opts.consumer, shards = self.keys.shards(), window = ?self.opts.window, "job running");
+        let mut own_pending = true;
+        let mut last_claim = Instant::now();
+        let mut last_maintain = Instant::now();
+        let mut stopping = false;
+        while !stopping {
+            let deadline = Instant::now() + self.opts.window;
+            let mut entries = Vec::new();
+            let mut bad = Vec::new();
+            let mut attempt = 0;
+            loop {
+                let step = async {
+                    let mut n = 0;
+                    if own_pending {
+                        n += self.read("0", &mut entries, &mut bad).await?;
+                        n += self.claim(&mut entries, &mut bad).await?;
+                    } else if last_claim.elapsed() >= self.opts.claim_idle {
+                        n += self.claim(&mut entries, &mut bad).await?;
+                        last_claim = Instant::now();
+                    }
+                    n += self.read(">", &mut entries, &mut bad).await?;
+                    Ok::<usize, redis::RedisError>(n)
+                };
+                let pause = match step.await {
+                    Ok(n) => {
+                        own_pending = false;
+                        attempt = 0;
+                        if n > 0 { Duration::ZERO } else { Duration::from_millis(20) }
+                    }
+                    Err(e) => {
+                        warn!(tenant = %self.tenant.name, error = %e, "reading the stream failed; retrying");
+                        self.err("read");
+                        attempt += 1;
+                        backoff(attempt)
+                    }
+                };
+                let now = Instant::now();
+                if entries.len() + bad.len() >= self.opts.max_batch || now >= deadline {
+                    break;
+                }
+                let pause = pause.min(deadline - now);
+                tokio::select! {
+                    _ = &mut shutdown, if !stopping => { stopping = true; break; }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            let give_up = stopping.then(|| Instant::now() + Duration::from_secs(10));
+            self.flush(&entries, &bad, give_up).await;
+            if last_maintain.elapsed() > Duration::from_secs(10) {
+                if let Err(e) = self.maintain().await {
+                    warn!(tenant = %self.tenant.name, error = %e, "stream maintenance failed");
+                }
+                last_maintain = Instant::now();
+            }
+        }
+        info!(tenant = %self.tenant.name, "job stopped after flushing its window");
+        Ok(())
+    }
+}

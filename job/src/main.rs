@@ -1,1 +1,67 @@
-fn main() {}
+//! `thumbup-job --tenant NAME`: consume one tenant's event stream.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use thumbup_core::admin;
+use thumbup_core::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "thumbup per-tenant stream consumer")]
+struct Cli {
+    /// Tenant config file (YAML).
+    #[arg(long, env = "THUMBUP_CONFIG", default_value = "/etc/thumbup/config.yaml")]
+    config: PathBuf,
+    /// The tenant to consume.
+    #[arg(long, env = "THUMBUP_TENANT")]
+    tenant: String,
+    /// Milliseconds events are gathered before one DB transaction applies them.
+    #[arg(long, env = "THUMBUP_WINDOW_MS", default_value_t = 10_000)]
+    window_ms: u64,
+    /// Events that close a window early.
+    #[arg(long, env = "THUMBUP_MAX_BATCH", default_value_t = 20_000)]
+    max_batch: usize,
+    /// Entries read per shard per call.
+    #[arg(long, env = "THUMBUP_READ_COUNT", default_value_t = 1_000)]
+    read_count: usize,
+    /// Consumer name in the group; keep it stable per replica (default: the host name).
+    #[arg(long, env = "THUMBUP_CONSUMER")]
+    consumer: Option<String>,
+    /// Milliseconds after which entries pending on another consumer are claimed.
+    #[arg(long, env = "THUMBUP_CLAIM_IDLE_MS", default_value_t = 60_000)]
+    claim_idle_ms: u64,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long, env = "THUMBUP_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
+    admin_listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    admin::init_tracing();
+    let cli = Cli::parse();
+    let config = Config::load(&cli.config)?;
+    let tenant = config.tenant(&cli.tenant).with_context(|| format!("tenant {} is not in {}", cli.tenant, cli.config.display()))?.clone();
+    let consumer = cli
+        .consumer
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "thumbup-job".to_string());
+    let opts = thumbup_job::Options {
+        window: Duration::from_millis(cli.window_ms),
+        max_batch: cli.max_batch,
+        read_count: cli.read_count,
+        consumer,
+        claim_idle: Duration::from_millis(cli.claim_idle_ms),
+    };
+    let ready = Arc::new(AtomicBool::new(true));
+    let (admin_addr, admin_srv) = admin::bind(cli.admin_listen, ready, std::future::pending()).await?;
+    tracing::info!(%admin_addr, "admin endpoint");
+    let admin_task = tokio::spawn(admin_srv);
+    thumbup_job::Job::new(tenant, opts)?.run(admin::shutdown_signal()).await?;
+    admin_task.abort();
+    Ok(())
+}
