@@ -60,11 +60,9 @@ pub fn is_unreachable(e: &RedisError) -> bool {
 /// liked list and appended the event, all in one atomic step.
 const TRANSITION_LUA: &str = r#"
 local cur = redis.call('GET', KEYS[1])
-local seeded = false
 if not cur then
   if ARGV[8] == '' then return {'SEED'} end
   cur = ARGV[8]
-  seeded = true
 end
 local a = tonumber(ARGV[1])
 local st, ver, new
@@ -83,7 +81,6 @@ elseif a == 1 and (st == 0 or st == 2) then new = 1
 elseif a == 3 and (st == 0 or st == 1) then new = 2
 elseif (a == 2 and st == 1) or (a == 4 and st == 2) then new = 0
 else
-  if seeded then redis.call('SET', KEYS[1], cur, 'EX', ARGV[6]) end
   return {'REFUSED', tostring(st)}
 end
 local t = redis.call('TIME')

@@ -1,0 +1,618 @@
+//! Harness of the end-to-end tests: real MariaDB and Redis started by
+//! `scripts/stack.sh`, tenants provisioned with the admin accounts, the
+//! service run in-process on port 0 and the job run as a child process (so
+//! it can be SIGKILLed).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use sqlx::{ConnectOptions, Connection, MySqlConnection, Row};
+use thumbup_core::config::{Config, TenantConfig};
+use thumbup_core::keys::{JOB_GROUP, Keys};
+use thumbup_core::{db, provision};
+use thumbup_service::pb;
+use thumbup_service::pb::thumbup_client::ThumbupClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+/// The admin DB URL of the local stack.
+pub fn admin_db_url() -> String {
+    std::env::var("THUMBUP_ADMIN_DB_URL").unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306".into())
+}
+
+/// The admin Redis URL of the local stack.
+pub fn admin_redis_url() -> String {
+    std::env::var("THUMBUP_ADMIN_REDIS_URL").unwrap_or_else(|_| "redis://default:thumbup-admin@127.0.0.1:26379".into())
+}
+
+fn db_port() -> String {
+    std::env::var("THUMBUP_DB_PORT").unwrap_or_else(|_| "23306".into())
+}
+
+fn redis_port() -> String {
+    std::env::var("THUMBUP_REDIS_PORT").unwrap_or_else(|_| "26379".into())
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Runs `scripts/stack.sh <args>` and fails the test if it fails.
+pub fn stack(args: &[&str]) {
+    let status = Command::new("bash").arg(root().join("scripts/stack.sh")).args(args).status().expect("run stack.sh");
+    assert!(status.success(), "scripts/stack.sh {args:?} failed");
+}
+
+/// The YAML of a test tenant; `extra` is appended to the tenant's mapping.
+pub fn tenant_yaml(name: &str, businesses: &[i64], extra: &str) -> String {
+    let user = name.replace('-', "_");
+    let biz: Vec<String> = businesses.iter().map(|b| format!("{{ name: b{b}, id: {b} }}")).collect();
+    format!(
+        r#"  - name: {name}
+    businesses: [{biz}]
+    tokens: [tok-{name}-0001]
+    redis: {{ url: "redis://127.0.0.1:{rp}", username: thumbup-{name}, password: pw-{name}-redis }}
+    db: {{ url: "mysql://127.0.0.1:{dp}", username: thumbup_{user}, password: pw-{name}-db, max_connections: 24 }}
+    limits: {{ per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }}
+    stream: {{ shards: 4, retention_secs: 3600 }}
+{extra}"#,
+        biz = biz.join(", "),
+        rp = redis_port(),
+        dp = db_port(),
+    )
+}
+
+/// Drops everything a tenant has (schema and keys), then provisions and
+/// migrates it afresh, so a test starts from nothing.
+pub async fn reset_tenant(t: &TenantConfig) {
+    let mut con = MySqlConnection::connect(&admin_db_url()).await.expect("admin DB connection");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{}`", t.schema())))
+        .execute(&mut con)
+        .await
+        .expect("drop schema");
+    let mut r = admin_redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("thumbup:{}:*", t.name)).query_async(&mut r).await.unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut r).await.unwrap();
+    }
+    provision::provision_db(&admin_db_url(), t).await.expect("provision DB");
+    provision::provision_redis(&admin_redis_url(), t).await.expect("provision Redis");
+    let pool = db::connect_lazy(t).unwrap();
+    db::migrate(&pool).await.expect("migrate");
+    db::migrate(&pool).await.expect("migrate is idempotent");
+}
+
+/// An admin Redis connection.
+pub async fn admin_redis() -> MultiplexedConnection {
+    redis::Client::open(admin_redis_url()).unwrap().get_multiplexed_async_connection().await.expect("admin Redis")
+}
+
+/// A test world: a config file with the given tenants, reset and provisioned,
+/// and the service serving it in-process.
+pub struct World {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub addr: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl World {
+    /// `tenants_yaml` is the list under `tenants:` (from [`tenant_yaml`]).
+    pub async fn start(test: &str, tenants_yaml: &str) -> World {
+        let dir = std::env::temp_dir().join(format!("thumbup-e2e-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("config.yaml");
+        let text = format!("tenants:\n{tenants_yaml}");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::parse(&text, "test").expect("test config parses");
+        for t in &config.tenants {
+            reset_tenant(t).await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let opts = thumbup_service::Options { config: config_path.clone(), redis_timeout: Duration::from_millis(300) };
+        let server = tokio::spawn(thumbup_service::run(opts, listener, async {
+            let _ = rx.await;
+        }));
+        World { dir, config_path, config, addr, shutdown: Some(tx), server: Some(server) }
+    }
+
+    /// The config of tenant `name`.
+    pub fn tenant(&self, name: &str) -> &TenantConfig {
+        self.config.tenant(name).expect("tenant in test config")
+    }
+
+    /// A client sending `tenant` and `token` metadata.
+    pub async fn client(&self, tenant: &str, token: &str) -> Client {
+        let channel = Channel::from_shared(self.addr.clone()).unwrap().connect().await.expect("connect to service");
+        Client { inner: ThumbupClient::new(channel), tenant: tenant.to_string(), token: token.to_string() }
+    }
+
+    /// A client of tenant `name` with its own token.
+    pub async fn client_of(&self, name: &str) -> Client {
+        self.client(name, &format!("tok-{name}-0001")).await
+    }
+
+    /// Starts the job of `tenant` as a child process.
+    pub fn job(&self, tenant: &str, window_ms: u64) -> Job {
+        Job::start(self, tenant, window_ms)
+    }
+
+    /// Stops the in-process service.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
+        }
+    }
+}
+
+/// A gRPC client bound to a tenant and token.
+#[derive(Clone)]
+pub struct Client {
+    pub inner: ThumbupClient<Channel>,
+    pub tenant: String,
+    pub token: String,
+}
+
+impl Client {
+    /// Wraps `msg` with this client's metadata.
+    pub fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if !self.tenant.is_empty() {
+            r.metadata_mut().insert("x-thumbup-tenant", MetadataValue::try_from(self.tenant.as_str()).unwrap());
+        }
+        if !self.token.is_empty() {
+            r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {}", self.token)).unwrap());
+        }
+        r
+    }
+
+    /// Sends one action.
+    pub async fn act(&self, biz: i64, msg: i64, mid: i64, up: i64, action: pb::Action) -> Result<pb::LikeReply, tonic::Status> {
+        let req = pb::LikeRequest { business_id: biz, message_id: msg, mid, up_mid: up, action: action as i32 };
+        self.inner.clone().like(self.req(req)).await.map(|r| r.into_inner())
+    }
+
+    /// States of `mid` on `msgs`.
+    pub async fn states(&self, biz: i64, mid: i64, msgs: &[i64]) -> Result<HashMap<i64, i32>, tonic::Status> {
+        let req = pb::GetStatesRequest { business_id: biz, mid, message_ids: msgs.to_vec() };
+        self.inner.clone().get_states(self.req(req)).await.map(|r| r.into_inner().states)
+    }
+
+    /// Counts of `msgs`.
+    pub async fn counts(&self, biz: i64, msgs: &[i64]) -> Result<HashMap<i64, (i64, i64)>, tonic::Status> {
+        let req = pb::GetCountsRequest { business_id: biz, message_ids: msgs.to_vec() };
+        let reply = self.inner.clone().get_counts(self.req(req)).await?.into_inner();
+        Ok(reply.counts.into_iter().map(|(m, c)| (m, (c.likes, c.dislikes))).collect())
+    }
+
+    /// All of a user's liked items, following page tokens.
+    pub async fn user_likes(&self, biz: i64, mid: i64, page_size: u32) -> Result<Vec<i64>, tonic::Status> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = pb::ListUserLikesRequest { business_id: biz, mid, page_size, page_token: token };
+            let reply = self.inner.clone().list_user_likes(self.req(req)).await?.into_inner();
+            out.extend(reply.items.iter().map(|i| i.message_id));
+            if reply.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = reply.next_page_token;
+        }
+    }
+}
+
+/// The job as a child process.
+pub struct Job {
+    child: Child,
+    args: Vec<String>,
+    log: PathBuf,
+    pub starts: u32,
+}
+
+/// The job binary next to the test binary (`cargo build --workspace --bins`).
+pub fn job_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("thumbup-job");
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+impl Job {
+    fn start(w: &World, tenant: &str, window_ms: u64) -> Job {
+        let args = vec![
+            "--config".to_string(),
+            w.config_path.display().to_string(),
+            "--tenant".into(),
+            tenant.into(),
+            "--window-ms".into(),
+            window_ms.to_string(),
+            "--consumer".into(),
+            "e2e-job".into(),
+            "--claim-idle-ms".into(),
+            "1000".into(),
+            "--read-count".into(),
+            "200".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        let log = w.dir.join(format!("job-{tenant}.log"));
+        let child = Self::spawn(&args, &log);
+        Job { child, args, log, starts: 1 }
+    }
+
+    fn spawn(args: &[String], log: &Path) -> Child {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Command::new(job_binary())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn thumbup-job")
+    }
+
+    /// SIGKILLs the job (no flush).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same consumer name.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.args, &self.log);
+        self.starts += 1;
+    }
+
+    /// SIGTERMs the job and waits for it to exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("job did not exit within 30 s of SIGTERM; log: {}", self.log.display());
+    }
+
+    /// The job's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Entries delivered to the job but not acknowledged, over all shards.
+pub async fn pending(keys: &Keys) -> i64 {
+    let mut r = admin_redis().await;
+    let mut total = 0;
+    for shard in 0..keys.shards() {
+        let reply: redis::RedisResult<(i64, redis::Value, redis::Value, redis::Value)> =
+            redis::cmd("XPENDING").arg(keys.stream(shard)).arg(JOB_GROUP).query_async(&mut r).await;
+        if let Ok((n, ..)) = reply {
+            total += n;
+        }
+    }
+    total
+}
+
+/// Entries not yet delivered to the job's group (or all, before the group exists).
+pub async fn undelivered(keys: &Keys) -> i64 {
+    let mut r = admin_redis().await;
+    let mut total = 0;
+    for shard in 0..keys.shards() {
+        let key = keys.stream(shard);
+        let groups: redis::RedisResult<Vec<HashMap<String, redis::Value>>> =
+            redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut r).await;
+        let lag = groups.ok().and_then(|gs| {
+            gs.iter()
+                .find(|g| g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP))
+                .and_then(|g| g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()))
+        });
+        total += match lag {
+            Some(l) => l,
+            None => redis::cmd("XLEN").arg(&key).query_async::<i64>(&mut r).await.unwrap_or(0),
+        };
+    }
+    total
+}
+
+/// Waits until the job has applied and acknowledged everything.
+pub async fn wait_drained(keys: &Keys, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (u, p) = (undelivered(keys).await, pending(keys).await);
+        if u == 0 && p == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "stream not drained: {u} undelivered, {p} pending");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A tenant's DB as the admin sees it.
+pub async fn admin_db(t: &TenantConfig) -> MySqlConnection {
+    let opts: sqlx::mysql::MySqlConnectOptions = admin_db_url().parse().unwrap();
+    opts.database(&t.schema()).connect().await.expect("admin DB connection")
+}
+
+/// Final states of all records: (mid, business, message) -> state code.
+pub async fn records(t: &TenantConfig) -> BTreeMap<(i64, i64, i64), i64> {
+    let mut con = admin_db(t).await;
+    let rows = sqlx::query("SELECT mid, business_id, message_id, state FROM like_records").fetch_all(&mut con).await.unwrap();
+    rows.iter()
+        .map(|r| {
+            ((r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2)), r.get::<i8, _>(3) as i64)
+        })
+        .collect()
+}
+
+/// What [`check_exact`] saw.
+#[derive(Debug, Default)]
+pub struct Exactness {
+    pub items: usize,
+    pub owners: usize,
+    pub cached_counts: usize,
+    pub likes: i64,
+}
+
+/// Invariant 1: every counts row equals the number of records in LIKE
+/// (resp. DISLIKE), received likes equal the sum over the owner's items, and
+/// every cached count and received-likes value equals the DB.
+pub async fn check_exact(t: &TenantConfig) -> Exactness {
+    let mut con = admin_db(t).await;
+    let want: BTreeMap<(i64, i64), (i64, i64)> = sqlx::query(
+        "SELECT business_id, message_id, CAST(SUM(state = 1) AS SIGNED), CAST(SUM(state = 2) AS SIGNED) \
+         FROM like_records GROUP BY business_id, message_id",
+    )
+    .fetch_all(&mut con)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+    .collect();
+    let got: BTreeMap<(i64, i64), (i64, i64, i64)> =
+        sqlx::query("SELECT business_id, message_id, likes, dislikes, version FROM like_counts")
+            .fetch_all(&mut con)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4))))
+            .collect();
+    for (item, (likes, dislikes)) in &want {
+        let (gl, gd, _) = got.get(item).copied().unwrap_or_default();
+        assert_eq!((gl, gd), (*likes, *dislikes), "counts row of item {item:?} differs from its records");
+    }
+    for (item, (l, d, _)) in &got {
+        if !want.contains_key(item) {
+            assert_eq!((*l, *d), (0, 0), "counts row of item {item:?} has no records");
+        }
+    }
+    let want_rcv: BTreeMap<(i64, i64), i64> = sqlx::query(
+        "SELECT business_id, up_mid, CAST(SUM(state = 1) AS SIGNED) FROM like_records GROUP BY business_id, up_mid",
+    )
+    .fetch_all(&mut con)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+    .collect();
+    let got_rcv: BTreeMap<(i64, i64), (i64, i64)> =
+        sqlx::query("SELECT business_id, up_mid, likes, version FROM received_likes")
+            .fetch_all(&mut con)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+            .collect();
+    for (owner, likes) in &want_rcv {
+        assert_eq!(got_rcv.get(owner).map_or(0, |v| v.0), *likes, "received likes of {owner:?} differ from the records");
+    }
+    for (owner, (likes, _)) in &got_rcv {
+        assert_eq!(want_rcv.get(owner).copied().unwrap_or(0), *likes, "received likes of {owner:?} without records");
+    }
+    let keys = Keys::new(&t.name, t.stream.shards);
+    let mut r = admin_redis().await;
+    let mut cached_counts = 0;
+    for ((biz, msg), (l, d, v)) in &got {
+        let cached: Option<String> = redis::cmd("GET").arg(keys.counts(*biz, *msg)).query_async(&mut r).await.unwrap();
+        if let Some(c) = cached {
+            cached_counts += 1;
+            assert_eq!(c, format!("{l}:{d}:{v}"), "cached counts of item ({biz}, {msg}) differ from the DB");
+        }
+    }
+    for ((biz, up), (l, v)) in &got_rcv {
+        let cached: Option<String> = redis::cmd("GET").arg(keys.received(*biz, *up)).query_async(&mut r).await.unwrap();
+        if let Some(c) = cached {
+            assert_eq!(c, format!("{l}:0:{v}"), "cached received likes of ({biz}, {up}) differ from the DB");
+        }
+    }
+    Exactness { items: got.len(), owners: got_rcv.len(), cached_counts, likes: want.values().map(|v| v.0).sum() }
+}
+
+/// Every key of a tenant with its serialized value (DUMP): a snapshot to
+/// prove that a request changed nothing in Redis.
+pub async fn redis_snapshot(tenant: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut r = admin_redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("thumbup:{tenant}:*")).query_async(&mut r).await.unwrap();
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let v: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut r).await.unwrap();
+        out.insert(k, v.unwrap_or_default());
+    }
+    out
+}
+
+/// All rows of a tenant's tables, as text: a snapshot to prove that a
+/// request changed nothing in the DB.
+pub async fn db_snapshot(t: &TenantConfig) -> Vec<String> {
+    let mut con = admin_db(t).await;
+    let mut out = Vec::new();
+    for (table, cols) in [
+        ("like_records", "mid, business_id, message_id, up_mid, state, version, mtime"),
+        ("like_counts", "business_id, message_id, likes, dislikes, version"),
+        ("received_likes", "business_id, up_mid, likes, version"),
+        ("cache_invalidations", "id, mid, business_id, message_id, up_mid"),
+    ] {
+        let sql = format!("SELECT CONCAT_WS(',', {cols}) FROM {table} ORDER BY 1");
+        for row in sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut con).await.unwrap() {
+            out.push(format!("{table}:{}", row.get::<String, _>(0)));
+        }
+    }
+    out
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadOutcome {
+    /// Per record, the acknowledged reply with the newest version: (version, state).
+    pub acked: HashMap<(i64, i64, i64), (i64, i32)>,
+    pub ok: usize,
+    pub refused: usize,
+    pub sent: usize,
+}
+
+/// Load shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub clients: usize,
+    pub actions: usize,
+    pub users: i64,
+    pub items: i64,
+    pub business: i64,
+    /// Fraction of actions sent twice at once (a double click).
+    pub double_clicks: f64,
+}
+
+/// The owner of item `msg` in the tests (a few owners share the items).
+pub fn owner_of(msg: i64) -> i64 {
+    9_000 + msg % 7
+}
+
+/// Sends `load.actions` random actions from `load.clients` concurrent clients
+/// with a zipf-like item choice. Every reply must be OK or
+/// FAILED_PRECONDITION; anything else fails the test.
+pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
+    use rand::Rng;
+    let weights: Vec<f64> = (0..load.items).map(|i| 1.0 / ((i + 1) as f64).powf(1.1)).collect();
+    let total: f64 = weights.iter().sum();
+    let per_client = load.actions.div_ceil(load.clients);
+    let mut tasks = Vec::new();
+    for _ in 0..load.clients {
+        let c = client.clone();
+        let weights = weights.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = LoadOutcome::default();
+            let mut sent = 0;
+            while sent < per_client {
+                let (mid, msg, action, twice) = {
+                    let mut rng = rand::rng();
+                    let mut x = rng.random::<f64>() * total;
+                    let mut msg = load.items;
+                    for (i, w) in weights.iter().enumerate() {
+                        if x < *w {
+                            msg = i as i64 + 1;
+                            break;
+                        }
+                        x -= w;
+                    }
+                    let action = match rng.random_range(0..10) {
+                        0..=3 => pb::Action::Like,
+                        4..=5 => pb::Action::Unlike,
+                        6..=7 => pb::Action::Dislike,
+                        _ => pb::Action::Undislike,
+                    };
+                    (rng.random_range(1..=load.users), msg, action, rng.random::<f64>() < load.double_clicks)
+                };
+                let replies = if twice {
+                    let (a, b) = tokio::join!(
+                        c.act(load.business, msg, mid, owner_of(msg), action),
+                        c.act(load.business, msg, mid, owner_of(msg), action)
+                    );
+                    sent += 2;
+                    vec![a, b]
+                } else {
+                    sent += 1;
+                    vec![c.act(load.business, msg, mid, owner_of(msg), action).await]
+                };
+                for r in replies {
+                    out.sent += 1;
+                    match r {
+                        Ok(reply) => {
+                            out.ok += 1;
+                            let e = out.acked.entry((mid, load.business, msg)).or_insert((0, 0));
+                            if reply.version > e.0 {
+                                *e = (reply.version, reply.state);
+                            }
+                        }
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition => out.refused += 1,
+                        Err(s) => panic!("unexpected status for {action:?} by {mid} on {msg}: {s:?}"),
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut all = LoadOutcome::default();
+    for t in tasks {
+        let o = t.await.expect("load task");
+        all.ok += o.ok;
+        all.refused += o.refused;
+        all.sent += o.sent;
+        for (k, v) in o.acked {
+            let e = all.acked.entry(k).or_insert((0, 0));
+            if v.0 > e.0 {
+                *e = v;
+            }
+        }
+    }
+    all
+}
+
+/// Invariant 2 and 3 from the client's side: every record's final state is
+/// the state of its newest acknowledged write, and GetStates agrees with the
+/// records for every (user, item) touched.
+pub async fn check_acked_and_states(client: &Client, t: &TenantConfig, acked: &HashMap<(i64, i64, i64), (i64, i32)>) {
+    let recs = records(t).await;
+    for (key, (version, state)) in acked {
+        assert_eq!(recs.get(key).copied(), Some(*state as i64), "record {key:?}: newest acknowledged write (v{version}) lost");
+    }
+    let mut by_user: BTreeMap<(i64, i64), Vec<i64>> = BTreeMap::new();
+    for (mid, biz, msg) in recs.keys() {
+        by_user.entry((*mid, *biz)).or_default().push(*msg);
+    }
+    for ((mid, biz), msgs) in by_user {
+        for chunk in msgs.chunks(100) {
+            let states = client.states(biz, mid, chunk).await.expect("GetStates");
+            for msg in chunk {
+                assert_eq!(
+                    states.get(msg).map(|s| *s as i64),
+                    recs.get(&(mid, biz, *msg)).copied(),
+                    "GetStates of user {mid} on ({biz}, {msg}) differs from the record"
+                );
+            }
+        }
+    }
+}

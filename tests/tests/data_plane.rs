@@ -1,0 +1,300 @@
+//! End-to-end tests of the data plane against the real MariaDB and Redis of
+//! `scripts/stack.sh`: exact counts under concurrent load, job crashes,
+//! bad input, tenant isolation, graceful shutdown, paging and reload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use thumbup_core::keys::Keys;
+use thumbup_service::pb;
+use tonic::Code;
+
+const BIZ: i64 = 1;
+
+fn keys(w: &World, name: &str) -> Keys {
+    let t = w.tenant(name);
+    Keys::new(&t.name, t.stream.shards)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counts_are_exact_under_concurrent_load_with_double_clicks() {
+    let w = World::start("load", &tenant_yaml("e2e-load", &[BIZ], "")).await;
+    let _job = w.job("e2e-load", 200);
+    let c = w.client_of("e2e-load").await;
+    let load = Load { clients: 32, actions: 20_000, users: 200, items: 50, business: BIZ, double_clicks: 0.1 };
+    let out = run_load(&c, load).await;
+    assert!(out.sent >= 20_000 && out.ok > 5_000 && out.refused > 0, "{out:?}");
+    wait_drained(&keys(&w, "e2e-load"), Duration::from_secs(60)).await;
+    let t = w.tenant("e2e-load");
+    let seen = check_exact(t).await;
+    check_acked_and_states(&c, t, &out.acked).await;
+    // Served counts (cache or DB) equal the DB too.
+    let items: Vec<i64> = (1..=50).collect();
+    let served = c.counts(BIZ, &items).await.unwrap();
+    let total: i64 = served.values().map(|v| v.0).sum();
+    assert_eq!(total, seen.likes, "GetCounts sums to the liked records");
+    println!(
+        "load: sent {} ok {} refused {}; {} items, {} owners, {} cached counts checked",
+        out.sent, out.ok, out.refused, seen.items, seen.owners, seen.cached_counts
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_killed_mid_batch_loses_and_doubles_nothing() {
+    let w = World::start("crash", &tenant_yaml("e2e-crash", &[BIZ], "")).await;
+    let k = keys(&w, "e2e-crash");
+    let mut job = w.job("e2e-crash", 300);
+    let c = w.client_of("e2e-crash").await;
+    let load = Load { clients: 32, actions: 20_000, users: 200, items: 50, business: BIZ, double_clicks: 0.1 };
+    let loader = tokio::spawn({
+        let c = c.clone();
+        async move { run_load(&c, load).await }
+    });
+    let mut kills = 0;
+    while kills < 3 || !loader.is_finished() {
+        // Kill only while entries are delivered but not acknowledged: in the
+        // middle of a batch.
+        if pending(&k).await > 0 {
+            job.kill();
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            job.restart();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if kills >= 6 {
+            break;
+        }
+    }
+    let out = loader.await.unwrap();
+    assert!(kills >= 3, "killed the job {kills} times");
+    wait_drained(&k, Duration::from_secs(60)).await;
+    let t = w.tenant("e2e-crash");
+    check_exact(t).await;
+    check_acked_and_states(&c, t, &out.acked).await;
+    println!("crash: {kills} kills mid-batch, {} starts; sent {} ok {}", job.starts, out.sent, out.ok);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_open_window() {
+    let w = World::start("term", &tenant_yaml("e2e-term", &[BIZ], "")).await;
+    let k = keys(&w, "e2e-term");
+    // A window far longer than the test: only the shutdown flush can apply it.
+    let mut job = w.job("e2e-term", 60_000);
+    let c = w.client_of("e2e-term").await;
+    for mid in 1..=20 {
+        c.act(BIZ, 1, mid, 77, pb::Action::Like).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pending(&k).await < 20 {
+        assert!(std::time::Instant::now() < deadline, "the job never read the events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(records(w.tenant("e2e-term")).await.len(), 0, "nothing applied before the window closes");
+    assert!(job.terminate(), "job exits 0 on SIGTERM; log:\n{}", job.log());
+    assert_eq!(pending(&k).await, 0);
+    assert_eq!(records(w.tenant("e2e-term")).await.len(), 20);
+    let seen = check_exact(w.tenant("e2e-term")).await;
+    assert_eq!(seen.likes, 20);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_status_and_change_nothing() {
+    let yaml = format!("{}{}", tenant_yaml("e2e-bad", &[BIZ], ""), tenant_yaml("e2e-bad2", &[2], ""));
+    let w = World::start("bad", &yaml).await;
+    let _job = w.job("e2e-bad", 100);
+    let c = w.client_of("e2e-bad").await;
+    c.act(BIZ, 1, 1, 9, pb::Action::Like).await.unwrap();
+    c.act(BIZ, 2, 1, 9, pb::Action::Dislike).await.unwrap();
+    wait_drained(&keys(&w, "e2e-bad"), Duration::from_secs(30)).await;
+    let t = w.tenant("e2e-bad");
+    let (db_before, redis_before) = (db_snapshot(t).await, redis_snapshot("e2e-bad").await);
+
+    let no_tenant = w.client("", "tok-e2e-bad-0001").await;
+    let no_token = w.client("e2e-bad", "").await;
+    let wrong_token = w.client("e2e-bad", "tok-e2e-bad2-0001").await;
+    let unknown = w.client("nobody", "tok-e2e-bad-0001").await;
+    let like = |biz, msg, mid, up, action| pb::LikeRequest { business_id: biz, message_id: msg, mid, up_mid: up, action };
+    let l = pb::Action::Like as i32;
+    type Case = (&'static str, Code, Result<(), tonic::Status>);
+    let mut cases: Vec<Case> = Vec::new();
+    let lk = |name, code, client: &Client, r: pb::LikeRequest| {
+        let client = client.clone();
+        async move { (name, code, client.inner.clone().like(client.req(r)).await.map(|_| ())) }
+    };
+    cases.push(lk("zero message id", Code::InvalidArgument, &c, like(BIZ, 0, 5, 9, l)).await);
+    cases.push(lk("negative mid", Code::InvalidArgument, &c, like(BIZ, 3, -5, 9, l)).await);
+    cases.push(lk("zero up_mid", Code::InvalidArgument, &c, like(BIZ, 3, 5, 0, l)).await);
+    cases.push(lk("unspecified action", Code::InvalidArgument, &c, like(BIZ, 3, 5, 9, 0)).await);
+    cases.push(lk("unknown action number", Code::InvalidArgument, &c, like(BIZ, 3, 5, 9, 42)).await);
+    cases.push(lk("unknown business", Code::NotFound, &c, like(7, 3, 5, 9, l)).await);
+    cases.push(lk("another tenant's business", Code::NotFound, &c, like(2, 3, 5, 9, l)).await);
+    cases.push(lk("missing tenant metadata", Code::Unauthenticated, &no_tenant, like(BIZ, 3, 5, 9, l)).await);
+    cases.push(lk("missing token", Code::Unauthenticated, &no_token, like(BIZ, 3, 5, 9, l)).await);
+    cases.push(lk("another tenant's token", Code::Unauthenticated, &wrong_token, like(BIZ, 3, 5, 9, l)).await);
+    cases.push(lk("unknown tenant", Code::NotFound, &unknown, like(BIZ, 3, 5, 9, l)).await);
+    cases.push(lk("like twice", Code::FailedPrecondition, &c, like(BIZ, 1, 1, 9, l)).await);
+    let unlike = pb::Action::Unlike as i32;
+    cases.push(lk("unlike a disliked item", Code::FailedPrecondition, &c, like(BIZ, 2, 1, 9, unlike)).await);
+    cases.push(lk("unlike never liked", Code::FailedPrecondition, &c, like(BIZ, 4, 2, 9, unlike)).await);
+    cases.push(lk("undislike a liked item", Code::FailedPrecondition, &c, like(BIZ, 1, 1, 9, pb::Action::Undislike as i32)).await);
+    let wrap = |name, code, r: Result<(), tonic::Status>| (name, code, r);
+    cases.push(wrap("empty batch", Code::InvalidArgument, c.states(BIZ, 1, &[]).await.map(|_| ())));
+    let many: Vec<i64> = (1..=101).collect();
+    cases.push(wrap("batch over 100", Code::InvalidArgument, c.counts(BIZ, &many).await.map(|_| ())));
+    cases.push(wrap("zero id in batch", Code::InvalidArgument, c.counts(BIZ, &[1, 0]).await.map(|_| ())));
+    let list = |size, token: &str| pb::ListUserLikesRequest { business_id: BIZ, mid: 1, page_size: size, page_token: token.into() };
+    for (name, size, token) in
+        [("page_size 0", 0, ""), ("page_size over 100", 101, ""), ("garbage page_token", 10, "not-a-token")]
+    {
+        cases.push(wrap(name, Code::InvalidArgument, c.inner.clone().list_user_likes(c.req(list(size, token))).await.map(|_| ())));
+    }
+    let likers = pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 10, page_token: "7a7a".into() };
+    cases.push(wrap("garbage likers token", Code::InvalidArgument, c.inner.clone().list_item_likers(c.req(likers)).await.map(|_| ())));
+    let rcv = pb::GetReceivedLikesRequest { business_id: BIZ, up_mid: 0 };
+    cases.push(wrap("zero up_mid read", Code::InvalidArgument, c.inner.clone().get_received_likes(c.req(rcv)).await.map(|_| ())));
+
+    assert!(cases.len() >= 12);
+    for (name, code, result) in &cases {
+        match result {
+            Err(s) => {
+                assert_eq!(s.code(), *code, "{name}: {s:?}");
+                assert!(!s.message().is_empty(), "{name}: the status explains itself");
+            }
+            Ok(()) => panic!("{name}: accepted, expected {code:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(db_snapshot(t).await, db_before, "bad requests changed the DB");
+    assert_eq!(redis_snapshot("e2e-bad").await, redis_before, "bad requests changed Redis");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_by_tokens_acl_and_grants() {
+    let yaml = format!("{}{}", tenant_yaml("e2e-iso-a", &[BIZ], ""), tenant_yaml("e2e-iso-b", &[BIZ], ""));
+    let w = World::start("iso", &yaml).await;
+    let _ja = w.job("e2e-iso-a", 100);
+    let _jb = w.job("e2e-iso-b", 100);
+    let a = w.client_of("e2e-iso-a").await;
+    let b = w.client_of("e2e-iso-b").await;
+    b.act(BIZ, 1, 1, 9, pb::Action::Like).await.unwrap();
+    a.act(BIZ, 1, 2, 9, pb::Action::Dislike).await.unwrap();
+    wait_drained(&keys(&w, "e2e-iso-b"), Duration::from_secs(30)).await;
+    wait_drained(&keys(&w, "e2e-iso-a"), Duration::from_secs(30)).await;
+
+    // The gateway: A's token is refused on B, and A sees only A's data.
+    let a_on_b = w.client("e2e-iso-b", "tok-e2e-iso-a-0001").await;
+    let err = a_on_b.counts(BIZ, &[1]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = a_on_b.act(BIZ, 1, 3, 9, pb::Action::Like).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(a.counts(BIZ, &[1]).await.unwrap()[&1], (0, 1));
+    assert_eq!(b.counts(BIZ, &[1]).await.unwrap()[&1], (1, 0));
+
+    // Redis: A's ACL user cannot touch B's keys.
+    let ta = w.tenant("e2e-iso-a");
+    let tb = w.tenant("e2e-iso-b");
+    let mut ra = thumbup_core::cache::connect(&ta.redis, Duration::from_secs(2)).await.unwrap();
+    let kb = Keys::new(&tb.name, tb.stream.shards);
+    let ka = Keys::new(&ta.name, ta.stream.shards);
+    let own: Option<String> = redis::cmd("GET").arg(ka.counts(BIZ, 1)).query_async(&mut ra).await.unwrap();
+    assert!(own.is_some(), "A reads its own keys");
+    for cmd in [redis::cmd("GET").arg(kb.counts(BIZ, 1)).clone(), redis::cmd("SET").arg(kb.counts(BIZ, 1)).arg("9:9:9").clone()] {
+        let e = cmd.query_async::<Option<String>>(&mut ra).await.unwrap_err();
+        assert_eq!(e.code(), Some("NOPERM"), "{e}");
+    }
+    let e = redis::cmd("XADD").arg(kb.stream(0)).arg("*").arg("x").arg("1").query_async::<String>(&mut ra).await.unwrap_err();
+    assert_eq!(e.code(), Some("NOPERM"), "{e}");
+    let e = redis::cmd("FLUSHALL").query_async::<String>(&mut ra).await.unwrap_err();
+    assert_eq!(e.code(), Some("NOPERM"), "{e}");
+
+    // DB: A's user is refused on B's schema.
+    use sqlx::{ConnectOptions, Connection};
+    let opts: sqlx::mysql::MySqlConnectOptions = ta.db.url.parse().unwrap();
+    let mut da = opts.username(&ta.db.username).password(&ta.db.password).database(&ta.schema()).connect().await.unwrap();
+    let sql = format!("SELECT COUNT(*) FROM `{}`.like_records", tb.schema());
+    let e = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(&mut da).await.unwrap_err();
+    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+    assert!(matches!(code.as_deref(), Some("42000")), "A's DB user refused on B's schema: {e}");
+    let opts: sqlx::mysql::MySqlConnectOptions = ta.db.url.parse().unwrap();
+    let refused = opts.username(&ta.db.username).password(&ta.db.password).database(&tb.schema()).connect().await;
+    assert!(refused.is_err(), "A's DB user cannot even open B's schema");
+    da.close().await.unwrap();
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_likes_page_beyond_the_cached_length_newest_first() {
+    let w = World::start("list", &tenant_yaml("e2e-list", &[BIZ], "    cache: { liked_list_max: 5 }\n")).await;
+    let _job = w.job("e2e-list", 100);
+    let c = w.client_of("e2e-list").await;
+    for msg in 1..=12 {
+        c.act(BIZ, msg, 42, 9, pb::Action::Like).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    c.act(BIZ, 4, 42, 9, pb::Action::Unlike).await.unwrap();
+    c.act(BIZ, 11, 42, 9, pb::Action::Dislike).await.unwrap();
+    let want: Vec<i64> = (1..=12).rev().filter(|m| *m != 4 && *m != 11).collect();
+    // Right away (the job may not have applied yet) and after it has.
+    assert_eq!(c.user_likes(BIZ, 42, 4).await.unwrap()[..3], want[..3], "newest likes show at once");
+    wait_drained(&keys(&w, "e2e-list"), Duration::from_secs(30)).await;
+    for size in [1, 3, 4, 100] {
+        assert_eq!(c.user_likes(BIZ, 42, size).await.unwrap(), want, "page size {size}");
+    }
+    let mut r = admin_redis().await;
+    let cached: i64 = redis::cmd("ZCARD").arg(keys(&w, "e2e-list").liked_list(42, BIZ)).query_async(&mut r).await.unwrap();
+    assert!(cached <= 5, "the Redis list is trimmed to its maximum ({cached})");
+    // Likers of an item, newest first.
+    for mid in [1, 2, 3] {
+        c.act(BIZ, 1, mid, 9, pb::Action::Like).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    wait_drained(&keys(&w, "e2e-list"), Duration::from_secs(30)).await;
+    let req = pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 2, page_token: String::new() };
+    let page = c.inner.clone().list_item_likers(c.req(req)).await.unwrap().into_inner();
+    assert_eq!(page.likers.iter().map(|l| l.mid).collect::<Vec<_>>(), vec![3, 2]);
+    let req = pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 2, page_token: page.next_page_token };
+    let page = c.inner.clone().list_item_likers(c.req(req)).await.unwrap().into_inner();
+    assert_eq!(page.likers.iter().map(|l| l.mid).collect::<Vec<_>>(), vec![1, 42]);
+    assert!(page.next_page_token.is_empty());
+    let rcv = pb::GetReceivedLikesRequest { business_id: BIZ, up_mid: 9 };
+    let got = c.inner.clone().get_received_likes(c.req(rcv)).await.unwrap().into_inner().likes;
+    assert_eq!(got, want.len() as i64 + 3);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_tenant_is_served_without_restart() {
+    let w = World::start("reload", &tenant_yaml("e2e-rl-a", &[BIZ], "")).await;
+    let added = w.client_of("e2e-rl-b").await;
+    assert_eq!(added.counts(BIZ, &[1]).await.unwrap_err().code(), Code::NotFound);
+    let yaml = format!("tenants:\n{}{}", tenant_yaml("e2e-rl-a", &[BIZ], ""), tenant_yaml("e2e-rl-b", &[BIZ], ""));
+    let cfg = thumbup_core::config::Config::parse(&yaml, "test").unwrap();
+    reset_tenant(cfg.tenant("e2e-rl-b").unwrap()).await;
+    std::fs::write(&w.config_path, yaml).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match added.act(BIZ, 1, 1, 9, pb::Action::Like).await {
+            Ok(r) => {
+                assert_eq!(r.state, pb::State::Like as i32);
+                break;
+            }
+            Err(s) if s.code() == Code::NotFound && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("added tenant not served: {s:?}"),
+        }
+    }
+    // A broken file keeps the old tenants serving.
+    std::fs::write(&w.config_path, "tenants: [ {").unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(added.counts(BIZ, &[1]).await.is_ok(), "a broken config does not drop tenants");
+    w.stop().await;
+}
