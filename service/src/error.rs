@@ -45,6 +45,9 @@ pub enum Error {
         /// Cause.
         source: sqlx::Error,
     },
+    /// The DB failed moments ago and is skipped for now.
+    #[error("tenant {0:?}: database unavailable (recent connection failure; retry shortly)")]
+    DbDown(String),
     /// Redis answered with an error (not an outage, which takes the DB path).
     #[error("tenant {tenant:?}: redis error: {source}")]
     Redis {
@@ -64,7 +67,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Forbidden(_) => Code::FailedPrecondition,
             Error::RateLimited { .. } => Code::ResourceExhausted,
-            Error::Db { .. } => Code::Unavailable,
+            Error::Db { .. } | Error::DbDown(_) => Code::Unavailable,
             Error::Redis { .. } => Code::Internal,
         }
     }

@@ -15,7 +15,13 @@ use crate::metrics;
 use crate::tenants::{Registry, Tenant};
 
 fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
+    t.db_failed(&source);
     Error::Db { tenant: t.name().to_string(), source }
+}
+
+/// Fails fast while the DB is known to be down.
+fn db_ready(t: &Tenant) -> Result<(), Error> {
+    if t.db_available() { Ok(()) } else { Err(Error::DbDown(t.name().to_string())) }
 }
 
 fn redis_err(t: &Tenant, source: redis::RedisError) -> Error {
@@ -68,6 +74,7 @@ pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Re
     }
     hit("state", out.len(), missing.len());
     if !missing.is_empty() {
+        db_ready(t)?;
         let found = db::load_states(&t.db, mid, business, &missing).await.map_err(|e| db_err(t, e))?;
         for m in missing {
             out.insert(m, found.get(&m).map_or(State::None, |r| r.state));
@@ -87,6 +94,7 @@ pub async fn counts(reg: &Registry, t: &Tenant, business: i64, messages: &[i64])
     let keys: Vec<String> = messages.iter().map(|m| t.keys.counts(business, *m)).collect();
     let mut con = t.redis.clone();
     let Some(values) = try_redis(t, cache::mget(&mut con, &keys)).await? else {
+        db_ready(t)?;
         let found = db::load_counts(&t.db, business, messages).await.map_err(|e| db_err(t, e))?;
         return Ok(messages.iter().map(|m| (*m, found.get(m).copied().unwrap_or_default())).collect());
     };
@@ -122,6 +130,13 @@ pub async fn counts(reg: &Registry, t: &Tenant, business: i64, messages: &[i64])
         }
     }
     if !lead.is_empty() {
+        if let Err(e) = db_ready(t) {
+            let mut flights = FLIGHTS.lock().expect("flights lock");
+            for (_, key, _) in &lead {
+                flights.remove(key);
+            }
+            return Err(e);
+        }
         let ids: Vec<i64> = lead.iter().map(|(m, _, _)| *m).collect();
         let loaded = db::load_counts(&t.db, business, &ids).await;
         {
@@ -165,6 +180,7 @@ pub async fn received(reg: &Registry, t: &Tenant, business: i64, up_mid: i64) ->
         return Ok(likes);
     }
     hit("received", 0, 1);
+    db_ready(t)?;
     let c = db::load_received(&t.db, business, up_mid).await.map_err(|e| db_err(t, e))?;
     if cached.is_some() {
         let _ = reg.scripts().set_if_newer(&mut con, &key, (c.likes, 0), c.version, t.cfg.cache.counts_ttl_secs).await;
@@ -185,6 +201,7 @@ pub async fn user_likes(
     page: u32,
 ) -> Result<(Vec<ListEntry>, bool), Error> {
     let want = page as usize + 1;
+    db_ready(t)?;
     let from_db = db::list_user_likes(&t.db, mid, business, after, want as u32).await.map_err(|e| db_err(t, e))?;
     let list_key = t.keys.liked_list(mid, business);
     let mut con = t.redis.clone();
@@ -255,6 +272,7 @@ pub async fn item_likers(
     after: Option<ListEntry>,
     page: u32,
 ) -> Result<(Vec<ListEntry>, bool), Error> {
+    db_ready(t)?;
     let mut rows = db::list_item_likers(&t.db, business, message, after, page + 1).await.map_err(|e| db_err(t, e))?;
     let more = rows.len() > page as usize;
     rows.truncate(page as usize);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -79,7 +79,15 @@ pub struct Tenant {
     pub clock: VersionClock,
     limiter: Limiter,
     redis_up: AtomicBool,
+    /// Until when (ms since `born`) the DB counts as down after a connection
+    /// failure, so that requests fail fast instead of each waiting out the
+    /// pool's acquire timeout.
+    db_down_until: AtomicU64,
+    born: Instant,
 }
+
+/// How long the DB is skipped after a connection failure.
+const DB_BREAK: Duration = Duration::from_secs(1);
 
 impl Tenant {
     fn new(cfg: TenantConfig, redis_timeout: Duration) -> Result<Tenant, String> {
@@ -90,6 +98,8 @@ impl Tenant {
             limiter: Limiter::new(&cfg),
             clock: VersionClock::default(),
             redis_up: AtomicBool::new(false),
+            db_down_until: AtomicU64::new(0),
+            born: Instant::now(),
             cfg,
             redis,
             db,
@@ -125,6 +135,22 @@ impl Tenant {
     /// Takes a token of the DB-path write limit.
     pub fn allow_fallback(&self) -> bool {
         self.limiter.fallback.lock().expect("limiter lock").take(self.cfg.limits.db_fallback_per_sec)
+    }
+
+    /// False for a moment after the DB could not be reached.
+    pub fn db_available(&self) -> bool {
+        (self.born.elapsed().as_millis() as u64) >= self.db_down_until.load(Ordering::Relaxed)
+    }
+
+    /// Notes a DB error; a connection failure skips the DB for [`DB_BREAK`].
+    pub fn db_failed(&self, e: &sqlx::Error) {
+        if matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) {
+            let until = (self.born.elapsed() + DB_BREAK).as_millis() as u64;
+            if self.db_available() {
+                warn!(tenant = %self.cfg.name, error = %e, "database unreachable: failing fast for {DB_BREAK:?}");
+            }
+            self.db_down_until.fetch_max(until, Ordering::Relaxed);
+        }
     }
 
     /// True while Redis is trusted to serve.

@@ -4,7 +4,7 @@
 use thumbup_core::cache::{self, Seed, Transition, TransitionArgs};
 use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
-use tracing::{instrument, warn};
+use tracing::{debug, instrument};
 
 use crate::error::Error;
 use crate::metrics;
@@ -38,6 +38,7 @@ pub struct Written {
 }
 
 fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
+    t.db_failed(&source);
     Error::Db { tenant: t.name().to_string(), source }
 }
 
@@ -67,10 +68,14 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Erro
     loop {
         match reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await.map_err(redis_err)? {
             Transition::NeedSeed if args.seed == Seed::NotLoaded => {
-                args.seed = match db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await {
+                let loaded = match t.db_available() {
+                    true => db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await.inspect_err(|e| t.db_failed(e)),
+                    false => Err(sqlx::Error::PoolTimedOut),
+                };
+                args.seed = match loaded {
                     Ok(found) => found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version)),
                     Err(e) => {
-                        warn!(tenant = %t.name(), error = %e, "state not cached and DB unreadable: accepting unverified");
+                        debug!(tenant = %t.name(), error = %e, "state not cached and DB unreadable: accepting unverified");
                         metrics::UNVERIFIED_WRITES.with_label_values(&[t.name()]).inc();
                         Seed::Unverified
                     }

@@ -8,7 +8,7 @@
 //! indented by two spaces, one fact per line, maps sorted by key:
 //!
 //! ```text
-//! > like business=1 mid=1001 message=7 up=42
+//! > like tenant=demo business=1 mid=1001 message=7 up=42
 //!   state=LIKE likes=1 dislikes=0 version=7349218031583232
 //! ```
 //!
@@ -225,6 +225,23 @@ fn utc(ms: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
 }
 
+/// The status message, followed by the causes of a client-side (transport)
+/// failure, which tonic keeps out of the message: `tcp connect error` alone
+/// does not say that the connection was refused.
+fn describe(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let line = e.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// Comma-separated ids for the call line.
 fn joined(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
@@ -242,14 +259,14 @@ fn out(line: impl Display) {
 
 /// Runs the command; `Err` is a gRPC failure, already attributed to the call
 /// by the call line printed before it.
-async fn execute(client: &mut Client, business: i64, command: Command) -> Result<(), Status> {
+async fn execute(client: &mut Client, business: i64, who: &str, command: Command) -> Result<(), Status> {
     match command {
-        Command::Like(a) => act(client, business, "like", pb::Action::Like, a).await,
-        Command::Unlike(a) => act(client, business, "unlike", pb::Action::Unlike, a).await,
-        Command::Dislike(a) => act(client, business, "dislike", pb::Action::Dislike, a).await,
-        Command::Undislike(a) => act(client, business, "undislike", pb::Action::Undislike, a).await,
+        Command::Like(a) => act(client, business, who, "like", pb::Action::Like, a).await,
+        Command::Unlike(a) => act(client, business, who, "unlike", pb::Action::Unlike, a).await,
+        Command::Dislike(a) => act(client, business, who, "dislike", pb::Action::Dislike, a).await,
+        Command::Undislike(a) => act(client, business, who, "undislike", pb::Action::Undislike, a).await,
         Command::States { mid, messages } => {
-            call_line(format_args!("states business={business} mid={mid} messages={}", joined(&messages)));
+            call_line(format_args!("states {who} mid={mid} messages={}", joined(&messages)));
             let req = pb::GetStatesRequest { business_id: business, mid, message_ids: messages };
             let reply = client.get_states(req).await?.into_inner();
             for (message, state) in reply.states.into_iter().collect::<BTreeMap<_, _>>() {
@@ -258,7 +275,7 @@ async fn execute(client: &mut Client, business: i64, command: Command) -> Result
             Ok(())
         }
         Command::Counts { messages } => {
-            call_line(format_args!("counts business={business} messages={}", joined(&messages)));
+            call_line(format_args!("counts {who} messages={}", joined(&messages)));
             let req = pb::GetCountsRequest { business_id: business, message_ids: messages };
             let reply = client.get_counts(req).await?.into_inner();
             for (message, c) in reply.counts.into_iter().collect::<BTreeMap<_, _>>() {
@@ -267,7 +284,7 @@ async fn execute(client: &mut Client, business: i64, command: Command) -> Result
             Ok(())
         }
         Command::List { mid, page } => {
-            call_line(format_args!("list business={business} mid={mid}{}", page_desc(&page)));
+            call_line(format_args!("list {who} mid={mid}{}", page_desc(&page)));
             let mut token = page.page_token;
             let mut total = 0;
             loop {
@@ -291,7 +308,7 @@ async fn execute(client: &mut Client, business: i64, command: Command) -> Result
             Ok(())
         }
         Command::Likers { message, page } => {
-            call_line(format_args!("likers business={business} message={message}{}", page_desc(&page)));
+            call_line(format_args!("likers {who} message={message}{}", page_desc(&page)));
             let mut token = page.page_token;
             let mut total = 0;
             loop {
@@ -315,7 +332,7 @@ async fn execute(client: &mut Client, business: i64, command: Command) -> Result
             Ok(())
         }
         Command::Received { up } => {
-            call_line(format_args!("received business={business} up={up}"));
+            call_line(format_args!("received {who} up={up}"));
             let req = pb::GetReceivedLikesRequest { business_id: business, up_mid: up };
             let reply = client.get_received_likes(req).await?.into_inner();
             out(format_args!("likes={}", reply.likes));
@@ -325,8 +342,15 @@ async fn execute(client: &mut Client, business: i64, command: Command) -> Result
 }
 
 /// One Like RPC.
-async fn act(client: &mut Client, business: i64, verb: &str, action: pb::Action, a: ActionArgs) -> Result<(), Status> {
-    call_line(format_args!("{verb} business={business} mid={} message={} up={}", a.mid, a.message, a.up));
+async fn act(
+    client: &mut Client,
+    business: i64,
+    who: &str,
+    verb: &str,
+    action: pb::Action,
+    a: ActionArgs,
+) -> Result<(), Status> {
+    call_line(format_args!("{verb} {who} mid={} message={} up={}", a.mid, a.message, a.up));
     let req = pb::LikeRequest {
         business_id: business,
         message_id: a.message,
@@ -368,27 +392,45 @@ fn page_end(total: usize, next: &str) {
 }
 
 /// Connects (lazily: an unreachable server shows as the call's UNAVAILABLE)
-/// and runs the command; the exit status is 1 on any failure.
+/// and runs the command: exit status 1 when the call fails, `Err` for bad
+/// flags.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let creds = Credentials::new(cli.tenant.as_deref(), cli.token.as_deref())?;
+    anyhow::ensure!(
+        cli.addr.starts_with("http://") || cli.addr.starts_with("https://"),
+        "--addr {:?} must start with http:// or https:// (e.g. http://127.0.0.1:50051)",
+        cli.addr
+    );
     let channel = Endpoint::from_shared(cli.addr.clone())
         .with_context(|| format!("--addr {:?} is not a URI (e.g. http://127.0.0.1:50051)", cli.addr))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(cli.timeout_secs))
         .connect_lazy();
     let mut client = ThumbupClient::with_interceptor(channel, creds);
-    match execute(&mut client, cli.business, cli.command).await {
+    // Who is asking about what: repeated on every call line.
+    let who = match &cli.tenant {
+        Some(t) => format!("tenant={t} business={}", cli.business),
+        None => format!("business={}", cli.business),
+    };
+    match execute(&mut client, cli.business, &who, cli.command).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(status) => {
-            out(format_args!("error: {}: {}", code_name(status.code()), status.message()));
+            out(format_args!("error: {}: {}", code_name(status.code()), describe(&status)));
             Ok(ExitCode::FAILURE)
         }
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<ExitCode> {
-    run(Cli::parse()).await
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        // A usage error, like clap's: no call was made.
+        Err(e) => {
+            eprintln!("thumbupctl: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# scripts/demo.sh - thumbup end to end on one machine, in about a minute
+# (plus the first build).
+#
+# Usage: bash scripts/demo.sh
+#
+# 1. starts the private MariaDB + Redis stack (scripts/stack.sh up: installs
+#    the Debian packages on first use), builds the binaries,
+# 2. provisions and migrates the tenants of config/local.yaml,
+# 3. starts thumbup-service (gRPC 127.0.0.1:50151, admin 127.0.0.1:9190) and
+#    thumbup-job for tenant demo (admin 127.0.0.1:9191), logs in .stack/demo/,
+# 4. walks through the API with thumbupctl: likes, a double click, a switch to
+#    dislike, an unlike, the job's window, the read calls, refused requests,
+#    and the service's request metrics.
+#
+# Service and job are stopped when the script ends; the stack keeps running
+# (stop it with `scripts/stack.sh down`). Every run uses fresh user and item
+# ids derived from the clock, so runs do not see each other's data.
+#
+# Needs: Debian (or derivative) with sudo or root for the packages, and a Rust
+# toolchain (https://rustup.rs) with a C linker (build-essential).
+#
+# Environment:
+#   THUMBUP_DEMO_PROFILE   cargo profile to build and run: dev (default) or release
+#   THUMBUP_DEMO_KEEP=1    keep service and job running after the demo, until Ctrl-C
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+ROOT="$(dirname -- "$SCRIPT_DIR")"
+cd "$ROOT"
+
+CONFIG="config/local.yaml"
+GRPC_ADDR="127.0.0.1:50151"
+SERVICE_ADMIN_PORT=9190
+JOB_ADMIN_PORT=9191
+WINDOW_MS=500
+LOGS="$ROOT/.stack/demo"
+PROFILE="${THUMBUP_DEMO_PROFILE:-dev}"
+case "$PROFILE" in
+  dev) BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug" ;;
+  release) BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release" ;;
+  *) echo "demo.sh: THUMBUP_DEMO_PROFILE must be dev or release, not '$PROFILE'" >&2; exit 2 ;;
+esac
+case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
+
+say() { printf 'demo.sh: %s\n' "$*" >&2; }
+die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
+step() { printf '\n== %s ==\n' "$*"; }
+
+# True if something accepts TCP connections on 127.0.0.1:port.
+port_open() {
+  # shellcheck disable=SC2016 # $1 is expanded by the inner bash
+  timeout 3 bash -c ': <>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+# GET http://127.0.0.1:port/path with bash's /dev/tcp (curl may be missing on
+# a fresh machine); prints the body, fails unless the status is 200. HTTP/1.0
+# so the body is never chunked and the server closes the connection.
+http_get() { # port path
+  local resp
+  # shellcheck disable=SC2016 # $1 and $2 are expanded by the inner bash
+  resp="$(timeout 5 bash -c '
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" "$2" >&3
+    cat <&3' _ "$1" "$2" 2>/dev/null)" || return 1
+  [[ "${resp%%$'\r'*}" == "HTTP/1."?" 200"* ]] || return 1
+  printf '%s\n' "${resp#*$'\r\n\r\n'}"
+}
+
+# ------------------------------------------------------------------ cleanup
+
+SERVICE_PID=""
+JOB_PID=""
+
+show_log() { # name file
+  [[ -s "$2" ]] || return 0
+  printf 'demo.sh: ---- last lines of %s ----\n' "$2" >&2
+  tail -n 20 "$2" >&2
+}
+
+stop_proc() { # name pid
+  [[ -n "$2" ]] && kill -0 "$2" 2>/dev/null || return 0
+  kill -TERM "$2" 2>/dev/null || true
+  # Both drain on SIGTERM (the job commits its open window); wait for that.
+  local i
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$2" 2>/dev/null; then
+    say "$1 (pid $2) did not stop within 10 s; sending SIGKILL"
+    kill -KILL "$2" 2>/dev/null || true
+  fi
+  wait "$2" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if ((rc != 0)); then
+    [[ -z "$SERVICE_PID" ]] || show_log thumbup-service "$LOGS/service.log"
+    [[ -z "$JOB_PID" ]] || show_log thumbup-job "$LOGS/job.log"
+  fi
+  if [[ -n "$SERVICE_PID$JOB_PID" ]]; then
+    echo
+    say "stopping thumbup-service and thumbup-job (logs in ${LOGS#"$ROOT"/})"
+    stop_proc thumbup-service "$SERVICE_PID"
+    stop_proc thumbup-job "$JOB_PID"
+  fi
+  say "the MariaDB + Redis stack keeps running; stop it with: scripts/stack.sh down"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------ setup
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) and build-essential"
+
+say "starting the MariaDB + Redis stack (scripts/stack.sh up)"
+scripts/stack.sh up
+eval "$(scripts/stack.sh env)"
+
+say "building thumbup-service, thumbup-job and thumbupctl (cargo profile $PROFILE)"
+cargo build --profile "$PROFILE" -p thumbup-service -p thumbup-job
+
+for port in "${GRPC_ADDR##*:}" "$SERVICE_ADMIN_PORT" "$JOB_ADMIN_PORT"; do
+  port_open "$port" && die "port $port is in use (an earlier demo still running?)"
+done
+
+say "provisioning and migrating the tenants of $CONFIG"
+"$BIN/thumbup-service" --config "$CONFIG" provision
+"$BIN/thumbup-service" --config "$CONFIG" migrate
+
+mkdir -p "$LOGS"
+say "starting thumbup-service on $GRPC_ADDR and thumbup-job for tenant demo (logs in ${LOGS#"$ROOT"/})"
+NO_COLOR=1 "$BIN/thumbup-service" --config "$CONFIG" --listen "$GRPC_ADDR" --admin-listen "127.0.0.1:$SERVICE_ADMIN_PORT" \
+  </dev/null >"$LOGS/service.log" 2>&1 &
+SERVICE_PID=$!
+NO_COLOR=1 "$BIN/thumbup-job" --config "$CONFIG" --tenant demo --window-ms "$WINDOW_MS" \
+  --admin-listen "127.0.0.1:$JOB_ADMIN_PORT" --consumer demo-job \
+  </dev/null >"$LOGS/job.log" 2>&1 &
+JOB_PID=$!
+
+wait_ready() { # name pid admin-port [grpc-port]
+  local i
+  for ((i = 0; i < 120; i++)); do
+    kill -0 "$2" 2>/dev/null || die "$1 exited during startup (see ${LOGS#"$ROOT"/})"
+    if http_get "$3" /readyz >/dev/null && { [[ -z "${4:-}" ]] || port_open "$4"; }; then
+      return 0
+    fi
+    sleep 0.25
+  done
+  die "$1 not ready within 30 s (see ${LOGS#"$ROOT"/})"
+}
+wait_ready thumbup-service "$SERVICE_PID" "$SERVICE_ADMIN_PORT" "${GRPC_ADDR##*:}"
+wait_ready thumbup-job "$JOB_PID" "$JOB_ADMIN_PORT"
+say "service and job are up"
+
+# ------------------------------------------------------------------ the demo
+
+export THUMBUP_ADDR="http://$GRPC_ADDR" THUMBUP_TENANT=demo THUMBUP_TOKEN=demo-token-0001 THUMBUP_BUSINESS=1
+ctl() { "$BIN/thumbupctl" "$@"; }
+
+# Fresh ids per run (unix seconds and a role suffix), so runs never share data.
+RUN="$(date +%s)"
+ALICE="${RUN}01" BOB="${RUN}02" CAROL="${RUN}09"
+VIDEO="${RUN}71" VIDEO2="${RUN}72"
+
+echo
+echo "thumbup demo: tenant demo, business 1 (video), service $GRPC_ADDR"
+echo "  users:  alice=$ALICE bob=$BOB"
+echo "  owner:  carol=$CAROL (uploaded both videos)"
+echo "  videos: $VIDEO $VIDEO2"
+
+step "1. alice and bob like video $VIDEO; alice also likes video $VIDEO2"
+echo "   (a reply's counts are the applied counts plus this action)"
+ctl like --mid "$ALICE" --message "$VIDEO" --up "$CAROL"
+ctl like --mid "$BOB" --message "$VIDEO" --up "$CAROL"
+ctl like --mid "$ALICE" --message "$VIDEO2" --up "$CAROL"
+
+step "2. alice double-clicks: the second like is refused and counts nothing"
+ctl like --mid "$ALICE" --message "$VIDEO" --up "$CAROL" || true
+
+step "3. bob changes his mind: like -> dislike"
+ctl dislike --mid "$BOB" --message "$VIDEO" --up "$CAROL"
+
+step "4. alice withdraws her like of video $VIDEO2"
+ctl unlike --mid "$ALICE" --message "$VIDEO2" --up "$CAROL"
+
+step "5. counts right away: not applied yet (the job applies writes once per window)"
+ctl counts "$VIDEO" "$VIDEO2"
+
+step "6. after the job's ${WINDOW_MS} ms window: counts, states, lists, received likes"
+sleep 1.5
+ctl counts "$VIDEO" "$VIDEO2"
+ctl states --mid "$ALICE" "$VIDEO" "$VIDEO2"
+ctl states --mid "$BOB" "$VIDEO" "$VIDEO2"
+ctl list --mid "$ALICE" --all
+ctl likers --message "$VIDEO" --all
+ctl received --up "$CAROL"
+
+step "7. tenants are isolated: shop's token is refused for demo; shop has its own counts"
+ctl --token shop-token-0001 counts "$VIDEO" || true
+ctl --tenant shop --token shop-token-0001 counts "$VIDEO"
+
+step "8. refused: business 9, which tenant demo does not have"
+ctl --business 9 counts "$VIDEO" || true
+
+step "9. the service's request counter, by RPC and gRPC code"
+echo "> GET http://127.0.0.1:$SERVICE_ADMIN_PORT/metrics | grep thumbup_service_requests_total"
+metrics="$(http_get "$SERVICE_ADMIN_PORT" /metrics)" || die "could not read the service's /metrics"
+grep '^thumbup_service_requests_total' <<<"$metrics" | sort | sed 's/^/  /' || echo "  (no samples)"
+
+echo
+if [[ "${THUMBUP_DEMO_KEEP:-0}" == 1 ]]; then
+  echo "demo finished; service and job keep running until Ctrl-C. In another shell:"
+  echo "  export THUMBUP_ADDR=http://$GRPC_ADDR THUMBUP_TENANT=demo THUMBUP_TOKEN=demo-token-0001"
+  echo "  ${BIN#"$ROOT"/}/thumbupctl counts $VIDEO $VIDEO2"
+  trap 'exit 0' INT TERM
+  wait "$SERVICE_PID" "$JOB_PID"
+  die "thumbup-service or thumbup-job exited"
+fi
+echo "demo finished; to keep service and job running and try thumbupctl yourself:"
+echo "  THUMBUP_DEMO_KEEP=1 bash scripts/demo.sh"

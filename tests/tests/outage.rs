@@ -1,0 +1,152 @@
+//! Outages of the real servers: MariaDB stopped (writes buffer in the
+//! stream) and Redis stopped (writes take the synchronous DB path). These
+//! stop the shared local servers, so they run one at a time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use thumbup_core::keys::Keys;
+use thumbup_service::pb;
+use tokio::sync::Mutex;
+
+const BIZ: i64 = 1;
+
+/// Serializes the tests of this file: each stops a shared server.
+static SERVERS: Mutex<()> = Mutex::const_new(());
+
+/// Restarts the server even when the test fails half-way.
+struct Restart(&'static str);
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        stack(&["start", self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn db_down_likes_buffer_in_the_stream_and_apply_after_restart() {
+    let _one = SERVERS.lock().await;
+    let w = World::start("dbdown", &tenant_yaml("e2e-dbdown", &[BIZ], "")).await;
+    let t = w.tenant("e2e-dbdown").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    let _job = w.job("e2e-dbdown", 200);
+    let c = w.client_of("e2e-dbdown").await;
+    let before = run_load(&c, Load { clients: 8, actions: 2_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    wait_drained(&k, Duration::from_secs(60)).await;
+    // Warm the counts cache of the items.
+    let items: Vec<i64> = (1..=20).collect();
+    let counts_before = c.counts(BIZ, &items).await.unwrap();
+
+    stack(&["stop", "mariadb"]);
+    let guard = Restart("mariadb");
+    // Known users (state cached) and new users (not cached, DB unreadable).
+    let mut during = LoadOutcome::default();
+    for mid in 1..=60 {
+        for msg in [1, 2, 3] {
+            let action = if mid % 2 == 0 { pb::Action::Like } else { pb::Action::Dislike };
+            match c.act(BIZ, msg, mid, owner_of(msg), action).await {
+                Ok(r) => {
+                    during.ok += 1;
+                    during.acked.insert((mid, BIZ, msg), (r.version, r.state));
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => during.refused += 1,
+                Err(s) => panic!("Like failed while the DB is down: {s:?}"),
+            }
+        }
+    }
+    for mid in 1000..1020 {
+        let r = c.act(BIZ, 5, mid, owner_of(5), pb::Action::Like).await.expect("a new user's like succeeds while the DB is down");
+        during.acked.insert((mid, BIZ, 5), (r.version, r.state));
+    }
+    assert!(during.ok > 100, "{during:?}");
+    // Cached counts are still served.
+    assert_eq!(c.counts(BIZ, &items).await.unwrap(), counts_before, "counts served from the cache");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(undelivered(&k).await + pending(&k).await > 0, "the stream buffers while the DB is down");
+    drop(guard);
+
+    wait_drained(&k, Duration::from_secs(90)).await;
+    check_exact(&t).await;
+    let mut acked = before.acked;
+    acked.extend(during.acked);
+    check_acked_and_states(&c, &t, &acked).await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_after() {
+    let _one = SERVERS.lock().await;
+    let w = World::start("redisdown", &tenant_yaml("e2e-redisdown", &[BIZ], "")).await;
+    let t = w.tenant("e2e-redisdown").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    let mut job = w.job("e2e-redisdown", 200);
+    let c = w.client_of("e2e-redisdown").await;
+    let before = run_load(&c, Load { clients: 8, actions: 2_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    // Records whose state Redis caches: user 500 likes items 1..=3.
+    for msg in 1..=3 {
+        c.act(BIZ, msg, 500, owner_of(msg), pb::Action::Like).await.unwrap();
+    }
+    wait_drained(&k, Duration::from_secs(60)).await;
+    let items: Vec<i64> = (1..=20).collect();
+    let counts_before = c.counts(BIZ, &items).await.unwrap();
+
+    stack(&["stop", "redis"]);
+    let guard = Restart("redis");
+    // Flip user 500's states through the DB path.
+    c.act(BIZ, 1, 500, owner_of(1), pb::Action::Unlike).await.expect("unlike via the DB");
+    c.act(BIZ, 2, 500, owner_of(2), pb::Action::Dislike).await.expect("dislike via the DB");
+    let refused = c.act(BIZ, 3, 500, owner_of(3), pb::Action::Like).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "state rules hold on the DB path");
+    let during = run_load(&c, Load { clients: 4, actions: 300, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    assert!(during.ok > 50, "{during:?}");
+    let counts = c.counts(BIZ, &items).await.expect("GetCounts from the DB");
+    assert_ne!(counts, counts_before, "counts served from the DB follow the writes");
+    let states = c.states(BIZ, 500, &[1, 2, 3]).await.expect("GetStates from the DB");
+    assert_eq!(states[&1], pb::State::None as i32);
+    assert_eq!(states[&2], pb::State::Dislike as i32);
+    drop(guard);
+
+    // Once Redis is back (and the invalidations drained), the cached states
+    // of user 500 must not be the stale ones.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while thumbup_service::metrics::REDIS_DOWN.with_label_values(&[&t.name]).get() != 0 {
+        assert!(Instant::now() < deadline, "service never went back to Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let states = c.states(BIZ, 500, &[1, 2, 3]).await.unwrap();
+    assert_eq!(states[&1], pb::State::None as i32, "stale LIKE served after Redis returned");
+    assert_eq!(states[&2], pb::State::Dislike as i32);
+    let relike = c.act(BIZ, 1, 500, owner_of(1), pb::Action::Like).await.expect("re-like after the DB-path unlike");
+    assert_eq!(relike.state, pb::State::Like as i32);
+    let after = run_load(&c, Load { clients: 8, actions: 1_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+
+    wait_drained(&k, Duration::from_secs(60)).await;
+    assert!(job.log().contains("reading the stream failed"), "the job saw the outage and kept going");
+    check_exact(&t).await;
+    let served = c.counts(BIZ, &items).await.unwrap();
+    let mut con = admin_db(&t).await;
+    for (msg, (l, d)) in &served {
+        let row: Option<(i64, i64)> = sqlx::query_as("SELECT likes, dislikes FROM like_counts WHERE business_id = ? AND message_id = ?")
+            .bind(BIZ)
+            .bind(msg)
+            .fetch_optional(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(row.unwrap_or_default(), (*l, *d), "served counts of item {msg} equal the DB after Redis returned");
+    }
+    let mut acked = before.acked;
+    for o in [during.acked, after.acked] {
+        for (key, v) in o {
+            let e = acked.entry(key).or_insert(v);
+            if v.0 > e.0 {
+                *e = v;
+            }
+        }
+    }
+    acked.insert((500, BIZ, 1), (relike.version, relike.state));
+    check_acked_and_states(&c, &t, &acked).await;
+    job.terminate();
+    w.stop().await;
+}
