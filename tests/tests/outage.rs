@@ -106,6 +106,8 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     let states = c.states(BIZ, 500, &[1, 2, 3]).await.expect("GetStates from the DB");
     assert_eq!(states[&1], pb::State::None as i32);
     assert_eq!(states[&2], pb::State::Dislike as i32);
+    let degraded = thumbup_service::metrics::DEGRADED_WRITES.with_label_values(&[&t.name]).get();
+    assert!(degraded >= 3, "writes took the DB path ({degraded})");
     drop(guard);
 
     // Once Redis is back (and the invalidations drained), the cached states
