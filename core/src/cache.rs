@@ -52,13 +52,20 @@ pub fn is_unreachable(e: &RedisError) -> bool {
 /// The transition script. KEYS: state, liked list, stream shard (one hash
 /// slot). ARGV: action, mid, business, message, up_mid, state ttl, liked list
 /// max, seed (`"<state>:<version>"` from the DB, `"U"` when the DB could not
-/// be read, or empty when not loaded).
+/// be read, or empty when not loaded), deadline (Unix ms).
+///
+/// A script that starts after its deadline does nothing and replies
+/// `{"EXPIRED"}`: a call the client already gave up on (and may have retried
+/// on the DB path) cannot take effect later, for example after a stall.
 ///
 /// Replies `{"SEED"}` when the state is not cached and no seed was given,
 /// `{"REFUSED", state}` for a transition the table forbids, or
 /// `{"OK", new, version, mtime_ms, prev}` after it set the state, updated the
 /// liked list and appended the event, all in one atomic step.
 const TRANSITION_LUA: &str = r#"
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ms > tonumber(ARGV[9]) then return {'EXPIRED'} end
 local cur = redis.call('GET', KEYS[1])
 if not cur then
   if ARGV[8] == '' then return {'SEED'} end
@@ -83,8 +90,6 @@ elseif (a == 2 and st == 1) or (a == 4 and st == 2) then new = 0
 else
   return {'REFUSED', tostring(st)}
 end
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local v = (ms - EPOCH) * 4096
 if v <= ver then v = ver + 1 end
 local vs = string.format('%.0f', v)
@@ -121,6 +126,8 @@ pub enum Transition {
     NeedSeed,
     /// The table forbids the action in the current state.
     Refused(State),
+    /// The script started after the call's deadline and did nothing.
+    Expired,
     /// Applied and appended to the stream.
     Applied {
         /// The state before.
@@ -177,6 +184,8 @@ pub struct TransitionArgs {
     pub action: Action,
     /// What to assume when the state is not cached.
     pub seed: Seed,
+    /// Unix ms after which the script must not take effect.
+    pub deadline_ms: i64,
 }
 
 impl Scripts {
@@ -206,6 +215,7 @@ impl Scripts {
             .arg(tenant.cache.state_ttl_secs)
             .arg(tenant.cache.liked_list_max)
             .arg(seed)
+            .arg(a.deadline_ms)
             .invoke_async(con)
             .await?;
         let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "transition script reply"));
@@ -213,6 +223,7 @@ impl Scripts {
         let state = |i: usize| int(i).and_then(|c| State::from_code(c).ok_or_else(bad));
         match reply.first().map(String::as_str) {
             Some("SEED") => Ok(Transition::NeedSeed),
+            Some("EXPIRED") => Ok(Transition::Expired),
             Some("REFUSED") => Ok(Transition::Refused(state(1)?)),
             Some("OK") => {
                 Ok(Transition::Applied { state: state(1)?, version: int(2)?, mtime_ms: int(3)?, prev: state(4)? })

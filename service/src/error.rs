@@ -68,6 +68,7 @@ impl Error {
             Error::Forbidden(_) => Code::FailedPrecondition,
             Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Db { .. } | Error::DbDown(_) => Code::Unavailable,
+            Error::Redis { source, .. } if thumbup_core::cache::is_unreachable(source) => Code::Unavailable,
             Error::Redis { .. } => Code::Internal,
         }
     }

@@ -79,6 +79,10 @@ pub struct Tenant {
     pub clock: VersionClock,
     limiter: Limiter,
     redis_up: AtomicBool,
+    /// Held shared by every DB-path write for its whole transaction, and
+    /// exclusively by the health loop while it drains the invalidations and
+    /// brings Redis back: no invalidation can be queued after that drain.
+    pub fallback_gate: tokio::sync::RwLock<()>,
     /// Until when (ms since `born`) the DB counts as down after a connection
     /// failure, so that requests fail fast instead of each waiting out the
     /// pool's acquire timeout.
@@ -98,6 +102,7 @@ impl Tenant {
             limiter: Limiter::new(&cfg),
             clock: VersionClock::default(),
             redis_up: AtomicBool::new(false),
+            fallback_gate: tokio::sync::RwLock::new(()),
             db_down_until: AtomicU64::new(0),
             born: Instant::now(),
             cfg,
@@ -205,6 +210,7 @@ impl Tenant {
             }
             return;
         }
+        let _gate = self.fallback_gate.write().await;
         match self.drain_invalidations().await {
             Ok(n) => {
                 self.redis_up.store(true, Ordering::Release);
@@ -263,6 +269,11 @@ impl Registry {
         });
         reg.install(config).await?;
         Ok(reg)
+    }
+
+    /// How long a Redis command may take before Redis counts as down.
+    pub fn redis_timeout(&self) -> Duration {
+        self.redis_timeout
     }
 
     /// The shared Redis scripts.

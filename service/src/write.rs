@@ -4,6 +4,7 @@
 use thumbup_core::cache::{self, Seed, Transition, TransitionArgs};
 use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
+use thumbup_core::version::now_ms;
 use tracing::{debug, instrument};
 
 use crate::error::Error;
@@ -51,6 +52,12 @@ pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error
             other => return other,
         }
     }
+    let gate = t.fallback_gate.read().await;
+    if t.redis_up() {
+        // Redis came back while this request waited for the gate.
+        drop(gate);
+        return via_redis(reg, t, w).await;
+    }
     via_db(t, w).await
 }
 
@@ -63,10 +70,21 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Erro
         up_mid: w.up_mid,
         action: w.action,
         seed: Seed::NotLoaded,
+        deadline_ms: 0,
     };
     let redis_err = |source| Error::Redis { tenant: t.name().to_string(), source };
     loop {
+        // Half the client-side timeout: a script that Redis starts later
+        // than this (a stall) must not act, as its caller may have given up.
+        args.deadline_ms = now_ms() + (reg.redis_timeout().as_millis() / 2) as i64;
         match reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await.map_err(redis_err)? {
+            Transition::Expired => {
+                let stalled = redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "transition script started after its deadline (Redis stalled)",
+                ));
+                return Err(redis_err(stalled));
+            }
             Transition::NeedSeed if args.seed == Seed::NotLoaded => {
                 let loaded = match t.db_available() {
                     true => db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await.inspect_err(|e| t.db_failed(e)),

@@ -35,8 +35,9 @@ async fn counts_are_exact_under_concurrent_load_with_double_clicks() {
     let served = c.counts(BIZ, &items).await.unwrap();
     let total: i64 = served.values().map(|v| v.0).sum();
     assert_eq!(total, seen.likes, "GetCounts sums to the liked records");
+    let degraded = thumbup_service::metrics::DEGRADED_WRITES.with_label_values(&["e2e-load"]).get();
     println!(
-        "load: sent {} ok {} refused {}; {} items, {} owners, {} cached counts checked",
+        "load: sent {} ok {} refused {} (degraded to the DB path: {degraded}); {} items, {} owners, {} cached counts checked",
         out.sent, out.ok, out.refused, seen.items, seen.owners, seen.cached_counts
     );
     w.stop().await;
@@ -296,5 +297,63 @@ async fn an_added_tenant_is_served_without_restart() {
     std::fs::write(&w.config_path, "tenants: [ {").unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert!(added.counts(BIZ, &[1]).await.is_ok(), "a broken config does not drop tenants");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transition_script_matches_the_state_table() {
+    use thumbup_core::cache::{Scripts, Seed, Transition, TransitionArgs, connect};
+    use thumbup_core::domain::{Action, State, transition};
+    let w = World::start("lua", &tenant_yaml("e2e-lua", &[BIZ], "")).await;
+    let t = w.tenant("e2e-lua");
+    let k = keys(&w, "e2e-lua");
+    let mut con = connect(&t.redis, Duration::from_secs(2)).await.unwrap();
+    let scripts = Scripts::default();
+    let mut msg = 0;
+    for from in [State::None, State::Like, State::Dislike] {
+        for action in [Action::Like, Action::Unlike, Action::Dislike, Action::Undislike] {
+            msg += 1;
+            let deadline_ms = thumbup_core::version::now_ms() + 60_000;
+            let args = |seed| TransitionArgs { mid: 5, business_id: BIZ, message_id: msg, up_mid: 9, action, seed, deadline_ms };
+            assert_eq!(scripts.transition(&mut con, &k, t, args(Seed::NotLoaded)).await.unwrap(), Transition::NeedSeed);
+            let got = scripts.transition(&mut con, &k, t, args(Seed::Loaded(from, 1000))).await.unwrap();
+            match (transition(from, action), got) {
+                (Ok(to), Transition::Applied { prev, state, version, .. }) => {
+                    assert_eq!((prev, state), (from, to), "{from} {action}");
+                    assert!(version > 1000, "version grows past the seed's");
+                    // The state is cached: the next call needs no seed and
+                    // the same action again follows the table from `to`.
+                    let again = scripts.transition(&mut con, &k, t, args(Seed::NotLoaded)).await.unwrap();
+                    match transition(to, action) {
+                        Ok(_) => assert!(matches!(again, Transition::Applied { version: v, .. } if v > version)),
+                        Err(_) => assert_eq!(again, Transition::Refused(to)),
+                    }
+                }
+                (Err(_), Transition::Refused(s)) => assert_eq!(s, from, "{from} {action}"),
+                (want, got) => panic!("{from} {action}: table says {want:?}, script did {got:?}"),
+            }
+        }
+    }
+    // Unverified: the action alone decides.
+    for (action, want) in [(Action::Like, State::Like), (Action::Unlike, State::None), (Action::Dislike, State::Dislike)] {
+        msg += 1;
+        let deadline_ms = thumbup_core::version::now_ms() + 60_000;
+        let a = TransitionArgs { mid: 5, business_id: BIZ, message_id: msg, up_mid: 9, action, seed: Seed::Unverified, deadline_ms };
+        assert!(matches!(scripts.transition(&mut con, &k, t, a).await.unwrap(), Transition::Applied { state, .. } if state == want));
+    }
+    // Past its deadline the script does nothing.
+    msg += 1;
+    let before = redis_snapshot("e2e-lua").await;
+    let late = TransitionArgs {
+        mid: 5,
+        business_id: BIZ,
+        message_id: msg,
+        up_mid: 9,
+        action: Action::Like,
+        seed: Seed::Loaded(State::None, 0),
+        deadline_ms: thumbup_core::version::now_ms() - 1,
+    };
+    assert_eq!(scripts.transition(&mut con, &k, t, late).await.unwrap(), Transition::Expired);
+    assert_eq!(redis_snapshot("e2e-lua").await, before, "an expired script changes nothing");
     w.stop().await;
 }

@@ -152,3 +152,36 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     job.terminate();
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stall_mid_load_takes_the_db_path_without_ghost_writes_or_stale_cache() {
+    let _one = SERVERS.lock().await;
+    let w = World::start("stall", &tenant_yaml("e2e-stall", &[BIZ], "")).await;
+    let t = w.tenant("e2e-stall").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    let _job = w.job("e2e-stall", 200);
+    let c = w.client_of("e2e-stall").await;
+    let load = Load { clients: 16, actions: 6_000, users: 40, items: 10, business: BIZ, double_clicks: 0.1 };
+    let loader = tokio::spawn({
+        let c = c.clone();
+        async move { run_load(&c, load).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Every command waits 2.5 s: longer than the service's 1 s Redis timeout,
+    // so in-flight scripts time out and run (or not) after the stall.
+    let mut admin = admin_redis().await;
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(2_500).arg("ALL").query_async(&mut admin).await.unwrap();
+    let out = loader.await.unwrap();
+    let degraded = thumbup_service::metrics::DEGRADED_WRITES.with_label_values(&[&t.name]).get();
+    assert!(degraded > 0, "the stall sent writes to the DB path");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while thumbup_service::metrics::REDIS_DOWN.with_label_values(&[&t.name]).get() != 0 {
+        assert!(Instant::now() < deadline, "service never went back to Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_drained(&k, Duration::from_secs(60)).await;
+    check_exact(&t).await;
+    check_acked_and_states(&c, &t, &out.acked).await;
+    println!("stall: sent {} ok {} refused {}, {degraded} on the DB path", out.sent, out.ok, out.refused);
+    w.stop().await;
+}

@@ -396,9 +396,10 @@ fn page_end(total: usize, next: &str) {
 /// flags.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let creds = Credentials::new(cli.tenant.as_deref(), cli.token.as_deref())?;
+    // Plain HTTP/2 only: the client is built without TLS support.
     anyhow::ensure!(
-        cli.addr.starts_with("http://") || cli.addr.starts_with("https://"),
-        "--addr {:?} must start with http:// or https:// (e.g. http://127.0.0.1:50051)",
+        cli.addr.starts_with("http://"),
+        "--addr {:?} must start with http:// (e.g. http://127.0.0.1:50051)",
         cli.addr
     );
     let channel = Endpoint::from_shared(cli.addr.clone())

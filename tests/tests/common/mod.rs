@@ -120,7 +120,7 @@ impl World {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let opts = thumbup_service::Options { config: config_path.clone(), redis_timeout: Duration::from_millis(300) };
+        let opts = thumbup_service::Options { config: config_path.clone(), redis_timeout: Duration::from_millis(1000) };
         let server = tokio::spawn(thumbup_service::run(opts, listener, async {
             let _ = rx.await;
         }));
