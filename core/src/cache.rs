@@ -282,9 +282,7 @@ pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Op
 
 /// Converts a stream entry's field map to strings.
 pub fn entry_fields(map: &HashMap<String, redis::Value>) -> HashMap<String, String> {
-    map.iter()
-        .filter_map(|(k, v)| redis::from_redis_value_ref::<String>(v).ok().map(|s| (k.clone(), s)))
-        .collect()
+    map.iter().filter_map(|(k, v)| redis::from_redis_value_ref::<String>(v).ok().map(|s| (k.clone(), s))).collect()
 }
 
 /// Deletes keys (used when invalidating after the DB path ran).

@@ -79,9 +79,8 @@ pub async fn load_states(
 ) -> Result<HashMap<i64, Record>, sqlx::Error> {
     let mut out = HashMap::new();
     for chunk in messages.chunks(CHUNK) {
-        let mut q = QueryBuilder::<MySql>::new(
-            "SELECT message_id, state, version, up_mid FROM like_records WHERE mid = ",
-        );
+        let mut q =
+            QueryBuilder::<MySql>::new("SELECT message_id, state, version, up_mid FROM like_records WHERE mid = ");
         q.push_bind(mid).push(" AND business_id = ").push_bind(business).push(" AND message_id IN (");
         let mut sep = q.separated(", ");
         for m in chunk {
@@ -89,7 +88,11 @@ pub async fn load_states(
         }
         q.push(")");
         for row in q.build().fetch_all(pool).await? {
-            let rec = Record { state: state_of(&row, "state")?, version: row.try_get("version")?, up_mid: row.try_get("up_mid")? };
+            let rec = Record {
+                state: state_of(&row, "state")?,
+                version: row.try_get("version")?,
+                up_mid: row.try_get("up_mid")?,
+            };
             out.insert(row.try_get("message_id")?, rec);
         }
     }
@@ -97,7 +100,11 @@ pub async fn load_states(
 }
 
 /// Counts of several items of a business; items never counted are absent.
-pub async fn load_counts(pool: &MySqlPool, business: i64, messages: &[i64]) -> Result<HashMap<i64, Counts>, sqlx::Error> {
+pub async fn load_counts(
+    pool: &MySqlPool,
+    business: i64,
+    messages: &[i64],
+) -> Result<HashMap<i64, Counts>, sqlx::Error> {
     let mut out = HashMap::new();
     for chunk in messages.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
@@ -110,7 +117,11 @@ pub async fn load_counts(pool: &MySqlPool, business: i64, messages: &[i64]) -> R
         }
         q.push(")");
         for row in q.build().fetch_all(pool).await? {
-            let c = Counts { likes: row.try_get("likes")?, dislikes: row.try_get("dislikes")?, version: row.try_get("version")? };
+            let c = Counts {
+                likes: row.try_get("likes")?,
+                dislikes: row.try_get("dislikes")?,
+                version: row.try_get("version")?,
+            };
             out.insert(row.try_get("message_id")?, c);
         }
     }
@@ -143,7 +154,11 @@ pub async fn load_received_many(
         );
         let mut sep = q.separated(", ");
         for (biz, up) in chunk {
-            sep.push("(").push_bind_unseparated(*biz).push_unseparated(", ").push_bind_unseparated(*up).push_unseparated(")");
+            sep.push("(")
+                .push_bind_unseparated(*biz)
+                .push_unseparated(", ")
+                .push_bind_unseparated(*up)
+                .push_unseparated(")");
         }
         q.push(")");
         for row in q.build().fetch_all(pool).await? {
@@ -292,7 +307,11 @@ async fn lock_records(
             let key = (row.try_get("mid")?, row.try_get("business_id")?, row.try_get("message_id")?);
             out.insert(
                 key,
-                Record { state: state_of(&row, "state")?, version: row.try_get("version")?, up_mid: row.try_get("up_mid")? },
+                Record {
+                    state: state_of(&row, "state")?,
+                    version: row.try_get("version")?,
+                    up_mid: row.try_get("up_mid")?,
+                },
             );
         }
     }
@@ -433,7 +452,9 @@ pub async fn fallback_transition(
         .await?;
     tx.commit().await?;
     let counts = match row {
-        Some(r) => Counts { likes: r.try_get("likes")?, dislikes: r.try_get("dislikes")?, version: r.try_get("version")? },
+        Some(r) => {
+            Counts { likes: r.try_get("likes")?, dislikes: r.try_get("dislikes")?, version: r.try_get("version")? }
+        }
         None => Counts::default(),
     };
     Ok(FallbackOutcome { prev: cur.state, state, version: event.version, counts })
@@ -444,14 +465,21 @@ pub type Invalidation = (i64, i64, i64, i64, i64);
 
 /// The oldest queued invalidations.
 pub async fn pending_invalidations(pool: &MySqlPool, limit: u32) -> Result<Vec<Invalidation>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT id, mid, business_id, message_id, up_mid FROM cache_invalidations ORDER BY id LIMIT ?",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    let rows =
+        sqlx::query("SELECT id, mid, business_id, message_id, up_mid FROM cache_invalidations ORDER BY id LIMIT ?")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
     rows.iter()
-        .map(|r| Ok((r.try_get("id")?, r.try_get("mid")?, r.try_get("business_id")?, r.try_get("message_id")?, r.try_get("up_mid")?)))
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                r.try_get("mid")?,
+                r.try_get("business_id")?,
+                r.try_get("message_id")?,
+                r.try_get("up_mid")?,
+            ))
+        })
         .collect()
 }
 

@@ -12,7 +12,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -43,6 +44,8 @@ pub struct Options {
     pub consumer: String,
     /// Entries pending this long on another consumer are claimed.
     pub claim_idle: Duration,
+    /// Set once the consumer groups exist and the job consumes (`/readyz`).
+    pub ready: Arc<AtomicBool>,
 }
 
 static BATCH: LazyLock<Histogram> = LazyLock::new(|| {
@@ -66,8 +69,12 @@ static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    register_int_gauge_vec!("thumbup_job_stream_lag_events", "entries not yet delivered to the group", &["tenant", "shard"])
-        .expect("metric registers once")
+    register_int_gauge_vec!(
+        "thumbup_job_stream_lag_events",
+        "entries not yet delivered to the group",
+        &["tenant", "shard"]
+    )
+    .expect("metric registers once")
 });
 
 /// Downstream entries kept (approximately).
@@ -130,7 +137,14 @@ impl Job {
         Ok(())
     }
 
-    fn decode(&self, shard: u32, id: String, map: &HashMap<String, redis::Value>, out: &mut Vec<Entry>, bad: &mut Vec<(u32, String)>) {
+    fn decode(
+        &self,
+        shard: u32,
+        id: String,
+        map: &HashMap<String, redis::Value>,
+        out: &mut Vec<Entry>,
+        bad: &mut Vec<(u32, String)>,
+    ) {
         match LikeEvent::decode(&cache::entry_fields(map)) {
             Ok(event) => out.push(Entry { shard, id, event }),
             Err(e) => {
@@ -142,7 +156,12 @@ impl Job {
 
     /// Reads from every shard starting at `from` (`">"` for new entries,
     /// an id for this consumer's pending ones). Returns entries read.
-    async fn read(&self, from: &str, out: &mut Vec<Entry>, bad: &mut Vec<(u32, String)>) -> Result<usize, redis::RedisError> {
+    async fn read(
+        &self,
+        from: &str,
+        out: &mut Vec<Entry>,
+        bad: &mut Vec<(u32, String)>,
+    ) -> Result<usize, redis::RedisError> {
         let mut con = self.redis.clone();
         let mut n = 0;
         for shard in 0..self.keys.shards() {
@@ -273,13 +292,17 @@ impl Job {
             let found = db::load_counts(&self.db, biz, &msgs).await?;
             for msg in msgs {
                 let c = found.get(&msg).copied().unwrap_or_default();
-                self.scripts.set_if_newer(&mut con, &self.keys.counts(biz, msg), (c.likes, c.dislikes), c.version, ttl).await?;
+                self.scripts
+                    .set_if_newer(&mut con, &self.keys.counts(biz, msg), (c.likes, c.dislikes), c.version, ttl)
+                    .await?;
             }
         }
         let found = db::load_received_many(&self.db, &applied.owners).await?;
         for owner in &applied.owners {
             let c = found.get(owner).copied().unwrap_or_default();
-            self.scripts.set_if_newer(&mut con, &self.keys.received(owner.0, owner.1), (c.likes, 0), c.version, ttl).await?;
+            self.scripts
+                .set_if_newer(&mut con, &self.keys.received(owner.0, owner.1), (c.likes, 0), c.version, ttl)
+                .await?;
         }
         Ok(())
     }
@@ -336,13 +359,16 @@ impl Job {
             if let Some(lag) = int("lag") {
                 LAG.with_label_values(&[&self.tenant.name, &shard.to_string()]).set(lag);
             }
-            let delivered_ms = text("last-delivered-id").and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(0);
+            let delivered_ms =
+                text("last-delivered-id").and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(0);
             let pending: (i64, Option<String>, Option<String>, redis::Value) =
                 redis::cmd("XPENDING").arg(&key).arg(JOB_GROUP).query_async(&mut con).await?;
-            let oldest_pending_ms = pending.1.and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(i64::MAX);
+            let oldest_pending_ms =
+                pending.1.and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(i64::MAX);
             let min_ms = keep_from.min(delivered_ms).min(oldest_pending_ms);
             if min_ms > 0 {
-                let _: i64 = redis::cmd("XTRIM").arg(&key).arg("MINID").arg("~").arg(min_ms).query_async(&mut con).await?;
+                let _: i64 =
+                    redis::cmd("XTRIM").arg(&key).arg("MINID").arg("~").arg(min_ms).query_async(&mut con).await?;
             }
         }
         Ok(())
@@ -360,6 +386,7 @@ impl Job {
             }
             attempt += 1;
         }
+        self.opts.ready.store(true, Ordering::Relaxed);
         info!(tenant = %self.tenant.name, consumer = %self.opts.consumer, shards = self.keys.shards(), window = ?self.opts.window, "job running");
         let mut own_pending = true;
         let mut last_claim = Instant::now();
@@ -415,6 +442,7 @@ impl Job {
                 last_maintain = Instant::now();
             }
         }
+        self.opts.ready.store(false, Ordering::Relaxed);
         info!(tenant = %self.tenant.name, "job stopped after flushing its window");
         Ok(())
     }

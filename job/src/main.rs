@@ -45,19 +45,20 @@ async fn main() -> anyhow::Result<()> {
     admin::init_tracing();
     let cli = Cli::parse();
     let config = Config::load(&cli.config)?;
-    let tenant = config.tenant(&cli.tenant).with_context(|| format!("tenant {} is not in {}", cli.tenant, cli.config.display()))?.clone();
-    let consumer = cli
-        .consumer
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "thumbup-job".to_string());
+    let tenant = config
+        .tenant(&cli.tenant)
+        .with_context(|| format!("tenant {} is not in {}", cli.tenant, cli.config.display()))?
+        .clone();
+    let consumer = cli.consumer.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "thumbup-job".to_string());
+    let ready = Arc::new(AtomicBool::new(false));
     let opts = thumbup_job::Options {
         window: Duration::from_millis(cli.window_ms),
         max_batch: cli.max_batch,
         read_count: cli.read_count,
         consumer,
         claim_idle: Duration::from_millis(cli.claim_idle_ms),
+        ready: ready.clone(),
     };
-    let ready = Arc::new(AtomicBool::new(true));
     let (admin_addr, admin_srv) = admin::bind(cli.admin_listen, ready, std::future::pending()).await?;
     tracing::info!(%admin_addr, "admin endpoint");
     let admin_task = tokio::spawn(admin_srv);

@@ -97,7 +97,7 @@ pub fn decode_token(token: &str) -> Result<Option<ListEntry>, Error> {
         return Ok(None);
     }
     let bad = || invalid("page_token is not a token this service issued");
-    if token.len() % 2 != 0 || token.len() > 128 {
+    if !token.len().is_multiple_of(2) || token.len() > 128 {
         return Err(bad());
     }
     let bytes: Option<Vec<u8>> =
@@ -148,7 +148,9 @@ impl Thumbup for Api {
                 Ok(pb::Action::Unlike) => Action::Unlike,
                 Ok(pb::Action::Dislike) => Action::Dislike,
                 Ok(pb::Action::Undislike) => Action::Undislike,
-                _ => return Err(invalid(format!("action must be LIKE, UNLIKE, DISLIKE or UNDISLIKE, got {}", r.action))),
+                _ => {
+                    return Err(invalid(format!("action must be LIKE, UNLIKE, DISLIKE or UNDISLIKE, got {}", r.action)));
+                }
             };
             let w = write::Write {
                 business_id: business(&t, r.business_id)?,
@@ -204,7 +206,8 @@ impl Thumbup for Api {
             let size = page_size(r.page_size)?;
             let after = decode_token(&r.page_token)?;
             let (items, more) = read::user_likes(&t, mid, biz, after, size).await?;
-            let next_page_token = if more { items.last().map(|e| encode_token(*e)).unwrap_or_default() } else { String::new() };
+            let next_page_token =
+                if more { items.last().map(|e| encode_token(*e)).unwrap_or_default() } else { String::new() };
             let items = items.into_iter().map(|(ms, m)| pb::LikedItem { message_id: m, liked_at_ms: ms }).collect();
             Ok(pb::ListUserLikesReply { items, next_page_token })
         })
@@ -223,7 +226,8 @@ impl Thumbup for Api {
             let size = page_size(r.page_size)?;
             let after = decode_token(&r.page_token)?;
             let (rows, more) = read::item_likers(&t, biz, msg, after, size).await?;
-            let next_page_token = if more { rows.last().map(|e| encode_token(*e)).unwrap_or_default() } else { String::new() };
+            let next_page_token =
+                if more { rows.last().map(|e| encode_token(*e)).unwrap_or_default() } else { String::new() };
             let likers = rows.into_iter().map(|(ms, mid)| pb::Liker { mid, liked_at_ms: ms }).collect();
             Ok(pb::ListItemLikersReply { likers, next_page_token })
         })

@@ -26,6 +26,8 @@ pub mod pb {
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use thumbup_core::config::Config;
@@ -40,11 +42,18 @@ pub struct Options {
     pub config: PathBuf,
     /// How long a Redis command may take before Redis counts as down.
     pub redis_timeout: Duration,
+    /// Set once the tenants are loaded and the server accepts requests,
+    /// cleared at shutdown (served as `/readyz`).
+    pub ready: Option<Arc<AtomicBool>>,
 }
 
 /// Serves the gRPC API (with health and reflection) on `listener` until
 /// `shutdown` resolves, then finishes in-flight requests.
-pub async fn run(opts: Options, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    opts: Options,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let config = Config::load(&opts.config)?;
     let reg = tenants::Registry::new(config, Some(opts.config.clone()), opts.redis_timeout)
         .await
@@ -56,6 +65,17 @@ pub async fn run(opts: Options, listener: TcpListener, shutdown: impl Future<Out
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     info!(addr = %listener.local_addr()?, "serving thumbup.v1.Thumbup");
+    let ready = opts.ready.clone();
+    let set_ready = |v: bool| {
+        if let Some(r) = &ready {
+            r.store(v, Ordering::Relaxed);
+        }
+    };
+    set_ready(true);
+    let shutdown = async {
+        shutdown.await;
+        set_ready(false);
+    };
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .add_service(health_svc)

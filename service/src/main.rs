@@ -60,7 +60,10 @@ enum Command {
     },
 }
 
-fn selected<'a>(config: &'a Config, only: &Option<String>) -> anyhow::Result<Vec<&'a thumbup_core::config::TenantConfig>> {
+fn selected<'a>(
+    config: &'a Config,
+    only: &Option<String>,
+) -> anyhow::Result<Vec<&'a thumbup_core::config::TenantConfig>> {
     match only {
         Some(name) => Ok(vec![config.tenant(name).with_context(|| format!("tenant {name} is not in the config"))?]),
         None => Ok(config.tenants.iter().collect()),
@@ -74,15 +77,16 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let ready = Arc::new(AtomicBool::new(false));
-            let (admin_addr, admin_srv) = admin::bind(cli.serve.admin_listen, ready.clone(), admin::shutdown_signal()).await?;
+            let (admin_addr, admin_srv) =
+                admin::bind(cli.serve.admin_listen, ready.clone(), admin::shutdown_signal()).await?;
             tracing::info!(%admin_addr, "admin endpoint");
             let admin_task = tokio::spawn(admin_srv);
             let listener = tokio::net::TcpListener::bind(cli.serve.listen).await?;
             let opts = thumbup_service::Options {
                 config: cli.config,
                 redis_timeout: Duration::from_millis(cli.serve.redis_timeout_ms),
+                ready: Some(ready),
             };
-            ready.store(true, std::sync::atomic::Ordering::Relaxed);
             thumbup_service::run(opts, listener, admin::shutdown_signal()).await?;
             admin_task.abort();
         }
@@ -99,7 +103,14 @@ async fn main() -> anyhow::Result<()> {
             for t in selected(&config, &tenant)? {
                 provision::provision_db(&admin_db_url, t).await?;
                 provision::provision_redis(&admin_redis_url, t).await?;
-                println!("tenant {}: DB user {} on {}, Redis ACL user {} on {}", t.name, t.db.username, t.schema(), t.redis.username, t.name);
+                println!(
+                    "tenant {}: DB user {} on {}, Redis ACL user {} on {}",
+                    t.name,
+                    t.db.username,
+                    t.schema(),
+                    t.redis.username,
+                    t.name
+                );
             }
         }
     }

@@ -4,14 +4,17 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    HistogramVec, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter_vec,
-    register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
 };
 
 /// Requests by RPC and gRPC code.
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("thumbup_service_requests_total", "gRPC requests by RPC and status code", &["rpc", "code"])
-        .expect("metric registers once")
+    register_int_counter_vec!(
+        "thumbup_service_requests_total",
+        "gRPC requests by RPC and status code",
+        &["rpc", "code"]
+    )
+    .expect("metric registers once")
 });
 
 /// Request latency by RPC.
@@ -27,8 +30,12 @@ pub static LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
 
 /// Cache lookups by cache and result (hit, miss).
 pub static CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("thumbup_service_cache_lookups_total", "cache lookups by cache and result", &["cache", "result"])
-        .expect("metric registers once")
+    register_int_counter_vec!(
+        "thumbup_service_cache_lookups_total",
+        "cache lookups by cache and result",
+        &["cache", "result"]
+    )
+    .expect("metric registers once")
 });
 
 /// Writes that took the synchronous DB path because Redis was unreachable.

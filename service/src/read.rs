@@ -90,7 +90,12 @@ type Flight = watch::Receiver<Option<Result<Counts, String>>>;
 static FLIGHTS: LazyLock<Mutex<HashMap<String, Flight>>> = LazyLock::new(Default::default);
 
 /// Counts of items.
-pub async fn counts(reg: &Registry, t: &Tenant, business: i64, messages: &[i64]) -> Result<HashMap<i64, Counts>, Error> {
+pub async fn counts(
+    reg: &Registry,
+    t: &Tenant,
+    business: i64,
+    messages: &[i64],
+) -> Result<HashMap<i64, Counts>, Error> {
     let keys: Vec<String> = messages.iter().map(|m| t.keys.counts(business, *m)).collect();
     let mut con = t.redis.clone();
     let Some(values) = try_redis(t, cache::mget(&mut con, &keys)).await? else {
@@ -153,7 +158,10 @@ pub async fn counts(reg: &Registry, t: &Tenant, business: i64, messages: &[i64])
         for (m, key, _) in &lead {
             let c = found.get(m).copied().unwrap_or_default();
             // A failed fill only costs a later miss.
-            let _ = reg.scripts().set_if_newer(&mut con, key, (c.likes, c.dislikes), c.version, t.cfg.cache.counts_ttl_secs).await;
+            let _ = reg
+                .scripts()
+                .set_if_newer(&mut con, key, (c.likes, c.dislikes), c.version, t.cfg.cache.counts_ttl_secs)
+                .await;
             out.insert(*m, c);
         }
     }
@@ -163,7 +171,12 @@ pub async fn counts(reg: &Registry, t: &Tenant, business: i64, messages: &[i64])
             Some(Ok(c)) => c,
             Some(Err(e)) => return Err(Error::Db { tenant: t.name().to_string(), source: sqlx::Error::Protocol(e) }),
             // The leader was cancelled: load it ourselves.
-            None => db::load_counts(&t.db, business, &[m]).await.map_err(|e| db_err(t, e))?.get(&m).copied().unwrap_or_default(),
+            None => db::load_counts(&t.db, business, &[m])
+                .await
+                .map_err(|e| db_err(t, e))?
+                .get(&m)
+                .copied()
+                .unwrap_or_default(),
         };
         out.insert(m, c);
     }
@@ -248,7 +261,11 @@ pub async fn user_likes(
             for (i, e) in from_db.into_iter().enumerate() {
                 let stale = in_list.get(i).is_some_and(Option::is_some)
                     || listed.contains(&e.1)
-                    || states.get(i).and_then(|s| s.as_deref()).and_then(cache::parse_state).is_some_and(|(s, _)| s != State::Like);
+                    || states
+                        .get(i)
+                        .and_then(|s| s.as_deref())
+                        .and_then(cache::parse_state)
+                        .is_some_and(|(s, _)| s != State::Like);
                 if !stale {
                     v.push(e);
                 }

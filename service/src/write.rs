@@ -87,11 +87,15 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Erro
             }
             Transition::NeedSeed if args.seed == Seed::NotLoaded => {
                 let loaded = match t.db_available() {
-                    true => db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await.inspect_err(|e| t.db_failed(e)),
+                    true => db::load_states(&t.db, w.mid, w.business_id, &[w.message_id])
+                        .await
+                        .inspect_err(|e| t.db_failed(e)),
                     false => Err(sqlx::Error::PoolTimedOut),
                 };
                 args.seed = match loaded {
-                    Ok(found) => found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version)),
+                    Ok(found) => {
+                        found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version))
+                    }
                     Err(e) => {
                         debug!(tenant = %t.name(), error = %e, "state not cached and DB unreadable: accepting unverified");
                         metrics::UNVERIFIED_WRITES.with_label_values(&[t.name()]).inc();
@@ -100,7 +104,9 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Erro
                 };
             }
             Transition::NeedSeed => unreachable!("the script never asks for a seed it was given"),
-            Transition::Refused(state) => return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into()),
+            Transition::Refused(state) => {
+                return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into());
+            }
             Transition::Applied { prev, state, version, .. } => {
                 // The counts as applied so far plus this write: the job applies
                 // it within one window.

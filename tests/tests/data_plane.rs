@@ -121,7 +121,8 @@ async fn bad_requests_get_their_status_and_change_nothing() {
     let no_token = w.client("e2e-bad", "").await;
     let wrong_token = w.client("e2e-bad", "tok-e2e-bad2-0001").await;
     let unknown = w.client("nobody", "tok-e2e-bad-0001").await;
-    let like = |biz, msg, mid, up, action| pb::LikeRequest { business_id: biz, message_id: msg, mid, up_mid: up, action };
+    let like =
+        |biz, msg, mid, up, action| pb::LikeRequest { business_id: biz, message_id: msg, mid, up_mid: up, action };
     let l = pb::Action::Like as i32;
     type Case = (&'static str, Code, Result<(), tonic::Status>);
     let mut cases: Vec<Case> = Vec::new();
@@ -144,22 +145,43 @@ async fn bad_requests_get_their_status_and_change_nothing() {
     let unlike = pb::Action::Unlike as i32;
     cases.push(lk("unlike a disliked item", Code::FailedPrecondition, &c, like(BIZ, 2, 1, 9, unlike)).await);
     cases.push(lk("unlike never liked", Code::FailedPrecondition, &c, like(BIZ, 4, 2, 9, unlike)).await);
-    cases.push(lk("undislike a liked item", Code::FailedPrecondition, &c, like(BIZ, 1, 1, 9, pb::Action::Undislike as i32)).await);
+    cases.push(
+        lk("undislike a liked item", Code::FailedPrecondition, &c, like(BIZ, 1, 1, 9, pb::Action::Undislike as i32))
+            .await,
+    );
     let wrap = |name, code, r: Result<(), tonic::Status>| (name, code, r);
     cases.push(wrap("empty batch", Code::InvalidArgument, c.states(BIZ, 1, &[]).await.map(|_| ())));
     let many: Vec<i64> = (1..=101).collect();
     cases.push(wrap("batch over 100", Code::InvalidArgument, c.counts(BIZ, &many).await.map(|_| ())));
     cases.push(wrap("zero id in batch", Code::InvalidArgument, c.counts(BIZ, &[1, 0]).await.map(|_| ())));
-    let list = |size, token: &str| pb::ListUserLikesRequest { business_id: BIZ, mid: 1, page_size: size, page_token: token.into() };
+    let list = |size, token: &str| pb::ListUserLikesRequest {
+        business_id: BIZ,
+        mid: 1,
+        page_size: size,
+        page_token: token.into(),
+    };
     for (name, size, token) in
         [("page_size 0", 0, ""), ("page_size over 100", 101, ""), ("garbage page_token", 10, "not-a-token")]
     {
-        cases.push(wrap(name, Code::InvalidArgument, c.inner.clone().list_user_likes(c.req(list(size, token))).await.map(|_| ())));
+        cases.push(wrap(
+            name,
+            Code::InvalidArgument,
+            c.inner.clone().list_user_likes(c.req(list(size, token))).await.map(|_| ()),
+        ));
     }
-    let likers = pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 10, page_token: "7a7a".into() };
-    cases.push(wrap("garbage likers token", Code::InvalidArgument, c.inner.clone().list_item_likers(c.req(likers)).await.map(|_| ())));
+    let likers =
+        pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 10, page_token: "7a7a".into() };
+    cases.push(wrap(
+        "garbage likers token",
+        Code::InvalidArgument,
+        c.inner.clone().list_item_likers(c.req(likers)).await.map(|_| ()),
+    ));
     let rcv = pb::GetReceivedLikesRequest { business_id: BIZ, up_mid: 0 };
-    cases.push(wrap("zero up_mid read", Code::InvalidArgument, c.inner.clone().get_received_likes(c.req(rcv)).await.map(|_| ())));
+    cases.push(wrap(
+        "zero up_mid read",
+        Code::InvalidArgument,
+        c.inner.clone().get_received_likes(c.req(rcv)).await.map(|_| ()),
+    ));
 
     assert!(cases.len() >= 12);
     for (name, code, result) in &cases {
@@ -207,11 +229,21 @@ async fn tenants_are_isolated_by_tokens_acl_and_grants() {
     let ka = Keys::new(&ta.name, ta.stream.shards);
     let own: Option<String> = redis::cmd("GET").arg(ka.counts(BIZ, 1)).query_async(&mut ra).await.unwrap();
     assert!(own.is_some(), "A reads its own keys");
-    for cmd in [redis::cmd("GET").arg(kb.counts(BIZ, 1)).clone(), redis::cmd("SET").arg(kb.counts(BIZ, 1)).arg("9:9:9").clone()] {
+    for cmd in [
+        redis::cmd("GET").arg(kb.counts(BIZ, 1)).clone(),
+        redis::cmd("SET").arg(kb.counts(BIZ, 1)).arg("9:9:9").clone(),
+    ] {
         let e = cmd.query_async::<Option<String>>(&mut ra).await.unwrap_err();
         assert_eq!(e.code(), Some("NOPERM"), "{e}");
     }
-    let e = redis::cmd("XADD").arg(kb.stream(0)).arg("*").arg("x").arg("1").query_async::<String>(&mut ra).await.unwrap_err();
+    let e = redis::cmd("XADD")
+        .arg(kb.stream(0))
+        .arg("*")
+        .arg("x")
+        .arg("1")
+        .query_async::<String>(&mut ra)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some("NOPERM"), "{e}");
     let e = redis::cmd("FLUSHALL").query_async::<String>(&mut ra).await.unwrap_err();
     assert_eq!(e.code(), Some("NOPERM"), "{e}");
@@ -219,7 +251,8 @@ async fn tenants_are_isolated_by_tokens_acl_and_grants() {
     // DB: A's user is refused on B's schema.
     use sqlx::{ConnectOptions, Connection};
     let opts: sqlx::mysql::MySqlConnectOptions = ta.db.url.parse().unwrap();
-    let mut da = opts.username(&ta.db.username).password(&ta.db.password).database(&ta.schema()).connect().await.unwrap();
+    let mut da =
+        opts.username(&ta.db.username).password(&ta.db.password).database(&ta.schema()).connect().await.unwrap();
     let sql = format!("SELECT COUNT(*) FROM `{}`.like_records", tb.schema());
     let e = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(&mut da).await.unwrap_err();
     let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
@@ -250,7 +283,8 @@ async fn user_likes_page_beyond_the_cached_length_newest_first() {
         assert_eq!(c.user_likes(BIZ, 42, size).await.unwrap(), want, "page size {size}");
     }
     let mut r = admin_redis().await;
-    let cached: i64 = redis::cmd("ZCARD").arg(keys(&w, "e2e-list").liked_list(42, BIZ)).query_async(&mut r).await.unwrap();
+    let cached: i64 =
+        redis::cmd("ZCARD").arg(keys(&w, "e2e-list").liked_list(42, BIZ)).query_async(&mut r).await.unwrap();
     assert!(cached <= 5, "the Redis list is trimmed to its maximum ({cached})");
     // Likers of an item, newest first.
     for mid in [1, 2, 3] {
@@ -261,7 +295,8 @@ async fn user_likes_page_beyond_the_cached_length_newest_first() {
     let req = pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 2, page_token: String::new() };
     let page = c.inner.clone().list_item_likers(c.req(req)).await.unwrap().into_inner();
     assert_eq!(page.likers.iter().map(|l| l.mid).collect::<Vec<_>>(), vec![3, 2]);
-    let req = pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 2, page_token: page.next_page_token };
+    let req =
+        pb::ListItemLikersRequest { business_id: BIZ, message_id: 1, page_size: 2, page_token: page.next_page_token };
     let page = c.inner.clone().list_item_likers(c.req(req)).await.unwrap().into_inner();
     assert_eq!(page.likers.iter().map(|l| l.mid).collect::<Vec<_>>(), vec![1, 42]);
     assert!(page.next_page_token.is_empty());
@@ -314,7 +349,15 @@ async fn transition_script_matches_the_state_table() {
         for action in [Action::Like, Action::Unlike, Action::Dislike, Action::Undislike] {
             msg += 1;
             let deadline_ms = thumbup_core::version::now_ms() + 60_000;
-            let args = |seed| TransitionArgs { mid: 5, business_id: BIZ, message_id: msg, up_mid: 9, action, seed, deadline_ms };
+            let args = |seed| TransitionArgs {
+                mid: 5,
+                business_id: BIZ,
+                message_id: msg,
+                up_mid: 9,
+                action,
+                seed,
+                deadline_ms,
+            };
             assert_eq!(scripts.transition(&mut con, &k, t, args(Seed::NotLoaded)).await.unwrap(), Transition::NeedSeed);
             let got = scripts.transition(&mut con, &k, t, args(Seed::Loaded(from, 1000))).await.unwrap();
             match (transition(from, action), got) {
@@ -335,11 +378,23 @@ async fn transition_script_matches_the_state_table() {
         }
     }
     // Unverified: the action alone decides.
-    for (action, want) in [(Action::Like, State::Like), (Action::Unlike, State::None), (Action::Dislike, State::Dislike)] {
+    for (action, want) in
+        [(Action::Like, State::Like), (Action::Unlike, State::None), (Action::Dislike, State::Dislike)]
+    {
         msg += 1;
         let deadline_ms = thumbup_core::version::now_ms() + 60_000;
-        let a = TransitionArgs { mid: 5, business_id: BIZ, message_id: msg, up_mid: 9, action, seed: Seed::Unverified, deadline_ms };
-        assert!(matches!(scripts.transition(&mut con, &k, t, a).await.unwrap(), Transition::Applied { state, .. } if state == want));
+        let a = TransitionArgs {
+            mid: 5,
+            business_id: BIZ,
+            message_id: msg,
+            up_mid: 9,
+            action,
+            seed: Seed::Unverified,
+            deadline_ms,
+        };
+        assert!(
+            matches!(scripts.transition(&mut con, &k, t, a).await.unwrap(), Transition::Applied { state, .. } if state == want)
+        );
     }
     // Past its deadline the script does nothing.
     msg += 1;

@@ -33,7 +33,9 @@ async fn db_down_likes_buffer_in_the_stream_and_apply_after_restart() {
     let k = Keys::new(&t.name, t.stream.shards);
     let _job = w.job("e2e-dbdown", 200);
     let c = w.client_of("e2e-dbdown").await;
-    let before = run_load(&c, Load { clients: 8, actions: 2_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    let before =
+        run_load(&c, Load { clients: 8, actions: 2_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 })
+            .await;
     wait_drained(&k, Duration::from_secs(60)).await;
     // Warm the counts cache of the items.
     let items: Vec<i64> = (1..=20).collect();
@@ -57,7 +59,10 @@ async fn db_down_likes_buffer_in_the_stream_and_apply_after_restart() {
         }
     }
     for mid in 1000..1020 {
-        let r = c.act(BIZ, 5, mid, owner_of(5), pb::Action::Like).await.expect("a new user's like succeeds while the DB is down");
+        let r = c
+            .act(BIZ, 5, mid, owner_of(5), pb::Action::Like)
+            .await
+            .expect("a new user's like succeeds while the DB is down");
         during.acked.insert((mid, BIZ, 5), (r.version, r.state));
     }
     assert!(during.ok > 100, "{during:?}");
@@ -83,7 +88,9 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     let k = Keys::new(&t.name, t.stream.shards);
     let mut job = w.job("e2e-redisdown", 200);
     let c = w.client_of("e2e-redisdown").await;
-    let before = run_load(&c, Load { clients: 8, actions: 2_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    let before =
+        run_load(&c, Load { clients: 8, actions: 2_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 })
+            .await;
     // Records whose state Redis caches: user 500 likes items 1..=3.
     for msg in 1..=3 {
         c.act(BIZ, msg, 500, owner_of(msg), pb::Action::Like).await.unwrap();
@@ -99,7 +106,8 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     c.act(BIZ, 2, 500, owner_of(2), pb::Action::Dislike).await.expect("dislike via the DB");
     let refused = c.act(BIZ, 3, 500, owner_of(3), pb::Action::Like).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "state rules hold on the DB path");
-    let during = run_load(&c, Load { clients: 4, actions: 300, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    let during =
+        run_load(&c, Load { clients: 4, actions: 300, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
     assert!(during.ok > 50, "{during:?}");
     let counts = c.counts(BIZ, &items).await.expect("GetCounts from the DB");
     assert_ne!(counts, counts_before, "counts served from the DB follow the writes");
@@ -122,7 +130,9 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     assert_eq!(states[&2], pb::State::Dislike as i32);
     let relike = c.act(BIZ, 1, 500, owner_of(1), pb::Action::Like).await.expect("re-like after the DB-path unlike");
     assert_eq!(relike.state, pb::State::Like as i32);
-    let after = run_load(&c, Load { clients: 8, actions: 1_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
+    let after =
+        run_load(&c, Load { clients: 8, actions: 1_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 })
+            .await;
 
     wait_drained(&k, Duration::from_secs(60)).await;
     assert!(job.log().contains("reading the stream failed"), "the job saw the outage and kept going");
@@ -130,12 +140,13 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     let served = c.counts(BIZ, &items).await.unwrap();
     let mut con = admin_db(&t).await;
     for (msg, (l, d)) in &served {
-        let row: Option<(i64, i64)> = sqlx::query_as("SELECT likes, dislikes FROM like_counts WHERE business_id = ? AND message_id = ?")
-            .bind(BIZ)
-            .bind(msg)
-            .fetch_optional(&mut con)
-            .await
-            .unwrap();
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT likes, dislikes FROM like_counts WHERE business_id = ? AND message_id = ?")
+                .bind(BIZ)
+                .bind(msg)
+                .fetch_optional(&mut con)
+                .await
+                .unwrap();
         assert_eq!(row.unwrap_or_default(), (*l, *d), "served counts of item {msg} equal the DB after Redis returned");
     }
     let mut acked = before.acked;

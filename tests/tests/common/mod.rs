@@ -22,7 +22,8 @@ use tonic::transport::Channel;
 
 /// The admin DB URL of the local stack.
 pub fn admin_db_url() -> String {
-    std::env::var("THUMBUP_ADMIN_DB_URL").unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306".into())
+    std::env::var("THUMBUP_ADMIN_DB_URL")
+        .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306".into())
 }
 
 /// The admin Redis URL of the local stack.
@@ -120,7 +121,11 @@ impl World {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let opts = thumbup_service::Options { config: config_path.clone(), redis_timeout: Duration::from_millis(1000) };
+        let opts = thumbup_service::Options {
+            config: config_path.clone(),
+            redis_timeout: Duration::from_millis(1000),
+            ready: None,
+        };
         let server = tokio::spawn(thumbup_service::run(opts, listener, async {
             let _ = rx.await;
         }));
@@ -175,13 +180,21 @@ impl Client {
             r.metadata_mut().insert("x-thumbup-tenant", MetadataValue::try_from(self.tenant.as_str()).unwrap());
         }
         if !self.token.is_empty() {
-            r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {}", self.token)).unwrap());
+            r.metadata_mut()
+                .insert("authorization", MetadataValue::try_from(format!("Bearer {}", self.token)).unwrap());
         }
         r
     }
 
     /// Sends one action.
-    pub async fn act(&self, biz: i64, msg: i64, mid: i64, up: i64, action: pb::Action) -> Result<pb::LikeReply, tonic::Status> {
+    pub async fn act(
+        &self,
+        biz: i64,
+        msg: i64,
+        mid: i64,
+        up: i64,
+        action: pb::Action,
+    ) -> Result<pb::LikeReply, tonic::Status> {
         let req = pb::LikeRequest { business_id: biz, message_id: msg, mid, up_mid: up, action: action as i32 };
         self.inner.clone().like(self.req(req)).await.map(|r| r.into_inner())
     }
@@ -328,7 +341,10 @@ pub async fn undelivered(keys: &Keys) -> i64 {
             redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut r).await;
         let lag = groups.ok().and_then(|gs| {
             gs.iter()
-                .find(|g| g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP))
+                .find(|g| {
+                    g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref()
+                        == Some(JOB_GROUP)
+                })
                 .and_then(|g| g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()))
         });
         total += match lag {
@@ -361,11 +377,10 @@ pub async fn admin_db(t: &TenantConfig) -> MySqlConnection {
 /// Final states of all records: (mid, business, message) -> state code.
 pub async fn records(t: &TenantConfig) -> BTreeMap<(i64, i64, i64), i64> {
     let mut con = admin_db(t).await;
-    let rows = sqlx::query("SELECT mid, business_id, message_id, state FROM like_records").fetch_all(&mut con).await.unwrap();
+    let rows =
+        sqlx::query("SELECT mid, business_id, message_id, state FROM like_records").fetch_all(&mut con).await.unwrap();
     rows.iter()
-        .map(|r| {
-            ((r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2)), r.get::<i8, _>(3) as i64)
-        })
+        .map(|r| ((r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2)), r.get::<i8, _>(3) as i64))
         .collect()
 }
 
@@ -428,7 +443,11 @@ pub async fn check_exact(t: &TenantConfig) -> Exactness {
             .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
             .collect();
     for (owner, likes) in &want_rcv {
-        assert_eq!(got_rcv.get(owner).map_or(0, |v| v.0), *likes, "received likes of {owner:?} differ from the records");
+        assert_eq!(
+            got_rcv.get(owner).map_or(0, |v| v.0),
+            *likes,
+            "received likes of {owner:?} differ from the records"
+        );
     }
     for (owner, (likes, _)) in &got_rcv {
         assert_eq!(want_rcv.get(owner).copied().unwrap_or(0), *likes, "received likes of {owner:?} without records");
@@ -597,7 +616,11 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
 pub async fn check_acked_and_states(client: &Client, t: &TenantConfig, acked: &HashMap<(i64, i64, i64), (i64, i32)>) {
     let recs = records(t).await;
     for (key, (version, state)) in acked {
-        assert_eq!(recs.get(key).copied(), Some(*state as i64), "record {key:?}: newest acknowledged write (v{version}) lost");
+        assert_eq!(
+            recs.get(key).copied(),
+            Some(*state as i64),
+            "record {key:?}: newest acknowledged write (v{version}) lost"
+        );
     }
     let mut by_user: BTreeMap<(i64, i64), Vec<i64>> = BTreeMap::new();
     for (mid, biz, msg) in recs.keys() {
