@@ -169,6 +169,36 @@ pub async fn load_received_many(
     Ok(out)
 }
 
+/// One newest-first page of LIKE records with two columns fixed, listing
+/// `(mtime, id)`, strictly after `after`. Column names are constants of this
+/// module, never input.
+async fn liked_page(
+    pool: &MySqlPool,
+    fixed: [(&'static str, i64); 2],
+    id: &'static str,
+    after: Option<ListEntry>,
+    limit: u32,
+) -> Result<Vec<ListEntry>, sqlx::Error> {
+    let (ms, after_id) = after.unwrap_or((i64::MAX, i64::MAX));
+    let sql = format!(
+        "SELECT mtime, {id} FROM like_records \
+         WHERE {a} = ? AND {b} = ? AND state = 1 AND (mtime < ? OR (mtime = ? AND {id} < ?)) \
+         ORDER BY mtime DESC, {id} DESC LIMIT ?",
+        a = fixed[0].0,
+        b = fixed[1].0,
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(fixed[0].1)
+        .bind(fixed[1].1)
+        .bind(ms)
+        .bind(ms)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+}
+
 /// A user's liked items of a business, newest first, strictly after `after`.
 pub async fn list_user_likes(
     pool: &MySqlPool,
@@ -177,21 +207,7 @@ pub async fn list_user_likes(
     after: Option<ListEntry>,
     limit: u32,
 ) -> Result<Vec<ListEntry>, sqlx::Error> {
-    let (ms, id) = after.unwrap_or((i64::MAX, i64::MAX));
-    let rows = sqlx::query(
-        "SELECT mtime, message_id FROM like_records \
-         WHERE mid = ? AND business_id = ? AND state = 1 AND (mtime < ? OR (mtime = ? AND message_id < ?)) \
-         ORDER BY mtime DESC, message_id DESC LIMIT ?",
-    )
-    .bind(mid)
-    .bind(business)
-    .bind(ms)
-    .bind(ms)
-    .bind(id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|r| Ok((r.try_get("mtime")?, r.try_get("message_id")?))).collect()
+    liked_page(pool, [("mid", mid), ("business_id", business)], "message_id", after, limit).await
 }
 
 /// The users who like an item, newest first, strictly after `after`.
@@ -202,21 +218,7 @@ pub async fn list_item_likers(
     after: Option<ListEntry>,
     limit: u32,
 ) -> Result<Vec<ListEntry>, sqlx::Error> {
-    let (ms, id) = after.unwrap_or((i64::MAX, i64::MAX));
-    let rows = sqlx::query(
-        "SELECT mtime, mid FROM like_records \
-         WHERE business_id = ? AND message_id = ? AND state = 1 AND (mtime < ? OR (mtime = ? AND mid < ?)) \
-         ORDER BY mtime DESC, mid DESC LIMIT ?",
-    )
-    .bind(business)
-    .bind(message)
-    .bind(ms)
-    .bind(ms)
-    .bind(id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|r| Ok((r.try_get("mtime")?, r.try_get("mid")?))).collect()
+    liked_page(pool, [("business_id", business), ("message_id", message)], "mid", after, limit).await
 }
 
 /// What one batch apply did.

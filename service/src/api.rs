@@ -149,7 +149,10 @@ impl Thumbup for Api {
                 Ok(pb::Action::Dislike) => Action::Dislike,
                 Ok(pb::Action::Undislike) => Action::Undislike,
                 _ => {
-                    return Err(invalid(format!("action must be LIKE, UNLIKE, DISLIKE or UNDISLIKE, got {}", r.action)));
+                    return Err(invalid(format!(
+                        "action must be LIKE, UNLIKE, DISLIKE or UNDISLIKE, got {}",
+                        r.action
+                    )));
                 }
             };
             let w = write::Write {
