@@ -80,6 +80,9 @@ static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 /// Downstream entries kept (approximately).
 const DOWNSTREAM_MAXLEN: usize = 1_000_000;
 
+/// An entry that did not decode: (shard, id, its fields).
+type Malformed = (u32, String, HashMap<String, String>);
+
 /// One read entry.
 struct Entry {
     shard: u32,
@@ -143,13 +146,14 @@ impl Job {
         id: String,
         map: &HashMap<String, redis::Value>,
         out: &mut Vec<Entry>,
-        bad: &mut Vec<(u32, String)>,
+        bad: &mut Vec<Malformed>,
     ) {
-        match LikeEvent::decode(&cache::entry_fields(map)) {
+        let fields = cache::entry_fields(map);
+        match LikeEvent::decode(&fields) {
             Ok(event) => out.push(Entry { shard, id, event }),
             Err(e) => {
                 error!(tenant = %self.tenant.name, shard, id = %id, error = %e, "malformed stream entry: moved to the dead-letter stream");
-                bad.push((shard, id));
+                bad.push((shard, id, fields));
             }
         }
     }
@@ -160,7 +164,7 @@ impl Job {
         &self,
         from: &str,
         out: &mut Vec<Entry>,
-        bad: &mut Vec<(u32, String)>,
+        bad: &mut Vec<Malformed>,
     ) -> Result<usize, redis::RedisError> {
         let mut con = self.redis.clone();
         let mut n = 0;
@@ -197,7 +201,7 @@ impl Job {
     }
 
     /// Claims entries pending on other (dead) consumers for longer than `claim_idle`.
-    async fn claim(&self, out: &mut Vec<Entry>, bad: &mut Vec<(u32, String)>) -> Result<usize, redis::RedisError> {
+    async fn claim(&self, out: &mut Vec<Entry>, bad: &mut Vec<Malformed>) -> Result<usize, redis::RedisError> {
         let mut con = self.redis.clone();
         let mut n = 0;
         for shard in 0..self.keys.shards() {
@@ -231,7 +235,7 @@ impl Job {
 
     /// Applies, publishes, refreshes and acknowledges one batch.
     #[instrument(skip_all, fields(tenant = %self.tenant.name, events = entries.len()))]
-    async fn flush_once(&self, entries: &[Entry], bad: &[(u32, String)]) -> anyhow::Result<Applied> {
+    async fn flush_once(&self, entries: &[Entry], bad: &[Malformed]) -> anyhow::Result<Applied> {
         let events: Vec<LikeEvent> = entries.iter().map(|e| e.event.clone()).collect();
         let applied = db::apply_events(&self.db, &events).await.inspect_err(|_| self.err("apply"))?;
         let mut con = self.redis.clone();
@@ -259,16 +263,14 @@ impl Job {
         for e in entries {
             by_shard.entry(e.shard).or_default().push(&e.id);
         }
-        for (shard, id) in bad {
-            let _: String = redis::cmd("XADD")
-                .arg(format!("{}deadletter", self.keys.prefix()))
-                .arg("*")
-                .arg("shard")
-                .arg(*shard)
-                .arg("id")
-                .arg(id)
-                .query_async(&mut con)
-                .await?;
+        for (shard, id, fields) in bad {
+            // The original fields, plus where the entry came from.
+            let mut xadd = redis::cmd("XADD");
+            xadd.arg(format!("{}deadletter", self.keys.prefix())).arg("*").arg("_shard").arg(*shard).arg("_id").arg(id);
+            for (k, v) in fields {
+                xadd.arg(k).arg(v);
+            }
+            let _: String = xadd.query_async(&mut con).await?;
             by_shard.entry(*shard).or_default().push(id);
         }
         let mut pipe = redis::pipe();
@@ -309,7 +311,7 @@ impl Job {
 
     /// Flushes until it succeeds; gives up only after `give_up` (shutdown),
     /// leaving the entries pending for the next run.
-    async fn flush(&self, entries: &[Entry], bad: &[(u32, String)], give_up: Option<Instant>) -> bool {
+    async fn flush(&self, entries: &[Entry], bad: &[Malformed], give_up: Option<Instant>) -> bool {
         if entries.is_empty() && bad.is_empty() {
             return true;
         }

@@ -412,3 +412,34 @@ async fn transition_script_matches_the_state_table() {
     assert_eq!(redis_snapshot("e2e-lua").await, before, "an expired script changes nothing");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_a_dead_consumer_are_claimed_and_malformed_ones_dead_lettered() {
+    let w = World::start("claim", &tenant_yaml("e2e-claim", &[BIZ], "")).await;
+    let k = keys(&w, "e2e-claim");
+    let c = w.client_of("e2e-claim").await;
+    // A consumer that reads a long window and dies before applying it.
+    let mut first = w.job_named("e2e-claim", 60_000, "doomed");
+    for mid in 1..=12 {
+        c.act(BIZ, 3, mid, 77, pb::Action::Like).await.unwrap();
+    }
+    let mut admin = admin_redis().await;
+    let _: String =
+        redis::cmd("XADD").arg(k.stream(1)).arg("*").arg("mid").arg("x").query_async(&mut admin).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pending(&k).await < 13 {
+        assert!(std::time::Instant::now() < deadline, "the first consumer never read the entries");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill();
+    assert_eq!(records(w.tenant("e2e-claim")).await.len(), 0);
+    // Another consumer claims what the dead one left pending.
+    let _second = w.job_named("e2e-claim", 100, "heir");
+    wait_drained(&k, Duration::from_secs(30)).await;
+    assert_eq!(check_exact(w.tenant("e2e-claim")).await.likes, 12, "all 12 likes applied by the heir");
+    let dead: i64 = redis::cmd("XLEN").arg(format!("{}deadletter", k.prefix())).query_async(&mut admin).await.unwrap();
+    assert_eq!(dead, 1, "the malformed entry went to the dead-letter stream");
+    let downstream: i64 = redis::cmd("XLEN").arg(k.downstream()).query_async(&mut admin).await.unwrap();
+    assert_eq!(downstream, 12, "one downstream event per applied transition");
+    w.stop().await;
+}

@@ -150,7 +150,12 @@ impl World {
 
     /// Starts the job of `tenant` as a child process.
     pub fn job(&self, tenant: &str, window_ms: u64) -> Job {
-        Job::start(self, tenant, window_ms)
+        Job::start(self, tenant, window_ms, "e2e-job")
+    }
+
+    /// Starts a job of `tenant` under another consumer name.
+    pub fn job_named(&self, tenant: &str, window_ms: u64, consumer: &str) -> Job {
+        Job::start(self, tenant, window_ms, consumer)
     }
 
     /// Stops the in-process service.
@@ -246,7 +251,7 @@ pub fn job_binary() -> PathBuf {
 }
 
 impl Job {
-    fn start(w: &World, tenant: &str, window_ms: u64) -> Job {
+    fn start(w: &World, tenant: &str, window_ms: u64, consumer: &str) -> Job {
         let args = vec![
             "--config".to_string(),
             w.config_path.display().to_string(),
@@ -255,7 +260,7 @@ impl Job {
             "--window-ms".into(),
             window_ms.to_string(),
             "--consumer".into(),
-            "e2e-job".into(),
+            consumer.into(),
             "--claim-idle-ms".into(),
             "1000".into(),
             "--read-count".into(),
@@ -263,7 +268,7 @@ impl Job {
             "--admin-listen".into(),
             "127.0.0.1:0".into(),
         ];
-        let log = w.dir.join(format!("job-{tenant}.log"));
+        let log = w.dir.join(format!("job-{tenant}-{consumer}.log"));
         let child = Self::spawn(&args, &log);
         Job { child, args, log, starts: 1 }
     }
