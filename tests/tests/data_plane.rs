@@ -443,3 +443,33 @@ async fn entries_of_a_dead_consumer_are_claimed_and_malformed_ones_dead_lettered
     assert_eq!(downstream, 12, "one downstream event per applied transition");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_rate_limit_refuses_with_resource_exhausted_and_writes_nothing() {
+    let extra = "    limits: { per_mid_per_sec: 3, per_tenant_per_sec: 1000, db_fallback_per_sec: 10 }\n";
+    let yaml = tenant_yaml("e2e-limit", &[BIZ], "").replace(
+        "    limits: { per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }\n",
+        extra,
+    );
+    let w = World::start("limit", &yaml).await;
+    let _job = w.job("e2e-limit", 100);
+    let c = w.client_of("e2e-limit").await;
+    let mut limited = Vec::new();
+    for msg in 1..=10 {
+        match c.act(BIZ, msg, 5, 9, pb::Action::Like).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::ResourceExhausted => limited.push(msg),
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert!(limited.len() >= 5, "a burst of 10 against 3/s: {limited:?}");
+    // Another user is not limited by user 5's burst.
+    c.act(BIZ, 1, 6, 9, pb::Action::Like).await.expect("other users keep their own budget");
+    wait_drained(&keys(&w, "e2e-limit"), Duration::from_secs(30)).await;
+    let recs = records(w.tenant("e2e-limit")).await;
+    for msg in &limited {
+        assert!(!recs.contains_key(&(5, BIZ, *msg)), "a refused write was stored: {msg}");
+    }
+    assert_eq!(recs.len(), 10 - limited.len() + 1);
+    w.stop().await;
+}

@@ -196,3 +196,30 @@ async fn redis_stall_mid_load_takes_the_db_path_without_ghost_writes_or_stale_ca
     println!("stall: sent {} ok {} refused {}, {degraded} on the DB path", out.sent, out.ok, out.refused);
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_right_after_acknowledged_writes_loses_none_of_them() {
+    let _one = SERVERS.lock().await;
+    let w = World::start("rediskill", &tenant_yaml("e2e-rediskill", &[BIZ], "")).await;
+    let t = w.tenant("e2e-rediskill").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    // A long window: the acknowledged writes exist only in Redis when it dies.
+    let mut job = w.job("e2e-rediskill", 30_000);
+    let c = w.client_of("e2e-rediskill").await;
+    let out =
+        run_load(&c, Load { clients: 8, actions: 1_500, users: 30, items: 10, business: BIZ, double_clicks: 0.1 })
+            .await;
+    // SIGKILL: no shutdown, no save; only the append-only file
+    // (appendfsync always) holds the acknowledged writes.
+    stack(&["kill", "redis"]);
+    job.kill();
+    stack(&["start", "redis"]);
+    assert_eq!(records(&t).await.len(), 0, "nothing was applied before the crash");
+    // The same consumer, now with a short window.
+    let _job = w.job("e2e-rediskill", 200);
+    wait_drained(&k, Duration::from_secs(60)).await;
+    check_exact(&t).await;
+    check_acked_and_states(&c, &t, &out.acked).await;
+    println!("redis kill: {} acknowledged records survived", out.acked.len());
+    w.stop().await;
+}
