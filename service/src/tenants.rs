@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use sqlx::MySqlPool;
 use thumbup_core::cache::{self, Scripts};
-use thumbup_core::config::{Config, ConfigError, TenantConfig};
+use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::db;
 use thumbup_core::keys::Keys;
 use thumbup_core::version::VersionClock;
@@ -319,9 +319,7 @@ impl Registry {
         let Some(path) = &self.path else { return Ok(()) };
         let result = match Config::load(path) {
             Ok(config) => self.install(config).await,
-            Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. } | ConfigError::Invalid { .. })) => {
-                Err(e.to_string())
-            }
+            Err(e) => Err(e.to_string()),
         };
         metrics::RELOADS.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
         result
