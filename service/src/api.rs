@@ -91,6 +91,11 @@ pub fn encode_token(e: ListEntry) -> String {
     format!("v1:{}:{}", e.0, e.1).bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The token of the page after `page`, empty when there is none.
+fn next_token(page: &[ListEntry], more: bool) -> String {
+    page.last().filter(|_| more).map(|e| encode_token(*e)).unwrap_or_default()
+}
+
 /// Decodes a token from [`encode_token`]; empty means the first page.
 pub fn decode_token(token: &str) -> Result<Option<ListEntry>, Error> {
     if token.is_empty() {
@@ -209,8 +214,7 @@ impl Thumbup for Api {
             let size = page_size(r.page_size)?;
             let after = decode_token(&r.page_token)?;
             let (items, more) = read::user_likes(&t, mid, biz, after, size).await?;
-            let next_page_token =
-                if more { items.last().map(|e| encode_token(*e)).unwrap_or_default() } else { String::new() };
+            let next_page_token = next_token(&items, more);
             let items = items.into_iter().map(|(ms, m)| pb::LikedItem { message_id: m, liked_at_ms: ms }).collect();
             Ok(pb::ListUserLikesReply { items, next_page_token })
         })
@@ -229,8 +233,7 @@ impl Thumbup for Api {
             let size = page_size(r.page_size)?;
             let after = decode_token(&r.page_token)?;
             let (rows, more) = read::item_likers(&t, biz, msg, after, size).await?;
-            let next_page_token =
-                if more { rows.last().map(|e| encode_token(*e)).unwrap_or_default() } else { String::new() };
+            let next_page_token = next_token(&rows, more);
             let likers = rows.into_iter().map(|(ms, mid)| pb::Liker { mid, liked_at_ms: ms }).collect();
             Ok(pb::ListItemLikersReply { likers, next_page_token })
         })

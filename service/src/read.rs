@@ -273,8 +273,8 @@ pub async fn user_likes(
             v
         }
     };
+    // Ids are unique: the list holds each once and DB entries it holds were dropped.
     merged.sort_unstable_by(|a, b| b.cmp(a));
-    merged.dedup_by_key(|e| e.1);
     let more = merged.len() > page as usize;
     merged.truncate(page as usize);
     Ok((merged, more))

@@ -232,18 +232,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Watches a tenant's Redis for as long as the tenant is served.
+/// Watches a tenant's Redis for as long as the tenant is served (after the
+/// first check, which [`Registry::install`] runs before the tenant serves).
 async fn health_loop(tenant: Weak<Tenant>) {
-    let mut first = true;
     let mut last_sweep = Instant::now();
     loop {
         let Some(t) = tenant.upgrade() else { return };
         // While down, probe often; while up, sweep leftovers now and then.
-        if !t.redis_up() || first || last_sweep.elapsed() > Duration::from_secs(5) {
-            t.check(first).await;
+        if !t.redis_up() || last_sweep.elapsed() > Duration::from_secs(5) {
+            t.check(false).await;
             last_sweep = Instant::now();
         }
-        first = false;
         let pause = if t.redis_up() { Duration::from_millis(500) } else { Duration::from_millis(200) };
         drop(t);
         tokio::time::sleep(pause).await;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use thumbup_core::keys::Keys;
@@ -120,11 +120,7 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
 
     // Once Redis is back (and the invalidations drained), the cached states
     // of user 500 must not be the stale ones.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while thumbup_service::metrics::REDIS_DOWN.with_label_values(&[&t.name]).get() != 0 {
-        assert!(Instant::now() < deadline, "service never went back to Redis");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_redis_back(&t.name).await;
     let states = c.states(BIZ, 500, &[1, 2, 3]).await.unwrap();
     assert_eq!(states[&1], pb::State::None as i32, "stale LIKE served after Redis returned");
     assert_eq!(states[&2], pb::State::Dislike as i32);
@@ -150,13 +146,8 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
         assert_eq!(row.unwrap_or_default(), (*l, *d), "served counts of item {msg} equal the DB after Redis returned");
     }
     let mut acked = before.acked;
-    for o in [during.acked, after.acked] {
-        for (key, v) in o {
-            let e = acked.entry(key).or_insert(v);
-            if v.0 > e.0 {
-                *e = v;
-            }
-        }
+    for (key, v) in during.acked.into_iter().chain(after.acked) {
+        keep_newest(&mut acked, key, v);
     }
     acked.insert((500, BIZ, 1), (relike.version, relike.state));
     check_acked_and_states(&c, &t, &acked).await;
@@ -185,11 +176,7 @@ async fn redis_stall_mid_load_takes_the_db_path_without_ghost_writes_or_stale_ca
     let out = loader.await.unwrap();
     let degraded = thumbup_service::metrics::DEGRADED_WRITES.with_label_values(&[&t.name]).get();
     assert!(degraded > 0, "the stall sent writes to the DB path");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while thumbup_service::metrics::REDIS_DOWN.with_label_values(&[&t.name]).get() != 0 {
-        assert!(Instant::now() < deadline, "service never went back to Redis");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_redis_back(&t.name).await;
     wait_drained(&k, Duration::from_secs(60)).await;
     check_exact(&t).await;
     check_acked_and_states(&c, &t, &out.acked).await;

@@ -508,11 +508,31 @@ pub async fn db_snapshot(t: &TenantConfig) -> Vec<String> {
     out
 }
 
+/// Per record, the acknowledged reply with the newest version: (version, state).
+pub type Acked = HashMap<(i64, i64, i64), (i64, i32)>;
+
+/// Records an acknowledged reply, keeping the newest version per record.
+pub fn keep_newest(acked: &mut Acked, record: (i64, i64, i64), reply: (i64, i32)) {
+    let e = acked.entry(record).or_insert(reply);
+    if reply.0 > e.0 {
+        *e = reply;
+    }
+}
+
+/// Waits until the in-process service serves tenant `name` from Redis again.
+pub async fn wait_redis_back(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while thumbup_service::metrics::REDIS_DOWN.with_label_values(&[name]).get() != 0 {
+        assert!(Instant::now() < deadline, "service never went back to Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What a load run saw.
 #[derive(Debug, Default)]
 pub struct LoadOutcome {
-    /// Per record, the acknowledged reply with the newest version: (version, state).
-    pub acked: HashMap<(i64, i64, i64), (i64, i32)>,
+    /// Per record, the acknowledged reply with the newest version.
+    pub acked: Acked,
     pub ok: usize,
     pub refused: usize,
     pub sent: usize,
@@ -586,10 +606,7 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
                     match r {
                         Ok(reply) => {
                             out.ok += 1;
-                            let e = out.acked.entry((mid, load.business, msg)).or_insert((0, 0));
-                            if reply.version > e.0 {
-                                *e = (reply.version, reply.state);
-                            }
+                            keep_newest(&mut out.acked, (mid, load.business, msg), (reply.version, reply.state));
                         }
                         Err(s) if s.code() == tonic::Code::FailedPrecondition => out.refused += 1,
                         Err(s) => panic!("unexpected status for {action:?} by {mid} on {msg}: {s:?}"),
@@ -606,10 +623,7 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
         all.refused += o.refused;
         all.sent += o.sent;
         for (k, v) in o.acked {
-            let e = all.acked.entry(k).or_insert((0, 0));
-            if v.0 > e.0 {
-                *e = v;
-            }
+            keep_newest(&mut all.acked, k, v);
         }
     }
     all
@@ -618,7 +632,7 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
 /// Invariant 2 and 3 from the client's side: every record's final state is
 /// the state of its newest acknowledged write, and GetStates agrees with the
 /// records for every (user, item) touched.
-pub async fn check_acked_and_states(client: &Client, t: &TenantConfig, acked: &HashMap<(i64, i64, i64), (i64, i32)>) {
+pub async fn check_acked_and_states(client: &Client, t: &TenantConfig, acked: &Acked) {
     let recs = records(t).await;
     for (key, (version, state)) in acked {
         assert_eq!(
