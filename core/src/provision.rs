@@ -1,6 +1,12 @@
 //! Tenant provisioning with admin credentials: the DB schema and a DB user
-//! granted on it alone, and a Redis ACL user limited to the tenant prefix.
-//! Isolation is enforced by these grants, not by convention.
+//! granted on it alone, and a Redis ACL user limited to the tenant prefix and
+//! to the commands that the service and job send. Isolation is enforced by
+//! these grants, not by convention.
+//!
+//! Every function here converges: running it again with the same input
+//! changes nothing, so the operator can call it on every reconcile. The
+//! teardown functions ([`drop_db`], [`drop_redis_user`], [`delete_keys`])
+//! succeed when there is nothing left to remove.
 
 use std::str::FromStr;
 
@@ -29,8 +35,18 @@ pub enum ProvisionError {
         /// The DB error.
         source: sqlx::Error,
     },
+    /// Applying the schema migrations failed.
+    #[error("tenant {tenant}: migrating schema {schema}: {source}")]
+    Migrate {
+        /// The tenant.
+        tenant: String,
+        /// The schema.
+        schema: String,
+        /// The migration error.
+        source: sqlx::migrate::MigrateError,
+    },
     /// Redis refused a command.
-    #[error("tenant {tenant}: provisioning the Redis ACL user: {source}")]
+    #[error("tenant {tenant}: provisioning Redis: {source}")]
     Redis {
         /// The tenant.
         tenant: String,
@@ -68,32 +84,162 @@ pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), Provi
     Ok(())
 }
 
-/// Creates (or resets) the tenant's Redis ACL user: its keys limited to
-/// `thumbup:<tenant>:*`, no pub/sub channels, no admin or dangerous commands,
-/// and saves the ACL file so the user survives a restart.
+/// The commands a tenant's Redis user may run: exactly what the service, the
+/// job and their scripts send (a script's `redis.call` is checked against the
+/// caller's rules too). Everything else, including KEYS, FLUSHALL, CONFIG and
+/// ACL, is refused with NOPERM.
+pub const TENANT_COMMANDS: &[&str] = &[
+    // Connection set-up by the client library.
+    "auth", "hello", "ping", "select", "client|setname", "client|setinfo",
+    // Cached states, counts and liked lists.
+    "get", "set", "del", "expire", "zadd", "zrem", "zremrangebyrank", "zmscore", "zrevrangebyscore",
+    // The transition and set-if-newer scripts.
+    "eval", "evalsha", "script|load", "script|exists", "time",
+    // Event and downstream streams.
+    "xadd", "xreadgroup", "xack", "xautoclaim", "xgroup|create", "xinfo|groups", "xpending", "xtrim", "xlen",
+];
+
+/// The `ACL SETUSER` rules of a tenant user. They start with `reset`, so a
+/// re-run replaces whatever rules the user had: provisioning converges.
+pub fn acl_rules(tenant: &str, password: &str) -> Vec<String> {
+    let mut rules = vec![
+        "reset".to_string(),
+        "on".to_string(),
+        format!(">{password}"),
+        format!("~{}*", Keys::new(tenant, 1).prefix()),
+        "resetchannels".to_string(),
+        "-@all".to_string(),
+    ];
+    rules.extend(TENANT_COMMANDS.iter().map(|c| format!("+{c}")));
+    rules
+}
+
+async fn redis_admin(admin_url: &str, tenant: &str) -> Result<redis::aio::MultiplexedConnection, ProvisionError> {
+    let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
+    let client = redis::Client::open(admin_url).map_err(err)?;
+    client.get_multiplexed_async_connection().await.map_err(err)
+}
+
+/// `ACL SAVE`, so users survive a restart. A Redis started without an ACL
+/// file refuses it; users then live until restart, which is logged by the
+/// caller, not an error: managed Redis services often persist ACLs their own way.
+async fn acl_save(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, redis::RedisError> {
+    match redis::cmd("ACL").arg("SAVE").exec_async(con).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.to_string().contains("ACL file") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates (or resets) the tenant's Redis ACL user with [`acl_rules`], and
+/// saves the ACL file so the user survives a restart. Returns false when the
+/// server has no ACL file to save to.
 /// `admin_url` is `redis://user:password@host:port`.
-pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<(), ProvisionError> {
+pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, ProvisionError> {
     let name = &t.name;
     plain(name, "redis.username", &t.redis.username)?;
     plain(name, "redis.password", &t.redis.password)?;
     let err = |source| ProvisionError::Redis { tenant: name.clone(), source };
-    let client = redis::Client::open(admin_url).map_err(err)?;
-    let mut con = client.get_multiplexed_async_connection().await.map_err(err)?;
-    let pattern = format!("~{}*", Keys::new(name, 1).prefix());
+    let mut con = redis_admin(admin_url, name).await?;
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&t.redis.username)
-        .arg("reset")
-        .arg("on")
-        .arg(format!(">{}", t.redis.password))
-        .arg(pattern)
-        .arg("resetchannels")
-        .arg("+@all")
-        .arg("-@admin")
-        .arg("-@dangerous")
+        .arg(acl_rules(name, &t.redis.password))
         .exec_async(&mut con)
         .await
         .map_err(err)?;
-    redis::cmd("ACL").arg("SAVE").exec_async(&mut con).await.map_err(err)?;
+    acl_save(&mut con).await.map_err(err)
+}
+
+/// Applies the schema migrations with the tenant's own credentials (so they
+/// also prove the grant works).
+pub async fn migrate(t: &TenantConfig) -> Result<(), ProvisionError> {
+    let migrate_err = |source| ProvisionError::Migrate { tenant: t.name.clone(), schema: t.schema(), source };
+    let pool = crate::db::connect_lazy(t)
+        .map_err(|source| ProvisionError::Db { tenant: t.name.clone(), source })?;
+    let result = crate::db::migrate(&pool).await.map_err(migrate_err);
+    pool.close().await;
+    result
+}
+
+/// Drops the tenant's schema (and every record in it) and its DB user.
+pub async fn drop_db(admin_url: &str, tenant: &str, schema: &str, user: &str) -> Result<(), ProvisionError> {
+    plain(tenant, "db.username", user)?;
+    if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || schema.is_empty() {
+        return Err(ProvisionError::BadCredential { tenant: tenant.to_string(), what: "db.schema" });
+    }
+    let db = |source| ProvisionError::Db { tenant: tenant.to_string(), source };
+    let mut con = MySqlConnectOptions::from_str(admin_url).map_err(db)?.connect().await.map_err(db)?;
+    for s in [format!("DROP DATABASE IF EXISTS `{schema}`"), format!("DROP USER IF EXISTS '{user}'@'%'")] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await.map_err(db)?;
+    }
     Ok(())
+}
+
+/// Removes the tenant's Redis ACL user (and saves the ACL file). Its open
+/// connections are closed by Redis at once.
+pub async fn drop_redis_user(admin_url: &str, tenant: &str, user: &str) -> Result<(), ProvisionError> {
+    plain(tenant, "redis.username", user)?;
+    let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
+    let mut con = redis_admin(admin_url, tenant).await?;
+    redis::cmd("ACL").arg("DELUSER").arg(user).exec_async(&mut con).await.map_err(err)?;
+    acl_save(&mut con).await.map_err(err)?;
+    Ok(())
+}
+
+/// Keys unlinked per round trip when deleting a tenant's keys.
+const DELETE_BATCH: usize = 500;
+
+/// Deletes every key under the tenant prefix `thumbup:<tenant>:` with SCAN and
+/// UNLINK in batches (never KEYS, which would block the server). Returns the
+/// number of keys removed.
+pub async fn delete_keys(admin_url: &str, tenant: &str) -> Result<u64, ProvisionError> {
+    let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
+    let mut con = redis_admin(admin_url, tenant).await?;
+    let pattern = format!("{}*", Keys::new(tenant, 1).prefix());
+    let mut cursor: u64 = 0;
+    let mut removed = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(DELETE_BATCH)
+            .query_async(&mut con)
+            .await
+            .map_err(err)?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut con).await.map_err(err)?;
+            removed += n;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_rules_reset_first_and_allow_only_the_prefix_and_listed_commands() {
+        let rules = acl_rules("alpha", "pw");
+        assert_eq!(rules[0], "reset");
+        assert!(rules.contains(&"~thumbup:alpha:*".to_string()));
+        assert!(rules.contains(&"-@all".to_string()));
+        let allowed: Vec<_> = rules.iter().filter(|r| r.starts_with('+')).collect();
+        assert_eq!(allowed.len(), TENANT_COMMANDS.len());
+        assert!(!rules.iter().any(|r| r.contains("flushall") || r.contains("keys") || r.starts_with("+@")));
+    }
+
+    #[test]
+    fn names_that_could_break_out_of_a_statement_are_refused() {
+        assert!(plain("t", "x", "ok_name-1.2").is_ok());
+        for bad in ["", "a'b", "a`b", "a b", "a;b", "a\\b"] {
+            assert!(plain("t", "x", bad).is_err(), "{bad:?}");
+        }
+    }
 }

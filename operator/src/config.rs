@@ -1,0 +1,241 @@
+//! The operator's own config file (`operator.yaml`, rendered by the Helm chart
+//! into a ConfigMap; admin passwords come from files mounted from a Secret).
+//!
+//! ```yaml
+//! active_datacenter: dc-a
+//! registry: { config_map: thumbup-tenants, secret: thumbup-tenant-credentials }
+//! job: { image: "thumbup/thumbup:0.1.0", image_pull_policy: IfNotPresent }
+//! datacenters:
+//!   - name: dc-a
+//!     db: { url: "mysql://mariadb-dc-a:3306", admin_username: root, admin_password_file: /etc/thumbup-operator/secrets/dc-a-db-password }
+//!     redis: { url: "redis://redis-dc-a:6379", admin_username: default, admin_password: inline-for-local-runs }
+//! ```
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use serde::Deserialize;
+
+/// A config that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The YAML does not parse into the schema.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The YAML error.
+        source: serde_yaml::Error,
+    },
+    /// A value breaks a rule.
+    #[error("invalid operator config: {0}")]
+    Invalid(String),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// The datacenter whose DB takes writes (until the failover controller
+    /// records another in the tenants' status).
+    pub active_datacenter: String,
+    /// The datacenters: the active one and its standby.
+    pub datacenters: Vec<Datacenter>,
+    /// The registry objects that the service mounts.
+    #[serde(default)]
+    pub registry: Registry,
+    /// How tenant jobs run.
+    #[serde(default)]
+    pub job: JobTemplate,
+}
+
+/// One datacenter's DB and Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datacenter {
+    /// Name, e.g. `dc-a`.
+    pub name: String,
+    /// The DB (MySQL protocol).
+    pub db: Endpoint,
+    /// The Redis.
+    pub redis: Endpoint,
+}
+
+/// A server, the address the service and job use, and admin credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `mysql://host:port` or `redis://host:port`, as the service and job reach it.
+    pub url: String,
+    /// The URL the operator itself uses, when it differs (out-of-cluster runs,
+    /// port-forwards). Defaults to `url`.
+    #[serde(default)]
+    pub admin_url: Option<String>,
+    /// Admin user: creates schemas and users (DB) or ACL users (Redis).
+    pub admin_username: String,
+    /// Admin password, inline (for local runs).
+    #[serde(default)]
+    pub admin_password: Option<String>,
+    /// File holding the admin password (a mounted Secret key).
+    #[serde(default)]
+    pub admin_password_file: Option<String>,
+}
+
+/// Names of the registry objects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registry {
+    /// ConfigMap with `tenants.yaml`.
+    pub config_map: String,
+    /// Secret with every tenant's passwords and tokens.
+    pub secret: String,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { config_map: "thumbup-tenants".into(), secret: "thumbup-tenant-credentials".into() }
+    }
+}
+
+/// How tenant job pods run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobTemplate {
+    /// Image holding `thumbup-job`.
+    pub image: String,
+    /// Pull policy of that image.
+    pub image_pull_policy: String,
+    /// CPU and memory of each job container.
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for JobTemplate {
+    fn default() -> Self {
+        JobTemplate {
+            image: format!("thumbup/thumbup:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: "IfNotPresent".into(),
+            resources: None,
+        }
+    }
+}
+
+impl OperatorConfig {
+    /// Reads and validates the file.
+    pub fn load(path: &Path) -> Result<OperatorConfig, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        OperatorConfig::parse(&text, &p)
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<OperatorConfig, ConfigError> {
+        let c: OperatorConfig =
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: origin.into(), source })?;
+        if c.datacenters.is_empty() {
+            return Err(ConfigError::Invalid("at least one datacenter is required".into()));
+        }
+        if c.datacenter(&c.active_datacenter).is_none() {
+            return Err(ConfigError::Invalid(format!("active_datacenter {:?} is not listed", c.active_datacenter)));
+        }
+        for dc in &c.datacenters {
+            if !dc.db.url.starts_with("mysql://") || !dc.redis.url.starts_with("redis") {
+                return Err(ConfigError::Invalid(format!("{}: db.url must be mysql://, redis.url redis://", dc.name)));
+            }
+            for e in [&dc.db, &dc.redis] {
+                if e.admin_password.is_some() == e.admin_password_file.is_some() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{}: give exactly one of admin_password and admin_password_file",
+                        dc.name
+                    )));
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// The datacenter named `name`.
+    pub fn datacenter(&self, name: &str) -> Option<&Datacenter> {
+        self.datacenters.iter().find(|d| d.name == name)
+    }
+
+    /// The active datacenter (validated to exist).
+    pub fn active(&self) -> &Datacenter {
+        self.datacenter(&self.active_datacenter).expect("validated at load")
+    }
+}
+
+impl Endpoint {
+    /// The admin password, read from its file on every call so that a rotated
+    /// Secret is picked up without a restart.
+    pub fn password(&self) -> Result<String, ConfigError> {
+        match (&self.admin_password, &self.admin_password_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|s| s.trim_end().to_string())
+                .map_err(|source| ConfigError::Read { path: f.clone(), source }),
+            (None, None) => Err(ConfigError::Invalid("no admin password".into())),
+        }
+    }
+
+    /// `scheme://user:password@host:port` for the admin connection.
+    pub fn admin_url(&self) -> Result<String, ConfigError> {
+        let base = self.admin_url.as_deref().unwrap_or(&self.url);
+        let (scheme, rest) =
+            base.split_once("://").ok_or_else(|| ConfigError::Invalid(format!("{base}: no scheme")))?;
+        let pw = self.password()?;
+        Ok(format!("{scheme}://{}:{}@{rest}", encode(&self.admin_username), encode(&pw)))
+    }
+}
+
+/// Percent-encodes what may not appear in a URL's user-info.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+active_datacenter: dc-a
+datacenters:
+  - name: dc-a
+    db: { url: "mysql://db-a:3306", admin_username: root, admin_password: "p@ss:w/rd" }
+    redis: { url: "redis://redis-a:6379", admin_username: default, admin_password: pw }
+"#;
+
+    #[test]
+    fn admin_urls_carry_encoded_credentials_and_defaults_apply() {
+        let c = OperatorConfig::parse(GOOD, "test").unwrap();
+        assert_eq!(c.active().db.admin_url().unwrap(), "mysql://root:p%40ss%3Aw%2Frd@db-a:3306");
+        assert_eq!(c.registry.config_map, "thumbup-tenants");
+        assert!(c.job.image.starts_with("thumbup/thumbup:"));
+    }
+
+    #[test]
+    fn bad_operator_configs_are_refused_with_reason() {
+        let cases = [
+            (GOOD.replace("active_datacenter: dc-a", "active_datacenter: dc-x"), "not listed"),
+            (GOOD.replace("admin_password: pw", "admin_password: pw, admin_password_file: /x"), "exactly one"),
+            (GOOD.replace("mysql://", "http://"), "db.url"),
+            (GOOD.replace("admin_username: root", "admin_user: root"), "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = OperatorConfig::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+}

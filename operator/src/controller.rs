@@ -1,0 +1,582 @@
+//! The tenant controller: turns a `LikeTenant` into a provisioned, running
+//! tenant, and cleans up through a finalizer when it is deleted.
+//!
+//! One pass, idempotent on every run:
+//! 1. claim the tenant name in the registry ConfigMap (a second LikeTenant of
+//!    the same name in another namespace is refused, never merged);
+//! 2. the tenant Secret (credentials generated once, then read back);
+//! 3. the DB schema, DB user and migrations on the active datacenter
+//!    (`DatabaseReady`); the standby receives them by replication;
+//! 4. the Redis ACL user on every datacenter's Redis (`RedisReady`);
+//! 5. the registry entry (ConfigMap file + Secret keys) that the service
+//!    reloads;
+//! 6. the job Deployment (`JobReady`);
+//! 7. the status, written only when it changed.
+//!
+//! A failing step sets its condition False with the error's reason, emits a
+//! Warning Event, and returns the error: [`error_policy`] then requeues with
+//! an exponential backoff per object.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use thumbup_core::config::{self as core_config, TenantConfig};
+use thumbup_core::provision;
+use tracing::{info, instrument, warn};
+
+use crate::config::{Datacenter, OperatorConfig};
+use crate::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus, condition};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::resources::{self, Credentials, REGISTRY_KEY};
+
+/// The field manager of every server-side apply.
+pub const MANAGER: &str = "thumbup-operator";
+
+/// Prefix of the annotations on the registry ConfigMap that record which
+/// LikeTenant owns a tenant name: `thumbup.io/tenant.<name>: <namespace>/<uid>`.
+const OWNER_ANNOTATION: &str = "thumbup.io/tenant.";
+
+/// How often a Ready tenant is checked again (drift: a deleted ACL user, a
+/// dropped grant).
+const RESYNC: Duration = Duration::from_secs(300);
+/// How often a tenant whose job is still rolling out is checked again (the
+/// Deployment watch usually wakes it sooner).
+const PROGRESS_RECHECK: Duration = Duration::from_secs(15);
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// The operator's config.
+    pub config: Arc<OperatorConfig>,
+    /// Namespace of the registry ConfigMap and Secret (the operator's own).
+    pub namespace: String,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Consecutive failures per object, for the requeue backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, config: Arc<OperatorConfig>, namespace: String, metrics: Metrics) -> Arc<Context> {
+        let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            namespace,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+fn kube_err<'a>(tenant: &'a str, step: &'static str) -> impl FnOnce(kube::Error) -> Error + 'a {
+    move |source| Error::Kube { tenant: tenant.to_string(), step, source }
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Reconciles one LikeTenant (the controller's entry point).
+#[instrument(skip_all, fields(tenant = %lt.name_any(), namespace = lt.namespace().unwrap_or_default()))]
+pub async fn reconcile(lt: Arc<LikeTenant>, ctx: Arc<Context>) -> Result<Action> {
+    let start = Instant::now();
+    let ns = lt.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
+    let api: Api<LikeTenant> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, lt, |event| async {
+        match event {
+            Finalizer::Apply(lt) => apply(&lt, &ctx).await,
+            Finalizer::Cleanup(lt) => cleanup(&lt, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.observe(start.elapsed(), result.as_ref().err().map(Error::reason));
+    result
+}
+
+/// Requeues a failed object with an exponential backoff (5 s doubling up to
+/// 5 minutes) and counts the failure.
+pub fn error_policy(lt: Arc<LikeTenant>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(tenant = %lt.name_any(), reason = error.reason(), error = %error, "reconcile failed");
+    let key = format!("{}/{}", lt.namespace().unwrap_or_default(), lt.name_any());
+    let n = {
+        let mut f = ctx.failures.lock().expect("not poisoned");
+        let n = f.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    Action::requeue(backoff(n))
+}
+
+/// Delay before retry number `n` (1-based).
+pub fn backoff(n: u32) -> Duration {
+    Duration::from_secs(5u64.saturating_mul(1 << n.saturating_sub(1).min(6))).min(Duration::from_secs(300))
+}
+
+fn succeeded(lt: &LikeTenant, ctx: &Context) {
+    let key = format!("{}/{}", lt.namespace().unwrap_or_default(), lt.name_any());
+    ctx.failures.lock().expect("not poisoned").remove(&key);
+}
+
+/// The core tenant config the provisioning functions take, with the
+/// addresses the operator itself reaches (`admin_url` when set).
+fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> Result<TenantConfig> {
+    let text = serde_yaml::to_string(&json!({
+        "tenants": [{
+            "name": lt.tenant(),
+            "businesses": lt.spec.businesses.iter().map(|b| json!({"name": b.name, "id": b.id})).collect::<Vec<_>>(),
+            "tokens": [creds.token],
+            "redis": {
+                "url": dc.redis.admin_url.as_deref().unwrap_or(&dc.redis.url),
+                "username": creds.redis_username, "password": creds.redis_password,
+            },
+            "db": {
+                "url": dc.db.admin_url.as_deref().unwrap_or(&dc.db.url),
+                "username": creds.db_username, "password": creds.db_password,
+                "schema": lt.schema(), "max_connections": 2,
+            },
+        }]
+    }))
+    .expect("plain data");
+    let config = core_config::Config::parse(&text, "LikeTenant").map_err(|e| {
+        Error::Database(provision::ProvisionError::BadCredential {
+            tenant: format!("{}: {e}", lt.tenant()),
+            what: "spec",
+        })
+    })?;
+    Ok(config.tenants.into_iter().next().expect("one tenant"))
+}
+
+/// Outcome of claiming or releasing a tenant name in the registry.
+enum Claim {
+    /// This LikeTenant owns the name (now).
+    Ours,
+    /// Another LikeTenant does.
+    Taken(String),
+}
+
+fn owner_id(lt: &LikeTenant) -> String {
+    format!("{}/{}", lt.namespace().unwrap_or_default(), lt.uid().unwrap_or_default())
+}
+
+/// Read-modify-write of the registry ConfigMap under optimistic concurrency
+/// (replace with the resourceVersion read; a conflict re-reads). `entry`:
+/// Some(Some(e)) puts the tenant's entry, Some(None) removes it and the
+/// claim, None only claims.
+async fn update_registry(
+    lt: &LikeTenant,
+    ctx: &Context,
+    entry: Option<Option<&resources::RegistryEntry>>,
+) -> Result<Claim> {
+    let tenant = lt.tenant();
+    let name = &ctx.config.registry.config_map;
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let annotation = format!("{OWNER_ANNOTATION}{tenant}");
+    let me = owner_id(lt);
+    for _ in 0..5 {
+        let current = api.get_opt(name).await.map_err(kube_err(&tenant, "reading the registry ConfigMap"))?;
+        let exists = current.is_some();
+        let mut cm = current.unwrap_or_else(|| ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(ctx.namespace.clone()),
+                labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), MANAGER.into())])),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        });
+        let annotations = cm.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        match annotations.get(&annotation) {
+            Some(owner) if *owner != me => return Ok(Claim::Taken(owner.clone())),
+            None if entry == Some(None) => return Ok(Claim::Ours),
+            _ => {}
+        }
+        let before = cm.clone();
+        let text = cm.data.as_ref().and_then(|d| d.get(REGISTRY_KEY)).cloned().unwrap_or_default();
+        let mut entries =
+            resources::parse_registry(&text).map_err(|source| Error::Registry { name: name.clone(), source })?;
+        let annotations = cm.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        match entry {
+            None => {
+                annotations.insert(annotation.clone(), me.clone());
+            }
+            Some(Some(e)) => {
+                annotations.insert(annotation.clone(), me.clone());
+                entries.insert(tenant.clone(), serde_yaml::to_value(e).expect("plain data"));
+            }
+            Some(None) => {
+                annotations.remove(&annotation);
+                entries.remove(&tenant);
+            }
+        }
+        let rendered = render_values(&entries);
+        cm.data.get_or_insert_with(BTreeMap::new).insert(REGISTRY_KEY.into(), rendered);
+        if exists && cm == before {
+            return Ok(Claim::Ours);
+        }
+        let written = if exists {
+            api.replace(name, &PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &cm).await
+        } else {
+            api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &cm).await
+        };
+        match written {
+            Ok(_) => return Ok(Claim::Ours),
+            Err(e) if is_status(&e, 409) => continue,
+            Err(e) => return Err(kube_err(&tenant, "writing the registry ConfigMap")(e)),
+        }
+    }
+    Err(Error::RegistryContended(name.clone()))
+}
+
+/// Renders registry entries kept as YAML values (entries of other tenants
+/// are carried over exactly as read).
+fn render_values(entries: &BTreeMap<String, serde_yaml::Value>) -> String {
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        tenants: Vec<&'a serde_yaml::Value>,
+    }
+    let header = "# Written by thumbup-operator from the LikeTenants; edits are overwritten.\n";
+    format!("{header}{}", serde_yaml::to_string(&File { tenants: entries.values().collect() }).expect("plain data"))
+}
+
+/// Server-side applies the tenant's keys of the registry Secret under a field
+/// manager of its own, so tenants never overwrite each other's keys and an
+/// empty apply removes exactly this tenant's keys.
+async fn apply_registry_secret(lt: &LikeTenant, ctx: &Context, creds: Option<&Credentials>) -> Result<()> {
+    let tenant = lt.tenant();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let data = creds.map(|c| resources::registry_secret_data(&tenant, c)).unwrap_or_default();
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": ctx.config.registry.secret, "namespace": ctx.namespace },
+        "data": data,
+    });
+    let pp = PatchParams::apply(&format!("{MANAGER}.{tenant}")).force();
+    api.patch(&ctx.config.registry.secret, &pp, &Patch::Apply(&secret))
+        .await
+        .map_err(kube_err(&tenant, "applying the registry Secret"))?;
+    Ok(())
+}
+
+/// The tenant Secret: read back when complete, else generated and applied.
+async fn ensure_credentials(lt: &LikeTenant, ctx: &Context) -> Result<Credentials> {
+    let tenant = lt.tenant();
+    let ns = lt.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = resources::secret_name(&tenant);
+    let existing = api.get_opt(&name).await.map_err(kube_err(&tenant, "reading the tenant Secret"))?;
+    if let Some(c) = existing.as_ref().and_then(Credentials::from_secret) {
+        return Ok(c);
+    }
+    let creds = Credentials::generate(&tenant);
+    let secret = resources::build_tenant_secret(lt, &creds);
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
+        .await
+        .map_err(kube_err(&tenant, "applying the tenant Secret"))?;
+    Ok(creds)
+}
+
+/// The datacenter whose DB takes writes for this tenant: the one the
+/// failover controller recorded, else the configured active one.
+fn active_dc<'a>(lt: &LikeTenant, cfg: &'a OperatorConfig) -> &'a Datacenter {
+    lt.status
+        .as_ref()
+        .and_then(|s| s.active_datacenter.as_deref())
+        .and_then(|dc| cfg.datacenter(dc))
+        .unwrap_or_else(|| cfg.active())
+}
+
+async fn provision_db(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> Result<()> {
+    let t = tenant_config(lt, creds, dc)?;
+    let admin = dc.db.admin_url()?;
+    provision::provision_db(&admin, &t).await.map_err(Error::Database)?;
+    provision::migrate(&t).await.map_err(Error::Database)
+}
+
+async fn provision_redis(lt: &LikeTenant, creds: &Credentials, cfg: &OperatorConfig) -> Result<()> {
+    for dc in &cfg.datacenters {
+        let t = tenant_config(lt, creds, dc)?;
+        let admin = dc.redis.admin_url()?;
+        let saved = provision::provision_redis(&admin, &t)
+            .await
+            .map_err(|source| Error::Redis { dc: dc.name.clone(), source })?;
+        if !saved {
+            warn!(dc = %dc.name, "Redis has no ACL file: the tenant user lives until the next restart of that Redis");
+        }
+    }
+    Ok(())
+}
+
+/// Conditions of a pass, merged into the previous status.
+struct Conditions {
+    list: Vec<Condition>,
+    generation: Option<i64>,
+    now: String,
+}
+
+impl Conditions {
+    fn new(lt: &LikeTenant) -> Conditions {
+        let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let list = lt.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+        Conditions { list, generation: lt.generation(), now }
+    }
+
+    /// Sets a condition; its transition time moves only when its status does,
+    /// so a pass that changes nothing writes the same status.
+    fn set(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        let status = if ok { "True" } else { "False" };
+        let c = Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: self.now.clone(),
+            observed_generation: self.generation,
+        };
+        match self.list.iter_mut().find(|x| x.type_ == type_) {
+            Some(old) if old.status == status => {
+                *old = Condition { last_transition_time: old.last_transition_time.clone(), ..c };
+            }
+            Some(old) => *old = c,
+            None => self.list.push(c),
+        }
+    }
+
+    fn is_true(&self, type_: &str) -> bool {
+        self.list.iter().any(|c| c.type_ == type_ && c.status == "True")
+    }
+}
+
+/// Writes the status when it differs from the object's.
+async fn write_status(lt: &LikeTenant, ctx: &Context, status: LikeTenantStatus) -> Result<()> {
+    if lt.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let tenant = lt.tenant();
+    let api: Api<LikeTenant> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
+    let patch = json!({ "status": status });
+    api.patch_status(&lt.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(kube_err(&tenant, "writing the status"))?;
+    Ok(())
+}
+
+async fn publish(lt: &LikeTenant, ctx: &Context, type_: EventType, reason: &str, note: String, action: &str) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &lt.object_ref(&())).await {
+        warn!(error = %e, "publishing an Event failed");
+    }
+}
+
+/// Marks the failed step and Ready False, writes the status, emits a Warning
+/// Event and returns the error for the backoff.
+async fn fail(
+    lt: &LikeTenant,
+    ctx: &Context,
+    mut status: LikeTenantStatus,
+    mut conds: Conditions,
+    step: &str,
+    e: Error,
+) -> Result<Action> {
+    let reason = e.reason();
+    conds.set(step, false, reason, e.to_string());
+    conds.set(condition::READY, false, reason, format!("{step}: {e}"));
+    status.conditions = conds.list;
+    publish(lt, ctx, EventType::Warning, reason, e.to_string(), "Reconcile").await;
+    write_status(lt, ctx, status).await?;
+    Err(e)
+}
+
+async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
+    let tenant = lt.tenant();
+    let cfg = ctx.config.clone();
+    let dc = active_dc(lt, &cfg);
+    let mut conds = Conditions::new(lt);
+    let mut status = LikeTenantStatus {
+        conditions: Vec::new(),
+        schema: Some(lt.schema()),
+        redis_prefix: Some(format!("thumbup:{tenant}:")),
+        businesses: Some(lt.spec.businesses.len() as i32),
+        secret_name: Some(resources::secret_name(&tenant)),
+        active_datacenter: Some(dc.name.clone()),
+        failover_epoch: lt.status.as_ref().and_then(|s| s.failover_epoch),
+        observed_generation: lt.generation(),
+    };
+    if !core_config::valid_tenant_name(&tenant) {
+        let e = Error::InvalidName(tenant.clone());
+        conds.set(condition::READY, false, e.reason(), e.to_string());
+        status.conditions = conds.list;
+        publish(lt, ctx, EventType::Warning, e.reason(), e.to_string(), "Reconcile").await;
+        write_status(lt, ctx, status).await?;
+        return Ok(Action::await_change());
+    }
+    if let Claim::Taken(owner) = update_registry(lt, ctx, None).await? {
+        let e = Error::NameConflict { tenant: tenant.clone(), owner };
+        conds.set(condition::READY, false, e.reason(), e.to_string());
+        status.conditions = conds.list;
+        publish(lt, ctx, EventType::Warning, e.reason(), e.to_string(), "Reconcile").await;
+        write_status(lt, ctx, status).await?;
+        return Ok(Action::await_change());
+    }
+    let creds = ensure_credentials(lt, ctx).await?;
+
+    if let Err(e) = provision_db(lt, &creds, dc).await {
+        return fail(lt, ctx, status, conds, condition::DATABASE_READY, e).await;
+    }
+    conds.set(
+        condition::DATABASE_READY,
+        true,
+        "Provisioned",
+        format!("schema {} on {} with user {}", lt.schema(), dc.name, creds.db_username),
+    );
+    if let Err(e) = provision_redis(lt, &creds, &cfg).await {
+        return fail(lt, ctx, status, conds, condition::REDIS_READY, e).await;
+    }
+    let dcs: Vec<_> = cfg.datacenters.iter().map(|d| d.name.as_str()).collect();
+    conds.set(
+        condition::REDIS_READY,
+        true,
+        "Provisioned",
+        format!("ACL user {} on {}", creds.redis_username, dcs.join(", ")),
+    );
+
+    apply_registry_secret(lt, ctx, Some(&creds)).await?;
+    let entry = resources::registry_entry(lt, &cfg, &dc.name);
+    update_registry(lt, ctx, Some(Some(&entry))).await?;
+
+    let ns = lt.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deployment = resources::build_job_deployment(lt, &cfg);
+    let name = resources::job_name(&tenant);
+    let applied = deployments
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&deployment))
+        .await
+        .map_err(kube_err(&tenant, "applying the job Deployment"))?;
+    let want = lt.spec.job.replicas;
+    let s = applied.status.unwrap_or_default();
+    let rolled = s.observed_generation >= applied.metadata.generation;
+    let available = s.available_replicas.unwrap_or(0);
+    let job_ready = rolled && available >= want && s.updated_replicas.unwrap_or(0) >= want;
+    conds.set(
+        condition::JOB_READY,
+        job_ready,
+        if job_ready { "Available" } else { "Progressing" },
+        format!("{available}/{want} job replicas available"),
+    );
+
+    let was_ready = lt.condition(condition::READY).is_some_and(|c| c.status == "True");
+    let ready = conds.is_true(condition::DATABASE_READY) && conds.is_true(condition::REDIS_READY) && job_ready;
+    conds.set(
+        condition::READY,
+        ready,
+        if ready { "Provisioned" } else { "JobProgressing" },
+        if ready {
+            "tenant is served".to_string()
+        } else {
+            format!("waiting for the job: {available}/{want} available")
+        },
+    );
+    status.conditions = conds.list;
+    write_status(lt, ctx, status).await?;
+    if ready && !was_ready {
+        publish(lt, ctx, EventType::Normal, "Provisioned", format!("tenant {tenant} is ready"), "Provision").await;
+        info!("tenant ready");
+    }
+    succeeded(lt, ctx);
+    Ok(Action::requeue(if ready { RESYNC } else { PROGRESS_RECHECK }))
+}
+
+async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
+    let tenant = lt.tenant();
+    let cfg = ctx.config.clone();
+    let ns = lt.namespace().unwrap_or_default();
+
+    // The job first, so nothing writes while the rest goes away.
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    match deployments.delete(&resources::job_name(&tenant), &DeleteParams::foreground()).await {
+        Ok(_) => {}
+        Err(e) if is_status(&e, 404) => {}
+        Err(e) => return Err(kube_err(&tenant, "deleting the job Deployment")(e)),
+    }
+    // A LikeTenant that never owned the name (a conflicting duplicate) must
+    // not remove the owner's registry entry, users or data.
+    let owned = matches!(update_registry(lt, ctx, Some(None)).await?, Claim::Ours);
+    if owned && core_config::valid_tenant_name(&tenant) {
+        apply_registry_secret(lt, ctx, None).await?;
+        for dc in &cfg.datacenters {
+            let admin = dc.redis.admin_url()?;
+            provision::drop_redis_user(&admin, &tenant, &resources::redis_username(&tenant))
+                .await
+                .map_err(|source| Error::Redis { dc: dc.name.clone(), source })?;
+        }
+        if lt.spec.deletion_policy == DeletionPolicy::Delete {
+            let dc = active_dc(lt, &cfg);
+            provision::drop_db(&dc.db.admin_url()?, &tenant, &lt.schema(), &resources::db_username(&tenant))
+                .await
+                .map_err(Error::Database)?;
+            for dc in &cfg.datacenters {
+                let removed = provision::delete_keys(&dc.redis.admin_url()?, &tenant)
+                    .await
+                    .map_err(|source| Error::Redis { dc: dc.name.clone(), source })?;
+                info!(dc = %dc.name, removed, "tenant keys deleted");
+            }
+        }
+    }
+    let (reason, note) = match lt.spec.deletion_policy {
+        DeletionPolicy::Delete => ("Deleted", format!("tenant {tenant}: access, job and data removed")),
+        DeletionPolicy::Retain => {
+            ("Retained", format!("tenant {tenant}: access and job removed; schema {} and keys kept", lt.schema()))
+        }
+    };
+    publish(lt, ctx, EventType::Normal, reason, note, "Cleanup").await;
+    succeeded(lt, ctx);
+    Ok(Action::await_change())
+}
+
+/// Runs the controller until `shutdown` resolves. `namespace` None watches
+/// every namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (tenants, deployments): (Api<LikeTenant>, Api<Deployment>) = match &namespace {
+        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    // Our own status writes change neither the generation nor the finalizers,
+    // so they do not wake the controller again.
+    let (reader, writer) = kube::runtime::reflector::store();
+    let stream = watcher(tenants, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+    let jobs = watcher::Config::default().labels("app.kubernetes.io/managed-by=thumbup-operator");
+    Controller::for_stream(stream, reader)
+        .owns(deployments, jobs)
+        .with_config(kube::runtime::controller::Config::default().concurrency(4))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

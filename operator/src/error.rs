@@ -1,0 +1,88 @@
+//! The operator's error type: one variant per failing step. [`Error::reason`]
+//! is the label of the error metric and the reason of the Warning Event.
+
+use thumbup_core::provision::ProvisionError;
+
+/// A reconcile step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object has no name or namespace (the API server always sets them).
+    #[error("LikeTenant without {0}")]
+    MissingObjectKey(&'static str),
+    /// The object's name cannot be a tenant name.
+    #[error("tenant name {0:?} must match [a-z][a-z0-9-]{{0,30}}")]
+    InvalidName(String),
+    /// Another LikeTenant (in another namespace) already owns this tenant name.
+    #[error("tenant {tenant} already belongs to {owner}")]
+    NameConflict {
+        /// The tenant name.
+        tenant: String,
+        /// `<namespace>/<uid>` of the owner.
+        owner: String,
+    },
+    /// A Kubernetes API call failed.
+    #[error("tenant {tenant}: {step}: {source}")]
+    Kube {
+        /// The tenant.
+        tenant: String,
+        /// What was being done.
+        step: &'static str,
+        /// The client error.
+        source: kube::Error,
+    },
+    /// The registry ConfigMap holds a file the operator cannot parse; it is
+    /// left alone rather than overwritten.
+    #[error("registry ConfigMap {name}: {source}")]
+    Registry {
+        /// The ConfigMap.
+        name: String,
+        /// The YAML error.
+        source: serde_yaml::Error,
+    },
+    /// Kept changing under us (optimistic concurrency retries used up).
+    #[error("registry ConfigMap {0}: conflicting updates, retrying later")]
+    RegistryContended(String),
+    /// The schema, DB user or migrations could not be set up or dropped.
+    #[error("{0}")]
+    Database(ProvisionError),
+    /// The Redis ACL user or the tenant keys could not be set up or removed.
+    #[error("datacenter {dc}: {source}")]
+    Redis {
+        /// The datacenter whose Redis failed.
+        dc: String,
+        /// The provisioning error.
+        source: ProvisionError,
+    },
+    /// The operator's config (admin password files) could not be read.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// CamelCase reason: metric label and Event reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::MissingObjectKey(_) => "MissingObjectKey",
+            Error::InvalidName(_) => "InvalidName",
+            Error::NameConflict { .. } => "NameConflict",
+            Error::Kube { .. } => "KubeApiFailed",
+            Error::Registry { .. } => "RegistryUnreadable",
+            Error::RegistryContended(_) => "RegistryContended",
+            Error::Database(_) => "DatabaseFailed",
+            Error::Redis { .. } => "RedisFailed",
+            Error::Config(_) => "ConfigUnreadable",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.reason()
+                }
+                _ => "FinalizerFailed",
+            },
+        }
+    }
+}
+
+/// Result of a reconcile step.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

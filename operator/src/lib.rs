@@ -1,0 +1,95 @@
+//! thumbup-operator: the `LikeTenant` custom resource and the controller that
+//! turns each one into an isolated, running tenant.
+//!
+//! Data flow: a LikeTenant (watched, filtered to spec and finalizer changes)
+//! -> [`controller::reconcile`] -> provisioning of the DB and Redis with the
+//! admin credentials of [`config::OperatorConfig`] (the functions of
+//! `thumbup_core::provision`) -> objects built by the pure functions of
+//! [`resources`] and applied with server-side apply -> the status conditions.
+//! Deletion runs through a finalizer. Only the replica holding the
+//! [`leader`] Lease reconciles.
+
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod crdgen;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod resources;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::info;
+
+/// How `thumbup-operator run` was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The operator config file.
+    pub config: std::path::PathBuf,
+    /// Namespace watched and holding the registry and the Lease; None: the
+    /// client's default namespace.
+    pub namespace: Option<String>,
+    /// Watch LikeTenants of every namespace.
+    pub all_namespaces: bool,
+    /// Admin HTTP address.
+    pub admin_listen: SocketAddr,
+    /// Leader-election identity.
+    pub identity: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// Lease duration.
+    pub lease_duration: Duration,
+}
+
+/// Runs the operator until `shutdown` resolves or leadership is lost.
+pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let cfg = Arc::new(config::OperatorConfig::load(&opts.config)?);
+    // In cluster: the service account; elsewhere: the kubeconfig.
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+    let metrics = metrics::Metrics;
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (addr, admin) = thumbup_core::admin::bind(opts.admin_listen, ready.clone(), stopped(stop_rx.clone())).await?;
+    info!(%addr, "admin endpoint");
+    let admin = tokio::spawn(admin);
+    let stop = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+
+    let elector =
+        leader::Elector::new(client.clone(), &namespace, &opts.lease_name, &opts.identity, opts.lease_duration);
+    // Ready means: able to serve as a standby or leader; liveness stays on.
+    ready.store(true, Ordering::Relaxed);
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = stopped(stop_rx.clone()) => { let _ = admin.await; return Ok(()); }
+    }
+    metrics.set_leader(true);
+    let ctx = controller::Context::new(client, cfg, namespace.clone(), metrics.clone());
+    let watched = if opts.all_namespaces { None } else { Some(namespace) };
+    info!(namespace = watched.as_deref().unwrap_or("<all>"), "tenant controller starting");
+    let lost = tokio::select! {
+        _ = controller::run(ctx, watched, stopped(stop_rx.clone())) => false,
+        _ = elector.hold() => true,
+    };
+    metrics.set_leader(false);
+    let _ = stop_tx.send(true);
+    if lost {
+        anyhow::bail!("lost the leader Lease; exiting so that the new leader reconciles alone");
+    }
+    elector.release().await;
+    let _ = admin.await;
+    Ok(())
+}

@@ -1,0 +1,510 @@
+//! Pure builders of the Kubernetes objects and files the operator writes for
+//! a tenant. Nothing here does IO: the controller applies what these return,
+//! and unit tests assert on it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde::Serialize;
+
+use crate::config::OperatorConfig;
+use crate::crd::{LikeTenant, tenant_labels};
+
+/// Where the job and the service mount the registry ConfigMap.
+pub const CONFIG_DIR: &str = "/etc/thumbup/config";
+/// Where the job and the service mount the credentials.
+pub const SECRETS_DIR: &str = "/etc/thumbup/secrets";
+/// The registry ConfigMap's key.
+pub const REGISTRY_KEY: &str = "tenants.yaml";
+/// Admin port of the job (metrics and probes).
+pub const JOB_ADMIN_PORT: i32 = 9191;
+
+/// Name of the tenant's own Secret (credentials and API token).
+pub fn secret_name(tenant: &str) -> String {
+    format!("thumbup-tenant-{tenant}")
+}
+
+/// Name of the tenant's job Deployment.
+pub fn job_name(tenant: &str) -> String {
+    format!("thumbup-job-{tenant}")
+}
+
+/// The tenant's DB user: `thumbup_<tenant>` with `-` as `_`.
+pub fn db_username(tenant: &str) -> String {
+    format!("thumbup_{}", tenant.replace('-', "_"))
+}
+
+/// The tenant's Redis ACL user: `thumbup-<tenant>`.
+pub fn redis_username(tenant: &str) -> String {
+    format!("thumbup-{tenant}")
+}
+
+/// The keys of the shared registry Secret for a tenant: DB password, Redis
+/// password, tokens. The same names are what the job pod's Secret volume
+/// projects, so one config file resolves in both pods.
+pub fn registry_secret_keys(tenant: &str) -> [String; 3] {
+    [format!("{tenant}.db-password"), format!("{tenant}.redis-password"), format!("{tenant}.tokens")]
+}
+
+/// A tenant's credentials, kept in its Secret. Generated once and then read
+/// back on every reconcile, so re-runs do not rotate them.
+#[derive(Clone, PartialEq)]
+pub struct Credentials {
+    /// DB user.
+    pub db_username: String,
+    /// DB password.
+    pub db_password: String,
+    /// Redis ACL user.
+    pub redis_username: String,
+    /// Redis ACL password.
+    pub redis_password: String,
+    /// The API token clients send as `authorization: Bearer <token>`.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("db_username", &self.db_username)
+            .field("redis_username", &self.redis_username)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random(n: usize) -> String {
+    rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
+}
+
+impl Credentials {
+    /// Fresh random passwords and token (alphanumeric, so they are safe in
+    /// account statements and URLs).
+    pub fn generate(tenant: &str) -> Credentials {
+        Credentials {
+            db_username: db_username(tenant),
+            db_password: random(32),
+            redis_username: redis_username(tenant),
+            redis_password: random(32),
+            token: format!("{tenant}-{}", random(32)),
+        }
+    }
+
+    /// Reads credentials back from the tenant Secret; None when a key is
+    /// missing (the Secret was edited), so the caller regenerates.
+    pub fn from_secret(s: &Secret) -> Option<Credentials> {
+        let data = s.data.as_ref()?;
+        let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|v| !v.is_empty());
+        Some(Credentials {
+            db_username: get("db-username")?,
+            db_password: get("db-password")?,
+            redis_username: get("redis-username")?,
+            redis_password: get("redis-password")?,
+            token: get("token")?,
+        })
+    }
+}
+
+fn owned_meta(lt: &LikeTenant, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: lt.metadata.namespace.clone(),
+        labels: Some(tenant_labels(&lt.tenant())),
+        owner_references: lt.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn bytes(s: &str) -> ByteString {
+    ByteString(s.as_bytes().to_vec())
+}
+
+/// The tenant's own Secret, owned by the LikeTenant (garbage-collected with it).
+pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials) -> Secret {
+    let data = BTreeMap::from([
+        ("db-username".to_string(), bytes(&c.db_username)),
+        ("db-password".to_string(), bytes(&c.db_password)),
+        ("redis-username".to_string(), bytes(&c.redis_username)),
+        ("redis-password".to_string(), bytes(&c.redis_password)),
+        ("token".to_string(), bytes(&c.token)),
+    ]);
+    Secret {
+        metadata: owned_meta(lt, secret_name(&lt.tenant())),
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
+}
+
+/// The job Deployment of the tenant, owned by the LikeTenant.
+pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment {
+    let t = lt.tenant();
+    let labels = tenant_labels(&t);
+    let [db_key, redis_key, tokens_key] = registry_secret_keys(&t);
+    let spec = &lt.spec.job;
+    let probe = |path: &str, period| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(JOB_ADMIN_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let args = vec![
+        format!("--config={CONFIG_DIR}/{REGISTRY_KEY}"),
+        format!("--secrets-dir={SECRETS_DIR}"),
+        format!("--tenant={t}"),
+        format!("--window-ms={}", spec.window_ms),
+        format!("--max-batch={}", spec.max_batch),
+        format!("--admin-listen=0.0.0.0:{JOB_ADMIN_PORT}"),
+    ];
+    let container = Container {
+        name: "job".into(),
+        image: Some(cfg.job.image.clone()),
+        image_pull_policy: Some(cfg.job.image_pull_policy.clone()),
+        command: Some(vec!["thumbup-job".into()]),
+        args: Some(args),
+        env: Some(vec![
+            // A stable consumer name per pod: its pending entries are claimed
+            // by the others when it dies.
+            EnvVar {
+                name: "THUMBUP_CONSUMER".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".into()),
+            container_port: JOB_ADMIN_PORT,
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: cfg.job.resources.clone(),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "secrets".into(),
+                mount_path: SECRETS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let item = |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
+    let volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource { name: cfg.registry.config_map.clone(), ..Default::default() }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "secrets".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name(&t)),
+                items: Some(vec![
+                    item("db-password", &db_key),
+                    item("redis-password", &redis_key),
+                    item("token", &tokens_key),
+                ]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    Deployment {
+        metadata: owned_meta(lt, job_name(&t)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
+            strategy: Some(DeploymentStrategy { type_: Some("RollingUpdate".into()), ..Default::default() }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    // The job flushes its open window on SIGTERM: give it the
+                    // window plus the DB transaction.
+                    termination_grace_period_seconds: Some((spec.window_ms / 1000) as i64 + 30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(10001),
+                        ..PodSecurityContext::default()
+                    }),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// One tenant's entry of the registry file (`tenants.yaml`), in the format
+/// of `thumbup_core::config`; passwords and tokens are file references
+/// resolved against the mounted Secret.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryEntry {
+    /// Tenant name.
+    pub name: String,
+    /// Businesses.
+    pub businesses: Vec<RegistryBusiness>,
+    /// File with the tokens.
+    pub tokens_file: String,
+    /// Redis endpoint.
+    pub redis: RegistryEndpoint,
+    /// DB endpoint.
+    pub db: RegistryDb,
+    /// Limits.
+    pub limits: RegistryLimits,
+    /// Cache settings.
+    pub cache: RegistryCache,
+}
+
+/// A business in the registry file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryBusiness {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: i64,
+}
+
+/// Redis in the registry file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryEndpoint {
+    /// URL.
+    pub url: String,
+    /// ACL user.
+    pub username: String,
+    /// Password file.
+    pub password_file: String,
+}
+
+/// The DB in the registry file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryDb {
+    /// URL.
+    pub url: String,
+    /// DB user.
+    pub username: String,
+    /// Password file.
+    pub password_file: String,
+    /// Schema.
+    pub schema: String,
+}
+
+/// Limits in the registry file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryLimits {
+    /// Per user.
+    pub per_mid_per_sec: u32,
+    /// Per tenant.
+    pub per_tenant_per_sec: u32,
+    /// DB fallback.
+    pub db_fallback_per_sec: u32,
+}
+
+/// Cache settings in the registry file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegistryCache {
+    /// Liked-list length.
+    pub liked_list_max: u32,
+    /// State TTL.
+    pub state_ttl_secs: u64,
+    /// Counts TTL.
+    pub counts_ttl_secs: u64,
+}
+
+/// The registry entry of a tenant, pointing at the datacenter `dc`.
+pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> RegistryEntry {
+    let t = lt.tenant();
+    let dc = cfg.datacenter(dc).unwrap_or_else(|| cfg.active());
+    let [db_key, redis_key, tokens_key] = registry_secret_keys(&t);
+    let s = &lt.spec;
+    RegistryEntry {
+        name: t.clone(),
+        businesses: s.businesses.iter().map(|b| RegistryBusiness { name: b.name.clone(), id: b.id }).collect(),
+        tokens_file: tokens_key,
+        redis: RegistryEndpoint { url: dc.redis.url.clone(), username: redis_username(&t), password_file: redis_key },
+        db: RegistryDb {
+            url: dc.db.url.clone(),
+            username: db_username(&t),
+            password_file: db_key,
+            schema: lt.schema(),
+        },
+        limits: RegistryLimits {
+            // The CRD's minimums keep these positive.
+            per_mid_per_sec: s.limits.per_mid_per_sec.max(1) as u32,
+            per_tenant_per_sec: s.limits.per_tenant_per_sec.max(1) as u32,
+            db_fallback_per_sec: s.limits.db_fallback_per_sec.max(1) as u32,
+        },
+        cache: RegistryCache {
+            liked_list_max: s.cache.liked_list_max.max(1) as u32,
+            state_ttl_secs: s.cache.state_ttl_secs.max(1) as u64,
+            counts_ttl_secs: s.cache.counts_ttl_secs.max(1) as u64,
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct RegistryFile<'a> {
+    tenants: Vec<&'a RegistryEntry>,
+}
+
+/// Renders the registry file from its entries (sorted by tenant name, so the
+/// same set renders the same bytes and a no-op reconcile writes nothing).
+pub fn render_registry(entries: &BTreeMap<String, RegistryEntry>) -> String {
+    let header = "# Written by thumbup-operator from the LikeTenants; edits are overwritten.\n";
+    let body = serde_yaml::to_string(&RegistryFile { tenants: entries.values().collect() }).expect("plain data");
+    format!("{header}{body}")
+}
+
+/// Reads the entries back from a rendered registry file. Entries that do not
+/// parse are an error: the operator never overwrites a file it cannot read.
+pub fn parse_registry(text: &str) -> Result<BTreeMap<String, serde_yaml::Value>, serde_yaml::Error> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        tenants: Vec<serde_yaml::Value>,
+    }
+    let f: File = serde_yaml::from_str(text)?;
+    Ok(f.tenants.into_iter().filter_map(|v| Some((v.get("name")?.as_str()?.to_string(), v))).collect())
+}
+
+/// The registry Secret's data for a tenant.
+pub fn registry_secret_data(tenant: &str, c: &Credentials) -> BTreeMap<String, ByteString> {
+    let [db_key, redis_key, tokens_key] = registry_secret_keys(tenant);
+    BTreeMap::from([
+        (db_key, bytes(&c.db_password)),
+        (redis_key, bytes(&c.redis_password)),
+        (tokens_key, bytes(&format!("{}\n", c.token))),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Business, LikeTenantSpec};
+
+    pub(crate) fn config() -> OperatorConfig {
+        OperatorConfig::parse(
+            r#"
+active_datacenter: dc-a
+job: { image: "thumbup/thumbup:test", image_pull_policy: Never }
+datacenters:
+  - name: dc-a
+    db: { url: "mysql://db-a:3306", admin_username: root, admin_password: pw }
+    redis: { url: "redis://redis-a:6379", admin_username: default, admin_password: pw }
+  - name: dc-b
+    db: { url: "mysql://db-b:3306", admin_username: root, admin_password: pw }
+    redis: { url: "redis://redis-b:6379", admin_username: default, admin_password: pw }
+"#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn tenant() -> LikeTenant {
+        let mut lt = LikeTenant::new(
+            "video-site",
+            LikeTenantSpec {
+                businesses: vec![Business { id: 1, name: "video".into() }, Business { id: 2, name: "article".into() }],
+                limits: Default::default(),
+                cache: Default::default(),
+                job: Default::default(),
+                deletion_policy: Default::default(),
+                schema_name: None,
+            },
+        );
+        lt.metadata.namespace = Some("team-a".into());
+        lt.metadata.uid = Some("uid-1".into());
+        lt.spec.job.replicas = 3;
+        lt
+    }
+
+    #[test]
+    fn job_deployment_is_owned_and_follows_the_spec() {
+        let lt = tenant();
+        let d = build_job_deployment(&lt, &config());
+        assert_eq!(d.metadata.name.as_deref(), Some("thumbup-job-video-site"));
+        assert_eq!(d.metadata.namespace.as_deref(), Some("team-a"));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("LikeTenant", "uid-1", Some(true)));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("thumbup/thumbup:test"));
+        let args = c.args.as_ref().unwrap();
+        assert!(args.contains(&"--tenant=video-site".to_string()) && args.contains(&"--window-ms=10000".to_string()));
+        assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
+        // The Secret's keys are projected under the names the registry file references.
+        let items = pod.volumes.unwrap()[1].secret.clone().unwrap().items.unwrap();
+        let paths: Vec<_> = items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["video-site.db-password", "video-site.redis-password", "video-site.tokens"]);
+    }
+
+    #[test]
+    fn tenant_secret_round_trips_credentials() {
+        let lt = tenant();
+        let c = Credentials::generate("video-site");
+        assert_eq!(c.db_username, "thumbup_video_site");
+        assert_eq!(c.redis_username, "thumbup-video-site");
+        let s = build_tenant_secret(&lt, &c);
+        assert_eq!(Credentials::from_secret(&s), Some(c.clone()));
+        assert_ne!(Credentials::generate("video-site").db_password, c.db_password);
+        assert!(!format!("{c:?}").contains(&c.db_password), "Debug must not print passwords");
+    }
+
+    #[test]
+    fn rendered_registry_is_a_valid_service_config() {
+        let lt = tenant();
+        let cfg = config();
+        let entries = BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &cfg, "dc-b"))]);
+        let text = render_registry(&entries);
+        assert_eq!(render_registry(&entries), text, "rendering is deterministic");
+        let dir = std::env::temp_dir().join(format!("thumbup-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(REGISTRY_KEY), &text).unwrap();
+        for (k, v) in registry_secret_data("video-site", &Credentials::generate("video-site")) {
+            std::fs::write(dir.join(k), v.0).unwrap();
+        }
+        let parsed = thumbup_core::config::Config::load(&dir.join(REGISTRY_KEY)).unwrap();
+        let t = parsed.tenant("video-site").unwrap();
+        assert_eq!(t.db.url, "mysql://db-b:3306");
+        assert_eq!(t.schema(), "thumbup_video_site");
+        assert_eq!(t.tokens.len(), 1);
+        assert!(t.has_business(2));
+        assert_eq!(parse_registry(&text).unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
