@@ -1,0 +1,188 @@
+{{/*
+The chart name, truncated to 63 characters (a DNS label).
+*/}}
+{{- define "thumbup.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name that object names start with. It leaves room for the longest
+suffix ("-operator-admin", 15 characters) within a 63-character DNS label.
+*/}}
+{{- define "thumbup.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "thumbup.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "thumbup.labels" -}}
+helm.sh/chart: {{ include "thumbup.chart" . }}
+app.kubernetes.io/name: {{ include "thumbup.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: thumbup
+{{- end }}
+
+{{/*
+Selector labels of a component; call with (dict "ctx" $ "component" "operator").
+These are immutable on a Deployment, so they hold no version.
+*/}}
+{{- define "thumbup.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "thumbup.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Object names.
+*/}}
+{{- define "thumbup.operatorName" -}}
+{{- printf "%s-operator" (include "thumbup.fullname" .) }}
+{{- end }}
+
+{{- define "thumbup.serviceName" -}}
+{{- printf "%s-service" (include "thumbup.fullname" .) }}
+{{- end }}
+
+{{- define "thumbup.adminSecretName" -}}
+{{- if .Values.datacenterSecret.existingSecret }}
+{{- .Values.datacenterSecret.existingSecret }}
+{{- else }}
+{{- printf "%s-operator-admin" (include "thumbup.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "thumbup.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "thumbup.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ClusterRole (and its binding) is cluster-scoped: the namespace in its
+name keeps two releases of the same name in different namespaces apart.
+*/}}
+{{- define "thumbup.clusterRoleName" -}}
+{{- printf "%s-%s-operator" .Release.Namespace (include "thumbup.fullname" .) }}
+{{- end }}
+
+{{/*
+The image reference, defaulting the tag to the chart's appVersion.
+*/}}
+{{- define "thumbup.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+Where the operator finds its config and the admin passwords.
+*/}}
+{{- define "thumbup.operatorConfigDir" -}}/etc/thumbup-operator{{- end }}
+
+{{/*
+Fails the render on datacenter values the operator would refuse at start.
+*/}}
+{{- define "thumbup.validateDatacenters" -}}
+{{- if not .Values.datacenters }}
+{{- fail "datacenters: at least one datacenter is required" }}
+{{- end }}
+{{- $names := list }}
+{{- range .Values.datacenters }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" (toString .name)) }}
+{{- fail (printf "datacenters: name %q must match [a-z0-9]([-a-z0-9]*[a-z0-9])?" (toString .name)) }}
+{{- end }}
+{{- if has .name $names }}
+{{- fail (printf "datacenters: %s is listed twice" .name) }}
+{{- end }}
+{{- $names = append $names .name }}
+{{- if not (hasPrefix "mysql://" (toString .db.url)) }}
+{{- fail (printf "datacenters: %s: db.url must start with mysql://" .name) }}
+{{- end }}
+{{- if not (hasPrefix "redis" (toString .redis.url)) }}
+{{- fail (printf "datacenters: %s: redis.url must start with redis:// or rediss://" .name) }}
+{{- end }}
+{{- if or (not .db.adminUsername) (not .redis.adminUsername) }}
+{{- fail (printf "datacenters: %s: db.adminUsername and redis.adminUsername are required" .name) }}
+{{- end }}
+{{- end }}
+{{- if not (has .Values.activeDatacenter $names) }}
+{{- fail (printf "activeDatacenter %q is not one of datacenters (%s)" .Values.activeDatacenter (join ", " $names)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator config file (operator.yaml, snake_case), in the format of
+operator/src/config.rs.
+*/}}
+{{- define "thumbup.operatorConfig" -}}
+{{- include "thumbup.validateDatacenters" . }}
+{{- $secrets := printf "%s/secrets" (include "thumbup.operatorConfigDir" .) -}}
+active_datacenter: {{ .Values.activeDatacenter | quote }}
+registry:
+  config_map: {{ .Values.registry.configMap | quote }}
+  secret: {{ .Values.registry.secret | quote }}
+job:
+  image: {{ include "thumbup.image" . | quote }}
+  image_pull_policy: {{ .Values.image.pullPolicy | quote }}
+  {{- with .Values.job.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+datacenters:
+{{- range .Values.datacenters }}
+  - name: {{ .name | quote }}
+    db:
+      url: {{ .db.url | quote }}
+      admin_username: {{ .db.adminUsername | quote }}
+      admin_password_file: {{ printf "%s/%s-db-password" $secrets .name | quote }}
+    redis:
+      url: {{ .redis.url | quote }}
+      admin_username: {{ .redis.adminUsername | quote }}
+      admin_password_file: {{ printf "%s/%s-redis-password" $secrets .name | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod placement and hardening that the operator and the service share.
+*/}}
+{{- define "thumbup.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
