@@ -9,7 +9,7 @@
 #   stop   redis|mariadb [I]   gracefully stop one server, wait until its port is closed
 #   kill   redis|mariadb [I]   SIGKILL one server (crash simulation), wait until it is gone
 #   status                     one line per server: running/stopped and port
-#   env                        print `export` lines for the admin URLs and ports
+#   env                        print `export` lines for the admin URLs and ports (Redis b: *_B)
 #   reset                      down, then delete the whole stack directory
 #
 # Environment:
@@ -21,7 +21,8 @@
 #   THUMBUP_STACK_TIMEOUT        seconds to wait for a server to start/stop (default 60)
 #
 # Instances are named ("a", later "b" for a second datacenter); all server
-# functions take the instance name and port as parameters.  Only "a" is started.
+# functions take the instance name and port as parameters.  `up` starts MariaDB
+# and Redis of "a" and the Redis of "b".
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -38,6 +39,9 @@ OS_USER="$(id -un)"
 
 # Instances started by `up`.  Add "b" here once the second datacenter exists.
 INSTANCES=(a)
+# Redis instances started by `up`: dc-b's Redis already runs, because the
+# operator provisions every tenant's ACL user on every datacenter's Redis.
+REDIS_INSTANCES=(a b)
 
 db_port_of() {
   case "$1" in
@@ -487,6 +491,8 @@ cmd_up() {
     init_mariadb "$inst"
     start_mariadb "$inst" "$(db_port_of "$inst")"
     ensure_db_admin "$inst" "$(db_port_of "$inst")"
+  done
+  for inst in "${REDIS_INSTANCES[@]}"; do
     init_redis "$inst"
     start_redis "$inst" "$(redis_port_of "$inst")"
   done
@@ -548,6 +554,7 @@ cmd_env() {
   printf 'export %s=%q\n' \
     THUMBUP_ADMIN_DB_URL "mysql://$DB_ADMIN_USER:$(urlencode "$DB_ADMIN_PW")@127.0.0.1:$db_port" \
     THUMBUP_ADMIN_REDIS_URL "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$redis_port" \
+    THUMBUP_ADMIN_REDIS_URL_B "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$(redis_port_of b)" \
     THUMBUP_DB_PORT "$db_port" \
     THUMBUP_REDIS_PORT "$redis_port"
 }

@@ -31,14 +31,14 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use thumbup_core::config::{self as core_config, TenantConfig};
-use thumbup_core::provision;
+use thumbup_core::config as core_config;
 use tracing::{info, instrument, warn};
 
 use crate::config::{Datacenter, OperatorConfig};
 use crate::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus, condition};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::provision;
 use crate::resources::{self, Credentials, REGISTRY_KEY};
 
 /// The field manager of every server-side apply.
@@ -134,35 +134,6 @@ pub fn backoff(n: u32) -> Duration {
 fn succeeded(lt: &LikeTenant, ctx: &Context) {
     let key = format!("{}/{}", lt.namespace().unwrap_or_default(), lt.name_any());
     ctx.failures.lock().expect("not poisoned").remove(&key);
-}
-
-/// The core tenant config the provisioning functions take, with the
-/// addresses the operator itself reaches (`admin_url` when set).
-fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> Result<TenantConfig> {
-    let text = serde_yaml::to_string(&json!({
-        "tenants": [{
-            "name": lt.tenant(),
-            "businesses": lt.spec.businesses.iter().map(|b| json!({"name": b.name, "id": b.id})).collect::<Vec<_>>(),
-            "tokens": [creds.token],
-            "redis": {
-                "url": dc.redis.admin_url.as_deref().unwrap_or(&dc.redis.url),
-                "username": creds.redis_username, "password": creds.redis_password,
-            },
-            "db": {
-                "url": dc.db.admin_url.as_deref().unwrap_or(&dc.db.url),
-                "username": creds.db_username, "password": creds.db_password,
-                "schema": lt.schema(), "max_connections": 2,
-            },
-        }]
-    }))
-    .expect("plain data");
-    let config = core_config::Config::parse(&text, "LikeTenant").map_err(|e| {
-        Error::Database(provision::ProvisionError::BadCredential {
-            tenant: format!("{}: {e}", lt.tenant()),
-            what: "spec",
-        })
-    })?;
-    Ok(config.tenants.into_iter().next().expect("one tenant"))
 }
 
 /// Outcome of claiming or releasing a tenant name in the registry.
@@ -305,27 +276,6 @@ fn active_dc<'a>(lt: &LikeTenant, cfg: &'a OperatorConfig) -> &'a Datacenter {
         .unwrap_or_else(|| cfg.active())
 }
 
-async fn provision_db(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> Result<()> {
-    let t = tenant_config(lt, creds, dc)?;
-    let admin = dc.db.admin_url()?;
-    provision::provision_db(&admin, &t).await.map_err(Error::Database)?;
-    provision::migrate(&t).await.map_err(Error::Database)
-}
-
-async fn provision_redis(lt: &LikeTenant, creds: &Credentials, cfg: &OperatorConfig) -> Result<()> {
-    for dc in &cfg.datacenters {
-        let t = tenant_config(lt, creds, dc)?;
-        let admin = dc.redis.admin_url()?;
-        let saved = provision::provision_redis(&admin, &t)
-            .await
-            .map_err(|source| Error::Redis { dc: dc.name.clone(), source })?;
-        if !saved {
-            warn!(dc = %dc.name, "Redis has no ACL file: the tenant user lives until the next restart of that Redis");
-        }
-    }
-    Ok(())
-}
-
 /// Conditions of a pass, merged into the previous status.
 struct Conditions {
     list: Vec<Condition>,
@@ -439,7 +389,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     }
     let creds = ensure_credentials(lt, ctx).await?;
 
-    if let Err(e) = provision_db(lt, &creds, dc).await {
+    if let Err(e) = provision::database(lt, &creds, dc).await {
         return fail(lt, ctx, status, conds, condition::DATABASE_READY, e).await;
     }
     conds.set(
@@ -448,7 +398,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         "Provisioned",
         format!("schema {} on {} with user {}", lt.schema(), dc.name, creds.db_username),
     );
-    if let Err(e) = provision_redis(lt, &creds, &cfg).await {
+    if let Err(e) = provision::redis(lt, &creds, &cfg).await {
         return fail(lt, ctx, status, conds, condition::REDIS_READY, e).await;
     }
     let dcs: Vec<_> = cfg.datacenters.iter().map(|d| d.name.as_str()).collect();
@@ -522,24 +472,7 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let owned = matches!(update_registry(lt, ctx, Some(None)).await?, Claim::Ours);
     if owned && core_config::valid_tenant_name(&tenant) {
         apply_registry_secret(lt, ctx, None).await?;
-        for dc in &cfg.datacenters {
-            let admin = dc.redis.admin_url()?;
-            provision::drop_redis_user(&admin, &tenant, &resources::redis_username(&tenant))
-                .await
-                .map_err(|source| Error::Redis { dc: dc.name.clone(), source })?;
-        }
-        if lt.spec.deletion_policy == DeletionPolicy::Delete {
-            let dc = active_dc(lt, &cfg);
-            provision::drop_db(&dc.db.admin_url()?, &tenant, &lt.schema(), &resources::db_username(&tenant))
-                .await
-                .map_err(Error::Database)?;
-            for dc in &cfg.datacenters {
-                let removed = provision::delete_keys(&dc.redis.admin_url()?, &tenant)
-                    .await
-                    .map_err(|source| Error::Redis { dc: dc.name.clone(), source })?;
-                info!(dc = %dc.name, removed, "tenant keys deleted");
-            }
-        }
+        provision::teardown(lt, &cfg, active_dc(lt, &cfg)).await?;
     }
     let (reason, note) = match lt.spec.deletion_policy {
         DeletionPolicy::Delete => ("Deleted", format!("tenant {tenant}: access, job and data removed")),

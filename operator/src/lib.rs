@@ -9,6 +9,10 @@
 //! Deletion runs through a finalizer. Only the replica holding the
 //! [`leader`] Lease reconciles.
 
+// kube::Error and the provisioning errors are large; errors are rare and off
+// any hot path, so they are not boxed.
+#![allow(clippy::result_large_err)]
+
 pub mod config;
 pub mod controller;
 pub mod crd;
@@ -16,6 +20,7 @@ pub mod crdgen;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod provision;
 pub mod resources;
 
 use std::net::SocketAddr;

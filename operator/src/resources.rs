@@ -253,7 +253,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment
                     volumes: Some(volumes),
                     // The job flushes its open window on SIGTERM: give it the
                     // window plus the DB transaction.
-                    termination_grace_period_seconds: Some((spec.window_ms / 1000) as i64 + 30),
+                    termination_grace_period_seconds: Some(spec.window_ms / 1000 + 30),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(10001),

@@ -1,0 +1,181 @@
+//! Tenant provisioning against the real MariaDB and Redis servers of
+//! `scripts/stack.sh` (dc-a: MariaDB + Redis a; dc-b: Redis b).
+
+mod common;
+
+use common::*;
+use thumbup_operator::crd::DeletionPolicy;
+use thumbup_operator::provision;
+use thumbup_operator::resources::Credentials;
+
+async fn provision_all(name: &str) -> (thumbup_operator::crd::LikeTenant, Credentials) {
+    let cfg = operator_config(None);
+    let lt = tenant(name);
+    let creds = Credentials::generate(name);
+    provision::database(&lt, &creds, cfg.active()).await.expect("DB provisioned");
+    provision::redis(&lt, &creds, &cfg).await.expect("Redis provisioned");
+    (lt, creds)
+}
+
+/// Everything a provisioning run leaves behind that a second run could change.
+async fn snapshot(name: &str, creds: &Credentials) -> Vec<String> {
+    let schema = thumbup_core::config::schema_for(name);
+    let mut con = admin_db().await;
+    let mut out: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW GRANTS FOR '{}'@'%'", creds.db_username)))
+            .fetch_all(&mut con)
+            .await
+            .unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CONCAT(TABLE_NAME, ':', CREATE_TIME) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? ORDER BY 1",
+    )
+    .bind(&schema)
+    .fetch_all(&mut con)
+    .await
+    .unwrap();
+    out.extend(tables);
+    let migrations: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT CONCAT(version, ':', installed_on) FROM `{schema}`._sqlx_migrations"
+    )))
+    .fetch_all(&mut con)
+    .await
+    .unwrap();
+    out.extend(migrations);
+    for url in [admin_redis_url(), admin_redis_url_b()] {
+        out.push(acl_user(&url, &creds.redis_username).await);
+    }
+    out
+}
+
+async fn tenant_redis(url: &str, creds: &Credentials) -> redis::aio::MultiplexedConnection {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url).unwrap();
+    let settings =
+        info.redis_settings().clone().set_username(&creds.redis_username).set_password(&creds.redis_password);
+    info = info.set_redis_settings(settings);
+    redis::Client::open(info).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+#[tokio::test]
+async fn tenant_is_provisioned_from_nothing_and_a_second_run_changes_nothing() {
+    let name = "prov-fresh";
+    forget(name).await;
+    assert!(!schema_exists("thumbup_prov_fresh").await);
+    let (lt, creds) = provision_all(name).await;
+
+    // From nothing: the schema with its tables, a DB user that can write in it,
+    // and an ACL user on both datacenters' Redis that can write its keys.
+    assert!(schema_exists("thumbup_prov_fresh").await);
+    let mut con = db_as(&creds.db_username, &creds.db_password, Some("thumbup_prov_fresh")).await.unwrap();
+    sqlx::query("INSERT INTO like_counts (business_id, message_id, likes, dislikes, version) VALUES (1, 7, 3, 0, 1)")
+        .execute(&mut con)
+        .await
+        .unwrap();
+    for url in [admin_redis_url(), admin_redis_url_b()] {
+        let mut r = tenant_redis(&url, &creds).await;
+        let _: () = redis::cmd("SET").arg("thumbup:prov-fresh:probe").arg("1").query_async(&mut r).await.unwrap();
+    }
+
+    let before = snapshot(name, &creds).await;
+    provision::database(&lt, &creds, operator_config(None).active()).await.unwrap();
+    provision::redis(&lt, &creds, &operator_config(None)).await.unwrap();
+    let after = snapshot(name, &creds).await;
+    assert_eq!(before, after, "a second provisioning run changed grants, tables, migrations or ACL rules");
+    let likes: i64 =
+        sqlx::query_scalar("SELECT likes FROM like_counts WHERE message_id = 7").fetch_one(&mut con).await.unwrap();
+    assert_eq!(likes, 3, "a second run kept the data");
+    forget(name).await;
+}
+
+#[tokio::test]
+async fn tenant_credentials_are_refused_on_another_tenants_schema_and_keys() {
+    forget("iso-a").await;
+    forget("iso-b").await;
+    let (_, a) = provision_all("iso-a").await;
+    let (_, b) = provision_all("iso-b").await;
+
+    let err = db_as(&a.db_username, &a.db_password, Some("thumbup_iso_b")).await.unwrap_err();
+    let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("42000"), "access denied expected, got {err}");
+    assert!(err.to_string().contains("denied"), "{err}");
+    assert!(db_as(&b.db_username, &b.db_password, Some("thumbup_iso_b")).await.is_ok());
+
+    for url in [admin_redis_url(), admin_redis_url_b()] {
+        let mut r = tenant_redis(&url, &a).await;
+        let own: redis::RedisResult<Option<String>> =
+            redis::cmd("GET").arg("thumbup:iso-a:x").query_async(&mut r).await;
+        assert!(own.is_ok(), "own prefix: {own:?}");
+        for cmd in [vec!["GET", "thumbup:iso-b:x"], vec!["FLUSHALL"], vec!["KEYS", "*"], vec!["CONFIG", "GET", "*"]] {
+            let res: redis::RedisResult<redis::Value> = redis::cmd(cmd[0]).arg(&cmd[1..]).query_async(&mut r).await;
+            let e = res.expect_err("must be refused");
+            assert!(e.to_string().to_uppercase().contains("NOPERM"), "{cmd:?} on {url}: {e}");
+        }
+    }
+    forget("iso-a").await;
+    forget("iso-b").await;
+}
+
+#[tokio::test]
+async fn delete_policy_removes_schema_db_user_acl_users_and_every_key() {
+    let name = "prov-del";
+    forget(name).await;
+    forget("prov-keep-other").await;
+    let (mut lt, creds) = provision_all(name).await;
+    let (_, other) = provision_all("prov-keep-other").await;
+    // More keys than one SCAN/UNLINK batch, on both datacenters.
+    for url in [admin_redis_url(), admin_redis_url_b()] {
+        let mut r = tenant_redis(&url, &creds).await;
+        let mut pipe = redis::pipe();
+        for i in 0..1_200 {
+            pipe.cmd("SET").arg(format!("thumbup:prov-del:k{i}")).arg(i).ignore();
+        }
+        let _: () = pipe.query_async(&mut r).await.unwrap();
+        let mut o = tenant_redis(&url, &other).await;
+        let _: () = redis::cmd("SET").arg("thumbup:prov-keep-other:k").arg(1).query_async(&mut o).await.unwrap();
+    }
+    lt.spec.deletion_policy = DeletionPolicy::Delete;
+    let cfg = operator_config(None);
+    provision::teardown(&lt, &cfg, cfg.active()).await.unwrap();
+
+    assert!(!schema_exists("thumbup_prov_del").await);
+    assert!(!db_user_exists(&creds.db_username).await);
+    for url in [admin_redis_url(), admin_redis_url_b()] {
+        assert_eq!(acl_user(&url, &creds.redis_username).await, "", "ACL user left on {url}");
+        assert!(keys_under(&url, "thumbup:prov-del:").await.is_empty(), "keys left on {url}");
+        assert_eq!(keys_under(&url, "thumbup:prov-keep-other:").await.len(), 1, "another tenant's key was removed");
+    }
+    // Nothing left to remove: teardown converges.
+    provision::teardown(&lt, &cfg, cfg.active()).await.unwrap();
+    forget("prov-keep-other").await;
+}
+
+#[tokio::test]
+async fn retain_policy_keeps_schema_and_keys_and_removes_the_acl_users() {
+    let name = "prov-ret";
+    forget(name).await;
+    let (lt, creds) = provision_all(name).await;
+    assert_eq!(lt.spec.deletion_policy, DeletionPolicy::Retain, "Retain is the default");
+    let mut con = db_as(&creds.db_username, &creds.db_password, Some("thumbup_prov_ret")).await.unwrap();
+    sqlx::query("INSERT INTO like_counts (business_id, message_id, likes, dislikes, version) VALUES (1, 9, 5, 1, 1)")
+        .execute(&mut con)
+        .await
+        .unwrap();
+    let mut r = tenant_redis(&admin_redis_url(), &creds).await;
+    let _: () = redis::cmd("SET").arg("thumbup:prov-ret:kept").arg("1").query_async(&mut r).await.unwrap();
+    drop(r);
+
+    let cfg = operator_config(None);
+    provision::teardown(&lt, &cfg, cfg.active()).await.unwrap();
+
+    assert!(schema_exists("thumbup_prov_ret").await);
+    let mut admin = admin_db().await;
+    let likes: i64 = sqlx::query_scalar("SELECT likes FROM thumbup_prov_ret.like_counts WHERE message_id = 9")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(likes, 5);
+    assert_eq!(keys_under(&admin_redis_url(), "thumbup:prov-ret:").await, ["thumbup:prov-ret:kept"]);
+    for url in [admin_redis_url(), admin_redis_url_b()] {
+        assert_eq!(acl_user(&url, &creds.redis_username).await, "", "ACL user left on {url}");
+    }
+    forget(name).await;
+}
