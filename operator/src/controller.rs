@@ -198,8 +198,10 @@ async fn update_registry(
                 entries.remove(&tenant);
             }
         }
-        let rendered = render_values(&entries);
-        cm.data.get_or_insert_with(BTreeMap::new).insert(REGISTRY_KEY.into(), rendered);
+        // A claim alone leaves the file as it is (a missing file is created).
+        if entry.is_some() || !text_present(&cm) {
+            cm.data.get_or_insert_with(BTreeMap::new).insert(REGISTRY_KEY.into(), render_values(&entries));
+        }
         if exists && cm == before {
             return Ok(Claim::Ours);
         }
@@ -215,6 +217,10 @@ async fn update_registry(
         }
     }
     Err(Error::RegistryContended(name.clone()))
+}
+
+fn text_present(cm: &ConfigMap) -> bool {
+    cm.data.as_ref().is_some_and(|d| d.contains_key(REGISTRY_KEY))
 }
 
 /// Renders registry entries kept as YAML values (entries of other tenants
