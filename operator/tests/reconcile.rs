@@ -443,3 +443,58 @@ fn backoff_doubles_from_five_seconds_up_to_five_minutes() {
     let got: Vec<u64> = (1..=9).map(|n| controller::backoff(n).as_secs()).collect();
     assert_eq!(got, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
 }
+
+fn lease(holder: &str, renewed_secs_ago: i64, transitions: i32) -> Value {
+    let renew = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(renewed_secs_ago);
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "thumbup-operator", "namespace": "thumbup", "resourceVersion": "41"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": transitions,
+            "renewTime": renew.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "acquireTime": renew.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    })
+}
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/thumbup/leases/thumbup-operator";
+
+#[tokio::test]
+async fn a_second_replica_neither_leads_while_the_lease_is_fresh_nor_wins_a_race_for_an_expired_one() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer { handle };
+    let client = Client::new(service, "thumbup");
+    let b = thumbup_operator::leader::Elector::new(
+        client,
+        "thumbup",
+        "thumbup-operator",
+        "replica-b",
+        Duration::from_secs(15),
+    );
+    let server = tokio::spawn(async move {
+        // Held by A, renewed 2 s ago: B does not write.
+        api.expect("GET", LEASE).await.reply(200, lease("replica-a", 2, 0));
+        // Expired (A stopped renewing 20 s ago): B takes over with the version it read.
+        api.expect("GET", LEASE).await.reply(200, lease("replica-a", 20, 0));
+        let call = api.expect("PUT", LEASE).await;
+        assert_eq!(call.body["metadata"]["resourceVersion"], "41");
+        assert_eq!(call.body["spec"]["holderIdentity"], "replica-b");
+        assert_eq!(call.body["spec"]["leaseTransitions"], 1);
+        call.echo();
+        // Expired again, but another replica wrote first: 409, B does not lead.
+        api.expect("GET", LEASE).await.reply(200, lease("replica-a", 20, 1));
+        api.expect("PUT", LEASE).await.reply(
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        );
+        // No Lease yet: B creates it and leads.
+        api.expect("GET", LEASE).await.not_found();
+        let call = api.expect("POST", "/apis/coordination.k8s.io/v1/namespaces/thumbup/leases").await;
+        assert_eq!(call.body["spec"]["holderIdentity"], "replica-b");
+        call.echo();
+    });
+    assert!(!b.try_acquire().await.unwrap(), "a fresh Lease held by another replica must not be taken");
+    assert!(b.try_acquire().await.unwrap(), "an expired Lease is taken over");
+    assert!(!b.try_acquire().await.unwrap(), "losing the write race means not leading");
+    assert!(b.try_acquire().await.unwrap(), "a missing Lease is created");
+    server.await.unwrap();
+}
