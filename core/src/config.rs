@@ -1,18 +1,32 @@
 //! Tenant configuration: the YAML file that the Helm chart renders into a
 //! ConfigMap and that every binary reads outside a cluster too.
 //!
+//! Credentials are given inline or, so that a Kubernetes operator can keep
+//! the registry in a ConfigMap and the credentials in a Secret, as files:
+//!
 //! ```yaml
 //! tenants:
+//!   # Inline credentials (local runs, tests).
 //!   - name: alpha
 //!     businesses: [{ name: video, id: 1 }]
 //!     tokens: [alpha-secret]
 //!     redis: { url: "redis://127.0.0.1:26379", username: thumbup-alpha, password: pw }
 //!     db: { url: "mysql://127.0.0.1:23306", username: thumbup_alpha, password: pw }
 //!     limits: { per_mid_per_sec: 20, per_tenant_per_sec: 50000 }
+//!   # Credentials from files; relative paths resolve against the secrets
+//!   # dir (`--secrets-dir`, by default the config file's directory).
+//!   - name: beta
+//!     businesses: [{ name: review, id: 1 }]
+//!     tokens_file: beta/tokens              # one token per line
+//!     redis: { url: "redis://127.0.0.1:26379", username: thumbup-beta, password_file: beta/redis-password }
+//!     db: { url: "mysql://127.0.0.1:23306", username: thumbup_beta, password_file: /run/secrets/beta-db }
 //! ```
+//!
+//! Loading resolves the files: every [`TenantConfig`] handed out has its
+//! `password`s and `tokens` filled in, whichever way they were given.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -35,6 +49,29 @@ pub enum ConfigError {
         /// The YAML error.
         source: serde_yaml::Error,
     },
+    /// A credential file (`password_file`, `tokens_file`) could not be read.
+    /// Names the file, never its content.
+    #[error("config {origin}: tenant {tenant:?}: reading {field} {path}: {source}")]
+    SecretFile {
+        /// The config the reference is in.
+        origin: String,
+        /// The tenant the file belongs to.
+        tenant: String,
+        /// The field naming the file, e.g. `db.password_file`.
+        field: &'static str,
+        /// The file, resolved against the secrets dir.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// [`Config::load_tenant`] was asked for a tenant the file does not list.
+    #[error("tenant {tenant:?} is not in config {path}")]
+    UnknownTenant {
+        /// The tenant asked for.
+        tenant: String,
+        /// The file.
+        path: String,
+    },
     /// A value breaks a rule.
     #[error("invalid config: tenant {tenant:?}: {reason}")]
     Invalid {
@@ -46,10 +83,10 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The tenants served.
+    /// The tenants served (may be empty).
     pub tenants: Vec<TenantConfig>,
 }
 
@@ -62,7 +99,15 @@ pub struct TenantConfig {
     /// The businesses (kinds of items: videos, comments, ...) of the tenant.
     pub businesses: Vec<Business>,
     /// API tokens accepted for this tenant (several, so tokens can rotate).
+    /// After loading, also those read from `tokens_file`.
+    #[serde(default)]
     pub tokens: Vec<String>,
+    /// A file of more API tokens, one per line (blank lines and surrounding
+    /// whitespace ignored), added to `tokens`. A relative path resolves
+    /// against the secrets dir. Re-read on reload, so tokens rotate by
+    /// rewriting the file.
+    #[serde(default)]
+    pub tokens_file: Option<String>,
     /// The tenant's Redis, reached with its ACL user.
     pub redis: RedisConfig,
     /// The tenant's database, reached with its own DB user.
@@ -96,8 +141,14 @@ pub struct RedisConfig {
     pub url: String,
     /// ACL user; its key pattern is limited to the tenant prefix.
     pub username: String,
-    /// ACL password.
+    /// ACL password; give it or `password_file`, not both. After loading,
+    /// the password in use however it was given.
+    #[serde(default)]
     pub password: String,
+    /// File holding the ACL password (trailing whitespace and newline
+    /// dropped); relative paths resolve against the secrets dir.
+    #[serde(default)]
+    pub password_file: Option<String>,
 }
 
 /// Database endpoint and credentials.
@@ -108,8 +159,14 @@ pub struct DbConfig {
     pub url: String,
     /// DB user granted on the tenant schema only.
     pub username: String,
-    /// DB password.
+    /// DB password; give it or `password_file`, not both. After loading,
+    /// the password in use however it was given.
+    #[serde(default)]
     pub password: String,
+    /// File holding the DB password (trailing whitespace and newline
+    /// dropped); relative paths resolve against the secrets dir.
+    #[serde(default)]
+    pub password_file: Option<String>,
     /// Schema; defaults to `thumbup_<name>` with `-` as `_`.
     #[serde(default)]
     pub schema: Option<String>,
@@ -178,22 +235,58 @@ impl Default for StreamSettings {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, reading credential files relative
+    /// to the config file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        Config::parse(&text, &p)
+        Config::load_with(path, None)
     }
 
-    /// Parses and validates YAML text; `origin` names it in errors.
+    /// Reads and validates a config file; relative `*_file` paths resolve
+    /// against `secrets_dir` (default: the config file's directory).
+    pub fn load_with(path: &Path, secrets_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Config::parse_with(&text, &p, &secrets_dir_for(path, secrets_dir))
+    }
+
+    /// Reads one tenant of a config file, resolving and validating that
+    /// tenant only: a job has only its own tenant's credential files.
+    pub fn load_tenant(path: &Path, secrets_dir: Option<&Path>, name: &str) -> Result<TenantConfig, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let config = Config::from_yaml(&text, &p)?;
+        let mut tenant = config
+            .tenants
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| ConfigError::UnknownTenant { tenant: name.to_string(), path: p.clone() })?;
+        tenant.resolve_files(&secrets_dir_for(path, secrets_dir), &p)?;
+        tenant.validate()?;
+        Ok(tenant)
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors. Relative
+    /// `*_file` paths resolve against the working directory.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: origin.to_string(), source })?;
+        Config::parse_with(text, origin, Path::new("."))
+    }
+
+    /// Parses and validates YAML text, reading relative `*_file` paths from
+    /// `secrets_dir`; `origin` names the text in errors.
+    pub fn parse_with(text: &str, origin: &str, secrets_dir: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::from_yaml(text, origin)?;
+        for t in &mut config.tenants {
+            t.resolve_files(secrets_dir, origin)?;
+        }
         config.validate()?;
         Ok(config)
     }
 
-    /// Checks the rules serde cannot.
+    fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: origin.to_string(), source })
+    }
+
+    /// Checks the rules serde cannot (on a config whose files are read).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashMap::new();
         for t in &self.tenants {
@@ -211,6 +304,55 @@ impl Config {
     }
 }
 
+/// Where relative `*_file` paths of the config at `path` resolve.
+fn secrets_dir_for(path: &Path, secrets_dir: Option<&Path>) -> PathBuf {
+    match secrets_dir {
+        Some(d) => d.to_path_buf(),
+        None => match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    }
+}
+
+/// Reads a credential file; the error names the file, not what is in it.
+fn read_secret(tenant: &str, field: &'static str, file: &str, dir: &Path, origin: &str) -> Result<String, ConfigError> {
+    let path = if Path::new(file).is_absolute() { PathBuf::from(file) } else { dir.join(file) };
+    std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+        origin: origin.to_string(),
+        tenant: tenant.to_string(),
+        field,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Fills `password` from `file`, requiring exactly one of them; `inline`
+/// and `field` name the two fields in errors.
+fn resolve_password(
+    tenant: &str,
+    (inline, field): (&str, &'static str),
+    password: &mut String,
+    file: Option<&str>,
+    dir: &Path,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    match file {
+        None if password.is_empty() => Err(invalid(tenant, format!("{inline} or {field} is required"))),
+        None => Ok(()),
+        Some(_) if !password.is_empty() => Err(invalid(tenant, format!("give {inline} or {field}, not both"))),
+        Some(f) => {
+            let text = read_secret(tenant, field, f, dir, origin)?;
+            let pw = text.trim_end();
+            if pw.is_empty() {
+                return Err(invalid(tenant, format!("{field} {f} is empty")));
+            }
+            *password = pw.to_string();
+            Ok(())
+        }
+    }
+}
+
 fn invalid(tenant: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { tenant: tenant.to_string(), reason: reason.into() }
 }
@@ -224,6 +366,21 @@ pub fn valid_tenant_name(name: &str) -> bool {
 }
 
 impl TenantConfig {
+    /// Reads the tenant's credential files into `password` and `tokens`
+    /// (once, right after parsing).
+    fn resolve_files(&mut self, dir: &Path, origin: &str) -> Result<(), ConfigError> {
+        let name = self.name.clone();
+        let redis = ("redis.password", "redis.password_file");
+        resolve_password(&name, redis, &mut self.redis.password, self.redis.password_file.as_deref(), dir, origin)?;
+        let db = ("db.password", "db.password_file");
+        resolve_password(&name, db, &mut self.db.password, self.db.password_file.as_deref(), dir, origin)?;
+        if let Some(f) = &self.tokens_file {
+            let text = read_secret(&name, "tokens_file", f, dir, origin)?;
+            self.tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let n = &self.name;
         if !valid_tenant_name(n) {
@@ -242,7 +399,10 @@ impl TenantConfig {
             }
         }
         if self.tokens.is_empty() || self.tokens.iter().any(|t| t.len() < 8) {
-            return Err(invalid(n, "at least one token, each of 8 or more characters, is required"));
+            return Err(invalid(
+                n,
+                "at least one token (tokens or tokens_file), each of 8 or more characters, is required",
+            ));
         }
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
             return Err(invalid(n, "redis.url must start with redis:// or rediss://"));
@@ -316,5 +476,169 @@ tenants:
             let err = Config::parse(&text, "test").unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
+    }
+
+    /// A fresh directory for one test's files.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("thumbup-config-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A tenant whose credentials all come from files.
+    fn file_tenant(name: &str, redis_pw: &str, db_pw: &str, tokens: &str) -> String {
+        format!(
+            r#"
+  - name: {name}
+    businesses: [{{ name: video, id: 1 }}]
+    tokens_file: {tokens}
+    redis: {{ url: "redis://127.0.0.1:26379", username: thumbup-{name}, password_file: {redis_pw} }}
+    db: {{ url: "mysql://127.0.0.1:23306", username: thumbup_{name}, password_file: "{db_pw}" }}
+"#
+        )
+    }
+
+    #[test]
+    fn credential_files_resolve_relative_to_the_secrets_dir_and_absolute_as_is() {
+        let dir = scratch("resolve");
+        let (conf_dir, secrets, elsewhere) = (dir.join("conf"), dir.join("secrets"), dir.join("elsewhere"));
+        for d in [&conf_dir, &secrets.join("alpha"), &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(secrets.join("alpha/redis"), "redis-pw \n").unwrap();
+        std::fs::write(secrets.join("alpha/tokens"), "alpha-token-1\n").unwrap();
+        std::fs::write(elsewhere.join("db"), "db-pw\n").unwrap();
+        let db_abs = elsewhere.join("db").display().to_string();
+        let path = conf_dir.join("config.yaml");
+        std::fs::write(&path, format!("tenants:{}", file_tenant("alpha", "alpha/redis", &db_abs, "alpha/tokens")))
+            .unwrap();
+
+        let c = Config::load_with(&path, Some(&secrets)).unwrap();
+        let t = c.tenant("alpha").unwrap();
+        assert_eq!(t.redis.password, "redis-pw", "trailing whitespace and newline dropped");
+        assert_eq!(t.db.password, "db-pw", "absolute path used as is");
+        assert_eq!(t.tokens, ["alpha-token-1"]);
+        assert_eq!(t.redis.password_file.as_deref(), Some("alpha/redis"), "the reference is kept");
+
+        // Without --secrets-dir, relative paths resolve next to the config file.
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains(&conf_dir.join("alpha/redis").display().to_string()), "{err}");
+        std::fs::create_dir_all(conf_dir.join("alpha")).unwrap();
+        std::fs::copy(secrets.join("alpha/redis"), conf_dir.join("alpha/redis")).unwrap();
+        std::fs::copy(secrets.join("alpha/tokens"), conf_dir.join("alpha/tokens")).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn token_file_holds_one_token_per_line_and_adds_to_inline_tokens() {
+        let dir = scratch("tokens");
+        std::fs::write(dir.join("tokens"), "\n  alpha-token-1  \n\n\talpha-token-2\r\n   \n").unwrap();
+        let text = GOOD.replace("tokens: [alpha-secret]", "tokens: [alpha-secret]\n    tokens_file: tokens");
+        let c = Config::parse_with(&text, "test", &dir).unwrap();
+        assert_eq!(c.tenants[0].tokens, ["alpha-secret", "alpha-token-1", "alpha-token-2"]);
+
+        // A file alone is enough; an empty one leaves no token.
+        let text = GOOD.replace("tokens: [alpha-secret]", "tokens_file: tokens");
+        assert_eq!(Config::parse_with(&text, "test", &dir).unwrap().tenants[0].tokens.len(), 2);
+        std::fs::write(dir.join("tokens"), "\n \n").unwrap();
+        let err = Config::parse_with(&text, "test", &dir).unwrap_err().to_string();
+        assert!(err.contains("at least one token"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn password_given_both_inline_and_as_file_or_not_at_all_is_refused() {
+        let dir = scratch("both");
+        std::fs::write(dir.join("pw"), "from-file").unwrap();
+        let cases = [
+            (
+                GOOD.replace("password: pw }\n    db", "password: pw, password_file: pw }\n    db"),
+                "give redis.password",
+            ),
+            (
+                GOOD.replace(", password: pw }\n    db", " }\n    db"),
+                "redis.password or redis.password_file is required",
+            ),
+            (
+                GOOD.replace("thumbup_alpha, password: pw", "thumbup_alpha, password: pw, password_file: pw"),
+                "give db.password",
+            ),
+            (
+                GOOD.replace("thumbup_alpha, password: pw", "thumbup_alpha"),
+                "db.password or db.password_file is required",
+            ),
+            (GOOD.replace("thumbup_alpha, password: pw", "thumbup_alpha, password: \"\""), "db.password or"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse_with(&text, "test", &dir).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("alpha"), "{err:?} should mention {want:?}");
+        }
+        // An empty password file counts as no password.
+        std::fs::write(dir.join("pw"), "\n").unwrap();
+        let text = GOOD.replace("thumbup_alpha, password: pw", "thumbup_alpha, password_file: pw");
+        let err = Config::parse_with(&text, "test", &dir).unwrap_err().to_string();
+        assert!(err.contains("db.password_file pw is empty"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_credential_file_is_refused_naming_tenant_field_and_path() {
+        let dir = scratch("missing");
+        let text = GOOD.replace("tokens: [alpha-secret]", "tokens_file: nope/tokens");
+        let err = Config::parse_with(&text, "cfg.yaml", &dir).unwrap_err();
+        assert!(matches!(&err, ConfigError::SecretFile { tenant, field: "tokens_file", .. } if tenant == "alpha"));
+        let msg = err.to_string();
+        assert!(msg.contains(&dir.join("nope/tokens").display().to_string()) && msg.contains("alpha"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn load_tenant_reads_only_its_own_files_and_refuses_an_absent_tenant() {
+        let dir = scratch("one");
+        std::fs::create_dir_all(dir.join("alpha")).unwrap();
+        std::fs::write(dir.join("alpha/redis"), "ra").unwrap();
+        std::fs::write(dir.join("alpha/db"), "da").unwrap();
+        std::fs::write(dir.join("alpha/tokens"), "alpha-token-1").unwrap();
+        // beta's files are not mounted, and beta is invalid besides.
+        let beta = file_tenant("beta", "beta/redis", "beta/db", "beta/tokens").replace("id: 1", "id: 0");
+        let path = dir.join("config.yaml");
+        std::fs::write(
+            &path,
+            format!("tenants:{}{beta}", file_tenant("alpha", "alpha/redis", "alpha/db", "alpha/tokens")),
+        )
+        .unwrap();
+        assert!(matches!(Config::load(&path), Err(ConfigError::SecretFile { .. })), "the whole file needs beta's");
+        let t = Config::load_tenant(&path, None, "alpha").unwrap();
+        assert_eq!((t.redis.password.as_str(), t.db.password.as_str()), ("ra", "da"));
+        assert_eq!(t.tokens, ["alpha-token-1"]);
+        assert!(matches!(Config::load_tenant(&path, None, "beta"), Err(ConfigError::SecretFile { .. })));
+        let err = Config::load_tenant(&path, None, "gamma").unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownTenant { tenant, .. } if tenant == "gamma"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn errors_never_show_passwords_tokens_or_file_contents() {
+        let dir = scratch("leak");
+        std::fs::write(dir.join("pw"), "file-secret-pw").unwrap();
+        std::fs::write(dir.join("tokens"), "tok-secret\nshort").unwrap();
+        let both = GOOD.replace("password: pw }\n    db", "password: inline-secret-pw, password_file: pw }\n    db");
+        let short_token = GOOD.replace("tokens: [alpha-secret]", "tokens_file: tokens");
+        let missing = GOOD.replace("password: pw }\n    db", "password_file: gone }\n    db");
+        for text in [both, short_token, missing] {
+            let err = Config::parse_with(&text, "test", &dir).unwrap_err();
+            let shown = format!("{err:?} {err}");
+            for secret in ["inline-secret-pw", "file-secret-pw", "tok-secret", "short\""] {
+                assert!(!shown.contains(secret), "{shown} shows {secret:?}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_config_without_tenants_is_valid() {
+        assert_eq!(Config::parse("tenants: []", "test").unwrap(), Config::default());
     }
 }

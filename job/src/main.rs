@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use thumbup_core::admin;
 use thumbup_core::config::Config;
@@ -17,6 +16,11 @@ struct Cli {
     /// Tenant config file (YAML).
     #[arg(long, env = "THUMBUP_CONFIG", default_value = "/etc/thumbup/config.yaml")]
     config: PathBuf,
+    /// Directory that relative `password_file` / `tokens_file` paths in the
+    /// config resolve against (default: the config file's directory). Only
+    /// this tenant's files are read.
+    #[arg(long, env = "THUMBUP_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
     /// The tenant to consume.
     #[arg(long, env = "THUMBUP_TENANT")]
     tenant: String,
@@ -44,11 +48,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     admin::init_tracing();
     let cli = Cli::parse();
-    let config = Config::load(&cli.config)?;
-    let tenant = config
-        .tenant(&cli.tenant)
-        .with_context(|| format!("tenant {} is not in {}", cli.tenant, cli.config.display()))?
-        .clone();
+    let tenant = Config::load_tenant(&cli.config, cli.secrets_dir.as_deref(), &cli.tenant)?;
     let consumer = cli.consumer.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "thumbup-job".to_string());
     let ready = Arc::new(AtomicBool::new(false));
     let opts = thumbup_job::Options {

@@ -4,9 +4,10 @@
 //! rate limits, validation), then the write path ([`write`]: an atomic Redis
 //! transition that appends the event to the tenant stream, or a synchronous
 //! DB transaction while Redis is down) or the read path ([`read`]: Redis,
-//! then the DB, filling the cache). Tenants come from a YAML file that is
-//! reloaded on change or SIGHUP ([`tenants`]). The job applies the stream
-//! to the DB.
+//! then the DB, filling the cache). Tenants come from a YAML file, with
+//! credentials inline or in files beside it, reloaded when the file or a
+//! credential file changes, or on SIGHUP ([`tenants`]). The job applies
+//! the stream to the DB.
 
 pub mod api;
 pub mod error;
@@ -30,10 +31,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use thumbup_core::config::Config;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
+
+use crate::tenants::ConfigSource;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -47,17 +49,40 @@ pub struct Options {
     pub ready: Option<Arc<AtomicBool>>,
 }
 
+/// How [`run_with`] reads the config file's credentials and whether the
+/// file may be missing. Kept apart from [`Options`] so that code building
+/// `Options` field by field keeps compiling.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFiles {
+    /// The directory relative `password_file` / `tokens_file` paths resolve
+    /// against (default: the config file's directory).
+    pub secrets_dir: Option<PathBuf>,
+    /// Start with no tenants while the config file does not exist, and
+    /// serve it once it appears; otherwise a missing file fails the start.
+    pub optional: bool,
+}
+
 /// Serves the gRPC API (with health and reflection) on `listener` until
-/// `shutdown` resolves, then finishes in-flight requests.
+/// `shutdown` resolves, then finishes in-flight requests. Credential files
+/// resolve next to the config file, which must exist.
 pub async fn run(
     opts: Options,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let config = Config::load(&opts.config)?;
-    let reg = tenants::Registry::new(config, Some(opts.config.clone()), opts.redis_timeout)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    run_with(opts, ConfigFiles::default(), listener, shutdown).await
+}
+
+/// [`run`], with credential files read from `files.secrets_dir` and,
+/// if `files.optional`, a config file that may appear later.
+pub async fn run_with(
+    opts: Options,
+    files: ConfigFiles,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let source = ConfigSource { path: opts.config.clone(), secrets_dir: files.secrets_dir, optional: files.optional };
+    let reg = tenants::Registry::open(source, opts.redis_timeout).await.map_err(anyhow::Error::msg)?;
     let watcher = tokio::spawn(reg.clone().watch());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<pb::thumbup_server::ThumbupServer<api::Api>>().await;

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use thumbup_core::config::Config;
+use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::{admin, db, provision};
+use thumbup_service::tenants::POLL_INTERVAL;
+
+// The help of --config-optional says the files are re-read every second.
+const _: () = assert!(POLL_INTERVAL.as_secs() == 1 && POLL_INTERVAL.subsec_nanos() == 0);
 
 #[derive(Parser, Debug)]
 #[command(version, about = "thumbup gRPC service")]
@@ -17,6 +21,10 @@ struct Cli {
     /// Tenant config file (YAML).
     #[arg(long, env = "THUMBUP_CONFIG", global = true, default_value = "/etc/thumbup/config.yaml")]
     config: PathBuf,
+    /// Directory that relative `password_file` / `tokens_file` paths in the
+    /// config resolve against (default: the config file's directory).
+    #[arg(long, env = "THUMBUP_SECRETS_DIR", global = true)]
+    secrets_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -34,6 +42,17 @@ struct ServeArgs {
     /// Milliseconds a Redis command may take before Redis counts as down.
     #[arg(long, env = "THUMBUP_REDIS_TIMEOUT_MS", default_value_t = 500)]
     redis_timeout_ms: u64,
+    /// Start with no tenants while the config file does not exist yet, and
+    /// serve it once it appears (the file and the credential files it names
+    /// are re-read every second, and on SIGHUP). Without it a missing
+    /// config file fails the start.
+    #[arg(
+        long,
+        env = "THUMBUP_CONFIG_OPTIONAL",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    config_optional: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,21 +79,21 @@ enum Command {
     },
 }
 
-fn selected<'a>(
-    config: &'a Config,
-    only: &Option<String>,
-) -> anyhow::Result<Vec<&'a thumbup_core::config::TenantConfig>> {
-    match only {
-        Some(name) => Ok(vec![config.tenant(name).with_context(|| format!("tenant {name} is not in the config"))?]),
-        None => Ok(config.tenants.iter().collect()),
-    }
+/// The tenants a subcommand works on: all, or only `only`, in which case
+/// only that tenant's credential files are read.
+fn selected(cli: &Cli, only: &Option<String>) -> anyhow::Result<Vec<TenantConfig>> {
+    let secrets = cli.secrets_dir.as_deref();
+    Ok(match only {
+        Some(name) => vec![Config::load_tenant(&cli.config, secrets, name)?],
+        None => Config::load_with(&cli.config, secrets)?.tenants,
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     admin::init_tracing();
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
+    let mut cli = Cli::parse();
+    match cli.command.take().unwrap_or(Command::Serve) {
         Command::Serve => {
             let ready = Arc::new(AtomicBool::new(false));
             let (admin_addr, admin_srv) =
@@ -87,22 +106,22 @@ async fn main() -> anyhow::Result<()> {
                 redis_timeout: Duration::from_millis(cli.serve.redis_timeout_ms),
                 ready: Some(ready),
             };
-            thumbup_service::run(opts, listener, admin::shutdown_signal()).await?;
+            let files =
+                thumbup_service::ConfigFiles { secrets_dir: cli.secrets_dir, optional: cli.serve.config_optional };
+            thumbup_service::run_with(opts, files, listener, admin::shutdown_signal()).await?;
             admin_task.abort();
         }
         Command::Migrate { tenant } => {
-            let config = Config::load(&cli.config)?;
-            for t in selected(&config, &tenant)? {
-                let pool = db::connect_lazy(t)?;
+            for t in selected(&cli, &tenant)? {
+                let pool = db::connect_lazy(&t)?;
                 db::migrate(&pool).await.with_context(|| format!("migrating tenant {}", t.name))?;
                 println!("tenant {}: schema {} migrated", t.name, t.schema());
             }
         }
         Command::Provision { tenant, admin_db_url, admin_redis_url } => {
-            let config = Config::load(&cli.config)?;
-            for t in selected(&config, &tenant)? {
-                provision::provision_db(&admin_db_url, t).await?;
-                provision::provision_redis(&admin_redis_url, t).await?;
+            for t in selected(&cli, &tenant)? {
+                provision::provision_db(&admin_db_url, &t).await?;
+                provision::provision_redis(&admin_redis_url, &t).await?;
                 println!(
                     "tenant {}: DB user {} on {}, Redis ACL user {} on {}",
                     t.name,

@@ -1,5 +1,11 @@
 //! Tenant runtimes: per tenant its config, Redis and DB clients, rate
 //! limiters and Redis health; the registry swaps them on config reload.
+//!
+//! The registry re-reads the config file and the credential files it
+//! references every [`POLL_INTERVAL`] and on SIGHUP, and installs the
+//! resolved config when it differs from the last one read. Comparing
+//! contents, not mtimes, follows Kubernetes' ConfigMap and Secret updates,
+//! which swap a `..data` symlink.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,7 +16,7 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use sqlx::MySqlPool;
 use thumbup_core::cache::{self, Scripts};
-use thumbup_core::config::{Config, TenantConfig};
+use thumbup_core::config::{Config, ConfigError, TenantConfig};
 use thumbup_core::db;
 use thumbup_core::keys::Keys;
 use thumbup_core::version::VersionClock;
@@ -249,25 +255,83 @@ async fn health_loop(tenant: Weak<Tenant>) {
     }
 }
 
+/// How often the config file and its credential files are re-read.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the tenants come from.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The tenant config file.
+    pub path: PathBuf,
+    /// The directory relative `password_file` / `tokens_file` paths resolve
+    /// against (default: the config file's directory).
+    pub secrets_dir: Option<PathBuf>,
+    /// Start with no tenants while the config file does not exist, and
+    /// serve it once it appears (a ConfigMap created after the service).
+    pub optional: bool,
+}
+
+impl ConfigSource {
+    /// Reads the config and its credential files.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load_with(&self.path, self.secrets_dir.as_deref())
+    }
+}
+
+/// What the last read of the source gave: the resolved config, or the
+/// error. A poll acts only when this changes, so a broken file is reported
+/// once, not every poll.
+type LastRead = Option<Result<Config, String>>;
+
 /// The tenants served, swapped whole on reload.
 pub struct Registry {
-    path: Option<PathBuf>,
+    source: Option<ConfigSource>,
     redis_timeout: Duration,
     current: RwLock<Arc<HashMap<String, Arc<Tenant>>>>,
     scripts: Scripts,
+    /// Held through a reload, so reloads do not interleave.
+    last_read: tokio::sync::Mutex<LastRead>,
 }
 
 impl Registry {
-    /// Builds the registry from a config; `path` is re-read by [`Registry::reload`].
-    pub async fn new(config: Config, path: Option<PathBuf>, redis_timeout: Duration) -> Result<Arc<Registry>, String> {
-        let reg = Arc::new(Registry {
-            path,
+    /// Builds the registry from a config; `source`, if any, is re-read by
+    /// [`Registry::reload`] and [`Registry::watch`].
+    pub async fn new(
+        config: Config,
+        source: Option<ConfigSource>,
+        redis_timeout: Duration,
+    ) -> Result<Arc<Registry>, String> {
+        let last_read = Some(Ok(config.clone()));
+        let reg = Registry::empty(source, redis_timeout, last_read);
+        reg.install(config).await?;
+        Ok(reg)
+    }
+
+    /// Builds the registry from its source. A config file that does not
+    /// exist is an error, unless the source is optional: then the registry
+    /// starts with no tenants.
+    pub async fn open(source: ConfigSource, redis_timeout: Duration) -> Result<Arc<Registry>, String> {
+        match source.load() {
+            Ok(config) => Registry::new(config, Some(source), redis_timeout).await,
+            Err(ConfigError::Read { path, source: e })
+                if source.optional && e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                warn!(%path, "config file does not exist yet: serving no tenants until it appears");
+                let last = Some(Err(ConfigError::Read { path, source: e }.to_string()));
+                Ok(Registry::empty(Some(source), redis_timeout, last))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn empty(source: Option<ConfigSource>, redis_timeout: Duration, last_read: LastRead) -> Arc<Registry> {
+        Arc::new(Registry {
+            source,
             redis_timeout,
             current: RwLock::new(Arc::new(HashMap::new())),
             scripts: Scripts::default(),
-        });
-        reg.install(config).await?;
-        Ok(reg)
+            last_read: tokio::sync::Mutex::new(last_read),
+        })
     }
 
     /// How long a Redis command may take before Redis counts as down.
@@ -313,23 +377,35 @@ impl Registry {
         Ok(())
     }
 
-    /// Re-reads the config file; on error keeps serving the old config.
+    /// Re-reads the config and its credential files; on error keeps
+    /// serving the old config.
     pub async fn reload(&self) -> Result<(), String> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let result = match Config::load(path) {
-            Ok(config) => self.install(config).await,
-            Err(e) => Err(e.to_string()),
-        };
-        metrics::RELOADS.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
-        result
+        self.reload_if(true).await.unwrap_or(Ok(()))
     }
 
-    /// Reloads on SIGHUP and when the file's content changes (polled, so it
-    /// follows ConfigMap updates, which swap a symlink).
+    /// Re-reads the source; installs it when `forced` or when it differs
+    /// from the last read. `None` when nothing was done.
+    async fn reload_if(&self, forced: bool) -> Option<Result<(), String>> {
+        let source = self.source.as_ref()?;
+        let mut last = self.last_read.lock().await;
+        let now = source.load().map_err(|e| e.to_string());
+        if !forced && last.as_ref() == Some(&now) {
+            return None;
+        }
+        *last = Some(now.clone());
+        let result = match now {
+            Ok(config) => self.install(config).await,
+            Err(e) => Err(e),
+        };
+        metrics::RELOADS.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+        Some(result)
+    }
+
+    /// Reloads on SIGHUP and when the config or a credential file it names
+    /// changes (polled every [`POLL_INTERVAL`]).
     pub async fn watch(self: Arc<Self>) {
-        let Some(path) = self.path.clone() else { return };
+        let Some(path) = self.source.as_ref().map(|s| s.path.clone()) else { return };
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut seen = std::fs::read(&path).ok();
         loop {
             let hup_fired = async {
                 match hup.as_mut() {
@@ -341,14 +417,13 @@ impl Registry {
             };
             let forced = tokio::select! {
                 _ = hup_fired => true,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                _ = tokio::time::sleep(POLL_INTERVAL) => false,
             };
-            let now = std::fs::read(&path).ok();
-            if forced || (now.is_some() && now != seen) {
-                seen = now;
-                match self.reload().await {
-                    Ok(()) => info!(path = %path.display(), "config reloaded"),
-                    Err(e) => warn!(path = %path.display(), error = %e, "config reload failed; keeping the old config"),
+            match self.reload_if(forced).await {
+                None => {}
+                Some(Ok(())) => info!(path = %path.display(), "config reloaded"),
+                Some(Err(e)) => {
+                    warn!(path = %path.display(), error = %e, "config reload failed; keeping the old config")
                 }
             }
         }
