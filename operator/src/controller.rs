@@ -254,22 +254,27 @@ async fn apply_registry_secret(lt: &LikeTenant, ctx: &Context, creds: Option<&Cr
     Ok(())
 }
 
-/// The tenant Secret: read back when complete, else generated and applied.
-async fn ensure_credentials(lt: &LikeTenant, ctx: &Context) -> Result<Credentials> {
+/// The tenant's credentials: read back from its Secret when complete, else
+/// generated (and stored by [`apply_tenant_secret`] before anything uses them).
+async fn credentials(lt: &LikeTenant, ctx: &Context) -> Result<Credentials> {
     let tenant = lt.tenant();
-    let ns = lt.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = resources::secret_name(&tenant);
-    let existing = api.get_opt(&name).await.map_err(kube_err(&tenant, "reading the tenant Secret"))?;
-    if let Some(c) = existing.as_ref().and_then(Credentials::from_secret) {
-        return Ok(c);
-    }
-    let creds = Credentials::generate(&tenant);
-    let secret = resources::build_tenant_secret(lt, &creds);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
+    let existing =
+        api.get_opt(&resources::secret_name(&tenant)).await.map_err(kube_err(&tenant, "reading the tenant Secret"))?;
+    Ok(existing.as_ref().and_then(Credentials::from_secret).unwrap_or_else(|| Credentials::generate(&tenant)))
+}
+
+/// Applies the tenant Secret: credentials, token and the job's one-tenant
+/// config file. An apply that changes nothing is a no-op on the server.
+async fn apply_tenant_secret(lt: &LikeTenant, ctx: &Context, creds: &Credentials, dc: &Datacenter) -> Result<()> {
+    let tenant = lt.tenant();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
+    let entry = resources::registry_entry(lt, &ctx.config, &dc.name);
+    let secret = resources::build_tenant_secret(lt, creds, &entry);
+    api.patch(&resources::secret_name(&tenant), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
         .await
         .map_err(kube_err(&tenant, "applying the tenant Secret"))?;
-    Ok(creds)
+    Ok(())
 }
 
 /// The datacenter whose DB takes writes for this tenant: the one the
@@ -393,7 +398,8 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         write_status(lt, ctx, status).await?;
         return Ok(Action::await_change());
     }
-    let creds = ensure_credentials(lt, ctx).await?;
+    let creds = credentials(lt, ctx).await?;
+    apply_tenant_secret(lt, ctx, &creds, dc).await?;
 
     if let Err(e) = provision::database(lt, &creds, dc).await {
         return fail(lt, ctx, status, conds, condition::DATABASE_READY, e).await;

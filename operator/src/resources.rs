@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,10 +21,8 @@ use serde::Serialize;
 use crate::config::OperatorConfig;
 use crate::crd::{LikeTenant, tenant_labels};
 
-/// Where the job and the service mount the registry ConfigMap.
-pub const CONFIG_DIR: &str = "/etc/thumbup/config";
-/// Where the job and the service mount the credentials.
-pub const SECRETS_DIR: &str = "/etc/thumbup/secrets";
+/// Where the job mounts its tenant Secret (config file and credentials).
+pub const JOB_CONFIG_DIR: &str = "/etc/thumbup/tenant";
 /// The registry ConfigMap's key.
 pub const REGISTRY_KEY: &str = "tenants.yaml";
 /// Admin port of the job (metrics and probes).
@@ -128,9 +126,14 @@ fn bytes(s: &str) -> ByteString {
     ByteString(s.as_bytes().to_vec())
 }
 
-/// The tenant's own Secret, owned by the LikeTenant (garbage-collected with it).
-pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials) -> Secret {
+/// The tenant's own Secret, owned by the LikeTenant (garbage-collected with
+/// it): the credentials and API token, and `tenants.yaml`, the one-tenant
+/// config file of the job. The job mounts only this Secret, so it works in
+/// any namespace and never sees another tenant's credentials.
+pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &RegistryEntry) -> Secret {
+    let config = render_registry(&BTreeMap::from([(entry.name.clone(), entry.clone())]));
     let data = BTreeMap::from([
+        (REGISTRY_KEY.to_string(), bytes(&config)),
         ("db-username".to_string(), bytes(&c.db_username)),
         ("db-password".to_string(), bytes(&c.db_password)),
         ("redis-username".to_string(), bytes(&c.redis_username)),
@@ -162,8 +165,8 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment
         ..Probe::default()
     };
     let args = vec![
-        format!("--config={CONFIG_DIR}/{REGISTRY_KEY}"),
-        format!("--secrets-dir={SECRETS_DIR}"),
+        format!("--config={JOB_CONFIG_DIR}/{REGISTRY_KEY}"),
+        format!("--secrets-dir={JOB_CONFIG_DIR}"),
         format!("--tenant={t}"),
         format!("--window-ms={}", spec.window_ms),
         format!("--max-batch={}", spec.max_batch),
@@ -196,20 +199,12 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources: cfg.job.resources.clone(),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "secrets".into(),
-                mount_path: SECRETS_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tenant".into(),
+            mount_path: JOB_CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -220,26 +215,21 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment
         ..Container::default()
     };
     let item = |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
-    let volumes = vec![
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource { name: cfg.registry.config_map.clone(), ..Default::default() }),
-            ..Volume::default()
-        },
-        Volume {
-            name: "secrets".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret_name(&t)),
-                items: Some(vec![
-                    item("db-password", &db_key),
-                    item("redis-password", &redis_key),
-                    item("token", &tokens_key),
-                ]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-    ];
+    // The Secret's keys under the names its `tenants.yaml` references.
+    let volumes = vec![Volume {
+        name: "tenant".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name(&t)),
+            items: Some(vec![
+                item(REGISTRY_KEY, REGISTRY_KEY),
+                item("db-password", &db_key),
+                item("redis-password", &redis_key),
+                item("token", &tokens_key),
+            ]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
     Deployment {
         metadata: owned_meta(lt, job_name(&t)),
         spec: Some(DeploymentSpec {
@@ -467,10 +457,10 @@ datacenters:
         let args = c.args.as_ref().unwrap();
         assert!(args.contains(&"--tenant=video-site".to_string()) && args.contains(&"--window-ms=10000".to_string()));
         assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
-        // The Secret's keys are projected under the names the registry file references.
-        let items = pod.volumes.unwrap()[1].secret.clone().unwrap().items.unwrap();
+        // The Secret's keys are projected under the names its config file references.
+        let items = pod.volumes.unwrap()[0].secret.clone().unwrap().items.unwrap();
         let paths: Vec<_> = items.iter().map(|i| i.path.as_str()).collect();
-        assert_eq!(paths, ["video-site.db-password", "video-site.redis-password", "video-site.tokens"]);
+        assert_eq!(paths, ["tenants.yaml", "video-site.db-password", "video-site.redis-password", "video-site.tokens"]);
     }
 
     #[test]
@@ -479,10 +469,38 @@ datacenters:
         let c = Credentials::generate("video-site");
         assert_eq!(c.db_username, "thumbup_video_site");
         assert_eq!(c.redis_username, "thumbup-video-site");
-        let s = build_tenant_secret(&lt, &c);
+        let s = build_tenant_secret(&lt, &c, &registry_entry(&lt, &config(), "dc-a"));
         assert_eq!(Credentials::from_secret(&s), Some(c.clone()));
         assert_ne!(Credentials::generate("video-site").db_password, c.db_password);
         assert!(!format!("{c:?}").contains(&c.db_password), "Debug must not print passwords");
+    }
+
+    #[test]
+    fn job_pod_volume_holds_a_loadable_one_tenant_config() {
+        let lt = tenant();
+        let cfg = config();
+        let creds = Credentials::generate("video-site");
+        let secret = build_tenant_secret(&lt, &creds, &registry_entry(&lt, &cfg, "dc-a"));
+        let pod = build_job_deployment(&lt, &cfg).spec.unwrap().template.spec.unwrap();
+        // Project the Secret as the kubelet would: each item's key to its path.
+        let dir = std::env::temp_dir().join(format!("thumbup-job-volume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = secret.data.unwrap();
+        for item in pod.volumes.unwrap()[0].secret.clone().unwrap().items.unwrap() {
+            std::fs::write(dir.join(&item.path), &data[&item.key].0).unwrap();
+        }
+        let args = pod.containers[0].args.clone().unwrap();
+        let config_arg = args.iter().find_map(|a| a.strip_prefix("--config=")).unwrap();
+        let file = dir.join(std::path::Path::new(config_arg).file_name().unwrap());
+        let loaded = thumbup_core::config::Config::load(&file).unwrap();
+        let t = loaded.tenant("video-site").unwrap();
+        assert_eq!(
+            (t.db.password.as_str(), t.redis.password.as_str()),
+            (creds.db_password.as_str(), creds.redis_password.as_str())
+        );
+        assert_eq!(t.tokens, [creds.token.clone()]);
+        assert_eq!(loaded.tenants.len(), 1, "the job sees its own tenant only");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -178,7 +178,7 @@ async fn created_tenant_is_provisioned_its_objects_applied_and_status_ready() {
         assert!(call.query.contains("fieldManager=thumbup-operator"), "{}", call.query);
         assert_eq!(call.body["metadata"]["ownerReferences"][0]["uid"], "uid-rec-ready");
         let data = call.body["data"].as_object().unwrap();
-        for key in ["db-username", "db-password", "redis-username", "redis-password", "token"] {
+        for key in ["db-username", "db-password", "redis-username", "redis-password", "token", "tenants.yaml"] {
             assert!(data.contains_key(key), "tenant Secret lacks {key}");
         }
         let secret = call.body.clone();
@@ -247,7 +247,10 @@ async fn created_tenant_is_provisioned_its_objects_applied_and_status_ready() {
     let secret_json = serde_json::to_value(&secret).unwrap();
     let server = tokio::spawn(async move {
         api.expect("GET", CM).await.reply(200, written.clone());
-        api.expect("GET", &secret_path(name)).await.reply(200, secret_json);
+        api.expect("GET", &secret_path(name)).await.reply(200, secret_json.clone());
+        let call = api.expect("PATCH", &secret_path(name)).await;
+        assert_eq!(call.body["data"], secret_json["data"], "the same Secret is applied again");
+        call.echo();
         api.expect("PATCH", REGISTRY_SECRET).await.echo();
         api.expect("GET", CM).await.reply(200, written);
         let call = api.expect("PATCH", &deployment_path(name)).await;
@@ -300,13 +303,18 @@ async fn spec_change_updates_the_job_deployment_and_advances_observed_generation
     lt.spec.job.window_ms = 2_000;
     lt.status = Some(ready_status(earlier));
     let creds = Credentials::generate(name);
-    let secret = serde_json::to_value(resources::build_tenant_secret(&lt, &creds)).unwrap();
+    let entry = resources::registry_entry(&lt, &operator_config(None), "dc-a");
+    let secret = serde_json::to_value(resources::build_tenant_secret(&lt, &creds, &entry)).unwrap();
+    let creds_b64 = secret["data"]["db-password"].as_str().unwrap().to_string();
     let server = tokio::spawn(async move {
         let owner = json!({"thumbup.io/tenant.rec-change": "team/uid-rec-change"});
         // Already claimed: no write.
         api.expect("GET", CM).await.reply(200, registry_cm(owner.clone(), "tenants: []\n"));
         // Existing credentials are read back, not regenerated.
         api.expect("GET", &secret_path(name)).await.reply(200, secret);
+        let call = api.expect("PATCH", &secret_path(name)).await;
+        assert_eq!(call.body["data"]["db-password"], json!(creds_b64), "credentials are kept, not regenerated");
+        call.echo();
         api.expect("PATCH", REGISTRY_SECRET).await.echo();
         api.expect("GET", CM).await.reply(200, registry_cm(owner, "tenants: []\n"));
         let call = api.expect("PUT", CM).await;
@@ -342,12 +350,14 @@ async fn unreachable_db_sets_database_ready_false_emits_an_event_and_requeues_wi
     let (ctx, mut api) = context(operator_config(Some("mysql://127.0.0.1:1")));
     let lt = with_finalizer(tenant(name));
     let creds = Credentials::generate(name);
-    let secret = serde_json::to_value(resources::build_tenant_secret(&lt, &creds)).unwrap();
+    let entry = resources::registry_entry(&lt, &operator_config(None), "dc-a");
+    let secret = serde_json::to_value(resources::build_tenant_secret(&lt, &creds, &entry)).unwrap();
     let errors_before = Metrics.errors("DatabaseFailed");
     let server = tokio::spawn(async move {
         api.expect("GET", CM).await.not_found();
         api.expect("POST", CMS).await.echo();
         api.expect("GET", &secret_path(name)).await.reply(200, secret);
+        api.expect("PATCH", &secret_path(name)).await.echo();
         let call = api.expect("POST", EVENTS).await;
         assert_eq!(call.body["type"], "Warning");
         assert_eq!(call.body["reason"], "DatabaseFailed");
