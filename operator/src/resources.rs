@@ -498,7 +498,7 @@ datacenters:
             (t.db.password.as_str(), t.redis.password.as_str()),
             (creds.db_password.as_str(), creds.redis_password.as_str())
         );
-        assert_eq!(t.tokens, [creds.token.clone()]);
+        assert_eq!(t.tokens, std::slice::from_ref(&creds.token));
         assert_eq!(loaded.tenants.len(), 1, "the job sees its own tenant only");
         std::fs::remove_dir_all(dir).unwrap();
     }
