@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test of thumbup: unit tests, and the end-to-end tests against
-# real MariaDB and Redis servers that scripts/stack.sh installs (apt-get,
-# when missing) and starts on private ports. Leaves the stack running;
-# `scripts/stack.sh down` stops it.
+# Runs every test of thumbup: unit tests, the end-to-end tests against real
+# MariaDB and Redis servers that scripts/stack.sh installs (apt-get, when
+# missing) and starts on private ports, the operator's reconcile tests
+# against a mocked API server, the CRD and Helm chart checks, and shellcheck.
+# The kind e2e (tests/e2e/kind.sh) needs Docker and is not run here.
+# Leaves the stack running; `scripts/stack.sh down` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,11 @@ fi
 
 scripts/stack.sh up
 eval "$(scripts/stack.sh env)"
+
+# Install helm and kubectl (for the chart tests: helm lint, helm template)
+# and the shell linter, then lint every script, the kind e2e script included.
+scripts/tools.sh install
+scripts/lint.sh
 
 # The e2e tests start the job binary as a child process.
 cargo build --locked --workspace --bins
