@@ -31,16 +31,18 @@ struct Cli {
     serve: ServeArgs,
 }
 
+/// Serve flags, global so that they are accepted after `serve` too (the
+/// Helm chart runs `thumbup-service serve --listen ...`).
 #[derive(clap::Args, Debug, Clone)]
 struct ServeArgs {
     /// gRPC listen address.
-    #[arg(long, env = "THUMBUP_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(long, env = "THUMBUP_LISTEN", global = true, default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
     /// Admin HTTP address (/metrics, /healthz, /readyz).
-    #[arg(long, env = "THUMBUP_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "THUMBUP_ADMIN_LISTEN", global = true, default_value = "0.0.0.0:9090")]
     admin_listen: SocketAddr,
     /// Milliseconds a Redis command may take before Redis counts as down.
-    #[arg(long, env = "THUMBUP_REDIS_TIMEOUT_MS", default_value_t = 500)]
+    #[arg(long, env = "THUMBUP_REDIS_TIMEOUT_MS", global = true, default_value_t = 500)]
     redis_timeout_ms: u64,
     /// Start with no tenants while the config file does not exist yet, and
     /// serve it once it appears (the file and the credential files it names
@@ -49,6 +51,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "THUMBUP_CONFIG_OPTIONAL",
+        global = true,
         action = clap::ArgAction::SetTrue,
         value_parser = clap::builder::BoolishValueParser::new()
     )]
