@@ -497,6 +497,13 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// What wakes the controller for a LikeTenant: its generation (spec
+/// changes and the start of deletion) and its finalizers. Status and other
+/// metadata writes, the operator's own included, do not.
+pub fn trigger(lt: &LikeTenant) -> Option<u64> {
+    predicates::generation.combine(predicates::finalizers).hash_property(lt)
+}
+
 /// Runs the controller until `shutdown` resolves. `namespace` None watches
 /// every namespace.
 pub async fn run(
@@ -508,14 +515,12 @@ pub async fn run(
         Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    // Our own status writes change neither the generation nor the finalizers,
-    // so they do not wake the controller again.
     let (reader, writer) = kube::runtime::reflector::store();
     let stream = watcher(tenants, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+        .predicate_filter(trigger, Default::default());
     let jobs = watcher::Config::default().labels("app.kubernetes.io/managed-by=thumbup-operator");
     Controller::for_stream(stream, reader)
         .owns(deployments, jobs)
@@ -524,4 +529,37 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::LikeTenantSpec;
+
+    #[test]
+    fn status_writes_do_not_trigger_but_spec_and_finalizer_changes_do() {
+        let mut lt = LikeTenant::new(
+            "t",
+            LikeTenantSpec {
+                businesses: vec![],
+                limits: Default::default(),
+                cache: Default::default(),
+                job: Default::default(),
+                deletion_policy: Default::default(),
+                schema_name: None,
+            },
+        );
+        lt.metadata.generation = Some(1);
+        let base = trigger(&lt);
+        let mut status = lt.clone();
+        status.status = Some(LikeTenantStatus { observed_generation: Some(1), ..Default::default() });
+        status.metadata.resource_version = Some("99".into());
+        assert_eq!(trigger(&status), base, "a status write must not wake the controller");
+        let mut spec = lt.clone();
+        spec.metadata.generation = Some(2);
+        assert_ne!(trigger(&spec), base);
+        let mut fin = lt.clone();
+        fin.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        assert_ne!(trigger(&fin), base);
+    }
 }
