@@ -538,17 +538,7 @@ mod tests {
 
     #[test]
     fn status_writes_do_not_trigger_but_spec_and_finalizer_changes_do() {
-        let mut lt = LikeTenant::new(
-            "t",
-            LikeTenantSpec {
-                businesses: vec![],
-                limits: Default::default(),
-                cache: Default::default(),
-                job: Default::default(),
-                deletion_policy: Default::default(),
-                schema_name: None,
-            },
-        );
+        let mut lt = LikeTenant::new("t", LikeTenantSpec::with_businesses(vec![]));
         lt.metadata.generation = Some(1);
         let base = trigger(&lt);
         let mut status = lt.clone();

@@ -241,6 +241,20 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+impl LikeTenantSpec {
+    /// A spec with these businesses and every other field at its default.
+    pub fn with_businesses(businesses: Vec<Business>) -> LikeTenantSpec {
+        LikeTenantSpec {
+            businesses,
+            limits: Limits::default(),
+            cache: CacheSpec::default(),
+            job: JobSpec::default(),
+            deletion_policy: DeletionPolicy::default(),
+            schema_name: None,
+        }
+    }
+}
+
 impl LikeTenant {
     /// The tenant name: the object's name.
     pub fn tenant(&self) -> String {

@@ -426,14 +426,10 @@ datacenters:
     fn tenant() -> LikeTenant {
         let mut lt = LikeTenant::new(
             "video-site",
-            LikeTenantSpec {
-                businesses: vec![Business { id: 1, name: "video".into() }, Business { id: 2, name: "article".into() }],
-                limits: Default::default(),
-                cache: Default::default(),
-                job: Default::default(),
-                deletion_policy: Default::default(),
-                schema_name: None,
-            },
+            LikeTenantSpec::with_businesses(vec![
+                Business { id: 1, name: "video".into() },
+                Business { id: 2, name: "article".into() },
+            ]),
         );
         lt.metadata.namespace = Some("team-a".into());
         lt.metadata.uid = Some("uid-1".into());

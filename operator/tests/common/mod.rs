@@ -66,14 +66,10 @@ datacenters:
 pub fn tenant(name: &str) -> LikeTenant {
     let mut lt = LikeTenant::new(
         name,
-        LikeTenantSpec {
-            businesses: vec![Business { id: 1, name: "video".into() }, Business { id: 2, name: "article".into() }],
-            limits: Default::default(),
-            cache: Default::default(),
-            job: Default::default(),
-            deletion_policy: Default::default(),
-            schema_name: None,
-        },
+        LikeTenantSpec::with_businesses(vec![
+            Business { id: 1, name: "video".into() },
+            Business { id: 2, name: "article".into() },
+        ]),
     );
     lt.metadata.namespace = Some("team".into());
     lt.metadata.uid = Some(format!("uid-{name}"));
