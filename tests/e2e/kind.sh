@@ -19,7 +19,9 @@
 #    7. checks what the operator made: job Deployment, tenant Secret, schema,
 #       DB user and Redis ACL users;
 #    8. likes an item through thumbup-service with thumbupctl (run in a pod of
-#       the same image) and reads the count back: 1;
+#       the same image) and reads the count back: 1, in the cluster and from
+#       this machine through a kubectl port-forward (thumbupctl copied out of
+#       the image; port E2E_PORT_FORWARD_PORT, default 35051);
 #    9. checks isolation: the tenant's Redis user gets NOPERM outside its
 #       prefix, its DB user is refused another schema;
 #   10. deletes the LikeTenant (deletionPolicy Delete) and checks that the job,
@@ -522,6 +524,24 @@ ctl counts 7 | sed 's/^/    | /'
 out="$(ctl states --mid 1001 7)" || fail "states failed: $out"
 grep -q 'message=7 state=LIKE' <<<"$out" || fail "user 1001's state on message 7 is not LIKE: $out"
 info "like counted once: likes=1, state LIKE"
+
+step "reading the counts from this machine through a port-forward"
+# The client binary comes out of the image (built for Debian bookworm).
+cid="$(bounded 60 docker create "$IMAGE")"
+bounded 60 docker cp "$cid:/usr/local/bin/thumbupctl" "$WORK/thumbupctl" >/dev/null
+bounded 60 docker rm "$cid" >/dev/null
+PF_PORT="${E2E_PORT_FORWARD_PORT:-35051}"
+kubectl --context "$CONTEXT" -n "$NS" port-forward "svc/$SERVICE_NAME" "$PF_PORT:50051" \
+  >"$WORK/port-forward.log" 2>&1 &
+PF_PID=$!
+local_counts() {
+  THUMBUP_TOKEN="$TOKEN" bounded 20 "$WORK/thumbupctl" --addr "http://127.0.0.1:$PF_PORT" \
+    --tenant "$TENANT" --business 1 --timeout-secs 5 counts 7 2>&1 | grep -q 'likes=1 dislikes=0'
+}
+poll 60 "counts of message 7 through the port-forward" local_counts
+info "127.0.0.1:$PF_PORT -> svc/$SERVICE_NAME: message 7 has likes=1 dislikes=0"
+kill "$PF_PID" 2>/dev/null || true
+wait "$PF_PID" 2>/dev/null || true
 
 step "checking tenant isolation"
 if ! out="$(redis_tenant dc-a GET "${TENANT_PREFIX}e2e-probe" 2>&1)" \
