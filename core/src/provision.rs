@@ -63,6 +63,16 @@ fn plain(tenant: &str, what: &'static str, v: &str) -> Result<(), ProvisionError
     }
 }
 
+/// A schema name goes into statements between backquotes: letters, digits
+/// and `_` only.
+fn plain_schema(tenant: &str, schema: &str) -> Result<(), ProvisionError> {
+    if !schema.is_empty() && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(ProvisionError::BadCredential { tenant: tenant.to_string(), what: "db.schema" })
+    }
+}
+
 /// Creates (or updates) the tenant's schema and DB user, granted on that
 /// schema only. `admin_url` is `mysql://user:password@host:port`.
 pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), ProvisionError> {
@@ -72,6 +82,7 @@ pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), Provi
     let db = |source| ProvisionError::Db { tenant: name.clone(), source };
     let mut con = MySqlConnectOptions::from_str(admin_url).map_err(db)?.connect().await.map_err(db)?;
     let (schema, user, pw) = (t.schema(), &t.db.username, &t.db.password);
+    plain_schema(name, &schema)?;
     let statements = [
         format!("CREATE DATABASE IF NOT EXISTS `{schema}`"),
         format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'"),
@@ -91,13 +102,37 @@ pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), Provi
 pub const TENANT_COMMANDS: &[&str] = &[
     // Connection set-up by the client library. (CLIENT SETINFO, which newer
     // clients send, exists only from Redis 7.2; its refusal is ignored by them.)
-    "auth", "hello", "ping", "select", "client|setname",
+    "auth",
+    "hello",
+    "ping",
+    "select",
+    "client|setname",
     // Cached states, counts and liked lists.
-    "get", "set", "del", "expire", "zadd", "zrem", "zremrangebyrank", "zmscore", "zrevrangebyscore",
+    "get",
+    "set",
+    "del",
+    "expire",
+    "zadd",
+    "zrem",
+    "zremrangebyrank",
+    "zmscore",
+    "zrevrangebyscore",
     // The transition and set-if-newer scripts.
-    "eval", "evalsha", "script|load", "script|exists", "time",
+    "eval",
+    "evalsha",
+    "script|load",
+    "script|exists",
+    "time",
     // Event and downstream streams.
-    "xadd", "xreadgroup", "xack", "xautoclaim", "xgroup|create", "xinfo|groups", "xpending", "xtrim", "xlen",
+    "xadd",
+    "xreadgroup",
+    "xack",
+    "xautoclaim",
+    "xgroup|create",
+    "xinfo|groups",
+    "xpending",
+    "xtrim",
+    "xlen",
 ];
 
 /// The `ACL SETUSER` rules of a tenant user. They start with `reset`, so a
@@ -156,8 +191,7 @@ pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, 
 /// also prove the grant works).
 pub async fn migrate(t: &TenantConfig) -> Result<(), ProvisionError> {
     let migrate_err = |source| ProvisionError::Migrate { tenant: t.name.clone(), schema: t.schema(), source };
-    let pool = crate::db::connect_lazy(t)
-        .map_err(|source| ProvisionError::Db { tenant: t.name.clone(), source })?;
+    let pool = crate::db::connect_lazy(t).map_err(|source| ProvisionError::Db { tenant: t.name.clone(), source })?;
     let result = crate::db::migrate(&pool).await.map_err(migrate_err);
     pool.close().await;
     result
@@ -166,9 +200,7 @@ pub async fn migrate(t: &TenantConfig) -> Result<(), ProvisionError> {
 /// Drops the tenant's schema (and every record in it) and its DB user.
 pub async fn drop_db(admin_url: &str, tenant: &str, schema: &str, user: &str) -> Result<(), ProvisionError> {
     plain(tenant, "db.username", user)?;
-    if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || schema.is_empty() {
-        return Err(ProvisionError::BadCredential { tenant: tenant.to_string(), what: "db.schema" });
-    }
+    plain_schema(tenant, schema)?;
     let db = |source| ProvisionError::Db { tenant: tenant.to_string(), source };
     let mut con = MySqlConnectOptions::from_str(admin_url).map_err(db)?.connect().await.map_err(db)?;
     for s in [format!("DROP DATABASE IF EXISTS `{schema}`"), format!("DROP USER IF EXISTS '{user}'@'%'")] {

@@ -144,19 +144,23 @@ enum Claim {
     Taken(String),
 }
 
+/// What [`update_registry`] does to the tenant's place in the registry.
+enum RegistryChange<'a> {
+    /// Claim the name only; the file stays as it is.
+    Claim,
+    /// Claim the name and put the tenant's entry.
+    Put(&'a resources::RegistryEntry),
+    /// Remove the entry and the claim (only when the claim is ours).
+    Remove,
+}
+
 fn owner_id(lt: &LikeTenant) -> String {
     format!("{}/{}", lt.namespace().unwrap_or_default(), lt.uid().unwrap_or_default())
 }
 
 /// Read-modify-write of the registry ConfigMap under optimistic concurrency
-/// (replace with the resourceVersion read; a conflict re-reads). `entry`:
-/// Some(Some(e)) puts the tenant's entry, Some(None) removes it and the
-/// claim, None only claims.
-async fn update_registry(
-    lt: &LikeTenant,
-    ctx: &Context,
-    entry: Option<Option<&resources::RegistryEntry>>,
-) -> Result<Claim> {
+/// (replace with the resourceVersion read; a conflict re-reads).
+async fn update_registry(lt: &LikeTenant, ctx: &Context, change: RegistryChange<'_>) -> Result<Claim> {
     let tenant = lt.tenant();
     let name = &ctx.config.registry.config_map;
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
@@ -177,7 +181,7 @@ async fn update_registry(
         let annotations = cm.metadata.annotations.get_or_insert_with(BTreeMap::new);
         match annotations.get(&annotation) {
             Some(owner) if *owner != me => return Ok(Claim::Taken(owner.clone())),
-            None if entry == Some(None) => return Ok(Claim::Ours),
+            None if matches!(change, RegistryChange::Remove) => return Ok(Claim::Ours),
             _ => {}
         }
         let before = cm.clone();
@@ -185,22 +189,22 @@ async fn update_registry(
         let mut entries =
             resources::parse_registry(&text).map_err(|source| Error::Registry { name: name.clone(), source })?;
         let annotations = cm.metadata.annotations.get_or_insert_with(BTreeMap::new);
-        match entry {
-            None => {
+        match change {
+            RegistryChange::Claim => {
                 annotations.insert(annotation.clone(), me.clone());
             }
-            Some(Some(e)) => {
+            RegistryChange::Put(e) => {
                 annotations.insert(annotation.clone(), me.clone());
                 entries.insert(tenant.clone(), serde_yaml::to_value(e).expect("plain data"));
             }
-            Some(None) => {
+            RegistryChange::Remove => {
                 annotations.remove(&annotation);
                 entries.remove(&tenant);
             }
         }
         // A claim alone leaves the file as it is (a missing file is created).
-        if entry.is_some() || !text_present(&cm) {
-            cm.data.get_or_insert_with(BTreeMap::new).insert(REGISTRY_KEY.into(), render_values(&entries));
+        if !matches!(change, RegistryChange::Claim) || !text_present(&cm) {
+            cm.data.get_or_insert_with(BTreeMap::new).insert(REGISTRY_KEY.into(), resources::render_registry(&entries));
         }
         if exists && cm == before {
             return Ok(Claim::Ours);
@@ -221,17 +225,6 @@ async fn update_registry(
 
 fn text_present(cm: &ConfigMap) -> bool {
     cm.data.as_ref().is_some_and(|d| d.contains_key(REGISTRY_KEY))
-}
-
-/// Renders registry entries kept as YAML values (entries of other tenants
-/// are carried over exactly as read).
-fn render_values(entries: &BTreeMap<String, serde_yaml::Value>) -> String {
-    #[derive(serde::Serialize)]
-    struct File<'a> {
-        tenants: Vec<&'a serde_yaml::Value>,
-    }
-    let header = "# Written by thumbup-operator from the LikeTenants; edits are overwritten.\n";
-    format!("{header}{}", serde_yaml::to_string(&File { tenants: entries.values().collect() }).expect("plain data"))
 }
 
 /// Server-side applies the tenant's keys of the registry Secret under a field
@@ -348,22 +341,41 @@ async fn publish(lt: &LikeTenant, ctx: &Context, type_: EventType, reason: &str,
     }
 }
 
-/// Marks the failed step and Ready False, writes the status, emits a Warning
-/// Event and returns the error for the backoff.
-async fn fail(
+/// Reports a failure: marks `step` (when a step failed) and Ready False with
+/// the error's reason, emits a Warning Event with that reason and writes the
+/// status.
+async fn report(
     lt: &LikeTenant,
     ctx: &Context,
     mut status: LikeTenantStatus,
     mut conds: Conditions,
+    step: Option<&str>,
+    e: &Error,
+) -> Result<()> {
+    let reason = e.reason();
+    if let Some(step) = step {
+        conds.set(step, false, reason, e.to_string());
+    }
+    let message = match step {
+        Some(step) => format!("{step}: {e}"),
+        None => e.to_string(),
+    };
+    conds.set(condition::READY, false, reason, message);
+    status.conditions = conds.list;
+    publish(lt, ctx, EventType::Warning, reason, e.to_string(), "Reconcile").await;
+    write_status(lt, ctx, status).await
+}
+
+/// A failed step: reported, then returned for the backoff.
+async fn fail(
+    lt: &LikeTenant,
+    ctx: &Context,
+    status: LikeTenantStatus,
+    conds: Conditions,
     step: &str,
     e: Error,
 ) -> Result<Action> {
-    let reason = e.reason();
-    conds.set(step, false, reason, e.to_string());
-    conds.set(condition::READY, false, reason, format!("{step}: {e}"));
-    status.conditions = conds.list;
-    publish(lt, ctx, EventType::Warning, reason, e.to_string(), "Reconcile").await;
-    write_status(lt, ctx, status).await?;
+    report(lt, ctx, status, conds, Some(step), &e).await?;
     Err(e)
 }
 
@@ -382,20 +394,14 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         failover_epoch: lt.status.as_ref().and_then(|s| s.failover_epoch),
         observed_generation: lt.generation(),
     };
+    // Neither a bad name nor a name owned elsewhere is cured by retrying:
+    // reported, then left until the LikeTenant changes.
     if !core_config::valid_tenant_name(&tenant) {
-        let e = Error::InvalidName(tenant.clone());
-        conds.set(condition::READY, false, e.reason(), e.to_string());
-        status.conditions = conds.list;
-        publish(lt, ctx, EventType::Warning, e.reason(), e.to_string(), "Reconcile").await;
-        write_status(lt, ctx, status).await?;
+        report(lt, ctx, status, conds, None, &Error::InvalidName(tenant.clone())).await?;
         return Ok(Action::await_change());
     }
-    if let Claim::Taken(owner) = update_registry(lt, ctx, None).await? {
-        let e = Error::NameConflict { tenant: tenant.clone(), owner };
-        conds.set(condition::READY, false, e.reason(), e.to_string());
-        status.conditions = conds.list;
-        publish(lt, ctx, EventType::Warning, e.reason(), e.to_string(), "Reconcile").await;
-        write_status(lt, ctx, status).await?;
+    if let Claim::Taken(owner) = update_registry(lt, ctx, RegistryChange::Claim).await? {
+        report(lt, ctx, status, conds, None, &Error::NameConflict { tenant: tenant.clone(), owner }).await?;
         return Ok(Action::await_change());
     }
     let creds = credentials(lt, ctx).await?;
@@ -423,7 +429,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
 
     apply_registry_secret(lt, ctx, Some(&creds)).await?;
     let entry = resources::registry_entry(lt, &cfg, &dc.name);
-    update_registry(lt, ctx, Some(Some(&entry))).await?;
+    update_registry(lt, ctx, RegistryChange::Put(&entry)).await?;
 
     let ns = lt.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -481,7 +487,7 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     }
     // A LikeTenant that never owned the name (a conflicting duplicate) must
     // not remove the owner's registry entry, users or data.
-    let owned = matches!(update_registry(lt, ctx, Some(None)).await?, Claim::Ours);
+    let owned = matches!(update_registry(lt, ctx, RegistryChange::Remove).await?, Claim::Ours);
     if owned && core_config::valid_tenant_name(&tenant) {
         apply_registry_secret(lt, ctx, None).await?;
         provision::teardown(lt, &cfg, active_dc(lt, &cfg)).await?;

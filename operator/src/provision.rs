@@ -2,8 +2,7 @@
 //! operator config: the functions of `thumbup_core::provision` applied to a
 //! LikeTenant on the right datacenters. Each converges when run again.
 
-use serde_json::json;
-use thumbup_core::config::{self as core_config, TenantConfig};
+use thumbup_core::config::{Business, DbConfig, RedisConfig, TenantConfig};
 use thumbup_core::provision;
 use tracing::{info, warn};
 
@@ -13,38 +12,40 @@ use crate::error::{Error, Result};
 use crate::resources::{self, Credentials};
 
 /// The core tenant config the provisioning functions take, with the
-/// addresses the operator itself reaches (`admin_url` when set).
-pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> Result<TenantConfig> {
-    let text = serde_yaml::to_string(&json!({
-        "tenants": [{
-            "name": lt.tenant(),
-            "businesses": lt.spec.businesses.iter().map(|b| json!({"name": b.name, "id": b.id})).collect::<Vec<_>>(),
-            "tokens": [creds.token],
-            "redis": {
-                "url": dc.redis.admin_url.as_deref().unwrap_or(&dc.redis.url),
-                "username": creds.redis_username, "password": creds.redis_password,
-            },
-            "db": {
-                "url": dc.db.admin_url.as_deref().unwrap_or(&dc.db.url),
-                "username": creds.db_username, "password": creds.db_password,
-                "schema": lt.schema(), "max_connections": 2,
-            },
-        }]
-    }))
-    .expect("plain data");
-    let config = core_config::Config::parse(&text, "LikeTenant").map_err(|e| {
-        Error::Database(provision::ProvisionError::BadCredential {
-            tenant: format!("{}: {e}", lt.tenant()),
-            what: "spec",
-        })
-    })?;
-    Ok(config.tenants.into_iter().next().expect("one tenant"))
+/// addresses the operator itself reaches (`admin_url` when set). Only the
+/// name, schema, endpoints and credentials matter to provisioning; the
+/// provisioning functions check every value they put into a statement.
+pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> TenantConfig {
+    TenantConfig {
+        name: lt.tenant(),
+        businesses: lt.spec.businesses.iter().map(|b| Business { name: b.name.clone(), id: b.id }).collect(),
+        tokens: vec![creds.token.clone()],
+        tokens_file: None,
+        redis: RedisConfig {
+            url: dc.redis.admin_url.clone().unwrap_or_else(|| dc.redis.url.clone()),
+            username: creds.redis_username.clone(),
+            password: creds.redis_password.clone(),
+            password_file: None,
+        },
+        db: DbConfig {
+            url: dc.db.admin_url.clone().unwrap_or_else(|| dc.db.url.clone()),
+            username: creds.db_username.clone(),
+            password: creds.db_password.clone(),
+            password_file: None,
+            schema: Some(lt.schema()),
+            // Migrations run one statement at a time.
+            max_connections: 2,
+        },
+        limits: Default::default(),
+        cache: Default::default(),
+        stream: Default::default(),
+    }
 }
 
 /// The schema, the DB user and the migrations on `dc` (the active
 /// datacenter; the standby gets them by replication).
 pub async fn database(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> Result<()> {
-    let t = tenant_config(lt, creds, dc)?;
+    let t = tenant_config(lt, creds, dc);
     let admin = dc.db.admin_url()?;
     provision::provision_db(&admin, &t).await.map_err(Error::Database)?;
     provision::migrate(&t).await.map_err(Error::Database)
@@ -53,7 +54,7 @@ pub async fn database(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> 
 /// The ACL user on every datacenter's Redis.
 pub async fn redis(lt: &LikeTenant, creds: &Credentials, cfg: &OperatorConfig) -> Result<()> {
     for dc in &cfg.datacenters {
-        let t = tenant_config(lt, creds, dc)?;
+        let t = tenant_config(lt, creds, dc);
         let admin = dc.redis.admin_url()?;
         let saved = provision::provision_redis(&admin, &t)
             .await

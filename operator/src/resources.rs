@@ -366,13 +366,15 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Regist
 }
 
 #[derive(Serialize)]
-struct RegistryFile<'a> {
-    tenants: Vec<&'a RegistryEntry>,
+struct RegistryFile<'a, E> {
+    tenants: Vec<&'a E>,
 }
 
 /// Renders the registry file from its entries (sorted by tenant name, so the
 /// same set renders the same bytes and a no-op reconcile writes nothing).
-pub fn render_registry(entries: &BTreeMap<String, RegistryEntry>) -> String {
+/// Entries are [`RegistryEntry`]s, or YAML values read back with
+/// [`parse_registry`] (other tenants' entries are carried over as read).
+pub fn render_registry<E: Serialize>(entries: &BTreeMap<String, E>) -> String {
     let header = "# Written by thumbup-operator from the LikeTenants; edits are overwritten.\n";
     let body = serde_yaml::to_string(&RegistryFile { tenants: entries.values().collect() }).expect("plain data");
     format!("{header}{body}")
