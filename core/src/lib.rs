@@ -8,6 +8,7 @@
 //! - [`cache`]: Redis connection, the atomic transition script, versioned cache writes.
 //! - [`db`]: migrations, reads, the job's batched apply, the DB fallback transition.
 //! - [`provision`]: creating a tenant's DB schema and user and its Redis ACL user.
+//! - [`route`]: the DB route (active datacenter + epoch) that the operator publishes and db-proxy follows.
 //! - [`admin`]: the admin HTTP endpoint (metrics, health) both binaries serve.
 //!
 //! No gRPC server and no Kubernetes here: the dependencies point one way.
@@ -20,4 +21,5 @@ pub mod domain;
 pub mod event;
 pub mod keys;
 pub mod provision;
+pub mod route;
 pub mod version;

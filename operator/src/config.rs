@@ -44,8 +44,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
-    /// The datacenter whose DB takes writes (until the failover controller
-    /// records another in the tenants' status).
+    /// The datacenter whose DB takes writes when no route exists yet. Later,
+    /// a change of this value requests a planned switchover to the datacenter
+    /// it names; after an unplanned failover it is not acted on until it
+    /// changes again (no automatic failback).
     pub active_datacenter: String,
     /// The datacenters: the active one and its standby.
     pub datacenters: Vec<Datacenter>,
@@ -55,6 +57,91 @@ pub struct OperatorConfig {
     /// How tenant jobs run.
     #[serde(default)]
     pub job: JobTemplate,
+    /// The db-proxy sidecar beside every service and job process.
+    #[serde(default)]
+    pub db_proxy: DbProxy,
+    /// The failover controller.
+    #[serde(default)]
+    pub failover: Failover,
+}
+
+/// The db-proxy sidecar: the service and job reach the DB only through it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbProxy {
+    /// Whether tenants reach the DB through the sidecar. Off, the registry
+    /// and the job point at the active datacenter's `db.url` directly (no
+    /// failover for the data plane).
+    pub enabled: bool,
+    /// Image holding `thumbup-db-proxy`. Defaults to the job image.
+    pub image: Option<String>,
+    /// Port the sidecar listens on, on the pod's loopback.
+    pub port: u16,
+    /// Port of its admin endpoint (metrics, health, route).
+    pub admin_port: u16,
+    /// CPU and memory of each sidecar container.
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for DbProxy {
+    fn default() -> Self {
+        DbProxy { enabled: true, image: None, port: 3306, admin_port: 9193, resources: None }
+    }
+}
+
+impl DbProxy {
+    /// The DB URL that tenants use when the sidecar is on.
+    pub fn url(&self) -> String {
+        format!("mysql://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The failover controller's settings. Durations are whole milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failover {
+    /// Whether the controller runs (probes, failover, switchover).
+    pub enabled: bool,
+    /// Name of the route ConfigMap (in the operator's namespace).
+    pub route_config_map: String,
+    /// How often each DB is probed.
+    pub probe_period_ms: u64,
+    /// Connect + query deadline of one probe.
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes of the active DB before a failover.
+    pub failure_threshold: u32,
+    /// The failed probes must also span at least this long.
+    pub grace_period_ms: u64,
+    /// Unplanned failovers allowed per `cap_window_ms`.
+    pub cap: u32,
+    /// The window of the cap.
+    pub cap_window_ms: u64,
+    /// How far back the tenant streams are replayed onto a promoted standby;
+    /// at least the replication-lag bound, at most the stream retention.
+    pub replay_window_ms: u64,
+    /// A standby further behind than this is not healthy.
+    pub max_lag_ms: u64,
+    /// How long a planned switchover waits for the standby to catch up
+    /// before it gives up and unfences the active DB.
+    pub catch_up_timeout_ms: u64,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            enabled: true,
+            route_config_map: thumbup_core::route::ROUTE_CONFIG_MAP.into(),
+            probe_period_ms: 2_000,
+            probe_timeout_ms: 1_000,
+            failure_threshold: 3,
+            grace_period_ms: 4_000,
+            cap: 1,
+            cap_window_ms: 3_600_000,
+            replay_window_ms: 600_000,
+            max_lag_ms: 60_000,
+            catch_up_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// One datacenter's DB and Redis.
@@ -145,7 +232,27 @@ impl OperatorConfig {
         if c.datacenter(&c.active_datacenter).is_none() {
             return Err(ConfigError::Invalid(format!("active_datacenter {:?} is not listed", c.active_datacenter)));
         }
+        let f = &c.failover;
+        if f.failure_threshold == 0 || f.probe_period_ms == 0 || f.probe_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "failover: failure_threshold, probe_period_ms and probe_timeout_ms must be positive".into(),
+            ));
+        }
+        if f.replay_window_ms < f.max_lag_ms {
+            return Err(ConfigError::Invalid(format!(
+                "failover: replay_window_ms ({}) must be at least max_lag_ms ({}): a standby may lag that much",
+                f.replay_window_ms, f.max_lag_ms
+            )));
+        }
+        let mut names: Vec<&str> = c.datacenters.iter().map(|d| d.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid(format!("datacenter names must be unique: {names:?}")));
+        }
         for dc in &c.datacenters {
+            if dc.db.host_port().is_none() {
+                return Err(ConfigError::Invalid(format!("{}: db.url must be mysql://host:port", dc.name)));
+            }
             if !dc.db.url.starts_with("mysql://") || !dc.redis.url.starts_with("redis") {
                 return Err(ConfigError::Invalid(format!("{}: db.url must be mysql://, redis.url redis://", dc.name)));
             }
@@ -173,6 +280,14 @@ impl OperatorConfig {
 }
 
 impl Endpoint {
+    /// `host:port` of `url` (what db-proxy dials), if it has both.
+    pub fn host_port(&self) -> Option<String> {
+        let rest = self.url.split_once("://")?.1;
+        let hp = rest.rsplit_once('@').map_or(rest, |(_, hp)| hp).split('/').next()?;
+        let (host, port) = hp.rsplit_once(':')?;
+        (!host.is_empty() && port.parse::<u16>().is_ok()).then(|| hp.to_string())
+    }
+
     /// The admin password, read from its file on every call so that a rotated
     /// Secret is picked up without a restart.
     pub fn password(&self) -> Result<String, ConfigError> {
@@ -232,6 +347,9 @@ datacenters:
             (GOOD.replace("admin_password: pw", "admin_password: pw, admin_password_file: /x"), "exactly one"),
             (GOOD.replace("mysql://", "http://"), "db.url"),
             (GOOD.replace("admin_username: root", "admin_user: root"), "unknown field"),
+            (GOOD.replace("mysql://db-a:3306", "mysql://db-a"), "host:port"),
+            (format!("{GOOD}failover: {{ failure_threshold: 0 }}\n"), "must be positive"),
+            (format!("{GOOD}failover: {{ replay_window_ms: 1000 }}\n"), "at least max_lag_ms"),
         ];
         for (text, want) in cases {
             let err = OperatorConfig::parse(&text, "test").unwrap_err().to_string();
