@@ -18,6 +18,7 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod error;
+pub mod failover;
 pub mod leader;
 pub mod metrics;
 pub mod provision;
