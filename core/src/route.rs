@@ -18,6 +18,7 @@
 //!   lastTransition: { at: "2026-11-22T20:00:00Z", kind: Failover, from: dc-a, to: dc-b, epoch: 2, reason: "..." }
 //!   blocked: null
 //!   flips: ["2026-11-22T20:00:00Z"]
+//!   promotionPending: false
 //! ```
 
 use std::collections::BTreeMap;
@@ -78,6 +79,11 @@ pub struct FailoverRecord {
     /// When each recent unplanned failover happened (for the cap).
     #[serde(default)]
     pub flips: Vec<Timestamp>,
+    /// The route names a datacenter whose promotion (drain the relay log,
+    /// stop replicating, replay the streams, make it writable) has not
+    /// finished yet; the controller resumes it.
+    #[serde(default)]
+    pub promotion_pending: bool,
 }
 
 /// One flip of the route.

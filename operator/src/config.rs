@@ -137,8 +137,8 @@ impl Default for Failover {
             grace_period_ms: 4_000,
             cap: 1,
             cap_window_ms: 3_600_000,
-            replay_window_ms: 600_000,
-            max_lag_ms: 60_000,
+            replay_window_ms: 120_000,
+            max_lag_ms: 30_000,
             catch_up_timeout_ms: 30_000,
         }
     }

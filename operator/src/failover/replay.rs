@@ -1,0 +1,175 @@
+//! Replaying the recent stream window onto a promoted DB.
+//!
+//! Replication to the standby is asynchronous: when the active DB dies, the
+//! job may have committed (and acknowledged) windows there that never
+//! reached the standby. Those events are still in the tenant's stream shards
+//! (the job trims only past the stream retention), so the controller reads
+//! every entry newer than the replay window and applies it to the new
+//! primary with the job's own [`db::apply_events`]. Records carry versions:
+//! what did replicate is skipped, what did not is applied with its count
+//! deltas, so the replay recovers the lost windows and changes nothing else.
+//!
+//! Items whose counts the replay changed have their cached counts and
+//! received likes deleted (the next read or job window refills them from the
+//! new primary): the cached versions came from the old primary, and a
+//! version-checked refresh would never replace them.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamRangeReply;
+use sqlx::MySqlPool;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use thumbup_core::cache;
+use thumbup_core::db;
+use thumbup_core::event::LikeEvent;
+use thumbup_core::keys::Keys;
+
+/// Entries read per XRANGE call.
+const PAGE: usize = 1_000;
+/// Events per apply transaction.
+const CHUNK: usize = 2_000;
+/// Tries per chunk (a deadlock with the job's own window is retried).
+const TRIES: u32 = 5;
+
+/// A replay that failed; the text names the tenant and step.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Reading a stream failed.
+    #[error("tenant {tenant}: reading {key}: {source}")]
+    Read {
+        /// Tenant.
+        tenant: String,
+        /// Stream key.
+        key: String,
+        /// Redis error.
+        source: redis::RedisError,
+    },
+    /// Applying to the new primary failed.
+    #[error("tenant {tenant}: applying to the new primary: {source}")]
+    Apply {
+        /// Tenant.
+        tenant: String,
+        /// DB error.
+        source: sqlx::Error,
+    },
+    /// Deleting cached values failed.
+    #[error("tenant {tenant}: dropping cached counts: {source}")]
+    Invalidate {
+        /// Tenant.
+        tenant: String,
+        /// Redis error.
+        source: redis::RedisError,
+    },
+}
+
+/// What the replay needs of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayTenant {
+    /// Tenant name.
+    pub name: String,
+    /// Stream shards.
+    pub shards: u32,
+    /// DB schema.
+    pub schema: String,
+}
+
+/// What one tenant's replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Entries read from the streams.
+    pub events: usize,
+    /// Entries that did not decode (skipped; the job dead-letters them).
+    pub malformed: usize,
+    /// Transitions the new primary took: writes that had not replicated.
+    pub applied: usize,
+    /// Cached keys deleted.
+    pub invalidated: usize,
+}
+
+/// Replays `tenant`'s stream entries newer than `since_ms` from `redis` (an
+/// admin connection to a Redis holding the tenant's streams) onto the DB at
+/// `db_admin_url`.
+pub async fn replay(
+    tenant: &ReplayTenant,
+    redis: &mut MultiplexedConnection,
+    db_admin_url: &str,
+    since_ms: i64,
+) -> Result<Replayed, ReplayError> {
+    let keys = Keys::new(&tenant.name, tenant.shards);
+    let mut out = Replayed::default();
+    let mut events = Vec::new();
+    for shard in 0..tenant.shards {
+        let key = keys.stream(shard);
+        let mut start = format!("{since_ms}-0");
+        loop {
+            let page: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(redis)
+                .await
+                .map_err(|source| ReplayError::Read { tenant: tenant.name.clone(), key: key.clone(), source })?;
+            let n = page.ids.len();
+            for entry in page.ids {
+                out.events += 1;
+                match LikeEvent::decode(&cache::entry_fields(&entry.map)) {
+                    Ok(e) => events.push(e),
+                    Err(_) => out.malformed += 1,
+                }
+                start = format!("({}", entry.id);
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+    }
+    if events.is_empty() {
+        return Ok(out);
+    }
+    let apply_err = |source| ReplayError::Apply { tenant: tenant.name.clone(), source };
+    let opts = MySqlConnectOptions::from_str(db_admin_url).map_err(apply_err)?.database(&tenant.schema);
+    let pool: MySqlPool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(opts)
+        .await
+        .map_err(apply_err)?;
+    let mut stale = BTreeSet::new();
+    for chunk in events.chunks(CHUNK) {
+        let mut attempt = 0;
+        let applied = loop {
+            match db::apply_events(&pool, chunk).await {
+                Ok(a) => break a,
+                Err(e) if attempt + 1 < TRIES => {
+                    tracing::warn!(tenant = %tenant.name, error = %e, attempt, "replay chunk failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => return Err(apply_err(e)),
+            }
+        };
+        out.applied += applied.transitions.len();
+        for (e, _) in &applied.transitions {
+            stale.insert(keys.counts(e.business_id, e.message_id));
+            stale.insert(keys.received(e.business_id, e.up_mid));
+        }
+    }
+    pool.close().await;
+    if !stale.is_empty() {
+        let stale: Vec<String> = stale.into_iter().collect();
+        for chunk in stale.chunks(500) {
+            let n: usize = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(redis)
+                .await
+                .map_err(|source| ReplayError::Invalidate { tenant: tenant.name.clone(), source })?;
+            out.invalidated += n;
+        }
+    }
+    Ok(out)
+}
