@@ -1,6 +1,8 @@
 //! The write path: an atomic transition in Redis that appends the event to
 //! the tenant stream; the synchronous DB transaction while Redis is down.
 
+use std::time::{Duration, Instant};
+
 use thumbup_core::cache::{self, Seed, Transition, TransitionArgs};
 use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
@@ -133,6 +135,7 @@ async fn via_db(t: &Tenant, w: Write) -> Result<Written, Error> {
     }
     metrics::DEGRADED_WRITES.with_label_values(&[t.name()]).inc();
     let mut attempt = 0;
+    let started = Instant::now();
     loop {
         let record = (w.mid, w.business_id, w.message_id, w.up_mid);
         match db::fallback_transition(&t.db, &t.clock, record, w.action).await {
@@ -140,14 +143,34 @@ async fn via_db(t: &Tenant, w: Write) -> Result<Written, Error> {
             Err(FallbackError::Forbidden(f)) => return Err(f.into()),
             // Deadlocks with the job's batch are retried.
             Err(FallbackError::Db(e)) if attempt < 3 && is_retryable(&e) => attempt += 1,
+            // A DB flip (no session to be had; the new primary is not
+            // writable yet) passes within seconds: retry inside the budget,
+            // then fail fast with UNAVAILABLE. Only errors that prove
+            // nothing committed are retried; a session lost mid-transaction
+            // is UNAVAILABLE at once (the write may or may not have landed).
+            Err(FallbackError::Db(e)) if is_flipping(&e) && started.elapsed() < FLIP_RETRY_BUDGET => {
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                attempt += 1;
+            }
             Err(FallbackError::Db(e)) => return Err(db_err(t, e)),
         }
     }
 }
 
+/// How long a write retries across a DB flip before UNAVAILABLE.
+const FLIP_RETRY_BUDGET: Duration = Duration::from_secs(2);
+
+fn mysql_number(e: &sqlx::Error) -> Option<u16> {
+    e.as_database_error().and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()).map(|m| m.number())
+}
+
 /// MySQL deadlock (1213) and lock wait timeout (1205).
 fn is_retryable(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
-        .is_some_and(|m| m.number() == 1213 || m.number() == 1205)
+    matches!(mysql_number(e), Some(1213 | 1205))
+}
+
+/// What a DB flip looks like before anything is written: no session could
+/// be had, or the server refused the statement as read-only (1290).
+fn is_flipping(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::PoolTimedOut) || mysql_number(e) == Some(1290)
 }
