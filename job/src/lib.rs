@@ -100,8 +100,11 @@ pub struct Job {
     scripts: Scripts,
 }
 
+/// Retry delay: 50 ms doubling to 2 s. A DB flip (db-proxy moving to the
+/// other datacenter) lasts seconds; entries wait in the stream meanwhile, so
+/// a short cap resumes applying soon after the new primary takes writes.
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((50u64 << attempt.min(7)).min(5_000))
+    Duration::from_millis((50u64 << attempt.min(6)).min(2_000))
 }
 
 impl Job {
