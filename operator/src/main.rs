@@ -1,5 +1,6 @@
-//! `thumbup-operator`: runs the tenant controller (in cluster, or out of
-//! cluster from the kubeconfig), or prints the CRD.
+//! `thumbup-operator`: runs the tenant and failover controllers (in
+//! cluster, or out of cluster from the kubeconfig), the failover controller
+//! alone with a route file, or prints the CRD.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,24 @@ enum Command {
         #[arg(long, env = "THUMBUP_LEASE_SECONDS", default_value_t = 15)]
         lease_seconds: u64,
     },
+    /// Run only the failover controller, out of a cluster: the route in a
+    /// file (db-proxy runs with --route-file), the tenants from the
+    /// service's tenants.yaml (for the stream replay), notices in the log.
+    Failover {
+        /// Operator config file (datacenters, failover settings); re-read
+        /// every probe period: a new active_datacenter is a planned switchover.
+        #[arg(long, env = "THUMBUP_OPERATOR_CONFIG")]
+        config: PathBuf,
+        /// The route file the controller writes and db-proxy follows.
+        #[arg(long, env = "THUMBUP_ROUTE_FILE")]
+        route_file: PathBuf,
+        /// The service's tenant config (tenants.yaml).
+        #[arg(long, env = "THUMBUP_TENANTS")]
+        tenants: PathBuf,
+        /// Admin HTTP address (/metrics, /healthz, /readyz).
+        #[arg(long, env = "THUMBUP_ADMIN_LISTEN", default_value = "127.0.0.1:9194")]
+        admin_listen: SocketAddr,
+    },
     /// Print the LikeTenant CRD as YAML.
     Crd,
 }
@@ -50,6 +69,11 @@ async fn main() -> anyhow::Result<()> {
     thumbup_core::admin::init_tracing();
     match Cli::parse().command {
         Command::Crd => print!("{}", thumbup_operator::crdgen::crd_yaml()),
+        Command::Failover { config, route_file, tenants, admin_listen } => {
+            let opts = thumbup_operator::failover::Options::local(config, route_file, tenants)?;
+            thumbup_operator::failover::run_with_admin(opts, admin_listen, thumbup_core::admin::shutdown_signal())
+                .await?;
+        }
         Command::Run { config, namespace, all_namespaces, admin_listen, identity, lease_name, lease_seconds } => {
             let identity = identity
                 .or_else(|| std::env::var("HOSTNAME").ok())
