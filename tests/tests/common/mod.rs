@@ -20,6 +20,11 @@ use thumbup_service::pb::thumbup_client::ThumbupClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+/// The directory of test `test`'s [`World`] (its config is `config.yaml` there).
+pub fn world_dir(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("thumbup-e2e-{test}-{}", std::process::id()))
+}
+
 /// The admin DB URL of the local stack.
 pub fn admin_db_url() -> String {
     std::env::var("THUMBUP_ADMIN_DB_URL")
@@ -108,7 +113,7 @@ pub struct World {
 impl World {
     /// `tenants_yaml` is the list under `tenants:` (from [`tenant_yaml`]).
     pub async fn start(test: &str, tenants_yaml: &str) -> World {
-        let dir = std::env::temp_dir().join(format!("thumbup-e2e-{test}-{}", std::process::id()));
+        let dir = world_dir(test);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("config.yaml");
@@ -375,13 +380,23 @@ pub async fn wait_drained(keys: &Keys, within: Duration) {
 
 /// A tenant's DB as the admin sees it.
 pub async fn admin_db(t: &TenantConfig) -> MySqlConnection {
-    let opts: sqlx::mysql::MySqlConnectOptions = admin_db_url().parse().unwrap();
+    admin_db_at(&admin_db_url(), t).await
+}
+
+/// A tenant's DB on the server at admin URL `url` (another datacenter's).
+pub async fn admin_db_at(url: &str, t: &TenantConfig) -> MySqlConnection {
+    let opts: sqlx::mysql::MySqlConnectOptions = url.parse().unwrap();
     opts.database(&t.schema()).connect().await.expect("admin DB connection")
 }
 
 /// Final states of all records: (mid, business, message) -> state code.
 pub async fn records(t: &TenantConfig) -> BTreeMap<(i64, i64, i64), i64> {
-    let mut con = admin_db(t).await;
+    records_at(&admin_db_url(), t).await
+}
+
+/// [`records`] on the server at admin URL `url`.
+pub async fn records_at(url: &str, t: &TenantConfig) -> BTreeMap<(i64, i64, i64), i64> {
+    let mut con = admin_db_at(url, t).await;
     let rows =
         sqlx::query("SELECT mid, business_id, message_id, state FROM like_records").fetch_all(&mut con).await.unwrap();
     rows.iter()
@@ -402,7 +417,12 @@ pub struct Exactness {
 /// (resp. DISLIKE), received likes equal the sum over the owner's items, and
 /// every cached count and received-likes value equals the DB.
 pub async fn check_exact(t: &TenantConfig) -> Exactness {
-    let mut con = admin_db(t).await;
+    check_exact_at(&admin_db_url(), t).await
+}
+
+/// [`check_exact`] with the DB on the server at admin URL `url`.
+pub async fn check_exact_at(url: &str, t: &TenantConfig) -> Exactness {
+    let mut con = admin_db_at(url, t).await;
     let want: BTreeMap<(i64, i64), (i64, i64)> = sqlx::query(
         "SELECT business_id, message_id, CAST(SUM(state = 1) AS SIGNED), CAST(SUM(state = 2) AS SIGNED) \
          FROM like_records GROUP BY business_id, message_id",
@@ -633,7 +653,12 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
 /// the state of its newest acknowledged write, and GetStates agrees with the
 /// records for every (user, item) touched.
 pub async fn check_acked_and_states(client: &Client, t: &TenantConfig, acked: &Acked) {
-    let recs = records(t).await;
+    check_acked_and_states_at(&admin_db_url(), client, t, acked).await
+}
+
+/// [`check_acked_and_states`] with the DB on the server at admin URL `url`.
+pub async fn check_acked_and_states_at(url: &str, client: &Client, t: &TenantConfig, acked: &Acked) {
+    let recs = records_at(url, t).await;
     for (key, (version, state)) in acked {
         assert_eq!(
             recs.get(key).copied(),

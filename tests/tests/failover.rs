@@ -1,0 +1,703 @@
+//! Dual-datacenter failover against the real two-datacenter stack (MariaDB
+//! dc-a primary, dc-b its GTID replica; Redis of each), out of a cluster:
+//! the failover controller runs in-process with a route file, the service
+//! in-process and the job as a child process both reach the DB only through
+//! a real `thumbup-db-proxy` that follows the route file.
+//!
+//! The controller probes each DB through a small TCP relay that the test can
+//! make refuse connections: probe failures of an exact count or length
+//! without restarting a server. An unplanned failover kills dc-a's MariaDB
+//! for real (SIGKILL).
+//!
+//! Every scenario starts with `scripts/stack.sh reseed a b` (dc-a primary,
+//! dc-b a fresh replica) and ends with it, so the scenarios run one at a
+//! time (a lock) in any order.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::Rng;
+use sqlx::{Connection, MySqlConnection};
+use thumbup_core::config::TenantConfig;
+use thumbup_core::keys::Keys;
+use thumbup_core::route::{Route, TransitionKind};
+use thumbup_operator::failover::{self, Notice};
+use thumbup_service::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// One scenario at a time: they kill, fence and reseed the shared servers.
+static SERIAL: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.into())
+}
+
+fn db_port(dc: char) -> u16 {
+    let (var, default) = if dc == 'a' { ("THUMBUP_DB_PORT", "23306") } else { ("THUMBUP_DB_PORT_B", "23307") };
+    env_or(var, default).parse().expect("DB port")
+}
+
+fn redis_port(dc: char) -> u16 {
+    let (var, default) = if dc == 'a' { ("THUMBUP_REDIS_PORT", "26379") } else { ("THUMBUP_REDIS_PORT_B", "26380") };
+    env_or(var, default).parse().expect("Redis port")
+}
+
+fn db_admin_password() -> String {
+    env_or("THUMBUP_DB_ADMIN_PASSWORD", "thumbup-admin")
+}
+
+/// The admin URL of datacenter `dc`'s MariaDB ('a' or 'b').
+fn admin_url(dc: char) -> String {
+    format!("mysql://thumbup_admin:{}@127.0.0.1:{}", db_admin_password(), db_port(dc))
+}
+
+async fn read_only(dc: char) -> Option<bool> {
+    let mut con = MySqlConnection::connect(&admin_url(dc)).await.ok()?;
+    let v: i64 = sqlx::query_scalar("SELECT @@read_only").fetch_one(&mut con).await.ok()?;
+    Some(v != 0)
+}
+
+/// A TCP relay in front of a DB that refuses connections on demand.
+struct Relay {
+    addr: SocketAddr,
+    /// 0: forward; n > 0: refuse the next n connections; -1: refuse all.
+    refuse: Arc<AtomicI64>,
+    refused: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target_port: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refuse = Arc::new(AtomicI64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (r, n) = (refuse.clone(), refused.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let take = r.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| (v > 0).then(|| v - 1)).is_ok();
+                if take || r.load(Ordering::SeqCst) < 0 {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(("127.0.0.1", target_port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Relay { addr, refuse, refused, task }
+    }
+
+    fn refuse_next(&self, n: i64) {
+        self.refuse.store(n, Ordering::SeqCst);
+    }
+
+    fn refuse_all(&self) {
+        self.refuse.store(-1, Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        self.refuse.store(0, Ordering::SeqCst);
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `thumbup-db-proxy` child process following a route file.
+struct Proxy {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn proxy_binary() -> PathBuf {
+    let bin = job_binary().with_file_name("thumbup-db-proxy");
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+impl Proxy {
+    fn start(dir: &Path, name: &str, route_file: &Path) -> Proxy {
+        let ready = dir.join(format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(proxy_binary())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--route-file"])
+            .arg(route_file)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn thumbup-db-proxy");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                if t.contains("admin=") {
+                    break t;
+                }
+            }
+            assert!(Instant::now() < deadline, "db-proxy {name} did not write {}", ready.display());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let field = |k: &str| -> SocketAddr {
+            text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).expect("ready file")
+        };
+        Proxy { child, listen: field("listen="), admin: field("admin=") }
+    }
+
+    /// The epoch the proxy holds (0 before any route).
+    async fn epoch(&self) -> u64 {
+        let (status, body) = http(self.admin, "GET", "/route", "").await;
+        if status != 200 {
+            return 0;
+        }
+        serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["epoch"].as_u64()).unwrap_or(0)
+    }
+
+    async fn wait_epoch(&self, epoch: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.epoch().await < epoch {
+            assert!(Instant::now() < deadline, "db-proxy never adopted epoch {epoch}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 exchange: (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr).await else { return (0, String::new()) };
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The failover settings of a scenario (operator config `failover:`).
+struct Timing {
+    period_ms: u64,
+    threshold: u32,
+    grace_ms: u64,
+}
+
+/// The defaults of the operator config.
+const DEFAULTS: Timing = Timing { period_ms: 2_000, threshold: 3, grace_ms: 4_000 };
+/// Quicker probing for the scenarios that only watch the controller.
+const QUICK: Timing = Timing { period_ms: 300, threshold: 3, grace_ms: 1_500 };
+
+/// The controller, its relays, its files and a db-proxy.
+struct Site {
+    dir: PathBuf,
+    op_config: PathBuf,
+    route_file: PathBuf,
+    relay_a: Relay,
+    relay_b: Relay,
+    proxy: Proxy,
+    notices: mpsc::UnboundedReceiver<Notice>,
+    stop: Option<oneshot::Sender<()>>,
+    controller: Option<tokio::task::JoinHandle<Result<(), failover::FailoverError>>>,
+}
+
+impl Site {
+    /// Reseeds dc-b from dc-a and starts the controller (dc-a active) and a
+    /// proxy. `tenants_file` is the service's config (for the replay).
+    async fn start(test: &str, timing: Timing, tenants_file: PathBuf) -> Site {
+        stack(&["start", "mariadb", "a"]);
+        stack(&["start", "mariadb", "b"]);
+        stack(&["reseed", "a", "b"]);
+        let dir = std::env::temp_dir().join(format!("thumbup-failover-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let relay_a = Relay::start(db_port('a')).await;
+        let relay_b = Relay::start(db_port('b')).await;
+        let op_config = dir.join("operator.yaml");
+        let route_file = dir.join("route.yaml");
+        std::fs::write(&op_config, operator_yaml("dc-a", &relay_a, &relay_b, &timing)).unwrap();
+        let (tx, notices) = mpsc::unbounded_channel();
+        let mut opts = failover::Options::local(op_config.clone(), route_file.clone(), tenants_file).unwrap();
+        opts.notices = Some(tx);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let controller = tokio::spawn(failover::run(opts, async {
+            let _ = stopped.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !route_file.exists() {
+            assert!(Instant::now() < deadline, "the controller wrote no route file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let proxy = Proxy::start(&dir, "proxy", &route_file);
+        proxy.wait_epoch(1, Duration::from_secs(5)).await;
+        Site { dir, op_config, route_file, relay_a, relay_b, proxy, notices, stop: Some(stop), controller: Some(controller) }
+    }
+
+    fn route(&self) -> Route {
+        Route::parse(&std::fs::read_to_string(&self.route_file).unwrap()).unwrap()
+    }
+
+    /// Waits for the route file to reach `epoch`; returns when it did.
+    async fn wait_epoch(&self, epoch: u64, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.route().epoch >= epoch {
+                return Instant::now();
+            }
+            assert!(Instant::now() < deadline, "the route never reached epoch {epoch}: {:?}", self.route());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_promoted(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.route().failover.promotion_pending {
+            assert!(Instant::now() < deadline, "the promotion never finished: {:?}", self.route());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for a notice with `reason`.
+    async fn notice(&mut self, reason: &str, within: Duration) -> Notice {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.notices.recv()).await {
+                Ok(Some(n)) if n.reason == reason => return n,
+                Ok(Some(_)) => {}
+                _ => panic!("no {reason} notice within {within:?}; route: {:?}", self.route()),
+            }
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(c) = self.controller.take() {
+            c.await.expect("controller task").expect("controller ended cleanly");
+        }
+    }
+}
+
+fn operator_yaml(active: &str, relay_a: &Relay, relay_b: &Relay, t: &Timing) -> String {
+    let pw = db_admin_password();
+    let rpw = env_or("THUMBUP_REDIS_ADMIN_PASSWORD", "thumbup-admin");
+    let dc = |name: &str, db: u16, relay: &Relay, redis: u16| {
+        format!(
+            "  - name: {name}\n    db: {{ url: \"mysql://127.0.0.1:{db}\", admin_url: \"mysql://{}\", admin_username: thumbup_admin, admin_password: \"{pw}\" }}\n    redis: {{ url: \"redis://127.0.0.1:{redis}\", admin_username: default, admin_password: \"{rpw}\" }}\n",
+            relay.addr
+        )
+    };
+    format!(
+        "active_datacenter: {active}\ndatacenters:\n{}{}failover:\n  probe_period_ms: {}\n  probe_timeout_ms: 1000\n  failure_threshold: {}\n  grace_period_ms: {}\n  catch_up_timeout_ms: 10000\n",
+        dc("dc-a", db_port('a'), relay_a, redis_port('a')),
+        dc("dc-b", db_port('b'), relay_b, redis_port('b')),
+        t.period_ms,
+        t.threshold,
+        t.grace_ms
+    )
+}
+
+/// Tenant `name` whose DB is reached through `proxy`.
+fn proxied_tenant(name: &str, proxy: &Proxy) -> String {
+    tenant_yaml(name, &[1], "").replace(&format!("mysql://127.0.0.1:{}", db_port('a')), &format!("mysql://{}", proxy.listen))
+}
+
+/// Clients that like, unlike, dislike and undislike until stopped.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Written>>,
+}
+
+#[derive(Default)]
+struct Written {
+    acked: Acked,
+    ok: usize,
+    refused: usize,
+    unavailable: usize,
+}
+
+impl Writers {
+    fn start(client: &Client, clients: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (c, stop) = (client.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut out = Written::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let (mid, msg, action) = {
+                            let mut rng = rand::rng();
+                            let action = match rng.random_range(0..10) {
+                                0..=4 => pb::Action::Like,
+                                5..=6 => pb::Action::Unlike,
+                                7..=8 => pb::Action::Dislike,
+                                _ => pb::Action::Undislike,
+                            };
+                            (rng.random_range(1..=400), rng.random_range(1..=40), action)
+                        };
+                        match c.act(1, msg, mid, owner_of(msg), action).await {
+                            Ok(r) => {
+                                out.ok += 1;
+                                keep_newest(&mut out.acked, (mid, 1, msg), (r.version, r.state));
+                            }
+                            Err(s) if s.code() == tonic::Code::FailedPrecondition => out.refused += 1,
+                            // Allowed across a flip: fail fast, nothing written.
+                            Err(s) if s.code() == tonic::Code::Unavailable => out.unavailable += 1,
+                            Err(s) => panic!("unexpected status for {action:?} by {mid} on {msg}: {s:?}"),
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    out
+                })
+            })
+            .collect();
+        Writers { stop, tasks }
+    }
+
+    async fn stop(self) -> Written {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Written::default();
+        for t in self.tasks {
+            let o = t.await.expect("writer");
+            all.ok += o.ok;
+            all.refused += o.refused;
+            all.unavailable += o.unavailable;
+            for (k, v) in o.acked {
+                keep_newest(&mut all.acked, k, v);
+            }
+        }
+        all
+    }
+}
+
+/// Invariants 1 and 2 on dc-b after the job has drained the stream.
+async fn check_on_dc_b(client: &Client, t: &TenantConfig, acked: &Acked) -> Exactness {
+    wait_drained(&Keys::new(&t.name, t.stream.shards), Duration::from_secs(90)).await;
+    check_acked_and_states_at(&admin_url('b'), client, t, acked).await;
+    check_exact_at(&admin_url('b'), t).await
+}
+
+fn replayed_total() -> u64 {
+    prometheus::gather()
+        .iter()
+        .find(|f| f.name() == "thumbup_operator_failover_replayed_transitions_total")
+        .and_then(|f| f.get_metric().first().map(|m| m.get_counter().get_value() as u64))
+        .unwrap_or(0)
+}
+
+async fn set_io_thread(dc: char, running: bool) {
+    let mut con = MySqlConnection::connect(&admin_url(dc)).await.expect("admin connection");
+    let sql = if running { "START SLAVE IO_THREAD" } else { "STOP SLAVE IO_THREAD" };
+    sqlx::raw_sql(sql).execute(&mut con).await.expect("replication control");
+}
+
+/// Leaves the stack as every scenario expects it: both servers up, dc-a
+/// primary, dc-b a fresh replica.
+fn restore_stack() {
+    stack(&["start", "mariadb", "a"]);
+    stack(&["start", "mariadb", "b"]);
+    stack(&["reseed", "a", "b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unplanned_failover_flips_within_10s_and_loses_no_acknowledged_like() {
+    let _serial = SERIAL.lock().await;
+    for run in 1..=3 {
+        let test = format!("fo-unplanned-{run}");
+        let mut site = Site::start(&test, DEFAULTS, world_dir(&test).join("config.yaml")).await;
+        let name = format!("fo-unplanned-{run}");
+        let w = World::start(&test, &proxied_tenant(&name, &site.proxy)).await;
+        let t = w.tenant(&name).clone();
+        let mut job = w.job(&name, 200);
+        let client = w.client_of(&name).await;
+        let writers = Writers::start(&client, 16);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let replayed_before = replayed_total();
+        if run >= 2 {
+            // Replication lags: dc-b receives nothing of the last second
+            // before the crash. Only the stream replay can bring it back.
+            set_io_thread('b', false).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let killed = Instant::now();
+        stack(&["kill", "mariadb", "a"]);
+        let flipped = site.wait_epoch(2, Duration::from_secs(30)).await;
+        let flip = flipped - killed;
+        site.proxy.wait_epoch(2, Duration::from_secs(5)).await;
+        let adopted = killed.elapsed();
+        println!("run {run}: route flipped to dc-b {flip:?} after the SIGKILL; the proxy held epoch 2 after {adopted:?}");
+        assert!(flip < Duration::from_secs(10), "run {run}: the flip took {flip:?}");
+        let route = site.route();
+        assert_eq!(route.active_datacenter, "dc-b");
+        let last = route.failover.last_transition.clone().expect("last transition recorded");
+        assert_eq!((last.kind, last.from.as_str(), last.to.as_str(), last.epoch), (TransitionKind::Failover, "dc-a", "dc-b", 2));
+        let notice = site.notice("Failover", Duration::from_secs(30)).await;
+        assert!(notice.warning && notice.message.contains("dc-a to dc-b"), "{notice:?}");
+        site.wait_promoted(Duration::from_secs(30)).await;
+
+        // Like succeeds after the flip, and is kept with the rest.
+        let mut extra = Acked::new();
+        let r = client.act(1, 1, 1_000_001, owner_of(1), pb::Action::Like).await.expect("Like after the flip");
+        keep_newest(&mut extra, (1_000_001, 1, 1), (r.version, r.state));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut written = writers.stop().await;
+        for (k, v) in extra {
+            keep_newest(&mut written.acked, k, v);
+        }
+        let ex = check_on_dc_b(&client, &t, &written.acked).await;
+        let replayed = replayed_total() - replayed_before;
+        println!(
+            "run {run}: {} acknowledged ({} refused, {} UNAVAILABLE) over {} records, all on dc-b; replay applied {replayed} \
+             writes that had not replicated; {} counts rows and {} likes exact on dc-b, {} cached counts equal",
+            written.ok,
+            written.refused,
+            written.unavailable,
+            written.acked.len(),
+            ex.items,
+            ex.likes,
+            ex.cached_counts
+        );
+        assert!(written.ok > 1000, "run {run}: too little load to mean anything: {}", written.ok);
+        if run >= 2 {
+            assert!(replayed > 0, "run {run}: replication was stopped for 1 s, yet the replay applied nothing");
+        }
+
+        if run == 1 {
+            // Fencing: dc-a comes back writable and is fenced by the controller.
+            stack(&["start", "mariadb", "a"]);
+            let back = Instant::now();
+            let deadline = back + Duration::from_secs(15);
+            while read_only('a').await != Some(true) {
+                assert!(Instant::now() < deadline, "dc-a came back and was never fenced");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            println!("dc-a fenced {:?} after it came back", back.elapsed());
+            // A proxy still holding epoch 1 sends the tenant's session to dc-a,
+            // where the write is refused.
+            let stale_route = site.dir.join("stale-route.yaml");
+            let mut old = route.clone();
+            old.epoch = 1;
+            old.active_datacenter = "dc-a".into();
+            std::fs::write(&stale_route, old.to_yaml()).unwrap();
+            let stale = Proxy::start(&site.dir, "stale-proxy", &stale_route);
+            stale.wait_epoch(1, Duration::from_secs(5)).await;
+            let url = format!("mysql://{}:{}@{}/{}", t.db.username, t.db.password, stale.listen, t.schema());
+            let mut con = MySqlConnection::connect(&url).await.expect("tenant session through the stale proxy");
+            let err = sqlx::query(
+                "INSERT INTO like_records (mid, business_id, message_id, up_mid, state, version, mtime) \
+                 VALUES (7, 1, 7, 7, 1, 1, 1)",
+            )
+            .execute(&mut con)
+            .await
+            .expect_err("a write to the fenced dc-a must be refused");
+            let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+            assert!(err.to_string().contains("read-only") || err.to_string().contains("1290"), "{err} ({code:?})");
+            // And the live proxy refuses the old epoch.
+            let (status, body) = http(site.proxy.admin, "PUT", "/route", &old.to_yaml()).await;
+            assert_eq!(status, 409, "stale route accepted: {body}");
+            assert_eq!(site.proxy.epoch().await, 2);
+        }
+
+        assert!(job.terminate(), "job exits cleanly");
+        w.stop().await;
+        site.stop().await;
+        restore_stack();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_flapping_below_threshold_or_grace_and_no_second_flip_inside_the_cap_window() {
+    let _serial = SERIAL.lock().await;
+    let test = "fo-flapping";
+    let mut site = Site::start(test, QUICK, world_dir(test).join("config.yaml")).await;
+    let period = Duration::from_millis(QUICK.period_ms);
+
+    // One failure fewer than the threshold.
+    site.relay_a.refuse_next(QUICK.threshold as i64 - 1);
+    tokio::time::sleep(period * 8).await;
+    assert_eq!(site.relay_a.refused(), QUICK.threshold as u64 - 1, "the probes did not fail as arranged");
+    let r = site.route();
+    assert_eq!((r.epoch, r.active_datacenter.as_str()), (1, "dc-a"), "flipped below the threshold");
+    assert!(r.failover.failing_since.is_none(), "failingSince not cleared: {r:?}");
+
+    // Enough failures, but shorter than the grace period.
+    let before = site.relay_a.refused();
+    site.relay_a.refuse_all();
+    tokio::time::sleep(period * 4).await;
+    site.relay_a.heal();
+    let failed = site.relay_a.refused() - before;
+    tokio::time::sleep(period * 6).await;
+    assert!(failed >= QUICK.threshold as u64, "only {failed} probes failed");
+    assert_eq!(site.route().epoch, 1, "flipped on {failed} failures spanning less than the grace period");
+    println!("no flip: {} failures (threshold {}), then {failed} failures within {:?} (grace {} ms)",
+        QUICK.threshold - 1, QUICK.threshold, period * 4, QUICK.grace_ms);
+
+    // A real outage past the grace period flips once.
+    site.relay_a.refuse_all();
+    site.wait_epoch(2, Duration::from_secs(15)).await;
+    site.wait_promoted(Duration::from_secs(15)).await;
+    site.relay_a.heal();
+    assert_eq!(site.route().active_datacenter, "dc-b");
+
+    // dc-a becomes a healthy standby of dc-b; then dc-b fails inside the cap window.
+    stack(&["reseed", "b", "a"]);
+    site.relay_b.refuse_all();
+    let n = site.notice("FailoverCapReached", Duration::from_secs(15)).await;
+    assert!(n.warning, "{n:?}");
+    tokio::time::sleep(period * 4).await;
+    let r = site.route();
+    assert_eq!((r.epoch, r.active_datacenter.as_str()), (2, "dc-b"), "a second flip inside the cap window");
+    let blocked = r.failover.blocked.clone().expect("status says why there is no flip");
+    assert_eq!(blocked.reason, "FailoverCapReached");
+    assert!(blocked.message.contains("cap 1"), "{}", blocked.message);
+    println!("second failure inside the cap window: no flip; status: {}: {}", blocked.reason, blocked.message);
+    site.relay_b.heal();
+    site.stop().await;
+    restore_stack();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_standby_down_there_is_no_flip_and_status_says_why() {
+    let _serial = SERIAL.lock().await;
+    let test = "fo-standby-down";
+    let mut site = Site::start(test, QUICK, world_dir(test).join("config.yaml")).await;
+    stack(&["kill", "mariadb", "b"]);
+    site.relay_a.refuse_all();
+    let n = site.notice("StandbyUnhealthy", Duration::from_secs(15)).await;
+    assert!(n.warning && n.message.contains("dc-b"), "{n:?}");
+    tokio::time::sleep(Duration::from_millis(QUICK.period_ms * 4)).await;
+    let r = site.route();
+    assert_eq!((r.epoch, r.active_datacenter.as_str()), (1, "dc-a"), "flipped to a dead standby");
+    let blocked = r.failover.blocked.clone().expect("status says why");
+    assert_eq!(blocked.reason, "StandbyUnhealthy");
+    assert!(r.failover.failing_since.is_some());
+    println!("standby down: no flip; status: {}: {}", blocked.reason, blocked.message);
+    // dc-a answers again: the block clears.
+    site.relay_a.heal();
+    tokio::time::sleep(Duration::from_millis(QUICK.period_ms * 3)).await;
+    let r = site.route();
+    assert!(r.failover.blocked.is_none() && r.failover.failing_since.is_none(), "{r:?}");
+    site.stop().await;
+    restore_stack();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planned_switchover_loses_no_write_and_pauses_db_writes_under_5s() {
+    let _serial = SERIAL.lock().await;
+    let test = "fo-switchover";
+    let name = "fo-switchover";
+    let site = Site::start(test, QUICK, world_dir(test).join("config.yaml")).await;
+    let w = World::start(test, &proxied_tenant(name, &site.proxy)).await;
+    let t = w.tenant(name).clone();
+    // A DB writer through the proxy, as the tenant: its longest gap between
+    // two acknowledged inserts is the write pause.
+    {
+        let mut admin = admin_db_at(&admin_url('a'), &t).await;
+        sqlx::raw_sql("CREATE TABLE pause_probe (id BIGINT PRIMARY KEY)").execute(&mut admin).await.unwrap();
+    }
+    let url = format!("mysql://{}:{}@{}/{}", t.db.username, t.db.password, site.proxy.listen, t.schema());
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut longest = Duration::ZERO;
+            let mut last = Instant::now();
+            let mut con: Option<MySqlConnection> = None;
+            let mut id = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                if con.is_none() {
+                    con = MySqlConnection::connect(&url).await.ok();
+                }
+                let ok = match con.as_mut() {
+                    Some(c) => sqlx::query("INSERT INTO pause_probe (id) VALUES (?)").bind(id).execute(c).await.is_ok(),
+                    None => false,
+                };
+                if ok {
+                    acked.push(id);
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                } else {
+                    con = None;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (acked, longest)
+        })
+    };
+    let mut job = w.job(name, 200);
+    let client = w.client_of(name).await;
+    let writers = Writers::start(&client, 16);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let relay_a = &site.relay_a;
+    let relay_b = &site.relay_b;
+    std::fs::write(&site.op_config, operator_yaml("dc-b", relay_a, relay_b, &QUICK)).unwrap();
+    let asked = Instant::now();
+    site.wait_epoch(2, Duration::from_secs(20)).await;
+    site.wait_promoted(Duration::from_secs(20)).await;
+    println!("switchover dc-a -> dc-b done {:?} after the config change", asked.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let written = writers.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    let (probe_acked, pause) = prober.await.unwrap();
+    let r = site.route();
+    let last = r.failover.last_transition.clone().unwrap();
+    assert_eq!((last.kind, r.active_datacenter.as_str()), (TransitionKind::Switchover, "dc-b"));
+    assert_eq!(read_only('a').await, Some(true), "the old primary stays fenced");
+    assert_eq!(read_only('b').await, Some(false), "the new primary takes writes");
+
+    let ex = check_on_dc_b(&client, &t, &written.acked).await;
+    let mut b = admin_db_at(&admin_url('b'), &t).await;
+    let on_b: Vec<i64> = sqlx::query_scalar("SELECT id FROM pause_probe ORDER BY id").fetch_all(&mut b).await.unwrap();
+    let missing: Vec<_> = probe_acked.iter().filter(|id| on_b.binary_search(id).is_err()).collect();
+    assert!(missing.is_empty(), "{} acknowledged DB writes missing on dc-b: {missing:?}", missing.len());
+    println!(
+        "switchover: DB write pause {pause:?}; {} DB writes and {} likes acknowledged ({} UNAVAILABLE), none lost; \
+         {} counts rows exact on dc-b",
+        probe_acked.len(),
+        written.ok,
+        written.unavailable,
+        ex.items
+    );
+    assert!(pause < Duration::from_secs(5), "write pause {pause:?}");
+    assert!(job.terminate());
+    w.stop().await;
+    site.stop().await;
+    restore_stack();
+}
