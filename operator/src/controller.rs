@@ -5,13 +5,21 @@
 //! 1. claim the tenant name in the registry ConfigMap (a second LikeTenant of
 //!    the same name in another namespace is refused, never merged);
 //! 2. the tenant Secret (credentials generated once, then read back);
-//! 3. the DB schema, DB user and migrations on the active datacenter
+//! 3. the DB schema, DB user and migrations on the active datacenter: the
+//!    route's once the failover controller has one, else the config's
 //!    (`DatabaseReady`); the standby receives them by replication;
 //! 4. the Redis ACL user on every datacenter's Redis (`RedisReady`);
 //! 5. the registry entry (ConfigMap file + Secret keys) that the service
 //!    reloads;
 //! 6. the job Deployment (`JobReady`);
-//! 7. the status, written only when it changed.
+//! 7. the status, written only when it changed. Its `activeDatacenter` and
+//!    `failoverEpoch` are the route's, as the failover controller writes
+//!    them; the fields that only the failover controller writes
+//!    (`failingSince`, `lastTransition`, `failoverBlocked`) are never in the
+//!    patch, so neither writer undoes the other.
+//!
+//! A change of the route's active datacenter or epoch reconciles every
+//! tenant again, so registry entries and tenant Secrets follow a flip.
 //!
 //! A failing step sets its condition False with the error's reason, emits a
 //! Warning Event, and returns the error: [`error_policy`] then requeues with
@@ -21,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -32,10 +40,12 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thumbup_core::config as core_config;
+use thumbup_core::route::Route;
+use tokio::sync::watch;
 use tracing::{info, instrument, warn};
 
 use crate::config::{Datacenter, OperatorConfig};
-use crate::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus, condition};
+use crate::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus, condition, rfc3339};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::provision;
@@ -67,13 +77,22 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// The DB route as the failover controller last published it; None
+    /// until it has one (and always when failover is off).
+    pub route: watch::Receiver<Option<Route>>,
     /// Consecutive failures per object, for the requeue backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    /// A context for `client`.
-    pub fn new(client: Client, config: Arc<OperatorConfig>, namespace: String, metrics: Metrics) -> Arc<Context> {
+    /// A context for `client`, following the route published on `route`.
+    pub fn new(
+        client: Client,
+        config: Arc<OperatorConfig>,
+        namespace: String,
+        metrics: Metrics,
+        route: watch::Receiver<Option<Route>>,
+    ) -> Arc<Context> {
         let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
@@ -81,6 +100,7 @@ impl Context {
             config,
             namespace,
             metrics,
+            route,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -270,14 +290,36 @@ async fn apply_tenant_secret(lt: &LikeTenant, ctx: &Context, creds: &Credentials
     Ok(())
 }
 
-/// The datacenter whose DB takes writes for this tenant: the one the
-/// failover controller recorded, else the configured active one.
-fn active_dc<'a>(lt: &LikeTenant, cfg: &'a OperatorConfig) -> &'a Datacenter {
-    lt.status
-        .as_ref()
-        .and_then(|s| s.active_datacenter.as_deref())
-        .and_then(|dc| cfg.datacenter(dc))
-        .unwrap_or_else(|| cfg.active())
+/// Where the tenants' data lives now.
+struct Placement<'a> {
+    /// The datacenter whose DB takes the writes: the tenant is provisioned
+    /// there and its registry entry points there.
+    dc: &'a Datacenter,
+    /// `status.activeDatacenter`: the route's, else the config's.
+    active: String,
+    /// `status.failoverEpoch`: the route's, else what the status holds.
+    epoch: Option<i64>,
+}
+
+/// The route's active datacenter and epoch when a route is known, else the
+/// configured active datacenter. The route is read once per pass, so one
+/// pass never mixes two routes.
+fn placement<'a>(lt: &LikeTenant, ctx: &Context, cfg: &'a OperatorConfig) -> Placement<'a> {
+    let route = ctx.route.borrow().as_ref().map(|r| (r.active_datacenter.clone(), r.epoch));
+    match route {
+        Some((active, epoch)) => {
+            let dc = cfg.datacenter(&active).unwrap_or_else(|| {
+                warn!(datacenter = %active, "the route names a datacenter the config does not list; using the config's active one");
+                cfg.active()
+            });
+            Placement { dc, active, epoch: Some(i64::try_from(epoch).unwrap_or(i64::MAX)) }
+        }
+        None => Placement {
+            dc: cfg.active(),
+            active: cfg.active().name.clone(),
+            epoch: lt.status.as_ref().and_then(|s| s.failover_epoch),
+        },
+    }
 }
 
 /// Conditions of a pass, merged into the previous status.
@@ -289,7 +331,7 @@ struct Conditions {
 
 impl Conditions {
     fn new(lt: &LikeTenant) -> Conditions {
-        let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let now = rfc3339(jiff::Timestamp::now());
         let list = lt.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
         Conditions { list, generation: lt.generation(), now }
     }
@@ -320,14 +362,31 @@ impl Conditions {
     }
 }
 
-/// Writes the status when it differs from the object's.
-async fn write_status(lt: &LikeTenant, ctx: &Context, status: LikeTenantStatus) -> Result<()> {
+/// Status fields that only the failover controller writes. They are left
+/// out of this controller's patches (a merge patch keeps what it does not
+/// name), so a pass that read an older status cannot undo a newer record.
+const FAILOVER_OWNED: [&str; 3] = ["failingSince", "lastTransition", "failoverBlocked"];
+
+/// Writes the status when it differs from the object's, leaving the
+/// failover controller's fields as they are.
+async fn write_status(lt: &LikeTenant, ctx: &Context, mut status: LikeTenantStatus) -> Result<()> {
+    if let Some(old) = &lt.status {
+        status.failing_since.clone_from(&old.failing_since);
+        status.last_transition.clone_from(&old.last_transition);
+        status.failover_blocked.clone_from(&old.failover_blocked);
+    }
     if lt.status.as_ref() == Some(&status) {
         return Ok(());
     }
     let tenant = lt.tenant();
     let api: Api<LikeTenant> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
-    let patch = json!({ "status": status });
+    let mut body = serde_json::to_value(&status).expect("a status serializes");
+    if let Some(fields) = body.as_object_mut() {
+        for field in FAILOVER_OWNED {
+            fields.remove(field);
+        }
+    }
+    let patch = json!({ "status": body });
     api.patch_status(&lt.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(kube_err(&tenant, "writing the status"))?;
@@ -382,7 +441,8 @@ async fn fail(
 async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let tenant = lt.tenant();
     let cfg = ctx.config.clone();
-    let dc = active_dc(lt, &cfg);
+    let place = placement(lt, ctx, &cfg);
+    let dc = place.dc;
     let mut conds = Conditions::new(lt);
     let mut status = LikeTenantStatus {
         conditions: Vec::new(),
@@ -390,8 +450,12 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         redis_prefix: Some(format!("thumbup:{tenant}:")),
         businesses: Some(lt.spec.businesses.len() as i32),
         secret_name: Some(resources::secret_name(&tenant)),
-        active_datacenter: Some(dc.name.clone()),
-        failover_epoch: lt.status.as_ref().and_then(|s| s.failover_epoch),
+        active_datacenter: Some(place.active),
+        failover_epoch: place.epoch,
+        // Kept as the object has them by write_status.
+        failing_since: None,
+        last_transition: None,
+        failover_blocked: None,
         observed_generation: lt.generation(),
     };
     // Neither a bad name nor a name owned elsewhere is cured by retrying:
@@ -490,7 +554,7 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let owned = matches!(update_registry(lt, ctx, RegistryChange::Remove).await?, Claim::Ours);
     if owned && core_config::valid_tenant_name(&tenant) {
         apply_registry_secret(lt, ctx, None).await?;
-        provision::teardown(lt, &cfg, active_dc(lt, &cfg)).await?;
+        provision::teardown(lt, &cfg, placement(lt, ctx, &cfg).dc).await?;
     }
     let (reason, note) = match lt.spec.deletion_policy {
         DeletionPolicy::Delete => ("Deleted", format!("tenant {tenant}: access, job and data removed")),
@@ -508,6 +572,27 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
 /// metadata writes, the operator's own included, do not.
 pub fn trigger(lt: &LikeTenant) -> Option<u64> {
     predicates::generation.combine(predicates::finalizers).hash_property(lt)
+}
+
+/// The active datacenter and epoch of a route: what tenants follow.
+fn route_key(route: &Option<Route>) -> Option<(String, u64)> {
+    route.as_ref().map(|r| (r.active_datacenter.clone(), r.epoch))
+}
+
+/// Yields once for every change of the route's active datacenter or epoch
+/// (not for the failover controller's own record, which changes with every
+/// probe run); ends when the publisher is gone.
+pub fn route_flips(rx: watch::Receiver<Option<Route>>) -> impl Stream<Item = ()> + Send + 'static {
+    let seen = route_key(&rx.borrow());
+    futures::stream::unfold((rx, seen), |(mut rx, seen)| async move {
+        loop {
+            rx.changed().await.ok()?;
+            let now = route_key(&rx.borrow_and_update());
+            if now != seen {
+                return Some(((), (rx, now)));
+            }
+        }
+    })
 }
 
 /// Runs the controller until `shutdown` resolves. `namespace` None watches
@@ -528,8 +613,10 @@ pub async fn run(
         .applied_objects()
         .predicate_filter(trigger, Default::default());
     let jobs = watcher::Config::default().labels("app.kubernetes.io/managed-by=thumbup-operator");
+    let flips = route_flips(ctx.route.clone());
     Controller::for_stream(stream, reader)
         .owns(deployments, jobs)
+        .reconcile_all_on(flips)
         .with_config(kube::runtime::controller::Config::default().concurrency(4))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -551,11 +638,50 @@ mod tests {
         status.status = Some(LikeTenantStatus { observed_generation: Some(1), ..Default::default() });
         status.metadata.resource_version = Some("99".into());
         assert_eq!(trigger(&status), base, "a status write must not wake the controller");
+        // Nor do the failover controller's status writes.
+        let mut failover = status.clone();
+        failover.status = Some(LikeTenantStatus {
+            active_datacenter: Some("dc-b".into()),
+            failover_epoch: Some(2),
+            failing_since: Some("2026-01-01T00:00:00Z".into()),
+            ..Default::default()
+        });
+        failover.metadata.resource_version = Some("100".into());
+        assert_eq!(trigger(&failover), base, "a failover status write must not wake the controller");
         let mut spec = lt.clone();
         spec.metadata.generation = Some(2);
         assert_ne!(trigger(&spec), base);
         let mut fin = lt.clone();
         fin.metadata.finalizers = Some(vec![FINALIZER.into()]);
         assert_ne!(trigger(&fin), base);
+    }
+
+    fn route(epoch: u64, active: &str) -> Route {
+        Route {
+            epoch,
+            active_datacenter: active.into(),
+            datacenters: [("dc-a".to_string(), "a:1".to_string()), ("dc-b".into(), "b:1".into())].into(),
+            failover: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_tenant_is_reconciled_again_when_the_route_flips_not_when_only_its_record_changes() {
+        let (tx, rx) = watch::channel(None);
+        let mut flips = Box::pin(route_flips(rx));
+
+        async fn next(flips: &mut (impl Stream<Item = ()> + Unpin)) -> Result<Option<()>, tokio::time::error::Elapsed> {
+            tokio::time::timeout(Duration::from_millis(200), flips.next()).await
+        }
+        tx.send(Some(route(1, "dc-a"))).unwrap();
+        assert_eq!(next(&mut flips).await, Ok(Some(())), "the first route");
+        let mut failing = route(1, "dc-a");
+        failing.failover.failing_since = Some(jiff::Timestamp::now());
+        tx.send(Some(failing)).unwrap();
+        assert!(next(&mut flips).await.is_err(), "a probe record alone is no flip");
+        tx.send(Some(route(2, "dc-b"))).unwrap();
+        assert_eq!(next(&mut flips).await, Ok(Some(())), "a flip");
+        drop(tx);
+        assert_eq!(next(&mut flips).await, Ok(None), "the publisher is gone");
     }
 }

@@ -42,6 +42,7 @@ pub mod condition {
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Businesses", type_ = "integer", json_path = ".status.businesses"),
     printcolumn(name = "Active DC", type_ = "string", json_path = ".status.activeDatacenter"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.failoverEpoch"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("self.metadata.name.matches('^[a-z][a-z0-9-]{0,30}$')")
         .message("the tenant name must match [a-z][a-z0-9-]{0,30}")
@@ -209,15 +210,69 @@ pub struct LikeTenantStatus {
     /// The name of the Secret with the tenant's API token and credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// The datacenter whose DB takes the writes (set by the failover controller).
+    /// The datacenter whose DB takes the writes: the route's once the
+    /// failover controller has published one, else the operator config's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_datacenter: Option<String>,
-    /// The failover epoch of the route in use; it only grows.
+    /// The epoch of the route in use; it only grows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_epoch: Option<i64>,
+    /// When the active datacenter's DB began its current run of failed
+    /// probes (RFC 3339); null while it answers. Written by the failover
+    /// controller only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    /// The newest flip of the route; null before the first one. Written by
+    /// the failover controller only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<LastTransition>,
+    /// Why a failover that the probes call for is not happening; null when
+    /// nothing is blocked. Written by the failover controller only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_blocked: Option<FailoverBlocked>,
     /// The generation of the spec that the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One flip of the route from a datacenter to another.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LastTransition {
+    /// When the route flipped (RFC 3339).
+    pub time: String,
+    /// Failover (the active DB failed its probes) or Switchover (planned: the
+    /// operator config named another datacenter).
+    pub kind: TransitionKind,
+    /// The datacenter that was active.
+    pub from: String,
+    /// The datacenter that is active since.
+    pub to: String,
+    /// The epoch of the route after the flip.
+    pub epoch: i64,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// The kinds of flip.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransitionKind {
+    /// Unplanned: the active DB failed its probes.
+    Failover,
+    /// Planned: the operator config named another datacenter.
+    Switchover,
+}
+
+/// A failover that the probes call for but that does not happen.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverBlocked {
+    /// CamelCase reason: StandbyUnhealthy, FailoverCapReached, ...
+    pub reason: String,
+    /// Details for a human.
+    pub message: String,
+    /// Since when (RFC 3339).
+    pub since: String,
 }
 
 /// A standard Kubernetes condition.
@@ -275,6 +330,12 @@ impl LikeTenant {
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
     }
+}
+
+/// `t` as the status writes times: RFC 3339 in UTC, whole seconds (as
+/// Kubernetes' own timestamps).
+pub fn rfc3339(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Labels put on every object made for a tenant.

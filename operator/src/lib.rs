@@ -83,7 +83,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
         _ = stopped(stop_rx.clone()) => { let _ = admin.await; return Ok(()); }
     }
     metrics.set_leader(true);
-    let ctx = controller::Context::new(client, cfg, namespace.clone(), metrics.clone());
+    // failover controller publishes here
+    let (route_tx, route_rx) = tokio::sync::watch::channel(None);
+    let _ = &route_tx;
+    let ctx = controller::Context::new(client, cfg, namespace.clone(), metrics.clone(), route_rx);
     let watched = if opts.all_namespaces { None } else { Some(namespace) };
     info!(namespace = watched.as_deref().unwrap_or("<all>"), "tenant controller starting");
     let lost = tokio::select! {

@@ -15,6 +15,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
+use thumbup_core::route::{FailoverRecord, Route, Transition, TransitionKind};
 use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::controller::{self, Context};
 use thumbup_operator::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus};
@@ -87,9 +88,17 @@ impl ApiServer {
 }
 
 fn context(cfg: OperatorConfig) -> (Arc<Context>, ApiServer) {
+    context_with_route(cfg, None)
+}
+
+/// A context whose failover controller has published `route` (None: no
+/// route yet).
+fn context_with_route(cfg: OperatorConfig, route: Option<Route>) -> (Arc<Context>, ApiServer) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "thumbup");
-    (Context::new(client, Arc::new(cfg), "thumbup".into(), Metrics), ApiServer { handle })
+    // The receiver keeps the last value after the sender is gone.
+    let (_, route) = tokio::sync::watch::channel(route);
+    (Context::new(client, Arc::new(cfg), "thumbup".into(), Metrics, route), ApiServer { handle })
 }
 
 const CM: &str = "/api/v1/namespaces/thumbup/configmaps/thumbup-tenants";
@@ -288,7 +297,77 @@ fn ready_status(at: &str) -> LikeTenantStatus {
         active_datacenter: Some("dc-a".into()),
         failover_epoch: None,
         observed_generation: Some(1),
+        ..LikeTenantStatus::default()
     }
+}
+
+#[tokio::test]
+async fn with_a_route_on_dc_b_a_new_tenant_is_provisioned_on_dc_b_and_its_status_says_dc_b_at_the_route_epoch() {
+    let name = "rec-route";
+    forget(name).await;
+    // dc-a's DB is unreachable: provisioning succeeds only on dc-b's, which
+    // is the local MariaDB (dc-a's server, as the test config has it).
+    let cfg = operator_config(Some("mysql://127.0.0.1:1"));
+    let route = Route {
+        epoch: 4,
+        active_datacenter: "dc-b".into(),
+        datacenters: [("dc-a".to_string(), "127.0.0.1:1".to_string()), ("dc-b".into(), "127.0.0.1:23306".into())]
+            .into(),
+        failover: FailoverRecord {
+            failing_since: Some("2026-11-22T19:59:50Z".parse().unwrap()),
+            last_transition: Some(Transition {
+                at: "2026-11-22T20:00:00Z".parse().unwrap(),
+                kind: TransitionKind::Failover,
+                from: "dc-a".into(),
+                to: "dc-b".into(),
+                epoch: 4,
+                reason: "3 probes failed".into(),
+            }),
+            ..FailoverRecord::default()
+        },
+    };
+    let (ctx, mut api) = context_with_route(cfg, Some(route));
+    let lt = with_finalizer(tenant(name));
+    let server = tokio::spawn(async move {
+        api.expect("GET", CM).await.not_found();
+        api.expect("POST", CMS).await.echo();
+        api.expect("GET", &secret_path(name)).await.not_found();
+        let call = api.expect("PATCH", &secret_path(name)).await;
+        let secret = call.body.clone();
+        call.echo();
+        api.expect("PATCH", REGISTRY_SECRET).await.echo();
+        api.expect("GET", CM)
+            .await
+            .reply(200, registry_cm(json!({"thumbup.io/tenant.rec-route": "team/uid-rec-route"}), ""));
+        api.expect("PUT", CM).await.echo();
+        let call = api.expect("PATCH", &deployment_path(name)).await;
+        let applied = rolled_out(call.body.clone(), 1, 1);
+        call.reply(200, applied);
+        let call = api.expect("PATCH", &format!("{}/status", lt_path(name))).await;
+        let status = call.body.clone();
+        call.reply_status(&tenant(name));
+        api.expect("POST", EVENTS).await.echo();
+        (status, secret)
+    });
+    let action = controller::reconcile(Arc::new(lt), ctx).await.expect("provisioned on dc-b");
+    let (status, secret) = server.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(
+        (status["status"]["activeDatacenter"].as_str(), status["status"]["failoverEpoch"].as_i64()),
+        (Some("dc-b"), Some(4))
+    );
+    let db = condition(&status, "DatabaseReady");
+    assert_eq!(db["status"], "True");
+    assert!(db["message"].as_str().unwrap().contains("on dc-b"), "{db}");
+    // The failover controller's own fields are never in this controller's patch.
+    for field in ["failingSince", "lastTransition", "failoverBlocked"] {
+        assert!(status["status"].get(field).is_none(), "the tenant controller wrote {field}: {status}");
+    }
+    // The schema and its user are there, on the one MariaDB that dc-b names.
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret).unwrap();
+    let creds = Credentials::from_secret(&secret).unwrap();
+    assert!(db_as(&creds.db_username, &creds.db_password, Some("thumbup_rec_route")).await.is_ok());
+    forget(name).await;
 }
 
 #[tokio::test]
