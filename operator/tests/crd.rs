@@ -393,6 +393,40 @@ fn good_tenant_passes_every_layer() {
     assert_rejections(&with(good(), "/status", status), None, &[]);
 }
 
+/// A status as the failover controller writes it after a flip that left a
+/// failover blocked.
+fn failover_status() -> Value {
+    json!({
+        "activeDatacenter": "dc-b", "failoverEpoch": 4, "failingSince": "2026-11-23T08:00:00Z",
+        "lastTransition": {"time": "2026-11-22T20:00:00Z", "kind": "Failover", "from": "dc-a", "to": "dc-b",
+            "epoch": 4, "reason": "3 probes failed"},
+        "failoverBlocked": {"reason": "StandbyUnhealthy", "message": "replication stopped",
+            "since": "2026-11-23T08:00:06Z"},
+    })
+}
+
+#[test]
+fn failover_status_as_written_passes_and_null_clears_each_field() {
+    assert_rejections(&with(good(), "/status", failover_status()), None, &[]);
+    let cleared = json!({"activeDatacenter": "dc-b", "failoverEpoch": 4, "failingSince": null,
+        "lastTransition": null, "failoverBlocked": null});
+    assert_rejections(&with(good(), "/status", cleared), None, &[]);
+}
+
+#[test]
+fn unknown_transition_kind_and_incomplete_blocked_record_are_rejected_by_openapi() {
+    let status = with(failover_status(), "/lastTransition/kind", json!("Failback"));
+    let status = without(status, "/failoverBlocked/reason");
+    assert_rejections(
+        &with(good(), "/status", status),
+        None,
+        &[
+            rejection(Layer::OpenApi, "status.lastTransition.kind", "enum"),
+            rejection(Layer::OpenApi, "status.failoverBlocked", "required"),
+        ],
+    );
+}
+
 #[test]
 fn negative_job_replicas_is_rejected_by_openapi_minimum() {
     let bad = with(good(), "/spec/job/replicas", json!(-1));

@@ -9,83 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use http::{Request, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::Client;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use thumbup_core::route::{FailoverRecord, Route, Transition, TransitionKind};
+use thumbup_core::route::Route;
 use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::controller::{self, Context};
 use thumbup_operator::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus};
 use thumbup_operator::metrics::Metrics;
 use thumbup_operator::resources::{self, Credentials};
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Responder = tower_test::mock::SendResponse<Response<Body>>;
-
-/// The scripted API server.
-struct ApiServer {
-    handle: Handle,
-}
-
-/// One request the operator made.
-struct Call {
-    query: String,
-    body: Value,
-    respond: Responder,
-}
-
-impl Call {
-    fn reply(self, code: u16, body: Value) {
-        let response = Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap();
-        self.respond.send_response(response);
-    }
-
-    /// Answers a status patch with the object carrying the patched status.
-    fn reply_status(self, lt: &LikeTenant) {
-        let mut obj = serde_json::to_value(lt).unwrap();
-        obj["status"] = self.body["status"].clone();
-        self.reply(200, obj);
-    }
-
-    fn not_found(self) {
-        self.reply(
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": "not found", "reason": "NotFound", "code": 404}),
-        );
-    }
-
-    /// Answers with the object sent, as the API server would after a write.
-    fn echo(self) {
-        let mut body = self.body.clone();
-        body["metadata"]["resourceVersion"] = json!("2");
-        self.reply(200, body);
-    }
-}
-
-impl ApiServer {
-    /// The next request, which must be `method` on `path`.
-    async fn expect(&mut self, method: &str, path: &str) -> Call {
-        let (req, respond) = tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
-            .expect("the client is gone");
-        let method_got = req.method().to_string();
-        let path_got = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        assert_eq!((method_got.as_str(), path_got.as_str()), (method, path), "unexpected request; body {body}");
-        Call { query, body, respond }
-    }
-}
 
 fn context(cfg: OperatorConfig) -> (Arc<Context>, ApiServer) {
     context_with_route(cfg, None)
@@ -94,21 +26,14 @@ fn context(cfg: OperatorConfig) -> (Arc<Context>, ApiServer) {
 /// A context whose failover controller has published `route` (None: no
 /// route yet).
 fn context_with_route(cfg: OperatorConfig, route: Option<Route>) -> (Arc<Context>, ApiServer) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "thumbup");
+    let (client, api) = ApiServer::client();
     // The receiver keeps the last value after the sender is gone.
     let (_, route) = tokio::sync::watch::channel(route);
-    (Context::new(client, Arc::new(cfg), "thumbup".into(), Metrics, route), ApiServer { handle })
+    (Context::new(client, Arc::new(cfg), "thumbup".into(), Metrics, route), api)
 }
 
 const CM: &str = "/api/v1/namespaces/thumbup/configmaps/thumbup-tenants";
-const CMS: &str = "/api/v1/namespaces/thumbup/configmaps";
 const REGISTRY_SECRET: &str = "/api/v1/namespaces/thumbup/secrets/thumbup-tenant-credentials";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team/events";
-
-fn lt_path(name: &str) -> String {
-    format!("/apis/thumbup.io/v1alpha1/namespaces/team/liketenants/{name}")
-}
 
 fn deployment_path(name: &str) -> String {
     format!("/apis/apps/v1/namespaces/team/deployments/thumbup-job-{name}")
@@ -270,11 +195,8 @@ async fn created_tenant_is_provisioned_its_objects_applied_and_status_ready() {
     let action = controller::reconcile(Arc::new(again), ctx).await.expect("second pass succeeds");
     let mut api = server.await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    // (None: the client is gone, so nothing more can come.)
-    let extra = tokio::time::timeout(Duration::from_millis(300), api.handle.next_request()).await;
-    if let Ok(Some((req, _))) = extra {
-        panic!("a converged pass made another request: {} {}", req.method(), req.uri());
-    }
+    // A converged pass makes no other request.
+    api.expect_no_more().await;
     forget(name).await;
 }
 
@@ -308,24 +230,9 @@ async fn with_a_route_on_dc_b_a_new_tenant_is_provisioned_on_dc_b_and_its_status
     // dc-a's DB is unreachable: provisioning succeeds only on dc-b's, which
     // is the local MariaDB (dc-a's server, as the test config has it).
     let cfg = operator_config(Some("mysql://127.0.0.1:1"));
-    let route = Route {
-        epoch: 4,
-        active_datacenter: "dc-b".into(),
-        datacenters: [("dc-a".to_string(), "127.0.0.1:1".to_string()), ("dc-b".into(), "127.0.0.1:23306".into())]
-            .into(),
-        failover: FailoverRecord {
-            failing_since: Some("2026-11-22T19:59:50Z".parse().unwrap()),
-            last_transition: Some(Transition {
-                at: "2026-11-22T20:00:00Z".parse().unwrap(),
-                kind: TransitionKind::Failover,
-                from: "dc-a".into(),
-                to: "dc-b".into(),
-                epoch: 4,
-                reason: "3 probes failed".into(),
-            }),
-            ..FailoverRecord::default()
-        },
-    };
+    // The route after a failover to dc-b, with the active DB failing again.
+    let mut route = failed_over();
+    route.failover.failing_since = Some("2026-11-22T20:05:00Z".parse().unwrap());
     let (ctx, mut api) = context_with_route(cfg, Some(route));
     let lt = with_finalizer(tenant(name));
     let server = tokio::spawn(async move {
@@ -548,9 +455,7 @@ const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/thumbup/leases/thum
 
 #[tokio::test]
 async fn a_second_replica_neither_leads_while_the_lease_is_fresh_nor_wins_a_race_for_an_expired_one() {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let mut api = ApiServer { handle };
-    let client = Client::new(service, "thumbup");
+    let (client, mut api) = ApiServer::client();
     let b = thumbup_operator::leader::Elector::new(
         client,
         "thumbup",

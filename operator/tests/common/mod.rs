@@ -1,15 +1,123 @@
 //! Shared by the operator's tests: the local stack's admin URLs (from
 //! `scripts/stack.sh env`, with its defaults), an operator config for two
-//! datacenters on it, LikeTenant fixtures and probes of the real servers.
+//! datacenters on it, LikeTenant fixtures, probes of the real servers, and
+//! the scripted Kubernetes API server (a tower-test service whose requests a
+//! test takes one at a time, asserts and answers).
 
 #![allow(dead_code)]
 
 use std::str::FromStr;
+use std::time::Duration;
 
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
 use sqlx::ConnectOptions;
 use sqlx::mysql::MySqlConnectOptions;
+use thumbup_core::route::{FailoverRecord, Route, Transition, TransitionKind};
 use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::crd::{Business, LikeTenant, LikeTenantSpec};
+
+/// ConfigMaps of the operator's namespace, `thumbup`.
+pub const CMS: &str = "/api/v1/namespaces/thumbup/configmaps";
+/// Events of the tenants' namespace, `team`.
+pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team/events";
+/// LikeTenants of namespace `team`.
+pub const TEAM_TENANTS: &str = "/apis/thumbup.io/v1alpha1/namespaces/team/liketenants";
+
+/// The LikeTenant `name` of namespace `team`.
+pub fn lt_path(name: &str) -> String {
+    format!("{TEAM_TENANTS}/{name}")
+}
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Responder = tower_test::mock::SendResponse<Response<Body>>;
+
+/// The scripted API server.
+pub struct ApiServer {
+    /// The server end of the client's connection.
+    pub handle: Handle,
+}
+
+/// One request the operator made.
+pub struct Call {
+    /// The query string (`fieldManager=...`).
+    pub query: String,
+    /// The JSON body (Null when empty).
+    pub body: Value,
+    respond: Responder,
+}
+
+impl Call {
+    /// Answers with `code` and `body`.
+    pub fn reply(self, code: u16, body: Value) {
+        let response = Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        self.respond.send_response(response);
+    }
+
+    /// Answers a status patch with the object carrying the patched status.
+    pub fn reply_status(self, lt: &LikeTenant) {
+        let mut obj = serde_json::to_value(lt).unwrap();
+        obj["status"] = self.body["status"].clone();
+        self.reply(200, obj);
+    }
+
+    /// Answers with a failure Status of `code` and `reason`.
+    pub fn fail(self, code: u16, reason: &str) {
+        self.reply(
+            code,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": reason, "reason": reason, "code": code}),
+        );
+    }
+
+    /// Answers 404 NotFound.
+    pub fn not_found(self) {
+        self.fail(404, "NotFound");
+    }
+
+    /// Answers with the object sent, as the API server would after a write.
+    pub fn echo(self) {
+        let mut body = self.body.clone();
+        body["metadata"]["resourceVersion"] = json!("2");
+        self.reply(200, body);
+    }
+}
+
+impl ApiServer {
+    /// A client whose every request goes to the returned server.
+    pub fn client() -> (Client, ApiServer) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(service, "thumbup"), ApiServer { handle })
+    }
+
+    /// The next request, which must be `method` on `path`.
+    pub async fn expect(&mut self, method: &str, path: &str) -> Call {
+        let (req, respond) = tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
+            .expect("the client is gone");
+        let method_got = req.method().to_string();
+        let path_got = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        assert_eq!((method_got.as_str(), path_got.as_str()), (method, path), "unexpected request; body {body}");
+        Call { query, body, respond }
+    }
+
+    /// Fails when another request arrives within 300 ms.
+    pub async fn expect_no_more(&mut self) {
+        if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await {
+            panic!("an unexpected request: {} {}", req.method(), req.uri());
+        }
+    }
+}
 
 /// Admin URL of MariaDB (dc-a).
 pub fn admin_db_url() -> String {
@@ -76,6 +184,31 @@ pub fn tenant(name: &str) -> LikeTenant {
     lt.metadata.generation = Some(1);
     lt.metadata.resource_version = Some("1".into());
     lt
+}
+
+/// The route after a failover from dc-a to dc-b at epoch 4.
+pub fn failed_over() -> Route {
+    Route {
+        epoch: 4,
+        active_datacenter: "dc-b".into(),
+        datacenters: [
+            ("dc-a".to_string(), "mariadb-dc-a:3306".to_string()),
+            ("dc-b".into(), "mariadb-dc-b:3306".into()),
+        ]
+        .into(),
+        failover: FailoverRecord {
+            last_transition: Some(Transition {
+                at: "2026-11-22T20:00:00Z".parse().unwrap(),
+                kind: TransitionKind::Failover,
+                from: "dc-a".into(),
+                to: "dc-b".into(),
+                epoch: 4,
+                reason: "3 probes failed over 6s".into(),
+            }),
+            flips: vec!["2026-11-22T20:00:00Z".parse().unwrap()],
+            ..FailoverRecord::default()
+        },
+    }
 }
 
 /// An admin connection to MariaDB.
