@@ -83,14 +83,54 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
         _ = stopped(stop_rx.clone()) => { let _ = admin.await; return Ok(()); }
     }
     metrics.set_leader(true);
-    // failover controller publishes here
+    // The failover controller publishes every route here; the tenant
+    // controller provisions on the route's active datacenter.
     let (route_tx, route_rx) = tokio::sync::watch::channel(None);
-    let _ = &route_tx;
+    let watched = if opts.all_namespaces { None } else { Some(namespace.clone()) };
+    let failover = if cfg.failover.enabled {
+        let tenants: kube::Api<crd::LikeTenant> = match &watched {
+            Some(ns) => kube::Api::namespaced(client.clone(), ns),
+            None => kube::Api::all(client.clone()),
+        };
+        let fo = failover::Options {
+            config: (*cfg).clone(),
+            config_path: Some(opts.config.clone()),
+            store: failover::RouteStore::ConfigMap {
+                cm: Box::new(failover::kube::RouteConfigMap::new(
+                    client.clone(),
+                    &namespace,
+                    &cfg.failover.route_config_map,
+                )),
+                version: None,
+            },
+            tenants: failover::TenantSource::Registry(
+                Box::new(kube::Api::namespaced(client.clone(), &namespace)),
+                cfg.registry.config_map.clone(),
+            ),
+            publisher: Some(failover::Publisher { tenants, client: client.clone() }),
+            route_tx: Some(route_tx),
+            notices: None,
+        };
+        info!(route = %cfg.failover.route_config_map, "failover controller starting");
+        futures::future::Either::Left(failover::run(fo, stopped(stop_rx.clone())))
+    } else {
+        info!("failover controller disabled (failover.enabled: false)");
+        drop(route_tx);
+        futures::future::Either::Right(std::future::pending())
+    };
     let ctx = controller::Context::new(client, cfg, namespace.clone(), metrics.clone(), route_rx);
-    let watched = if opts.all_namespaces { None } else { Some(namespace) };
     info!(namespace = watched.as_deref().unwrap_or("<all>"), "tenant controller starting");
     let lost = tokio::select! {
         _ = controller::run(ctx, watched, stopped(stop_rx.clone())) => false,
+        r = failover => {
+            // It returns early only when it cannot start (config or route
+            // unusable): leave the Lease to a replica that can.
+            if let Err(e) = r {
+                let _ = stop_tx.send(true);
+                anyhow::bail!("failover controller stopped: {e}");
+            }
+            false
+        }
         _ = elector.hold() => true,
     };
     metrics.set_leader(false);
