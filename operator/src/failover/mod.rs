@@ -52,6 +52,9 @@ use crate::resources::{REGISTRY_KEY, parse_registry};
 use decide::{Block, Failing, Settings, Verdict};
 use replay::ReplayTenant;
 
+/// How long after the replay its cached keys are deleted a second time.
+const SECOND_INVALIDATION: Duration = Duration::from_secs(2);
+
 /// How long a fence, catch-up read or promotion may take.
 const ACTION_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -747,15 +750,27 @@ impl Controller {
                     continue;
                 }
             };
+            let mut stale = Vec::new();
             for t in &tenants {
                 match replay::replay(t, &mut con, db_url, since_ms).await {
                     Ok(r) => {
                         REPLAYED.inc_by(r.applied as u64);
                         info!(tenant = %t.name, redis = %dc.name, events = r.events, applied = r.applied,
                             invalidated = r.invalidated, malformed = r.malformed, "stream window replayed");
+                        if !r.stale.is_empty() {
+                            stale.push((t.name.clone(), r.stale));
+                        }
                     }
                     Err(e) => {
                         warn!(tenant = %t.name, redis = %dc.name, error = %e, "replay failed");
+                        failed.push(e.to_string());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                tokio::time::sleep(SECOND_INVALIDATION).await;
+                for (tenant, keys) in &stale {
+                    if let Err(e) = replay::invalidate(tenant, &mut con, keys).await {
                         failed.push(e.to_string());
                     }
                 }

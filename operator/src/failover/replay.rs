@@ -77,7 +77,7 @@ pub struct ReplayTenant {
 }
 
 /// What one tenant's replay did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
     /// Entries read from the streams.
     pub events: usize,
@@ -87,6 +87,9 @@ pub struct Replayed {
     pub applied: usize,
     /// Cached keys deleted.
     pub invalidated: usize,
+    /// The cached keys of what the replay changed (deleted once already;
+    /// the caller deletes them again a moment later, see [`invalidate`]).
+    pub stale: Vec<String>,
 }
 
 /// Replays `tenant`'s stream entries newer than `since_ms` from `redis` (an
@@ -160,16 +163,29 @@ pub async fn replay(
         }
     }
     pool.close().await;
-    if !stale.is_empty() {
-        let stale: Vec<String> = stale.into_iter().collect();
-        for chunk in stale.chunks(500) {
-            let n: usize = redis::cmd("DEL")
-                .arg(chunk)
-                .query_async(redis)
-                .await
-                .map_err(|source| ReplayError::Invalidate { tenant: tenant.name.clone(), source })?;
-            out.invalidated += n;
-        }
-    }
+    out.stale = stale.into_iter().collect();
+    out.invalidated = invalidate(&tenant.name, redis, &out.stale).await?;
     Ok(out)
+}
+
+/// Deletes cached keys. The controller calls it right after the replay and
+/// again a moment later: a job window or a read that loaded counts from the
+/// new primary before the replay committed may still write them back
+/// (their versions come from the new primary, so a later refresh would not
+/// replace them).
+pub async fn invalidate(
+    tenant: &str,
+    redis: &mut MultiplexedConnection,
+    keys: &[String],
+) -> Result<usize, ReplayError> {
+    let mut n = 0;
+    for chunk in keys.chunks(500) {
+        let deleted: usize = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(redis)
+            .await
+            .map_err(|source| ReplayError::Invalidate { tenant: tenant.to_string(), source })?;
+        n += deleted;
+    }
+    Ok(n)
 }
