@@ -1,0 +1,64 @@
+//! `thumbup-db-proxy`: forward local DB sessions to the active datacenter.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use thumbup_core::admin;
+use thumbup_db_proxy::{ConfigMapRef, Options, RouteSource};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "thumbup DB proxy: forwards DB sessions to the active datacenter and drops them on a flip")]
+struct Cli {
+    /// Where DB clients connect; port 0 picks a free port (see --ready-file).
+    #[arg(long, env = "THUMBUP_DB_PROXY_LISTEN", default_value = "127.0.0.1:3306")]
+    listen: SocketAddr,
+    /// Admin HTTP address: GET/PUT /route, /metrics, /healthz, /readyz.
+    /// PUT /route adopts any newer epoch from whoever reaches this address:
+    /// expose it no wider than the probes and the scraper need.
+    #[arg(long, env = "THUMBUP_DB_PROXY_ADMIN_LISTEN", default_value = "127.0.0.1:9193")]
+    admin_listen: SocketAddr,
+    /// Follow the route in this file (read every 200 ms).
+    #[arg(long, env = "THUMBUP_DB_PROXY_ROUTE_FILE", conflicts_with = "route_config_map")]
+    route_file: Option<PathBuf>,
+    /// Follow the route in this ConfigMap (NAMESPACE/NAME, key route.yaml).
+    /// With neither this nor --route-file, only PUT /route sets the route.
+    #[arg(long, env = "THUMBUP_DB_PROXY_ROUTE_CONFIG_MAP")]
+    route_config_map: Option<ConfigMapRef>,
+    /// Sessions open at once; connections over it are closed on arrival.
+    #[arg(
+        long,
+        env = "THUMBUP_DB_PROXY_MAX_SESSIONS",
+        default_value_t = 1024,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    max_sessions: usize,
+    /// Milliseconds a dial of the active DB may take.
+    #[arg(long, env = "THUMBUP_DB_PROXY_CONNECT_TIMEOUT_MS", default_value_t = 3000)]
+    connect_timeout_ms: u64,
+    /// Once both listeners are bound, write `listen=ADDR` and `admin=ADDR`
+    /// lines here (atomically).
+    #[arg(long, env = "THUMBUP_DB_PROXY_READY_FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    admin::init_tracing();
+    let cli = Cli::parse();
+    let route = match (cli.route_file, cli.route_config_map) {
+        (Some(path), _) => RouteSource::File(path),
+        (None, Some(cm)) => RouteSource::ConfigMap(cm),
+        (None, None) => RouteSource::Admin,
+    };
+    let opts = Options {
+        listen: cli.listen,
+        admin_listen: cli.admin_listen,
+        route,
+        max_sessions: cli.max_sessions,
+        connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
+        ready_file: cli.ready_file,
+    };
+    thumbup_db_proxy::run(opts, admin::shutdown_signal()).await
+}

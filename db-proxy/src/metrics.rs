@@ -1,0 +1,138 @@
+//! The proxy's Prometheus metrics, in a registry of their own (so that
+//! several proxies can live in one test process).
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// `direction` of bytes read from a client and written to the DB.
+pub const CLIENT_TO_DB: &str = "client_to_db";
+/// `direction` of bytes read from the DB and written to a client.
+pub const DB_TO_CLIENT: &str = "db_to_client";
+/// `reason` of a connection closed because no route is held yet.
+pub const REFUSED_NO_ROUTE: &str = "no_route";
+/// `reason` of a connection closed because `--max-sessions` are open.
+pub const REFUSED_MAX_SESSIONS: &str = "max_sessions";
+
+/// Every `thumbup_db_proxy_*` metric.
+pub struct Metrics {
+    registry: Registry,
+    /// Open client sessions, by the datacenter they were opened to.
+    pub sessions: IntGaugeVec,
+    /// Client sessions opened, by datacenter.
+    pub sessions_total: IntCounterVec,
+    /// Bytes forwarded, by direction.
+    pub bytes_total: IntCounterVec,
+    /// The epoch of the held route (0 before any).
+    pub route_epoch: IntGauge,
+    /// Newer routes adopted over a held one.
+    pub flips_total: IntCounter,
+    /// Sessions closed by the proxy because a newer epoch was adopted.
+    pub sessions_killed_total: IntCounter,
+    /// Offered routes refused, by reason (`stale`, `conflict`, `invalid`).
+    pub route_rejected_total: IntCounterVec,
+    /// Failed dials of a datacenter's DB (refused or timed out).
+    pub connect_errors_total: IntCounterVec,
+    /// Client connections closed on arrival, by reason (`no_route`,
+    /// `max_sessions`).
+    pub refused_total: IntCounterVec,
+}
+
+fn name(what: &str) -> String {
+    format!("thumbup_db_proxy_{what}")
+}
+
+impl Metrics {
+    /// Creates and registers the metrics; the label values known in advance
+    /// start at zero, so that a dashboard sees them before they first move.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge_vec = |what: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let m = IntGaugeVec::new(Opts::new(name(what), help), labels)?;
+            registry.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let counter_vec = |what: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let m = IntCounterVec::new(Opts::new(name(what), help), labels)?;
+            registry.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
+        let sessions = gauge_vec("sessions", "Open client sessions, by datacenter.", &["datacenter"])?;
+        let sessions_total = counter_vec("sessions_total", "Client sessions opened, by datacenter.", &["datacenter"])?;
+        let bytes_total = counter_vec("bytes_total", "Bytes forwarded, by direction.", &["direction"])?;
+        let route_epoch = IntGauge::with_opts(Opts::new(name("route_epoch"), "Epoch of the held route (0: none)."))?;
+        registry.register(Box::new(route_epoch.clone()))?;
+        let flips_total =
+            IntCounter::with_opts(Opts::new(name("flips_total"), "Newer routes adopted over a held one."))?;
+        registry.register(Box::new(flips_total.clone()))?;
+        let sessions_killed_total = IntCounter::with_opts(Opts::new(
+            name("sessions_killed_total"),
+            "Sessions closed because a newer epoch was adopted.",
+        ))?;
+        registry.register(Box::new(sessions_killed_total.clone()))?;
+        let route_rejected_total =
+            counter_vec("route_rejected_total", "Offered routes refused, by reason.", &["reason"])?;
+        let connect_errors_total =
+            counter_vec("connect_errors_total", "Failed dials of a datacenter's DB.", &["datacenter"])?;
+        let refused_total =
+            counter_vec("refused_total", "Client connections closed on arrival, by reason.", &["reason"])?;
+        for direction in [CLIENT_TO_DB, DB_TO_CLIENT] {
+            bytes_total.with_label_values(&[direction]);
+        }
+        for reason in ["stale", "conflict", "invalid"] {
+            route_rejected_total.with_label_values(&[reason]);
+        }
+        for reason in [REFUSED_NO_ROUTE, REFUSED_MAX_SESSIONS] {
+            refused_total.with_label_values(&[reason]);
+        }
+        Ok(Metrics {
+            registry,
+            sessions,
+            sessions_total,
+            bytes_total,
+            route_epoch,
+            flips_total,
+            sessions_killed_total,
+            route_rejected_total,
+            connect_errors_total,
+            refused_total,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_named_for_the_proxy_and_the_fixed_labels_start_at_zero() {
+        let m = Metrics::new().unwrap();
+        m.sessions.with_label_values(&["dc-a"]).set(0);
+        m.sessions_total.with_label_values(&["dc-a"]);
+        m.connect_errors_total.with_label_values(&["dc-a"]);
+        let text = m.render().unwrap();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("thumbup_db_proxy_"), "{line}");
+        }
+        for want in [
+            "thumbup_db_proxy_sessions{datacenter=\"dc-a\"} 0",
+            "thumbup_db_proxy_sessions_total{datacenter=\"dc-a\"} 0",
+            "thumbup_db_proxy_bytes_total{direction=\"client_to_db\"} 0",
+            "thumbup_db_proxy_bytes_total{direction=\"db_to_client\"} 0",
+            "thumbup_db_proxy_route_epoch 0",
+            "thumbup_db_proxy_flips_total 0",
+            "thumbup_db_proxy_sessions_killed_total 0",
+            "thumbup_db_proxy_route_rejected_total{reason=\"stale\"} 0",
+            "thumbup_db_proxy_route_rejected_total{reason=\"conflict\"} 0",
+            "thumbup_db_proxy_route_rejected_total{reason=\"invalid\"} 0",
+            "thumbup_db_proxy_connect_errors_total{datacenter=\"dc-a\"} 0",
+            "thumbup_db_proxy_refused_total{reason=\"no_route\"} 0",
+            "thumbup_db_proxy_refused_total{reason=\"max_sessions\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+        }
+    }
+}
