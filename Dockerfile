@@ -3,6 +3,7 @@
 #   thumbup-service serve --listen 0.0.0.0:50051 ...
 #   thumbup-operator run ...
 #   thumbup-job --tenant demo ...
+#   thumbup-db-proxy --route-config-map thumbup/thumbup-route ...
 #
 #   docker build -t thumbup/thumbup:dev .
 #
@@ -28,7 +29,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --workspace --bins \
  && mkdir -p /out \
- && for bin in thumbup-service thumbup-job thumbup-operator thumbupctl crdgen; do \
+ && for bin in thumbup-service thumbup-job thumbup-operator thumbup-db-proxy thumbupctl crdgen; do \
       install -m 0755 "target/release/$bin" /out/ || exit 1; \
     done
 
@@ -48,8 +49,9 @@ COPY --from=builder /out/ /usr/local/bin/
 # Numeric, so that runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 
-# gRPC, service admin, job admin, operator admin.
-EXPOSE 50051 9190 9191 9192
+# gRPC, service admin, job admin, operator admin, db-proxy admin (the
+# db-proxy's DB listener stays on the pod's loopback).
+EXPOSE 50051 9190 9191 9192 9193
 
 # The chart and the operator always set the command; a bare `docker run`
 # shows the service's usage.
