@@ -151,18 +151,17 @@ impl Routes {
                 let datacenter = route.active_datacenter.clone();
                 let address = route.active_address().to_string();
                 let previous = inner.held.replace(Arc::new(route));
-                let doomed: Vec<AbortHandle> = {
-                    let old: Vec<u64> =
-                        inner.sessions.iter().filter(|(_, s)| s.epoch < epoch).map(|(id, _)| *id).collect();
-                    old.iter().filter_map(|id| inner.sessions.remove(id)).map(|s| s.abort).collect()
-                };
+                let doomed: Vec<AbortHandle> =
+                    inner.sessions.extract_if(|_, s| s.epoch < epoch).map(|(_, s)| s.abort).collect();
+                // Under the lock, so that of two adoptions racing the gauge
+                // ends on the newer epoch.
+                self.metrics.route_epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
                 drop(inner);
                 // Aborting drops each session task's future, and with it
                 // both of its sockets.
                 for abort in &doomed {
                     abort.abort();
                 }
-                self.metrics.route_epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
                 self.metrics.sessions_killed_total.inc_by(doomed.len() as u64);
                 let flip = previous.is_some();
                 if flip {
