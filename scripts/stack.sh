@@ -8,21 +8,27 @@
 #   start  redis|mariadb [I]   start one server of instance I (default a) and wait until ready
 #   stop   redis|mariadb [I]   gracefully stop one server, wait until its port is closed
 #   kill   redis|mariadb [I]   SIGKILL one server (crash simulation), wait until it is gone
-#   status                     one line per server: running/stopped and port
-#   env                        print `export` lines for the admin URLs and ports (Redis b: *_B)
+#   reseed PRIMARY REPLICA     make MariaDB PRIMARY (a|b) the writable primary and rebuild
+#                              REPLICA as its read-only GTID replica from a fresh dump;
+#                              DISCARDS the replica's data (tests use it between scenarios)
+#   status                     one line per server: running/stopped, port, role, replication
+#   env                        print `export` lines for the admin URLs and ports (b: *_B)
 #   reset                      down, then delete the whole stack directory
 #
 # Environment:
 #   THUMBUP_STACK_DIR            data directory (default: <repo>/.stack)
-#   THUMBUP_DB_PORT              MariaDB port of instance a (default 23306)
-#   THUMBUP_REDIS_PORT           Redis port of instance a (default 26379)
+#   THUMBUP_DB_PORT              MariaDB port of instance a (default 23306; b: THUMBUP_DB_PORT_B, 23307)
+#   THUMBUP_REDIS_PORT           Redis port of instance a (default 26379; b: THUMBUP_REDIS_PORT_B, 26380)
 #   THUMBUP_DB_ADMIN_PASSWORD    password of MariaDB user thumbup_admin (default thumbup-admin)
 #   THUMBUP_REDIS_ADMIN_PASSWORD password of the Redis `default` user (default thumbup-admin)
+#   THUMBUP_DB_REPL_PASSWORD     password of the MariaDB replication user thumbup_repl (default thumbup-repl)
 #   THUMBUP_STACK_TIMEOUT        seconds to wait for a server to start/stop (default 60)
 #
-# Instances are named ("a", later "b" for a second datacenter); all server
-# functions take the instance name and port as parameters.  `up` starts MariaDB
-# and Redis of "a" and the Redis of "b".
+# Two datacenters, "a" and "b", each with a MariaDB and a Redis; all server
+# functions take the instance name and port as parameters.  `up` starts all
+# four; MariaDB a is the primary (binlog, GTID) and b its read-only replica
+# (rebuilt from a dump when it is not replicating).  A server's role is kept
+# in mariadb-<i>/role: a replica starts with read_only=ON.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -37,11 +43,11 @@ REDIS_ADMIN_PW="${THUMBUP_REDIS_ADMIN_PASSWORD:-thumbup-admin}"
 TIMEOUT="${THUMBUP_STACK_TIMEOUT:-60}"
 OS_USER="$(id -un)"
 
-# Instances started by `up`.  Add "b" here once the second datacenter exists.
-INSTANCES=(a)
-# Redis instances started by `up`: dc-b's Redis already runs, because the
-# operator provisions every tenant's ACL user on every datacenter's Redis.
+# Instances started by `up`.
+INSTANCES=(a b)
 REDIS_INSTANCES=(a b)
+REPL_USER="thumbup_repl"
+REPL_PW="${THUMBUP_DB_REPL_PASSWORD:-thumbup-repl}"
 
 db_port_of() {
   case "$1" in
@@ -187,6 +193,13 @@ mdb_sock() { echo "$STACK/mariadb-$1/mysqld.sock"; }
 mdb_pidfile() { echo "$STACK/mariadb-$1/mariadbd.pid"; }
 mdb_log() { echo "$STACK/mariadb-$1/error.log"; }
 mdb_pid() { live_pid "$(mdb_pidfile "$1")" mariadbd; }
+mdb_rolefile() { echo "$STACK/mariadb-$1/role"; }
+# primary or replica; a primary, b replica until `reseed` says otherwise.
+mdb_role() {
+  local f
+  f="$(mdb_rolefile "$1")"
+  if [[ -r "$f" ]]; then cat "$f"; elif [[ "$1" == a ]]; then echo primary; else echo replica; fi
+}
 
 # Local superuser connection over the unix socket.  mariadb-install-db with
 # socket auth creates root@localhost (OS user root) and <OS user>@localhost.
@@ -260,6 +273,11 @@ start_mariadb() { # instance port
       --server-id="$(server_id_of "$inst")" \
       --log-bin=mysql-bin \
       --binlog-format=ROW \
+      --log-slave-updates \
+      --sync-binlog=1 \
+      --binlog-expire-logs-seconds=172800 \
+      --slave-net-timeout=5 \
+      --read-only="$( [[ "$(mdb_role "$inst")" == replica ]] && echo ON || echo OFF)" \
       --innodb-buffer-pool-size=128M \
       --innodb-flush-log-at-trx-commit=1 \
       --max-connections=500 \
@@ -300,6 +318,8 @@ ensure_db_admin() { # instance port
   log "creating MariaDB account $DB_ADMIN_USER on mariadb-$inst"
   u="$(sql_str "$DB_ADMIN_USER")"
   pw="$(sql_str "$DB_ADMIN_PW")"
+  # Each server gets its own accounts: not written to the binlog.
+  sql="SET sql_log_bin=0;"
   for h in 127.0.0.1 localhost %; do
     h="$(sql_str "$h")"
     sql+="CREATE USER IF NOT EXISTS $u@$h IDENTIFIED BY $pw;"
@@ -344,6 +364,70 @@ kill_mariadb() { # instance port
   kill -KILL "$pid" 2>/dev/null || true
   wait_pid_gone "$pid" 30 || die "mariadb-$inst (pid $pid) still alive after SIGKILL"
   wait_port_closed "$port" 10 || die "port $port still accepts connections after killing mariadb-$inst"
+}
+
+# The replication account, on every server (either may become the primary).
+ensure_repl_user() { # instance
+  local u pw
+  u="$(sql_str "$REPL_USER")"
+  pw="$(sql_str "$REPL_PW")"
+  mdb_root "$1" -e "SET sql_log_bin=0; CREATE USER IF NOT EXISTS $u@'%' IDENTIFIED BY $pw;
+    ALTER USER $u@'%' IDENTIFIED BY $pw; GRANT REPLICATION SLAVE ON *.* TO $u@'%';" \
+    || die "could not create $REPL_USER on mariadb-$1"
+}
+
+# One field of SHOW SLAVE STATUS (empty when the server does not replicate).
+replica_field() { # instance field
+  mdb_root "$1" -e 'SHOW SLAVE STATUS\G' 2>/dev/null | sed -n "s/^ *$2: //p"
+}
+
+replica_healthy() { # instance
+  [[ "$(replica_field "$1" Slave_IO_Running)" == Yes && "$(replica_field "$1" Slave_SQL_Running)" == Yes ]]
+}
+
+# Makes PRIMARY writable and REPLICA a fresh read-only GTID replica of it,
+# from a consistent dump (the replica's own data is dropped first).
+reseed() { # primary replica
+  local p="$1" r="$2" started pport pos db dbs caught inst
+  started=$SECONDS
+  pport="$(db_port_of "$p")"
+  for inst in "$p" "$r"; do
+    init_mariadb "$inst"
+    start_mariadb "$inst" "$(db_port_of "$inst")"
+    ensure_db_admin "$inst" "$(db_port_of "$inst")"
+    ensure_repl_user "$inst"
+  done
+  mdb_root "$p" -e 'STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;' \
+    || die "could not make mariadb-$p a writable primary"
+  mdb_root "$r" -e 'STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;' \
+    || die "could not stop replication on mariadb-$r"
+  dbs="$(mdb_root "$r" -N -B -e "SELECT schema_name FROM information_schema.schemata
+    WHERE schema_name NOT IN ('mysql', 'information_schema', 'performance_schema', 'sys')")" \
+    || die "could not list the databases of mariadb-$r"
+  for db in $dbs; do
+    mdb_root "$r" -e "SET sql_log_bin=0; DROP DATABASE \`$db\`" || die "could not drop $db on mariadb-$r"
+  done
+  # The dump ends with the primary's GTID position as the replica's
+  # gtid_slave_pos (--gtid --master-data); the replica's own copy of that
+  # table is not overwritten from the primary's.
+  mariadb-dump --no-defaults -u"$OS_USER" --socket="$(mdb_sock "$p")" --all-databases \
+    --single-transaction --gtid --master-data=1 --routines --events --triggers \
+    --ignore-table=mysql.gtid_slave_pos 2>"$STACK/reseed.err" \
+    | mdb_root "$r" --init-command='SET sql_log_bin=0' \
+    || { cat "$STACK/reseed.err" >&2; die "copying mariadb-$p into mariadb-$r failed"; }
+  mdb_root "$r" -e "FLUSH PRIVILEGES;
+    CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=$pport, MASTER_USER=$(sql_str "$REPL_USER"),
+      MASTER_PASSWORD=$(sql_str "$REPL_PW"), MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1;
+    SET GLOBAL read_only = ON; START SLAVE;" || die "could not start replication on mariadb-$r"
+  echo primary >"$(mdb_rolefile "$p")"
+  echo replica >"$(mdb_rolefile "$r")"
+  pos="$(mdb_root "$p" -N -B -e 'SELECT @@gtid_binlog_pos')"
+  caught="$(mdb_root "$r" -N -B -e "SELECT MASTER_GTID_WAIT($(sql_str "$pos"), $TIMEOUT)")"
+  if [[ "$caught" != 0 ]] || ! replica_healthy "$r"; then
+    mdb_root "$r" -e 'SHOW SLAVE STATUS\G' >&2 || true
+    die "mariadb-$r did not catch up with mariadb-$p (at $pos) within ${TIMEOUT}s"
+  fi
+  log "mariadb-$r replicates mariadb-$p (read-only, at $pos); took $((SECONDS - started))s"
 }
 
 # ---------------------------------------------------------------- redis
@@ -491,7 +575,15 @@ cmd_up() {
     init_mariadb "$inst"
     start_mariadb "$inst" "$(db_port_of "$inst")"
     ensure_db_admin "$inst" "$(db_port_of "$inst")"
+    ensure_repl_user "$inst"
   done
+  # The replica (b, unless a reseed swapped the roles) must be replicating.
+  local primary=a replica=b
+  if [[ "$(mdb_role a)" == replica ]]; then primary=b replica=a; fi
+  if ! replica_healthy "$replica"; then
+    log "mariadb-$replica is not replicating; rebuilding it from mariadb-$primary"
+    reseed "$primary" "$replica"
+  fi
   for inst in "${REDIS_INSTANCES[@]}"; do
     init_redis "$inst"
     start_redis "$inst" "$(redis_port_of "$inst")"
@@ -527,7 +619,11 @@ cmd_status() {
     port="$(db_port_of "$inst")"
     if pid="$(mdb_pid "$inst")"; then
       if mdb_ping "$inst"; then
-        echo "mariadb-$inst: running (port $port, pid $pid)"
+        local repl=""
+        if [[ -n "$(replica_field "$inst" Slave_SQL_Running)" ]]; then
+          repl=", replicating: IO $(replica_field "$inst" Slave_IO_Running), SQL $(replica_field "$inst" Slave_SQL_Running), $(replica_field "$inst" Seconds_Behind_Master)s behind"
+        fi
+        echo "mariadb-$inst: running (port $port, pid $pid, $(mdb_role "$inst"), read_only=$(mdb_root "$inst" -N -B -e 'SELECT @@read_only')$repl)"
       else
         echo "mariadb-$inst: running, not answering (port $port, pid $pid)"
       fi
@@ -555,8 +651,19 @@ cmd_env() {
     THUMBUP_ADMIN_DB_URL "mysql://$DB_ADMIN_USER:$(urlencode "$DB_ADMIN_PW")@127.0.0.1:$db_port" \
     THUMBUP_ADMIN_REDIS_URL "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$redis_port" \
     THUMBUP_ADMIN_REDIS_URL_B "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$(redis_port_of b)" \
+    THUMBUP_ADMIN_DB_URL_B "mysql://$DB_ADMIN_USER:$(urlencode "$DB_ADMIN_PW")@127.0.0.1:$(db_port_of b)" \
     THUMBUP_DB_PORT "$db_port" \
-    THUMBUP_REDIS_PORT "$redis_port"
+    THUMBUP_DB_PORT_B "$(db_port_of b)" \
+    THUMBUP_REDIS_PORT "$redis_port" \
+    THUMBUP_REDIS_PORT_B "$(redis_port_of b)"
+}
+
+cmd_reseed() { # primary replica
+  local p="${1:-}" r="${2:-}"
+  [[ "$p" =~ ^[ab]$ && "$r" =~ ^[ab]$ && "$p" != "$r" ]] || die "usage: $0 reseed PRIMARY REPLICA (a b, or b a)"
+  cmd_install
+  lock_stack
+  reseed "$p" "$r"
 }
 
 cmd_reset() {
@@ -582,6 +689,7 @@ main() {
     up) cmd_up ;;
     down) cmd_down ;;
     start | stop | kill) server_action "$cmd" "$@" ;;
+    reseed) cmd_reseed "$@" ;;
     status) cmd_status ;;
     env) cmd_env ;;
     reset) cmd_reset ;;

@@ -27,7 +27,11 @@
 #   10. deletes the LikeTenant (deletionPolicy Delete) and checks that the job,
 #       the Secret, the registry entry, the schema, the DB user, the keys and
 #       the ACL users are gone, and that the service refuses the old token;
-#   11. deletes the cluster (unless KEEP_CLUSTER=1).
+#   11. applies the LikeTenant again, likes, then runs a planned switchover
+#       (helm upgrade --set activeDatacenter=dc-b): the route ConfigMap names
+#       dc-b at epoch 2, dc-a is fenced, the LikeTenant's status and a
+#       Switchover Event say so, and a like after it lands on dc-b;
+#   12. deletes the cluster (unless KEEP_CLUSTER=1).
 # On failure it dumps the state of both namespaces (get, describe, events,
 # logs) before the cluster goes.
 #
@@ -67,6 +71,7 @@ TENANT_DB_USER=thumbup_demo
 TENANT_REDIS_USER=thumbup-demo # thumbup-<tenant>
 TENANT_PREFIX="thumbup:demo:"
 JOB_DEPLOY="thumbup-job-$TENANT"
+ROUTE_CM=thumbup-route          # the failover controller's route (key route.yaml)
 TENANT_SECRET="thumbup-tenant-$TENANT"
 REGISTRY_SECRET=thumbup-tenant-credentials
 CLIENT_POD=thumbup-e2e-client
@@ -577,6 +582,38 @@ done
 info "no keys under $TENANT_PREFIX and no ACL user $TENANT_REDIS_USER on redis-dc-a and redis-dc-b"
 poll "$TENANT_WAIT" "every thumbup-service pod to refuse the deleted tenant's token" service_refuses_tenant
 info "every thumbup-service pod refuses tenant $TENANT"
+
+step "planned switchover dc-a -> dc-b with a tenant under writes"
+route_field() { # jsonpath-free: the value of a top-level key of route.yaml
+  kc get configmap "$ROUTE_CM" -n "$NS" -o 'jsonpath={.data.route\.yaml}' 2>/dev/null \
+    | sed -n "s/^$1: *//p" | tr -d "'\""
+}
+route_is() { [[ "$(route_field activeDatacenter)" == "$1" && "$(route_field epoch)" == "$2" ]]; }
+read_only_is() { [[ "$(db_admin "$1" 'SELECT @@read_only')" == "$2" ]]; }
+poll 60 "the route ConfigMap $ROUTE_CM to name dc-a at epoch 1" route_is dc-a 1
+kc apply -f "$ROOT/examples/liketenant.yaml"
+kc_wait wait --for=condition=Ready "liketenant/$TENANT" -n "$NS" --timeout=180s
+kc_wait wait --for=condition=Available "deployment/$JOB_DEPLOY" -n "$NS" --timeout="${WAIT}s"
+TOKEN="$(secret_value "$TENANT_SECRET" token)"
+poll "$TENANT_WAIT" "every thumbup-service pod to serve tenant $TENANT again" service_serves_tenant
+ctl like --mid 2001 --message 9 --up 42 >/dev/null || fail "like before the switchover failed"
+poll 90 "counts of message 9 to read likes=1" counts_are 9 'likes=1 dislikes=0'
+bounded 600 helm --kube-context "$CONTEXT" upgrade "$RELEASE" "$CHART" -n "$NS" --reuse-values \
+  --set activeDatacenter=dc-b --timeout "${WAIT}s"
+poll 180 "the route to name dc-b at epoch 2" route_is dc-b 2
+poll 60 "mariadb-dc-a to be fenced (read_only=1)" read_only_is dc-a 1
+poll 60 "mariadb-dc-b to take writes (read_only=0)" read_only_is dc-b 0
+status_dc() { [[ "$(kc get liketenant "$TENANT" -n "$NS" -o 'jsonpath={.status.activeDatacenter}/{.status.failoverEpoch}')" == dc-b/2 ]]; }
+poll 60 "LikeTenant $TENANT status to say dc-b at epoch 2" status_dc
+switchover_event() {
+  kc get events -n "$NS" --field-selector "involvedObject.name=$TENANT,reason=Switchover" -o name | grep -q .
+}
+poll 60 "a Switchover Event on LikeTenant $TENANT" switchover_event
+ctl like --mid 2002 --message 9 --up 42 >/dev/null || fail "like after the switchover failed"
+poll 90 "counts of message 9 to read likes=2 (applied on dc-b)" counts_are 9 'likes=2 dislikes=0'
+out="$(db_admin dc-b "SELECT COUNT(*) FROM $TENANT_SCHEMA.like_records WHERE message_id = 9 AND state = 1")"
+[[ "$out" == 2 ]] || fail "mariadb-dc-b holds $out LIKE records of message 9, want 2"
+info "route on dc-b at epoch 2, dc-a fenced, both likes on mariadb-dc-b, status and Event say so"
 
 step "done"
 if [[ "$KEEP_CLUSTER" != 1 ]]; then
