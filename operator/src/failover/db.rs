@@ -153,7 +153,7 @@ impl Server {
         self.within("fence", timeout, async {
             let mut con = self.connect().await?;
             sqlx::raw_sql("SET GLOBAL read_only = ON").execute(&mut con).await.map_err(self.sql("set read_only"))?;
-            let ids: Vec<u64> = sqlx::query_scalar(
+            let ids: Vec<i64> = sqlx::query_scalar(
                 "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() \
                  AND USER NOT IN (?, 'system user', 'event_scheduler') \
                  AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon')",

@@ -200,6 +200,9 @@ impl TenantSource {
 
 /// The tenants of a `tenants.yaml`, as the replay needs them.
 pub fn replay_tenants(text: &str) -> Result<Vec<ReplayTenant>, FailoverError> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let entries = parse_registry(text).map_err(|e| FailoverError::Tenants(e.to_string()))?;
     Ok(entries
         .into_iter()
@@ -547,9 +550,13 @@ impl Controller {
             if *dc == self.route.active_datacenter {
                 continue;
             }
-            match p.as_ref().map_err(|e| e.to_string()).and_then(|p| p.standby_health(max_lag)) {
-                Ok(()) => return (Some(dc.clone()), Ok(())),
-                Err(e) => why.push(format!("{dc}: {e}")),
+            // A probe error names its datacenter already.
+            match p {
+                Err(e) => why.push(e.to_string()),
+                Ok(p) => match p.standby_health(max_lag) {
+                    Ok(()) => return (Some(dc.clone()), Ok(())),
+                    Err(e) => why.push(format!("{dc}: {e}")),
+                },
             }
         }
         if why.is_empty() {
