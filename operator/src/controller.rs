@@ -497,7 +497,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
 
     let ns = lt.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let deployment = resources::build_job_deployment(lt, &cfg);
+    let deployment = resources::build_job_deployment(lt, &cfg, &ctx.namespace);
     let name = resources::job_name(&tenant);
     let applied = deployments
         .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&deployment))

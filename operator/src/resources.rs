@@ -27,6 +27,8 @@ pub const JOB_CONFIG_DIR: &str = "/etc/thumbup/tenant";
 pub const REGISTRY_KEY: &str = "tenants.yaml";
 /// Admin port of the job (metrics and probes).
 pub const JOB_ADMIN_PORT: i32 = 9191;
+/// Name of the db-proxy sidecar container.
+pub const DB_PROXY_CONTAINER: &str = "db-proxy";
 
 /// Name of the tenant's own Secret (credentials and API token).
 pub fn secret_name(tenant: &str) -> String {
@@ -148,8 +150,66 @@ pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &RegistryEnt
     }
 }
 
-/// The job Deployment of the tenant, owned by the LikeTenant.
-pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment {
+/// The db-proxy sidecar: a native sidecar (an init container that keeps
+/// running), so it is up before the job's first DB session and stops after
+/// the job has flushed its window. It follows the route ConfigMap
+/// `route_namespace/<failover.route_config_map>`.
+pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str) -> Container {
+    let p = &cfg.db_proxy;
+    let probe = |path: &str, period| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(p.admin_port as i32),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    Container {
+        name: DB_PROXY_CONTAINER.into(),
+        image: Some(p.image.clone().unwrap_or_else(|| cfg.job.image.clone())),
+        image_pull_policy: Some(cfg.job.image_pull_policy.clone()),
+        command: Some(vec!["thumbup-db-proxy".into()]),
+        args: Some(vec![
+            format!("--listen=127.0.0.1:{}", p.port),
+            format!("--admin-listen=0.0.0.0:{}", p.admin_port),
+            format!("--route-config-map={route_namespace}/{}", cfg.failover.route_config_map),
+        ]),
+        env: Some(vec![EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("proxy-admin".into()),
+            container_port: p.admin_port as i32,
+            ..ContainerPort::default()
+        }]),
+        // Kubernetes 1.29+: an init container that always restarts is a
+        // sidecar, started before and stopped after the main container.
+        restart_policy: Some("Always".into()),
+        // Ready once it holds a route: the job starts only then.
+        startup_probe: Some(Probe { failure_threshold: Some(60), period_seconds: Some(1), ..probe("/readyz", 1) }),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: p.resources.clone(),
+        security_context: Some(restricted()),
+        ..Container::default()
+    }
+}
+
+/// The container security context of every container the operator runs.
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The job Deployment of the tenant, owned by the LikeTenant. With db-proxy
+/// on, it carries the sidecar following the route in `route_namespace` (the
+/// operator's namespace).
+pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespace: &str) -> Deployment {
     let t = lt.tenant();
     let labels = tenant_labels(&t);
     let [db_key, redis_key, tokens_key] = registry_secret_keys(&t);
@@ -205,15 +265,10 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment
             read_only: Some(true),
             ..Default::default()
         }]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted()),
         ..Container::default()
     };
+    let init_containers = cfg.db_proxy.enabled.then(|| vec![build_db_proxy_sidecar(cfg, route_namespace)]);
     let item = |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
     // The Secret's keys under the names its `tenants.yaml` references.
     let volumes = vec![Volume {
@@ -240,6 +295,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig) -> Deployment
                 metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    init_containers,
                     volumes: Some(volumes),
                     // The job flushes its open window on SIGTERM: give it the
                     // window plus the DB transaction.
@@ -334,7 +390,9 @@ pub struct RegistryCache {
     pub counts_ttl_secs: u64,
 }
 
-/// The registry entry of a tenant, pointing at the datacenter `dc`.
+/// The registry entry of a tenant, pointing at the datacenter `dc`: its
+/// Redis, and its DB unless db-proxy is on (then the DB is the sidecar on
+/// the pod's loopback, which follows the route: a flip changes no entry).
 pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> RegistryEntry {
     let t = lt.tenant();
     let dc = cfg.datacenter(dc).unwrap_or_else(|| cfg.active());
@@ -346,7 +404,7 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Regist
         tokens_file: tokens_key,
         redis: RegistryEndpoint { url: dc.redis.url.clone(), username: redis_username(&t), password_file: redis_key },
         db: RegistryDb {
-            url: dc.db.url.clone(),
+            url: if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() },
             username: db_username(&t),
             password_file: db_key,
             schema: lt.schema(),
@@ -442,7 +500,7 @@ datacenters:
     #[test]
     fn job_deployment_is_owned_and_follows_the_spec() {
         let lt = tenant();
-        let d = build_job_deployment(&lt, &config());
+        let d = build_job_deployment(&lt, &config(), "thumbup");
         assert_eq!(d.metadata.name.as_deref(), Some("thumbup-job-video-site"));
         assert_eq!(d.metadata.namespace.as_deref(), Some("team-a"));
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
@@ -459,6 +517,42 @@ datacenters:
         let items = pod.volumes.unwrap()[0].secret.clone().unwrap().items.unwrap();
         let paths: Vec<_> = items.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(paths, ["tenants.yaml", "video-site.db-password", "video-site.redis-password", "video-site.tokens"]);
+    }
+
+    #[test]
+    fn job_pod_reaches_the_db_through_a_native_db_proxy_sidecar_following_the_route() {
+        let lt = tenant();
+        let pod = build_job_deployment(&lt, &config(), "thumbup").spec.unwrap().template.spec.unwrap();
+        let inits = pod.init_containers.expect("the sidecar is an init container");
+        let [proxy] = inits.as_slice() else { panic!("one sidecar: {inits:?}") };
+        assert_eq!(proxy.name, DB_PROXY_CONTAINER);
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"), "a native sidecar keeps running");
+        assert_eq!(proxy.command.as_deref(), Some(&["thumbup-db-proxy".to_string()][..]));
+        assert_eq!(
+            proxy.args.as_deref().unwrap(),
+            ["--listen=127.0.0.1:3306", "--admin-listen=0.0.0.0:9193", "--route-config-map=thumbup/thumbup-route"]
+        );
+        assert_eq!(proxy.image.as_deref(), Some("thumbup/thumbup:test"), "defaults to the job image");
+        let ready = proxy.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!((ready.path.as_deref(), &ready.port), (Some("/readyz"), &IntOrString::Int(9193)));
+        assert!(proxy.startup_probe.is_some() && proxy.liveness_probe.is_some());
+        assert_eq!(proxy.security_context, Some(restricted()));
+        let entry = registry_entry(&lt, &config(), "dc-a");
+        assert_eq!(entry.db.url, "mysql://127.0.0.1:3306", "the tenant's DB is the sidecar");
+
+        let mut off = config();
+        off.db_proxy.enabled = false;
+        let pod = build_job_deployment(&lt, &off, "thumbup").spec.unwrap().template.spec.unwrap();
+        assert!(pod.init_containers.is_none(), "no sidecar when db-proxy is off");
+        assert_eq!(registry_entry(&lt, &off, "dc-a").db.url, "mysql://db-a:3306");
+        let mut own = config();
+        own.db_proxy.image = Some("thumbup/db-proxy:1".into());
+        own.db_proxy.port = 13306;
+        let pod = build_job_deployment(&lt, &own, "ops").spec.unwrap().template.spec.unwrap();
+        let proxy = &pod.init_containers.unwrap()[0];
+        assert_eq!(proxy.image.as_deref(), Some("thumbup/db-proxy:1"));
+        assert!(proxy.args.as_ref().unwrap().contains(&"--route-config-map=ops/thumbup-route".to_string()));
+        assert_eq!(registry_entry(&lt, &own, "dc-a").db.url, "mysql://127.0.0.1:13306");
     }
 
     #[test]
@@ -479,7 +573,7 @@ datacenters:
         let cfg = config();
         let creds = Credentials::generate("video-site");
         let secret = build_tenant_secret(&lt, &creds, &registry_entry(&lt, &cfg, "dc-a"));
-        let pod = build_job_deployment(&lt, &cfg).spec.unwrap().template.spec.unwrap();
+        let pod = build_job_deployment(&lt, &cfg, "thumbup").spec.unwrap().template.spec.unwrap();
         // Project the Secret as the kubelet would: each item's key to its path.
         let dir = std::env::temp_dir().join(format!("thumbup-job-volume-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -516,7 +610,9 @@ datacenters:
         }
         let parsed = thumbup_core::config::Config::load(&dir.join(REGISTRY_KEY)).unwrap();
         let t = parsed.tenant("video-site").unwrap();
-        assert_eq!(t.db.url, "mysql://db-b:3306");
+        // The DB is the db-proxy sidecar (it follows the route); Redis is dc-b's.
+        assert_eq!(t.db.url, "mysql://127.0.0.1:3306");
+        assert_eq!(t.redis.url, "redis://redis-b:6379");
         assert_eq!(t.schema(), "thumbup_video_site");
         assert_eq!(t.tokens.len(), 1);
         assert!(t.has_business(2));
