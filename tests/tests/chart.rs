@@ -306,7 +306,35 @@ struct OperatorYaml {
     active_datacenter: String,
     registry: RegistryYaml,
     job: JobYaml,
+    db_proxy: DbProxyYaml,
+    failover: FailoverYaml,
     datacenters: Vec<DatacenterYaml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DbProxyYaml {
+    enabled: bool,
+    image: Option<String>,
+    port: u16,
+    admin_port: u16,
+    resources: Option<ResourceRequirements>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct FailoverYaml {
+    enabled: bool,
+    route_config_map: String,
+    probe_period_ms: u64,
+    probe_timeout_ms: u64,
+    failure_threshold: u32,
+    grace_period_ms: u64,
+    cap: u32,
+    cap_window_ms: u64,
+    replay_window_ms: u64,
+    max_lag_ms: u64,
+    catch_up_timeout_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -601,7 +629,8 @@ fn service_mounts_the_registry_optionally_and_runs_with_config_optional() {
     assert_eq!((cm.name.as_str(), cm.optional), ("thumbup-tenants", Some(true)));
     let secret = volume("/etc/thumbup/secrets").secret.expect("a Secret volume");
     assert_eq!((secret.secret_name.as_deref(), secret.optional), (Some("thumbup-tenant-credentials"), Some(true)));
-    assert_eq!(spec.automount_service_account_token, Some(false), "the service needs no API token");
+    // The db-proxy sidecar watches the route ConfigMap: it needs the token.
+    assert_eq!(spec.automount_service_account_token, Some(true));
 
     let ports: Vec<(Option<&str>, i32)> =
         c.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
@@ -647,7 +676,9 @@ fn rbac_is_a_namespaced_role_with_exactly_the_spec_rules() {
 #[test]
 fn cluster_wide_switches_to_a_cluster_role_and_all_namespaces() {
     let r = render(CLUSTER_WIDE);
-    assert!(r.of_kind("Role").is_empty() && r.of_kind("RoleBinding").is_empty(), "{:?}", r.names());
+    // Only the route reader stays a namespaced Role (the route lives in the release namespace).
+    let roles: Vec<_> = r.of_kind("Role").iter().chain(r.of_kind("RoleBinding").iter()).map(|d| d.name.clone()).collect();
+    assert_eq!(roles, ["thumbup-route-reader", "thumbup-route-reader"], "{:?}", r.names());
     let name = "thumbup-thumbup-operator";
     let role: ClusterRole = r.get(name);
     let rules = role.rules.unwrap_or_default();
@@ -727,4 +758,110 @@ fn crd_is_kept_on_uninstall_and_left_out_when_crds_install_is_false() {
 
     let without = render(&["--set", "crds.install=false"]);
     assert!(without.of_kind("CustomResourceDefinition").is_empty(), "{:?}", without.names());
+}
+
+#[test]
+fn service_pods_reach_the_db_through_a_native_db_proxy_sidecar_following_the_route() {
+    let r = render(&[]);
+    let d: Deployment = r.get(&fullname_of("service"));
+    let spec = pod_spec(&d);
+    let inits = spec.init_containers.clone().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "one sidecar: {inits:?}");
+    let p = &inits[0];
+    assert_eq!(p.name, "db-proxy");
+    assert_eq!(p.restart_policy.as_deref(), Some("Always"), "a native sidecar (Kubernetes 1.29+)");
+    assert_eq!(
+        command(p),
+        [
+            "thumbup-db-proxy",
+            "--listen=127.0.0.1:3306",
+            "--admin-listen=0.0.0.0:9193",
+            &format!("--route-config-map={NAMESPACE}/thumbup-route"),
+        ]
+    );
+    assert_eq!(p.image, only_container(&d).image, "the sidecar defaults to the service image");
+    let ports: Vec<(Option<&str>, i32)> = p.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
+    assert_eq!(ports, [(Some("proxy-admin"), 9193)]);
+    for (probe, path) in [(&p.startup_probe, "/readyz"), (&p.readiness_probe, "/readyz"), (&p.liveness_probe, "/healthz")] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("an HTTP probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+    }
+    let sc = p.security_context.clone().expect("the sidecar runs restricted");
+    assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+
+    // The operator config turns the sidecar on for the jobs too.
+    let y = operator_yaml(&r);
+    assert!(y.db_proxy.enabled);
+    assert_eq!((y.db_proxy.port, y.db_proxy.admin_port), (3306, 9193));
+
+    let off = render(&["--set", "dbProxy.enabled=false"]);
+    let d: Deployment = off.get(&fullname_of("service"));
+    assert!(pod_spec(&d).init_containers.is_none(), "no sidecar when disabled");
+    assert_eq!(pod_spec(&d).automount_service_account_token, Some(false));
+    assert!(!off.has::<Role>("thumbup-route-reader"), "no route reader when disabled");
+    assert!(!operator_yaml(&off).db_proxy.enabled);
+}
+
+#[test]
+fn route_readers_may_read_the_route_config_map_and_nothing_else() {
+    let r = render(&[]);
+    let role: Role = r.get("thumbup-route-reader");
+    let rules = role.rules.unwrap_or_default();
+    assert_no_wildcards(&rules);
+    let [rule] = rules.as_slice() else { panic!("one rule: {rules:?}") };
+    assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
+    assert_eq!(rule.resources.as_deref(), Some(&["configmaps".to_string()][..]));
+    assert_eq!(rule.resource_names.as_deref(), Some(&["thumbup-route".to_string()][..]));
+    assert_eq!(rule.verbs, ["get", "list", "watch"]);
+    let binding: RoleBinding = r.get("thumbup-route-reader");
+    assert_eq!(binding.role_ref.name, "thumbup-route-reader");
+    let subjects: Vec<_> = binding
+        .subjects
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.kind, s.name, s.namespace))
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            ("ServiceAccount".to_string(), "default".to_string(), Some(NAMESPACE.to_string())),
+            ("Group".to_string(), "system:serviceaccounts".to_string(), None),
+        ]
+    );
+    let renamed = render(&["--set", "failover.routeConfigMap=dc-route"]);
+    let role: Role = renamed.get("thumbup-route-reader");
+    assert_eq!(role.rules.unwrap()[0].resource_names.as_deref(), Some(&["dc-route".to_string()][..]));
+}
+
+#[test]
+fn operator_config_carries_the_failover_settings_of_the_values() {
+    let y = operator_yaml(&render(&[]));
+    assert_eq!(
+        y.failover,
+        FailoverYaml {
+            enabled: true,
+            route_config_map: "thumbup-route".into(),
+            probe_period_ms: 2000,
+            probe_timeout_ms: 1000,
+            failure_threshold: 3,
+            grace_period_ms: 4000,
+            cap: 1,
+            cap_window_ms: 3_600_000,
+            replay_window_ms: 120_000,
+            max_lag_ms: 30_000,
+            catch_up_timeout_ms: 30_000,
+        }
+    );
+    let y = operator_yaml(&render(&[
+        "--set",
+        "failover.failureThreshold=5",
+        "--set",
+        "failover.capWindowMs=86400000",
+        "--set",
+        "activeDatacenter=dc-b",
+    ]));
+    assert_eq!((y.failover.failure_threshold, y.failover.cap_window_ms), (5, 86_400_000));
+    assert_eq!(y.active_datacenter, "dc-b", "a new activeDatacenter reaches the operator (a planned switchover)");
+    let err = try_render(&["--set", "failover.failureThreshold=0"]).expect_err("a zero threshold is refused");
+    assert!(err.contains("failureThreshold"), "{err}");
 }

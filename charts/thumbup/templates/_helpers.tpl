@@ -147,6 +147,29 @@ job:
   resources:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+db_proxy:
+  enabled: {{ .Values.dbProxy.enabled }}
+  {{- with .Values.dbProxy.image }}
+  image: {{ . | quote }}
+  {{- end }}
+  port: {{ .Values.dbProxy.port }}
+  admin_port: {{ .Values.dbProxy.adminPort }}
+  {{- with .Values.dbProxy.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+failover:
+  enabled: {{ .Values.failover.enabled }}
+  route_config_map: {{ .Values.failover.routeConfigMap | quote }}
+  probe_period_ms: {{ .Values.failover.probePeriodMs | int64 }}
+  probe_timeout_ms: {{ .Values.failover.probeTimeoutMs | int64 }}
+  failure_threshold: {{ .Values.failover.failureThreshold | int64 }}
+  grace_period_ms: {{ .Values.failover.gracePeriodMs | int64 }}
+  cap: {{ .Values.failover.cap | int64 }}
+  cap_window_ms: {{ .Values.failover.capWindowMs | int64 }}
+  replay_window_ms: {{ .Values.failover.replayWindowMs | int64 }}
+  max_lag_ms: {{ .Values.failover.maxLagMs | int64 }}
+  catch_up_timeout_ms: {{ .Values.failover.catchUpTimeoutMs | int64 }}
 datacenters:
 {{- range .Values.datacenters }}
   - name: {{ .name | quote }}
@@ -185,4 +208,54 @@ affinity:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/*
+The db-proxy native sidecar (an init container that keeps running: up
+before the main container, stopped after it). It follows the route
+ConfigMap of the release namespace.
+*/}}
+{{- define "thumbup.dbProxySidecar" -}}
+- name: db-proxy
+  image: {{ .Values.dbProxy.image | default (include "thumbup.image" .) | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  restartPolicy: Always
+  command:
+    - thumbup-db-proxy
+    - --listen=127.0.0.1:{{ .Values.dbProxy.port }}
+    - --admin-listen=0.0.0.0:{{ .Values.dbProxy.adminPort }}
+    - --route-config-map={{ .Release.Namespace }}/{{ .Values.failover.routeConfigMap }}
+  env:
+    - name: RUST_LOG
+      value: info
+  ports:
+    - name: proxy-admin
+      containerPort: {{ .Values.dbProxy.adminPort }}
+      protocol: TCP
+  startupProbe:
+    httpGet:
+      path: /readyz
+      port: proxy-admin
+    periodSeconds: 1
+    failureThreshold: 60
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: proxy-admin
+    periodSeconds: 5
+    failureThreshold: 3
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: proxy-admin
+    periodSeconds: 10
+    failureThreshold: 3
+  {{- with .Values.dbProxy.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
