@@ -11,7 +11,7 @@
 #   reseed PRIMARY REPLICA     make MariaDB PRIMARY (a|b) the writable primary and rebuild
 #                              REPLICA as its read-only GTID replica from a fresh dump;
 #                              DISCARDS the replica's data (tests use it between scenarios)
-#   status                     one line per server: running/stopped, port, role, replication
+#   status                     one line per server: running/stopped, port, writable or read-only, replication
 #   env                        print `export` lines for the admin URLs and ports (b: *_B)
 #   reset                      down, then delete the whole stack directory
 #
@@ -623,7 +623,9 @@ cmd_status() {
         if [[ -n "$(replica_field "$inst" Slave_SQL_Running)" ]]; then
           repl=", replicating: IO $(replica_field "$inst" Slave_IO_Running), SQL $(replica_field "$inst" Slave_SQL_Running), $(replica_field "$inst" Seconds_Behind_Master)s behind"
         fi
-        echo "mariadb-$inst: running (port $port, pid $pid, $(mdb_role "$inst"), read_only=$(mdb_root "$inst" -N -B -e 'SELECT @@read_only')$repl)"
+        local state=writable
+        [[ "$(mdb_root "$inst" -N -B -e 'SELECT @@read_only')" == 1 ]] && state=read-only
+        echo "mariadb-$inst: running (port $port, pid $pid, $state$repl)"
       else
         echo "mariadb-$inst: running, not answering (port $port, pid $pid)"
       fi

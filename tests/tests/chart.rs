@@ -793,6 +793,13 @@ fn service_pods_reach_the_db_through_a_native_db_proxy_sidecar_following_the_rou
     let y = operator_yaml(&r);
     assert!(y.db_proxy.enabled);
     assert_eq!((y.db_proxy.port, y.db_proxy.admin_port), (3306, 9193));
+    assert_eq!(y.db_proxy.image, None, "the operator defaults the jobs' sidecar to the job image");
+    assert!(y.db_proxy.resources.is_some_and(|r| r.requests.is_some()), "the sidecar's resources reach the jobs");
+    let own = render(&["--set", "dbProxy.image=registry.example/db-proxy:1"]);
+    assert_eq!(operator_yaml(&own).db_proxy.image.as_deref(), Some("registry.example/db-proxy:1"));
+    let d: Deployment = own.get(&fullname_of("service"));
+    let sidecar = &pod_spec(&d).init_containers.as_ref().unwrap()[0];
+    assert_eq!(sidecar.image.as_deref(), Some("registry.example/db-proxy:1"));
 
     let off = render(&["--set", "dbProxy.enabled=false"]);
     let d: Deployment = off.get(&fullname_of("service"));
