@@ -4,18 +4,26 @@
 #
 # Usage: bash scripts/demo.sh
 #
-# 1. starts the private MariaDB + Redis stack (scripts/stack.sh up: installs
+# 1. starts the private two-datacenter stack (scripts/stack.sh up: MariaDB
+#    and Redis for dc-a and dc-b, dc-b's MariaDB a replica of dc-a's; installs
 #    the Debian packages on first use), builds the binaries,
 # 2. provisions and migrates the tenants of config/local.yaml,
-# 3. starts thumbup-service (gRPC 127.0.0.1:50151, admin 127.0.0.1:9190) and
-#    thumbup-job for tenant demo (admin 127.0.0.1:9191), logs in .stack/demo/,
+# 3. starts the failover controller (thumbup-operator failover, admin
+#    127.0.0.1:9194) with a route file, a thumbup-db-proxy following it
+#    (127.0.0.1:23336, admin 127.0.0.1:9193), and thumbup-service (gRPC
+#    127.0.0.1:50151, admin 127.0.0.1:9190) and thumbup-job for tenant demo
+#    (admin 127.0.0.1:9191) reaching the DB through the proxy; logs and the
+#    generated configs in .stack/demo/,
 # 4. walks through the API with thumbupctl: likes, a double click, a switch to
 #    dislike, an unlike, the job's window, the read calls, refused requests,
-#    and the service's request metrics.
+#    and the service's request metrics,
+# 5. runs a planned switchover to dc-b while serving, rebuilds dc-a as a
+#    replica of dc-b, and switches back: counts stay exact throughout.
 #
-# Service and job are stopped when the script ends; the stack keeps running
-# (stop it with `scripts/stack.sh down`). Every run uses fresh user and item
-# ids derived from the clock, so runs do not see each other's data.
+# Everything it started is stopped when the script ends; the stack keeps
+# running (stop it with `scripts/stack.sh down`), with dc-a the primary again.
+# Every run uses fresh user and item ids derived from the clock, so runs do
+# not see each other's data.
 #
 # Needs: Debian (or derivative) with sudo or root for the packages, and a Rust
 # toolchain (https://rustup.rs) with a C linker (build-essential).
@@ -33,6 +41,9 @@ CONFIG="config/local.yaml"
 GRPC_ADDR="127.0.0.1:50151"
 SERVICE_ADMIN_PORT=9190
 JOB_ADMIN_PORT=9191
+PROXY_PORT=23336
+PROXY_ADMIN_PORT=9193
+FAILOVER_ADMIN_PORT=9194
 WINDOW_MS=500
 LOGS="$ROOT/.stack/demo"
 PROFILE="${THUMBUP_DEMO_PROFILE:-dev}"
@@ -71,6 +82,8 @@ http_get() { # port path
 
 SERVICE_PID=""
 JOB_PID=""
+FAILOVER_PID=""
+PROXY_PID=""
 
 show_log() { # name file
   [[ -s "$2" ]] || return 0
@@ -101,11 +114,17 @@ cleanup() {
     [[ -z "$SERVICE_PID" ]] || show_log thumbup-service "$LOGS/service.log"
     [[ -z "$JOB_PID" ]] || show_log thumbup-job "$LOGS/job.log"
   fi
-  if [[ -n "$SERVICE_PID$JOB_PID" ]]; then
+  if ((rc != 0)); then
+    [[ -z "$FAILOVER_PID" ]] || show_log "thumbup-operator failover" "$LOGS/failover.log"
+    [[ -z "$PROXY_PID" ]] || show_log thumbup-db-proxy "$LOGS/db-proxy.log"
+  fi
+  if [[ -n "$SERVICE_PID$JOB_PID$FAILOVER_PID$PROXY_PID" ]]; then
     echo
-    say "stopping thumbup-service and thumbup-job (logs in ${LOGS#"$ROOT"/})"
+    say "stopping thumbup-service, thumbup-job, the db-proxy and the failover controller (logs in ${LOGS#"$ROOT"/})"
     stop_proc thumbup-service "$SERVICE_PID"
     stop_proc thumbup-job "$JOB_PID"
+    stop_proc thumbup-db-proxy "$PROXY_PID"
+    stop_proc "thumbup-operator failover" "$FAILOVER_PID"
   fi
   say "the MariaDB + Redis stack keeps running; stop it with: scripts/stack.sh down"
   exit "$rc"
@@ -122,10 +141,11 @@ say "starting the MariaDB + Redis stack (scripts/stack.sh up)"
 scripts/stack.sh up
 eval "$(scripts/stack.sh env)"
 
-say "building thumbup-service, thumbup-job and thumbupctl (cargo profile $PROFILE)"
-cargo build --profile "$PROFILE" -p thumbup-service -p thumbup-job
+say "building thumbup-service, thumbup-job, thumbupctl, thumbup-db-proxy and thumbup-operator (cargo profile $PROFILE)"
+cargo build --profile "$PROFILE" -p thumbup-service -p thumbup-job -p thumbup-db-proxy -p thumbup-operator
 
-for port in "${GRPC_ADDR##*:}" "$SERVICE_ADMIN_PORT" "$JOB_ADMIN_PORT"; do
+for port in "${GRPC_ADDR##*:}" "$SERVICE_ADMIN_PORT" "$JOB_ADMIN_PORT" "$PROXY_PORT" "$PROXY_ADMIN_PORT" \
+  "$FAILOVER_ADMIN_PORT"; do
   port_open "$port" && die "port $port is in use (an earlier demo still running?)"
 done
 
@@ -134,11 +154,45 @@ say "provisioning and migrating the tenants of $CONFIG"
 "$BIN/thumbup-service" --config "$CONFIG" migrate
 
 mkdir -p "$LOGS"
-say "starting thumbup-service on $GRPC_ADDR and thumbup-job for tenant demo (logs in ${LOGS#"$ROOT"/})"
-NO_COLOR=1 "$BIN/thumbup-service" --config "$CONFIG" --listen "$GRPC_ADDR" --admin-listen "127.0.0.1:$SERVICE_ADMIN_PORT" \
+# The failover controller's config: both datacenters of the stack. It writes
+# the route file; the db-proxy follows it; service and job reach the DB
+# through the proxy (their config is config/local.yaml with the proxy's
+# address as the DB URL).
+OPERATOR_CONFIG="$LOGS/operator.yaml"
+ROUTE="$LOGS/route.yaml"
+TENANTS="$LOGS/tenants.yaml"
+write_operator_config() { # active datacenter
+  local dbpw="${THUMBUP_DB_ADMIN_PASSWORD:-thumbup-admin}" rpw="${THUMBUP_REDIS_ADMIN_PASSWORD:-thumbup-admin}"
+  cat >"$OPERATOR_CONFIG.tmp" <<YAML
+active_datacenter: $1
+datacenters:
+  - name: dc-a
+    db: { url: "mysql://127.0.0.1:$THUMBUP_DB_PORT", admin_username: thumbup_admin, admin_password: "$dbpw" }
+    redis: { url: "redis://127.0.0.1:$THUMBUP_REDIS_PORT", admin_username: default, admin_password: "$rpw" }
+  - name: dc-b
+    db: { url: "mysql://127.0.0.1:$THUMBUP_DB_PORT_B", admin_username: thumbup_admin, admin_password: "$dbpw" }
+    redis: { url: "redis://127.0.0.1:$THUMBUP_REDIS_PORT_B", admin_username: default, admin_password: "$rpw" }
+failover: { probe_period_ms: 500 }
+YAML
+  mv "$OPERATOR_CONFIG.tmp" "$OPERATOR_CONFIG"
+}
+write_operator_config dc-a
+rm -f "$ROUTE"
+sed "s|mysql://127.0.0.1:$THUMBUP_DB_PORT|mysql://127.0.0.1:$PROXY_PORT|" "$CONFIG" >"$TENANTS"
+
+say "starting the failover controller, the db-proxy, thumbup-service on $GRPC_ADDR and thumbup-job for tenant demo"
+NO_COLOR=1 "$BIN/thumbup-operator" failover --config "$OPERATOR_CONFIG" --route-file "$ROUTE" --tenants "$TENANTS" \
+  --admin-listen "127.0.0.1:$FAILOVER_ADMIN_PORT" </dev/null >"$LOGS/failover.log" 2>&1 &
+FAILOVER_PID=$!
+for ((i = 0; i < 40; i++)); do [[ -s "$ROUTE" ]] && break; sleep 0.25; done
+[[ -s "$ROUTE" ]] || die "the failover controller wrote no route (see ${LOGS#"$ROOT"/}/failover.log)"
+NO_COLOR=1 "$BIN/thumbup-db-proxy" --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$PROXY_ADMIN_PORT" \
+  --route-file "$ROUTE" </dev/null >"$LOGS/db-proxy.log" 2>&1 &
+PROXY_PID=$!
+NO_COLOR=1 "$BIN/thumbup-service" --config "$TENANTS" --listen "$GRPC_ADDR" --admin-listen "127.0.0.1:$SERVICE_ADMIN_PORT" \
   </dev/null >"$LOGS/service.log" 2>&1 &
 SERVICE_PID=$!
-NO_COLOR=1 "$BIN/thumbup-job" --config "$CONFIG" --tenant demo --window-ms "$WINDOW_MS" \
+NO_COLOR=1 "$BIN/thumbup-job" --config "$TENANTS" --tenant demo --window-ms "$WINDOW_MS" \
   --admin-listen "127.0.0.1:$JOB_ADMIN_PORT" --consumer demo-job \
   </dev/null >"$LOGS/job.log" 2>&1 &
 JOB_PID=$!
@@ -154,9 +208,10 @@ wait_ready() { # name pid admin-port [grpc-port]
   done
   die "$1 not ready within 30 s (see ${LOGS#"$ROOT"/})"
 }
+wait_ready thumbup-db-proxy "$PROXY_PID" "$PROXY_ADMIN_PORT" "$PROXY_PORT"
 wait_ready thumbup-service "$SERVICE_PID" "$SERVICE_ADMIN_PORT" "${GRPC_ADDR##*:}"
 wait_ready thumbup-job "$JOB_PID" "$JOB_ADMIN_PORT"
-say "service and job are up"
+say "failover controller, db-proxy, service and job are up"
 
 # ------------------------------------------------------------------ the demo
 
@@ -212,6 +267,43 @@ step "9. the service's request counter, by RPC and gRPC code"
 echo "> GET http://127.0.0.1:$SERVICE_ADMIN_PORT/metrics | grep thumbup_service_requests_total"
 metrics="$(http_get "$SERVICE_ADMIN_PORT" /metrics)" || die "could not read the service's /metrics"
 grep '^thumbup_service_requests_total' <<<"$metrics" | sort | sed 's/^/  /' || echo "  (no samples)"
+
+# The route as the proxy holds it, as "<datacenter>@<epoch>".
+proxy_route() {
+  local json epoch dc
+  json="$(http_get "$PROXY_ADMIN_PORT" /route)" || return 0
+  epoch="$(grep -o '"epoch":[0-9]*' <<<"$json" | head -n 1)"
+  dc="$(grep -o '"activeDatacenter":"[^"]*"' <<<"$json" | head -n 1)"
+  dc="${dc#*:\"}"
+  printf '%s@%s\n' "${dc%\"}" "${epoch#*:}"
+}
+switch_to() { # datacenter epoch
+  local i started=$SECONDS
+  echo "> active_datacenter: $1 in ${OPERATOR_CONFIG#"$ROOT"/} (the controller re-reads it every 0.5 s)"
+  write_operator_config "$1"
+  for ((i = 0; i < 120; i++)); do
+    [[ "$(proxy_route)" == "$1@$2" ]] && break
+    sleep 0.25
+  done
+  [[ "$(proxy_route)" == "$1@$2" ]] || die "the route never reached $1 at epoch $2 (see ${LOGS#"$ROOT"/}/failover.log)"
+  echo "  the db-proxy routes to $1 at epoch $2 (after about $((SECONDS - started)) s); from the route file:"
+  grep -E '^(epoch|activeDatacenter):|^    (kind|reason):' "$ROUTE" | sed 's/^ */    /'
+}
+
+step "10. planned switchover to dc-b while serving: fence dc-a, catch up, flip, promote"
+switch_to dc-b 2
+scripts/stack.sh status 2>&1 | grep mariadb | sed 's/^/  /'
+echo "  a like after the switchover, applied on dc-b by the job:"
+ctl like --mid "$ALICE" --message "$VIDEO2" --up "$CAROL"
+sleep 1.5
+ctl counts "$VIDEO" "$VIDEO2"
+
+step "11. dc-a rejoins as a replica of dc-b (scripts/stack.sh reseed b a); switch back to dc-a"
+scripts/stack.sh reseed b a 2>&1 | tail -n 1 | sed 's/^/  /'
+switch_to dc-a 3
+ctl counts "$VIDEO" "$VIDEO2"
+# Leave the stack as the tests expect it: dc-b a fresh replica of dc-a.
+scripts/stack.sh reseed a b 2>&1 | tail -n 1 | sed 's/^/  /'
 
 echo
 if [[ "${THUMBUP_DEMO_KEEP:-0}" == 1 ]]; then

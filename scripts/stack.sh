@@ -399,7 +399,9 @@ reseed() { # primary replica
   done
   mdb_root "$p" -e 'STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;' \
     || die "could not make mariadb-$p a writable primary"
-  mdb_root "$r" -e 'STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;' \
+  # The replica stays read-only throughout (root writes regardless): a
+  # failover controller watching it must never see a second writable DB.
+  mdb_root "$r" -e 'SET GLOBAL read_only = ON; STOP SLAVE; RESET SLAVE ALL;' \
     || die "could not stop replication on mariadb-$r"
   dbs="$(mdb_root "$r" -N -B -e "SELECT schema_name FROM information_schema.schemata
     WHERE schema_name NOT IN ('mysql', 'information_schema', 'performance_schema', 'sys')")" \
