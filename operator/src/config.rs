@@ -134,7 +134,7 @@ impl Default for Failover {
             probe_period_ms: 2_000,
             probe_timeout_ms: 1_000,
             failure_threshold: 3,
-            grace_period_ms: 4_000,
+            grace_period_ms: 3_000,
             cap: 1,
             cap_window_ms: 3_600_000,
             replay_window_ms: 120_000,

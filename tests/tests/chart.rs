@@ -851,7 +851,7 @@ fn operator_config_carries_the_failover_settings_of_the_values() {
             probe_period_ms: 2000,
             probe_timeout_ms: 1000,
             failure_threshold: 3,
-            grace_period_ms: 4000,
+            grace_period_ms: 3000,
             cap: 1,
             cap_window_ms: 3_600_000,
             replay_window_ms: 120_000,

@@ -225,7 +225,10 @@ struct Timing {
 }
 
 /// The defaults of the operator config.
-const DEFAULTS: Timing = Timing { period_ms: 2_000, threshold: 3, grace_ms: 4_000 };
+fn defaults() -> Timing {
+    let f = thumbup_operator::config::Failover::default();
+    Timing { period_ms: f.probe_period_ms, threshold: f.failure_threshold, grace_ms: f.grace_period_ms }
+}
 /// Quicker probing for the scenarios that only watch the controller.
 const QUICK: Timing = Timing { period_ms: 300, threshold: 3, grace_ms: 1_500 };
 
@@ -477,7 +480,7 @@ async fn unplanned_failover_flips_within_10s_and_loses_no_acknowledged_like() {
     let _serial = SERIAL.lock().await;
     for run in 1..=3 {
         let test = format!("fo-unplanned-{run}");
-        let mut site = Site::start(&test, DEFAULTS, world_dir(&test).join("config.yaml")).await;
+        let mut site = Site::start(&test, defaults(), world_dir(&test).join("config.yaml")).await;
         let name = format!("fo-unplanned-{run}");
         let w = World::start(&test, &proxied_tenant(&name, &site.proxy)).await;
         let t = w.tenant(&name).clone();
@@ -496,6 +499,7 @@ async fn unplanned_failover_flips_within_10s_and_loses_no_acknowledged_like() {
             assert!(unshipped > 0, "run {run}: the job committed nothing on dc-a while replication was stopped");
         }
         let killed = Instant::now();
+        let killed_at = jiff::Timestamp::now();
         stack(&["kill", "mariadb", "a"]);
         let flipped = site.wait_epoch(2, Duration::from_secs(30)).await;
         let flip = flipped - killed;
@@ -507,6 +511,7 @@ async fn unplanned_failover_flips_within_10s_and_loses_no_acknowledged_like() {
         assert_eq!(route.active_datacenter, "dc-b");
         let last = route.failover.last_transition.clone().expect("last transition recorded");
         assert_eq!((last.kind, last.from.as_str(), last.to.as_str(), last.epoch), (TransitionKind::Failover, "dc-a", "dc-b", 2));
+        println!("run {run}: killed at {killed_at}; the controller flipped at {}: {}", last.at, last.reason);
         let notice = site.notice("Failover", Duration::from_secs(30)).await;
         assert!(notice.warning && notice.message.contains("dc-a to dc-b"), "{notice:?}");
         site.wait_promoted(Duration::from_secs(30)).await;
