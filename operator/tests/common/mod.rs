@@ -136,8 +136,8 @@ pub fn admin_redis_url_b() -> String {
         .unwrap_or_else(|_| "redis://default:thumbup-admin@127.0.0.1:26380".into())
 }
 
-fn split(url: &str) -> (String, String, String) {
-    // scheme://user:password@host:port -> (scheme://host:port, user, password)
+/// `scheme://user:password@host:port` -> (`scheme://host:port`, user, password).
+pub fn split(url: &str) -> (String, String, String) {
     let (scheme, rest) = url.split_once("://").unwrap();
     let (auth, host) = rest.rsplit_once('@').unwrap();
     let (user, pw) = auth.split_once(':').unwrap();

@@ -1,0 +1,164 @@
+//! The failover controller as it runs in a cluster, end to end on its
+//! Kubernetes side: the route in a ConfigMap, status and Events on the
+//! LikeTenants, all against a mocked API server that asserts every request
+//! in order; the DB side is the real two-datacenter stack (MariaDB dc-a
+//! primary, dc-b its replica). The scenario is a planned switchover, which
+//! the controller runs when the operator config names another datacenter.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use kube::Api;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use thumbup_core::route::{ROUTE_KEY, Route};
+use thumbup_operator::config::OperatorConfig;
+use thumbup_operator::crd::LikeTenant;
+use thumbup_operator::failover::kube::RouteConfigMap;
+use thumbup_operator::failover::{self, Publisher, RouteStore, TenantSource};
+
+const ROUTE_CM: &str = "/api/v1/namespaces/thumbup/configmaps/thumbup-route";
+
+fn admin_db_url_b() -> String {
+    std::env::var("THUMBUP_ADMIN_DB_URL_B")
+        .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23307".into())
+}
+
+fn stack(args: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack.sh");
+    let ok = std::process::Command::new("bash").arg(script).args(args).status().unwrap().success();
+    assert!(ok, "scripts/stack.sh {args:?} failed");
+}
+
+/// Puts the stack back as every test expects it (dc-a primary, dc-b its
+/// replica), even when the test fails half way.
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        stack(&["reseed", "a", "b"]);
+    }
+}
+
+fn operator_yaml(active: &str) -> String {
+    let (a, user, pw) = split(&admin_db_url());
+    let (b, _, _) = split(&admin_db_url_b());
+    let (ra, ruser, rpw) = split(&admin_redis_url());
+    let (rb, _, _) = split(&admin_redis_url_b());
+    format!(
+        r#"active_datacenter: {active}
+datacenters:
+  - name: dc-a
+    db: {{ url: "{a}", admin_username: "{user}", admin_password: "{pw}" }}
+    redis: {{ url: "{ra}", admin_username: "{ruser}", admin_password: "{rpw}" }}
+  - name: dc-b
+    db: {{ url: "{b}", admin_username: "{user}", admin_password: "{pw}" }}
+    redis: {{ url: "{rb}", admin_username: "{ruser}", admin_password: "{rpw}" }}
+failover: {{ probe_period_ms: 200, catch_up_timeout_ms: 10000 }}
+"#
+    )
+}
+
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenantList", "metadata": {"resourceVersion": "9"},
+        "items": items})
+}
+
+/// The route YAML inside a ConfigMap body the controller sent.
+fn route_of(body: &Value) -> Route {
+    assert_eq!(body["metadata"]["name"], "thumbup-route", "{body}");
+    Route::parse(body["data"][ROUTE_KEY].as_str().expect("route.yaml in the ConfigMap")).unwrap()
+}
+
+async fn read_only(url: &str) -> bool {
+    let mut con = sqlx::MySqlConnection::connect(url).await.unwrap();
+    let v: i64 = sqlx::query_scalar("SELECT @@read_only").fetch_one(&mut con).await.unwrap();
+    v != 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_writes_the_route_config_map_then_status_and_an_event_on_every_tenant() {
+    stack(&["reseed", "a", "b"]);
+    let _restore = Restore;
+    let dir = std::env::temp_dir().join(format!("thumbup-failover-controller-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("operator.yaml");
+    std::fs::write(&config_path, operator_yaml("dc-a")).unwrap();
+    let config = OperatorConfig::load(&config_path).unwrap();
+
+    let (client, mut api) = ApiServer::client();
+    let opts = failover::Options {
+        config,
+        config_path: Some(config_path.clone()),
+        store: RouteStore::ConfigMap {
+            cm: Box::new(RouteConfigMap::new(client.clone(), "thumbup", "thumbup-route")),
+            version: None,
+        },
+        tenants: TenantSource::Registry(Box::new(Api::namespaced(client.clone(), "thumbup")), "thumbup-tenants".into()),
+        publisher: Some(Publisher { tenants: Api::<LikeTenant>::namespaced(client.clone(), "team"), client }),
+        route_tx: None,
+        notices: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(failover::run(opts, async {
+        let _ = stopped.await;
+    }));
+
+    // First start: no route yet. The controller creates it at epoch 1 on
+    // the config's datacenter, then tells every tenant.
+    api.expect("GET", ROUTE_CM).await.not_found();
+    let call = api.expect("POST", "/api/v1/namespaces/thumbup/configmaps").await;
+    let first = route_of(&call.body);
+    assert_eq!((first.epoch, first.active_datacenter.as_str()), (1, "dc-a"));
+    assert_eq!(first.failover.requested_datacenter.as_deref(), Some("dc-a"));
+    call.echo();
+    api.expect("GET", TEAM_TENANTS).await.reply(200, list(vec![serde_json::to_value(tenant("t1")).unwrap()]));
+    let call = api.expect("PATCH", &format!("{}/status", lt_path("t1"))).await;
+    assert_eq!(call.body["status"]["activeDatacenter"], "dc-a");
+    assert_eq!(call.body["status"]["failoverEpoch"], 1);
+    call.reply_status(&tenant("t1"));
+    // Healthy probes write nothing.
+    api.expect_no_more().await;
+
+    // The config now names dc-b: a planned switchover.
+    std::fs::write(&config_path, operator_yaml("dc-b")).unwrap();
+    let call = api.expect("PUT", ROUTE_CM).await;
+    assert_eq!(call.body["metadata"]["resourceVersion"], "2", "replaced under the version it read");
+    let flipped = route_of(&call.body);
+    assert_eq!((flipped.epoch, flipped.active_datacenter.as_str()), (2, "dc-b"));
+    let t = flipped.failover.last_transition.clone().expect("the transition is recorded");
+    assert_eq!((format!("{:?}", t.kind), t.from.as_str(), t.to.as_str(), t.epoch), ("Switchover".into(), "dc-a", "dc-b", 2));
+    assert!(flipped.failover.promotion_pending, "the route flips before the promotion");
+    // By the time the route names dc-b, dc-a is fenced.
+    assert!(read_only(&admin_db_url()).await, "dc-a fenced before the flip");
+    call.echo();
+    let call = api.expect("PUT", ROUTE_CM).await;
+    assert!(!route_of(&call.body).failover.promotion_pending, "promotion done");
+    assert!(!read_only(&admin_db_url_b()).await, "dc-b takes writes");
+    call.echo();
+    api.expect("GET", TEAM_TENANTS).await.reply(200, list(vec![serde_json::to_value(tenant("t1")).unwrap()]));
+    let call = api.expect("PATCH", &format!("{}/status", lt_path("t1"))).await;
+    let status = &call.body["status"];
+    assert_eq!((status["activeDatacenter"].as_str(), status["failoverEpoch"].as_i64()), (Some("dc-b"), Some(2)));
+    assert_eq!(status["lastTransition"]["kind"], "Switchover");
+    assert_eq!(status["lastTransition"]["from"], "dc-a");
+    assert_eq!(status["failoverBlocked"], Value::Null);
+    let mut patched = tenant("t1");
+    patched.status = Some(serde_json::from_value(status.clone()).unwrap());
+    call.reply_status(&patched);
+    // Then the notice: the tenant's status already agrees, so only its Event.
+    api.expect("GET", TEAM_TENANTS).await.reply(200, list(vec![serde_json::to_value(&patched).unwrap()]));
+    let call = api.expect("POST", EVENTS).await;
+    let event = &call.body;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Normal"), Some("Switchover")), "{event}");
+    assert_eq!(event["regarding"]["name"], "t1");
+    assert!(event["note"].as_str().unwrap().contains("from dc-a to dc-b at epoch 2"), "{event}");
+    call.echo();
+    api.expect_no_more().await;
+
+    stop.send(()).unwrap();
+    controller.await.unwrap().expect("the controller stops cleanly");
+    let _ = std::fs::remove_dir_all(dir);
+}
