@@ -9,8 +9,9 @@
 #   stop   redis|mariadb [I]   gracefully stop one server, wait until its port is closed
 #   kill   redis|mariadb [I]   SIGKILL one server (crash simulation), wait until it is gone
 #   reseed PRIMARY REPLICA     make MariaDB PRIMARY (a|b) the writable primary and rebuild
-#                              REPLICA as its read-only GTID replica from a fresh dump;
-#                              DISCARDS the replica's data (tests use it between scenarios)
+#                              REPLICA as its read-only GTID replica from a fresh dump
+#                              (starting either if stopped); DISCARDS the replica's data,
+#                              binlog and sessions (tests use it between scenarios)
 #   status                     one line per server: running/stopped, port, writable or read-only, replication
 #   env                        print `export` lines for the admin URLs and ports (b: *_B)
 #   reset                      down, then delete the whole stack directory
@@ -28,7 +29,8 @@
 # functions take the instance name and port as parameters.  `up` starts all
 # four; MariaDB a is the primary (binlog, GTID) and b its read-only replica
 # (rebuilt from a dump when it is not replicating).  A server's role is kept
-# in mariadb-<i>/role: a replica starts with read_only=ON.
+# in mariadb-<i>/role (written by reseed): a replica starts with
+# read_only=ON and resumes replicating; `up` keeps swapped roles.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -255,7 +257,7 @@ start_mariadb() { # instance port
     launcher=""
   else
     if port_open "$port"; then
-      die "port $port is already in use by another process; cannot start mariadb-$inst (set THUMBUP_DB_PORT)"
+      die "port $port is already in use by another process; cannot start mariadb-$inst (set THUMBUP_DB_PORT$( [[ "$inst" == a ]] || echo _B))"
     fi
     mariadbd="$(find_mariadbd)" || die "mariadbd not found (run: $0 install)"
     rm -f "$pidfile" "$sock" "$sock.lock"
@@ -385,11 +387,34 @@ replica_healthy() { # instance
   [[ "$(replica_field "$1" Slave_IO_Running)" == Yes && "$(replica_field "$1" Slave_SQL_Running)" == Yes ]]
 }
 
+# replica_healthy, allowing a replica (or its primary) that has just started
+# up to 10s for its IO thread to get past "Connecting".
+replica_settles() { # instance
+  local i io sql
+  for ((i = 0; i < 40; i++)); do
+    io="$(replica_field "$1" Slave_IO_Running)"
+    sql="$(replica_field "$1" Slave_SQL_Running)"
+    [[ "$io" == Yes && "$sql" == Yes ]] && return 0
+    [[ "$sql" == Yes && "$io" != No && -n "$io" ]] || return 1
+    sleep 0.25
+  done
+  return 1
+}
+
+# The replica threads' state and last errors, for error messages.
+replica_summary() { # instance
+  mdb_root "$1" -e 'SHOW SLAVE STATUS\G' 2>/dev/null \
+    | sed -n -E 's/^ *(Slave_IO_Running|Slave_SQL_Running|Gtid_IO_Pos|Last_IO_Error|Last_SQL_Error): (.+)$/\1=\2/p' \
+    | paste -sd' ' -
+}
+
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
 # Makes PRIMARY writable and REPLICA a fresh read-only GTID replica of it,
 # from a consistent dump (the replica's own data is dropped first).
 reseed() { # primary replica
-  local p="$1" r="$2" started pport pos db dbs caught inst
-  started=$SECONDS
+  local p="$1" r="$2" t0 ms pport pos ppos db dbs caught inst ids id i errf
+  t0="$(now_ms)"
   pport="$(db_port_of "$p")"
   for inst in "$p" "$r"; do
     init_mariadb "$inst"
@@ -401,35 +426,67 @@ reseed() { # primary replica
     || die "could not make mariadb-$p a writable primary"
   # The replica stays read-only throughout (root writes regardless): a
   # failover controller watching it must never see a second writable DB.
-  mdb_root "$r" -e 'SET GLOBAL read_only = ON; STOP SLAVE; RESET SLAVE ALL;' \
+  # Its old replication position goes too: the dump sets the new one.
+  mdb_root "$r" -e "SET GLOBAL read_only = ON; STOP SLAVE; RESET SLAVE ALL; SET GLOBAL gtid_slave_pos = '';" \
     || die "could not stop replication on mariadb-$r"
+  # Its clients go with its data (an open transaction would hold up the drop).
+  ids="$(mdb_root "$r" -N -B -e "SELECT id FROM information_schema.processlist
+    WHERE id <> CONNECTION_ID() AND user NOT IN ('system user', 'event_scheduler')
+      AND command NOT IN ('Daemon', 'Slave_IO', 'Slave_SQL', 'Slave_worker')")" \
+    || die "could not list the sessions of mariadb-$r"
+  for id in $ids; do
+    mdb_root "$r" -e "KILL $id" 2>/dev/null || true
+  done
   dbs="$(mdb_root "$r" -N -B -e "SELECT schema_name FROM information_schema.schemata
     WHERE schema_name NOT IN ('mysql', 'information_schema', 'performance_schema', 'sys')")" \
     || die "could not list the databases of mariadb-$r"
   for db in $dbs; do
-    mdb_root "$r" -e "SET sql_log_bin=0; DROP DATABASE \`$db\`" || die "could not drop $db on mariadb-$r"
+    mdb_root "$r" -e "SET sql_log_bin=0; SET lock_wait_timeout=$TIMEOUT; DROP DATABASE \`$db\`" \
+      || die "could not drop $db on mariadb-$r"
   done
   # The dump ends with the primary's GTID position as the replica's
   # gtid_slave_pos (--gtid --master-data); the replica's own copy of that
   # table is not overwritten from the primary's.
+  errf="$(mdb_dir "$r")/reseed.err"
   mariadb-dump --no-defaults -u"$OS_USER" --socket="$(mdb_sock "$p")" --all-databases \
     --single-transaction --gtid --master-data=1 --routines --events --triggers \
-    --ignore-table=mysql.gtid_slave_pos 2>"$STACK/reseed.err" \
+    --ignore-table=mysql.gtid_slave_pos 2>"$errf" \
     | mdb_root "$r" --init-command='SET sql_log_bin=0' \
-    || { cat "$STACK/reseed.err" >&2; die "copying mariadb-$p into mariadb-$r failed"; }
-  mdb_root "$r" -e "FLUSH PRIVILEGES;
-    CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=$pport, MASTER_USER=$(sql_str "$REPL_USER"),
-      MASTER_PASSWORD=$(sql_str "$REPL_PW"), MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1;
+    || { cat "$errf" >&2; die "copying mariadb-$p into mariadb-$r failed"; }
+  pos="$(mdb_root "$r" -N -B -e 'SELECT @@global.gtid_slave_pos')" \
+    || die "could not read the GTID position of mariadb-$r"
+  [[ "$pos" =~ ^[0-9,-]*$ ]] || die "unexpected gtid_slave_pos '$pos' on mariadb-$r"
+  # Nothing of its own in its binlog: it continues the primary's GTID history
+  # from the copied position (gtid_binlog_pos = gtid_slave_pos), so that it
+  # numbers on from there if promoted.  The value must be a literal: an
+  # @@global.gtid_slave_pos there hangs MariaDB 10.11.
+  mdb_root "$r" -e 'SET sql_log_bin=0; FLUSH PRIVILEGES; RESET MASTER;' \
+    || die "could not reset the binlog of mariadb-$r"
+  if [[ -n "$pos" ]]; then
+    mdb_root "$r" -e "SET GLOBAL gtid_binlog_state = '$pos'" \
+      || die "could not set the binlog GTID state of mariadb-$r"
+  fi
+  mdb_root "$r" -e "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=$pport,
+      MASTER_USER=$(sql_str "$REPL_USER"), MASTER_PASSWORD=$(sql_str "$REPL_PW"),
+      MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1;
     SET GLOBAL read_only = ON; START SLAVE;" || die "could not start replication on mariadb-$r"
   echo primary >"$(mdb_rolefile "$p")"
   echo replica >"$(mdb_rolefile "$r")"
-  pos="$(mdb_root "$p" -N -B -e 'SELECT @@gtid_binlog_pos')"
-  caught="$(mdb_root "$r" -N -B -e "SELECT MASTER_GTID_WAIT($(sql_str "$pos"), $TIMEOUT)")"
+  for ((i = 0; ; i++)); do
+    replica_healthy "$r" && break
+    if [[ "$(replica_field "$r" Last_SQL_Errno)" != 0 ]] || ((i >= TIMEOUT * 10)); then
+      die "mariadb-$r does not replicate from mariadb-$p (127.0.0.1:$pport): $(replica_summary "$r")"
+    fi
+    sleep 0.1
+  done
+  ppos="$(mdb_root "$p" -N -B -e 'SELECT @@gtid_binlog_pos')" || die "could not read the GTID position of mariadb-$p"
+  caught="$(mdb_root "$r" -N -B -e "SELECT MASTER_GTID_WAIT($(sql_str "$ppos"), $TIMEOUT)")" || caught=error
   if [[ "$caught" != 0 ]] || ! replica_healthy "$r"; then
-    mdb_root "$r" -e 'SHOW SLAVE STATUS\G' >&2 || true
-    die "mariadb-$r did not catch up with mariadb-$p (at $pos) within ${TIMEOUT}s"
+    die "mariadb-$r did not catch up with mariadb-$p (at $ppos) within ${TIMEOUT}s: $(replica_summary "$r")"
   fi
-  log "mariadb-$r replicates mariadb-$p (read-only, at $pos); took $((SECONDS - started))s"
+  ms=$(($(now_ms) - t0))
+  printf 'mariadb-%s: read-only replica of mariadb-%s (port %s), caught up at GTID %s; reseeded in %d.%03ds\n' \
+    "$r" "$p" "$pport" "${ppos:-(none)}" $((ms / 1000)) $((ms % 1000))
 }
 
 # ---------------------------------------------------------------- redis
@@ -476,7 +533,7 @@ start_redis() { # instance port
     log "redis-$inst (pid $pid) is running but not answering yet; waiting"
   else
     if port_open "$port"; then
-      die "port $port is already in use by another process; cannot start redis-$inst (set THUMBUP_REDIS_PORT)"
+      die "port $port is already in use by another process; cannot start redis-$inst (set THUMBUP_REDIS_PORT$( [[ "$inst" == a ]] || echo _B))"
     fi
     rm -f "$pidfile"
     log "starting redis-$inst on 127.0.0.1:$port"
@@ -582,8 +639,8 @@ cmd_up() {
   # The replica (b, unless a reseed swapped the roles) must be replicating.
   local primary=a replica=b
   if [[ "$(mdb_role a)" == replica ]]; then primary=b replica=a; fi
-  if ! replica_healthy "$replica"; then
-    log "mariadb-$replica is not replicating; rebuilding it from mariadb-$primary"
+  if ! replica_settles "$replica"; then
+    log "mariadb-$replica is not replicating; rebuilding it from mariadb-$primary (its data is discarded)"
     reseed "$primary" "$replica"
   fi
   for inst in "${REDIS_INSTANCES[@]}"; do
