@@ -208,11 +208,28 @@ pub struct CacheSettings {
     pub state_ttl_secs: u64,
     /// Lifetime of a cached count.
     pub counts_ttl_secs: u64,
+    /// How long the service serves a hot item's counts from its own memory
+    /// (milliseconds); 0 turns the local hot-key cache off.
+    pub hot_ttl_ms: u64,
+    /// The sliding window over which reads are counted to find hot items.
+    pub hot_window_ms: u64,
+    /// Hot items at most, per service process.
+    pub hot_top_k: u32,
+    /// Reads within the window that make an item a candidate.
+    pub hot_min_hits: u64,
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        CacheSettings { liked_list_max: 1000, state_ttl_secs: 7 * 86_400, counts_ttl_secs: 86_400 }
+        CacheSettings {
+            liked_list_max: 1000,
+            state_ttl_secs: 7 * 86_400,
+            counts_ttl_secs: 86_400,
+            hot_ttl_ms: 0,
+            hot_window_ms: 10_000,
+            hot_top_k: 1_000,
+            hot_min_hits: 50,
+        }
     }
 }
 

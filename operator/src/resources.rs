@@ -388,6 +388,8 @@ pub struct RegistryCache {
     pub state_ttl_secs: u64,
     /// Counts TTL.
     pub counts_ttl_secs: u64,
+    /// Lifetime of a hot item's counts in the service's memory (0: off).
+    pub hot_ttl_ms: u64,
 }
 
 /// The registry entry of a tenant, pointing at the datacenter `dc`: its
@@ -419,6 +421,7 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Regist
             liked_list_max: s.cache.liked_list_max.max(1) as u32,
             state_ttl_secs: s.cache.state_ttl_secs.max(1) as u64,
             counts_ttl_secs: s.cache.counts_ttl_secs.max(1) as u64,
+            hot_ttl_ms: s.cache.hot_cache_ttl_ms.max(0) as u64,
         },
     }
 }
@@ -614,6 +617,7 @@ datacenters:
         assert_eq!(t.db.url, "mysql://127.0.0.1:3306");
         assert_eq!(t.redis.url, "redis://redis-b:6379");
         assert_eq!(t.schema(), "thumbup_video_site");
+        assert_eq!(t.cache.hot_ttl_ms, 1000, "spec.cache.hotCacheTtlMs reaches the service");
         assert_eq!(t.tokens.len(), 1);
         assert!(t.has_business(2));
         assert_eq!(parse_registry(&text).unwrap().len(), 1);

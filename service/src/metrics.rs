@@ -38,6 +38,12 @@ pub static CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Keys in the local hot-key cache's hot set, per tenant (sampled on reads).
+pub static HOT_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("thumbup_service_hot_keys", "items in the local hot-key cache's hot set", &["tenant"])
+        .expect("metric registers once")
+});
+
 /// Writes that took the synchronous DB path because Redis was unreachable.
 pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(

@@ -1,9 +1,11 @@
-//! The read path: Redis first (falling back to the DB while Redis is down),
+//! The read path: counts of hot items from this process's memory
+//! ([`crate::hot`]), then Redis (falling back to the DB while Redis is down),
 //! the DB on a miss, filling the cache with versioned values; concurrent
 //! misses of one key make one DB query.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{LazyLock, Mutex};
+use std::time::Instant;
 
 use thumbup_core::cache;
 use thumbup_core::db::{self, Counts, ListEntry};
@@ -11,6 +13,7 @@ use thumbup_core::domain::State;
 use tokio::sync::watch;
 
 use crate::error::Error;
+use crate::hot::Lookup;
 use crate::metrics;
 use crate::tenants::{Registry, Tenant};
 
@@ -96,16 +99,74 @@ pub async fn counts(
     business: i64,
     messages: &[i64],
 ) -> Result<HashMap<i64, Counts>, Error> {
-    let keys: Vec<String> = messages.iter().map(|m| t.keys.counts(business, *m)).collect();
+    let all: Vec<String> = messages.iter().map(|m| t.keys.counts(business, *m)).collect();
+    // Hot items first, from this process's memory.
+    let mut out = HashMap::new();
+    let mut refreshing = Vec::new();
+    let (messages, keys): (Vec<i64>, Vec<String>) = match &t.hot {
+        None => (messages.to_vec(), all),
+        Some(hot) => {
+            let now = Instant::now();
+            let mut rest = (Vec::new(), Vec::new());
+            for (m, key) in messages.iter().zip(all) {
+                match hot.lookup(&key, now) {
+                    Lookup::Fresh(c) | Lookup::Stale(c) => {
+                        out.insert(*m, c);
+                    }
+                    Lookup::Miss { refresh } => {
+                        if refresh {
+                            refreshing.push(key.clone());
+                        }
+                        rest.0.push(*m);
+                        rest.1.push(key);
+                    }
+                }
+            }
+            hit("local", out.len(), rest.0.len());
+            if hot.sample() {
+                metrics::HOT_KEYS.with_label_values(&[t.name()]).set(hot.hot_keys(now) as i64);
+            }
+            rest
+        }
+    };
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let loaded = counts_shared(reg, t, business, &messages, &keys).await;
+    if let Some(hot) = &t.hot {
+        let now = Instant::now();
+        match &loaded {
+            Ok(found) => {
+                for (m, key) in messages.iter().zip(&keys) {
+                    if let Some(c) = found.get(m) {
+                        hot.fill(key, *c, now);
+                    }
+                }
+            }
+            Err(_) => refreshing.iter().for_each(|k| hot.abandon(k)),
+        }
+    }
+    out.extend(loaded?);
+    Ok(out)
+}
+
+/// Counts of items from Redis, then the DB (shared by every process).
+async fn counts_shared(
+    reg: &Registry,
+    t: &Tenant,
+    business: i64,
+    messages: &[i64],
+    keys: &[String],
+) -> Result<HashMap<i64, Counts>, Error> {
     let mut con = t.redis.clone();
-    let Some(values) = try_redis(t, cache::mget(&mut con, &keys)).await? else {
+    let Some(values) = try_redis(t, cache::mget(&mut con, keys)).await? else {
         db_ready(t)?;
         let found = db::load_counts(&t.db, business, messages).await.map_err(|e| db_err(t, e))?;
         return Ok(messages.iter().map(|m| (*m, found.get(m).copied().unwrap_or_default())).collect());
     };
     let mut out = HashMap::new();
     let mut missing = Vec::new();
-    for ((m, key), v) in messages.iter().zip(&keys).zip(values) {
+    for ((m, key), v) in messages.iter().zip(keys).zip(values) {
         match v.as_deref().and_then(cache::parse_pair) {
             Some((likes, dislikes, version)) => {
                 out.insert(*m, Counts { likes, dislikes, version });

@@ -83,6 +83,8 @@ pub struct Tenant {
     pub db: MySqlPool,
     /// Version source for the DB path.
     pub clock: VersionClock,
+    /// The local hot-key cache of counts; None when `cache.hot_ttl_ms` is 0.
+    pub hot: Option<crate::hot::HotKeys>,
     limiter: Limiter,
     redis_up: AtomicBool,
     /// Held shared by every DB-path write for its whole transaction, and
@@ -107,6 +109,7 @@ impl Tenant {
             keys: Keys::new(&cfg.name, cfg.stream.shards),
             limiter: Limiter::new(&cfg),
             clock: VersionClock::default(),
+            hot: crate::hot::HotSettings::of(&cfg.cache).map(crate::hot::HotKeys::new),
             redis_up: AtomicBool::new(false),
             fallback_gate: tokio::sync::RwLock::new(()),
             db_down_until: AtomicU64::new(0),

@@ -161,10 +161,10 @@ impl Proxy {
             .expect("spawn thumbup-db-proxy");
         let deadline = Instant::now() + Duration::from_secs(15);
         let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                if t.contains("admin=") {
-                    break t;
-                }
+            if let Ok(t) = std::fs::read_to_string(&ready)
+                && t.contains("admin=")
+            {
+                break t;
             }
             assert!(Instant::now() < deadline, "db-proxy {name} did not write {}", ready.display());
             std::thread::sleep(Duration::from_millis(50));

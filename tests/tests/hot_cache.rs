@@ -1,0 +1,116 @@
+//! The service's local hot-key cache against the real Redis: an item read
+//! often turns hot and its counts come from the service's memory for the
+//! TTL (a change in Redis shows only after it), a cold item is always read
+//! from Redis, and when a hot entry expires, many concurrent readers cost
+//! one Redis read (single flight). Alone in its test binary, so the Redis
+//! command counters it reads see its own reads only.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use thumbup_core::keys::Keys;
+
+const HOT: i64 = 7;
+const COLD: i64 = 8;
+
+async fn set_counts(keys: &Keys, msg: i64, likes: i64, version: i64) {
+    let mut r = admin_redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(keys.counts(1, msg))
+        .arg(format!("{likes}:0:{version}"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+}
+
+/// Redis GETs served so far (the service reads counts with pipelined GETs).
+async fn redis_gets() -> u64 {
+    let mut r = admin_redis().await;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut r).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn likes(c: &Client, msg: i64) -> i64 {
+    c.counts(1, &[msg]).await.expect("GetCounts")[&msg].0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_items_are_served_from_memory_for_the_ttl_and_an_expiry_costs_one_redis_read() {
+    let name = "hot-cache";
+    // A window (4 s) longer than the TTL (1 s), as in production (10 s, 1 s).
+    let extra = "    cache: { hot_ttl_ms: 1000, hot_window_ms: 4000, hot_top_k: 10, hot_min_hits: 5 }\n";
+    let w = World::start("hot-cache", &tenant_yaml(name, &[1], extra)).await;
+    let keys = Keys::new(name, w.tenant(name).stream.shards);
+    let c = w.client_of(name).await;
+    set_counts(&keys, HOT, 5, 1).await;
+    set_counts(&keys, COLD, 1, 1).await;
+
+    // 20 reads in one half window make the item hot when the bucket closes;
+    // the cold one is read twice.
+    for _ in 0..20 {
+        assert_eq!(likes(&c, HOT).await, 5);
+    }
+    for _ in 0..2 {
+        assert_eq!(likes(&c, COLD).await, 1);
+    }
+    // The half window (2 s) closes: the hot set is what it saw.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(likes(&c, HOT).await, 5, "the first read after it turned hot fills the local entry");
+
+    // Redis changes: the hot item keeps its remembered counts for the TTL,
+    // the cold one shows the change at once.
+    set_counts(&keys, HOT, 6, 2).await;
+    set_counts(&keys, COLD, 2, 2).await;
+    let gets = redis_gets().await;
+    for _ in 0..10 {
+        assert_eq!(likes(&c, HOT).await, 5, "served from memory within the TTL");
+    }
+    assert_eq!(redis_gets().await, gets, "no Redis read for a fresh hot entry");
+    assert_eq!(likes(&c, COLD).await, 2, "a cold item is read from Redis every time");
+
+    // After the TTL the hot entry is refreshed (the item is still hot: it is read all along).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut seen = likes(&c, HOT).await;
+    for _ in 0..10 {
+        if seen == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        seen = likes(&c, HOT).await;
+    }
+    assert_eq!(seen, 6, "refreshed after the TTL");
+
+    // Single flight: after the next expiry, 64 concurrent reads make one
+    // Redis read of the item; the others get the expiring value meanwhile.
+    set_counts(&keys, HOT, 7, 3).await;
+    for _ in 0..10 {
+        likes(&c, HOT).await; // stay hot
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let gets = redis_gets().await;
+    let reads: Vec<_> = (0..64)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { likes(&c, HOT).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for r in reads {
+        answers.push(r.await.unwrap());
+    }
+    let spent = redis_gets().await - gets;
+    assert!(answers.iter().all(|l| *l == 6 || *l == 7), "only the old or the new counts: {answers:?}");
+    assert!(answers.contains(&7) || likes(&c, HOT).await == 7, "the refresh landed");
+    assert!(spent <= 2, "{spent} Redis reads for 64 concurrent reads of one expired hot item");
+    println!("64 concurrent reads of an expired hot item: {spent} Redis GET(s)");
+
+    let hot_hits = thumbup_service::metrics::CACHE.with_label_values(&["local", "hit"]).get();
+    assert!(hot_hits >= 70, "local hits counted: {hot_hits}");
+    w.stop().await;
+}
