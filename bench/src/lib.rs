@@ -1,0 +1,198 @@
+//! thumbup-bench: measures thumbup's read and hot-item write paths against
+//! the baselines a team would otherwise build, in one invocation on the same
+//! servers (issue 5).
+//!
+//! Scenarios, each run `--runs` times (the report shows every run and the
+//! median):
+//! - `read`: GetCounts batch 1 and batch `--batch` on a zipf workload, closed
+//!   loop, against raw Redis GET / MGET of the same counts keys through one
+//!   multiplexed connection.
+//! - `hot-write`: every client likes and unlikes one message through the
+//!   Like RPC, against the naive design (record upsert plus a per-like
+//!   `UPDATE counts SET likes = likes + 1`, one transaction, same MariaDB);
+//!   also counts-row UPDATEs per 10,000 likes for both.
+//! - `mixed`: 95% GetCounts / 5% Like at a fixed offered rate (open loop) of
+//!   half the read scenario's maximum; latency per class.
+//!
+//! Output: `<out>/report.md` and `<out>/latency.svg`.
+
+pub mod load;
+pub mod report;
+pub mod scenarios;
+pub mod stats;
+pub mod zipf;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+
+use crate::load::Load;
+use crate::report::Report;
+use crate::zipf::Zipf;
+
+/// Which scenarios to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// a: count reads against raw Redis.
+    Read,
+    /// b: hot-item writes against the naive DB design.
+    HotWrite,
+    /// c: 95% reads / 5% writes at a fixed rate.
+    Mixed,
+    /// All three, in that order.
+    All,
+}
+
+/// Command line of thumbup-bench.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "thumbup-bench", about = "Load generator and baselines for thumbup (issue 5)")]
+pub struct Args {
+    /// gRPC address of thumbup-service.
+    #[arg(long, env = "THUMBUP_ADDR", default_value = "http://127.0.0.1:50151")]
+    pub addr: String,
+    /// Tenant to load (sent as x-thumbup-tenant).
+    #[arg(long, env = "THUMBUP_TENANT", default_value = "bench")]
+    pub tenant: String,
+    /// Bearer token of the tenant.
+    #[arg(long, env = "THUMBUP_TOKEN", default_value = "bench-token-0001")]
+    pub token: String,
+    /// Business id of the items.
+    #[arg(long, env = "THUMBUP_BUSINESS", default_value_t = 1)]
+    pub business: i64,
+    /// Concurrent client tasks (closed loop), for service and baseline alike.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Measured seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Unmeasured seconds before each measurement.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// Items per request of the batched read measurement.
+    #[arg(long, default_value_t = 20)]
+    pub batch: usize,
+    /// Users of the write scenarios (split between the client tasks).
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    /// Distinct items of the read workload.
+    #[arg(long, default_value_t = 10_000)]
+    pub items: usize,
+    /// Zipf skew s of item popularity; 0 is uniform.
+    #[arg(long, default_value_t = 1.1)]
+    pub zipf: f64,
+    /// Message id of item 1 minus one.
+    #[arg(long, default_value_t = 9_000_000)]
+    pub item_base: i64,
+    /// Admin Redis URL (raw-Redis baseline).
+    #[arg(long, env = "THUMBUP_ADMIN_REDIS_URL", default_value = "redis://default:thumbup-admin@127.0.0.1:26379")]
+    pub redis_url: String,
+    /// Admin MariaDB URL (naive-DB baseline, and the tenant's counts versions).
+    #[arg(long, env = "THUMBUP_ADMIN_DB_URL", default_value = "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306")]
+    pub db_url: String,
+    /// Window of the running thumbup-job in ms: after the hot-write scenario
+    /// the bench waits a window and a bit for the job to apply it.
+    #[arg(long, default_value_t = 10_000)]
+    pub job_window_ms: u64,
+    /// Offered rate of the mixed scenario in requests/s; 0 means half of the
+    /// read scenario's batch-1 maximum (measured first if `read` did not run).
+    #[arg(long, default_value_t = 0.0)]
+    pub mixed_rate: f64,
+    /// Output folder of report.md and latency.svg.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Scenario(s) to run.
+    #[arg(long, value_enum, default_value = "all")]
+    pub scenario: Scenario,
+    /// Runs per scenario; the report gives the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+impl Args {
+    /// The closed-loop load of these arguments with `batch` items a request.
+    pub fn load(&self, batch: usize) -> Load {
+        Load {
+            concurrency: self.concurrency.max(1),
+            warmup: Duration::from_secs(self.warmup_secs),
+            duration: Duration::from_secs(self.duration_secs.max(1)),
+            batch: batch.max(1),
+            zipf: Arc::new(Zipf::new(self.items, self.zipf)),
+            item_base: self.item_base,
+        }
+    }
+}
+
+/// The machine line of the report: CPU model and logical CPUs.
+pub fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{model}, {cpus} logical CPUs")
+}
+
+/// Runs the selected scenarios and writes the report.
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    let ctx = scenarios::Context::connect(&args).await?;
+    let mut report = Report {
+        preamble: vec![
+            format!("date: {}", jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC")),
+            format!("machine: {} (service, job, MariaDB, Redis and the bench share it)", machine()),
+            format!(
+                "load: concurrency {}, {} s measured after {} s warmup, {} runs, {} items zipf s={}, {} users, business {}",
+                args.concurrency,
+                args.duration_secs,
+                args.warmup_secs,
+                args.runs,
+                args.items,
+                args.zipf,
+                args.users,
+                args.business
+            ),
+            format!("service {} tenant {}; job window {} ms", args.addr, args.tenant, args.job_window_ms),
+        ],
+        ..Report::default()
+    };
+    let all = args.scenario == Scenario::All;
+    let mut read_max = None;
+    if all || args.scenario == Scenario::Read {
+        let (section, lat, max) = scenarios::reads(&ctx, &args).await?;
+        report.sections.push(section);
+        report.latencies.extend(lat);
+        read_max = Some(max);
+    }
+    if all || args.scenario == Scenario::HotWrite {
+        let (section, lat) = scenarios::hot_writes(&ctx, &args).await?;
+        report.sections.push(section);
+        report.latencies.extend(lat);
+    }
+    if all || args.scenario == Scenario::Mixed {
+        let rate = if args.mixed_rate > 0.0 {
+            args.mixed_rate
+        } else {
+            let max = match read_max {
+                Some(m) => m,
+                None => scenarios::read_max(&ctx, &args).await?,
+            };
+            max * 0.5
+        };
+        let (section, lat) = scenarios::mixed(&ctx, &args, rate).await?;
+        report.sections.push(section);
+        report.latencies.extend(lat);
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let md = args.out.join("report.md");
+    std::fs::write(&md, report::render_markdown(&report)).with_context(|| format!("write {}", md.display()))?;
+    let svg = args.out.join("latency.svg");
+    std::fs::write(&svg, report::render_svg(&report.latencies)).with_context(|| format!("write {}", svg.display()))?;
+    Ok(report)
+}
