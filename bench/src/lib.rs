@@ -48,7 +48,11 @@ pub enum Scenario {
 
 /// Command line of thumbup-bench.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "thumbup-bench", about = "Load generator and baselines for thumbup (issue 5)")]
+#[command(
+    name = "thumbup-bench",
+    about = "Load generator and baselines for thumbup (issue 5)",
+    args_override_self = true
+)]
 pub struct Args {
     /// gRPC address of thumbup-service.
     #[arg(long, env = "THUMBUP_ADDR", default_value = "http://127.0.0.1:50151")]
