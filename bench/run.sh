@@ -122,5 +122,5 @@ port_open "$GRPC_PORT" || die "thumbup-service not listening within 30 s"
 
 "$BIN/thumbup-bench" --addr "http://127.0.0.1:$GRPC_PORT" --tenant bench --token bench-token-0001 \
   --redis-url "$THUMBUP_ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL" --job-window-ms "$WINDOW_MS" \
-  --out "$OUT" --scenario all "$@"
+  --hot-ttl-ms "$HOT_TTL_MS" --out "$OUT" --scenario all "$@"
 say "report: ${OUT#"$ROOT"/}/report.md, plot: ${OUT#"$ROOT"/}/latency.svg"

@@ -100,6 +100,10 @@ pub struct Args {
     /// the bench waits a window and a bit for the job to apply it.
     #[arg(long, default_value_t = 10_000)]
     pub job_window_ms: u64,
+    /// TTL of the service's local hot-key cache in ms (0 = off), as the
+    /// tenant is configured; the report names it and picks the read target.
+    #[arg(long, default_value_t = 0)]
+    pub hot_ttl_ms: u64,
     /// Offered rate of the mixed scenario in requests/s; 0 means half of the
     /// read scenario's batch-1 maximum (measured first if `read` did not run).
     #[arg(long, default_value_t = 0.0)]
@@ -162,7 +166,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 args.users,
                 args.business
             ),
-            format!("service {} tenant {}; job window {} ms", args.addr, args.tenant, args.job_window_ms),
+            format!(
+                "service {} tenant {}; job window {} ms; hot-key cache TTL {} ms (0 = off)",
+                args.addr, args.tenant, args.job_window_ms, args.hot_ttl_ms
+            ),
         ],
         ..Report::default()
     };
