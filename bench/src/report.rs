@@ -74,9 +74,10 @@ pub struct Report {
     pub latencies: Vec<Latency>,
 }
 
-/// Formats a figure with a precision that suits its size.
+/// Formats a figure with a precision that suits its size; whole numbers
+/// (request and error counts) without decimals.
 pub fn fmt_num(x: f64) -> String {
-    if x.abs() >= 1000.0 {
+    if x.abs() >= 1000.0 || x.fract() == 0.0 {
         format!("{x:.0}")
     } else if x.abs() >= 10.0 {
         format!("{x:.1}")
@@ -209,9 +210,12 @@ mod tests {
     fn markdown_table_shows_every_run_the_median_and_the_verdicts() {
         let md = render_markdown(&sample());
         assert!(md.contains("| metric | run 1 | run 2 | run 3 | median |"), "{md}");
-        assert!(md.contains("| service req/s | 100.0 | 300.0 | 200.0 | **200.0** |"), "{md}");
+        assert!(md.contains("| service req/s | 100 | 300 | 200 | **200** |"), "{md}");
         assert!(md.contains("| ratio | 0.600 | >= 0.5x | PASS |"), "{md}");
-        assert!(md.contains("| items/s | 10.0 | >= 200000 | MISS |"), "{md}");
+        assert!(md.contains("| items/s | 10 | >= 200000 | MISS |"), "{md}");
+        assert_eq!(fmt_num(0.0), "0");
+        assert_eq!(fmt_num(12.25), "12.2");
+        assert_eq!(fmt_num(0.5), "0.500");
         assert!(md.contains("latency.svg"));
     }
 
