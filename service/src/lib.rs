@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::tenants::ConfigSource;
@@ -102,12 +102,16 @@ pub async fn run_with(
         shutdown.await;
         set_ready(false);
     };
+    // Replies are small frames: without TCP_NODELAY on accepted sockets,
+    // Nagle's algorithm meets the client's delayed ACK and a reply can wait
+    // ~40 ms.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     watcher.abort();
     Ok(())
