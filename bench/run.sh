@@ -4,8 +4,9 @@
 # 1. starts the private stack (scripts/stack.sh up, idempotent),
 # 2. builds the release binaries of thumbup-service, thumbup-job and
 #    thumbup-bench,
-# 3. writes bench-results/tenants.yaml (tenant "bench", generous rate limits,
-#    the local hot-key cache on) and provisions and migrates it,
+# 3. writes bench-results/tenants.yaml (tenant "bench" with the local hot-key
+#    cache on and "bench-cold" with it off, generous rate limits) and
+#    provisions and migrates them,
 # 4. starts thumbup-service and thumbup-job (window 10 s, as in production)
 #    on free ports, logs in bench-results/,
 # 5. runs thumbup-bench --scenario all (extra arguments are passed on, e.g.
@@ -85,7 +86,9 @@ cargo build --release -p thumbup-service -p thumbup-job -p thumbup-bench
 mkdir -p "$OUT"
 TENANTS="$OUT/tenants.yaml"
 cat >"$TENANTS" <<YAML
-# Written by bench/run.sh: the tenant that thumbup-bench loads.
+# Written by bench/run.sh: the tenants that thumbup-bench loads. They differ
+# only in the local hot-key cache: on for bench (as a LikeTenant's default),
+# off for bench-cold (the plain cache-aside read path).
 tenants:
   - name: bench
     businesses: [{ name: video, id: 1 }]
@@ -95,9 +98,16 @@ tenants:
     limits: { per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }
     cache: { hot_ttl_ms: $HOT_TTL_MS }
     stream: { shards: 4 }
+  - name: bench-cold
+    businesses: [{ name: video, id: 1 }]
+    tokens: [bench-cold-token-01]
+    redis: { url: "redis://127.0.0.1:$THUMBUP_REDIS_PORT", username: thumbup-bench-cold, password: bench-cold-redis-pw }
+    db: { url: "mysql://127.0.0.1:$THUMBUP_DB_PORT", username: thumbup_bench_cold, password: bench-cold-db-pw, max_connections: 32 }
+    limits: { per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }
+    cache: { hot_ttl_ms: 0 }
+    stream: { shards: 4 }
 YAML
-
-say "provisioning and migrating tenant bench"
+say "provisioning and migrating tenants bench and bench-cold"
 "$BIN/thumbup-service" --config "$TENANTS" provision
 "$BIN/thumbup-service" --config "$TENANTS" migrate
 
@@ -121,6 +131,7 @@ done
 port_open "$GRPC_PORT" || die "thumbup-service not listening within 30 s"
 
 "$BIN/thumbup-bench" --addr "http://127.0.0.1:$GRPC_PORT" --tenant bench --token bench-token-0001 \
+  --cold-tenant bench-cold --cold-token bench-cold-token-01 --service-pid "$SERVICE_PID" \
   --redis-url "$THUMBUP_ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL" --job-window-ms "$WINDOW_MS" \
   --hot-ttl-ms "$HOT_TTL_MS" --out "$OUT" --scenario all "$@"
 say "report: ${OUT#"$ROOT"/}/report.md, plot: ${OUT#"$ROOT"/}/latency.svg"

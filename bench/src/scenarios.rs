@@ -19,7 +19,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 use crate::Args;
-use crate::load::{Measurement, closed_loop, open_loop};
+use crate::cpu;
+use crate::load::{Load, Measurement, closed_loop, open_loop};
 use crate::report::{Latency, Metric, Section, Target};
 use crate::stats::median;
 
@@ -36,6 +37,19 @@ pub struct Service {
 }
 
 impl Service {
+    fn new(client: ThumbupClient<Channel>, tenant: &str, token: &str, business: i64) -> anyhow::Result<Service> {
+        Ok(Service {
+            client,
+            tenant: MetadataValue::try_from(tenant).with_context(|| format!("tenant {tenant:?} as metadata"))?,
+            auth: MetadataValue::try_from(format!("Bearer {token}")).context("token metadata")?,
+            business,
+        })
+    }
+
+    fn tenant_name(&self) -> &str {
+        self.tenant.to_str().unwrap_or("?")
+    }
+
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert("x-thumbup-tenant", self.tenant.clone());
@@ -65,8 +79,10 @@ impl Service {
 
 /// Connections shared by the scenarios.
 pub struct Context {
-    /// The service.
+    /// The service, as `--tenant`.
     pub service: Service,
+    /// The service, as `--cold-tenant` (hot-key cache off).
+    pub cold: Option<Service>,
     /// Admin Redis connection (baseline).
     pub redis: MultiplexedConnection,
     /// Admin MariaDB pool (tenant schema reads; naive schema setup).
@@ -83,11 +99,11 @@ impl Context {
             .connect()
             .await
             .with_context(|| format!("connect to thumbup-service at {}", args.addr))?;
-        let service = Service {
-            client: ThumbupClient::new(channel),
-            tenant: MetadataValue::try_from(args.tenant.as_str()).context("tenant metadata")?,
-            auth: MetadataValue::try_from(format!("Bearer {}", args.token)).context("token metadata")?,
-            business: args.business,
+        let client = ThumbupClient::new(channel);
+        let service = Service::new(client.clone(), &args.tenant, &args.token, args.business)?;
+        let cold = match &args.cold_tenant {
+            Some(t) => Some(Service::new(client, t, &args.cold_token, args.business)?),
+            None => None,
         };
         let redis = redis::Client::open(args.redis_url.as_str())
             .context("Redis URL")?
@@ -102,7 +118,7 @@ impl Context {
         let keys = Keys::new(&args.tenant, 1);
         let count_keys =
             Arc::new((1..=args.items.max(1)).map(|k| keys.counts(args.business, args.item_base + k as i64)).collect());
-        Ok(Context { service, redis, admin_db, count_keys })
+        Ok(Context { service, cold, redis, admin_db, count_keys })
     }
 }
 
@@ -138,31 +154,81 @@ impl Percentiles {
     }
 }
 
-async fn service_reads(ctx: &Context, args: &Args, batch: usize) -> Measurement {
-    let svc = ctx.service.clone();
-    closed_loop(&args.load(batch), move |_, _, ids| {
+async fn service_reads(svc: &Service, args: &Args, batch: usize) -> Measurement {
+    service_reads_with(svc, args.load(batch)).await
+}
+
+async fn service_reads_with(svc: &Service, load: Load) -> Measurement {
+    let svc = svc.clone();
+    closed_loop(&load, move |_, _, ids| {
         let svc = svc.clone();
         async move { svc.counts(ids).await }
     })
     .await
 }
 
-/// One batch-1 GetCounts measurement: the maximum read rate for `mixed`.
-pub async fn read_max(ctx: &Context, args: &Args) -> anyhow::Result<f64> {
-    let m = service_reads(ctx, args, 1).await;
-    progress("read max (GetCounts batch 1)", 0, &m);
-    Ok(m.rate())
+/// Runs `f` and returns its measurement with the CPU time per request (all
+/// requests, warmup included) of each side.
+async fn with_cpu<F>(ctx: &Context, args: &Args, f: F) -> (Measurement, cpu::PerRequest)
+where
+    F: Future<Output = Measurement>,
+{
+    let before = cpu::Snapshot::take(args.service_pid, &ctx.redis).await;
+    let m = f.await;
+    let after = cpu::Snapshot::take(args.service_pid, &ctx.redis).await;
+    let per = before.per_request(&after, m.total_ok);
+    (m, per)
 }
 
-/// Scenario a: GetCounts batch 1 and batch `--batch` against Redis GET/MGET.
-/// Returns the section, the latency series and the median batch-1 rate.
-pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<Latency>, f64)> {
+/// The figures of one closed-loop measurement across runs.
+#[derive(Default)]
+struct Series {
+    rate: Vec<f64>,
+    items: Vec<f64>,
+    lat: Percentiles,
+    cpu: [Vec<f64>; 3],
+    errors: u64,
+}
+
+impl Series {
+    fn push(&mut self, label: &str, run: usize, (mut m, cpu): (Measurement, cpu::PerRequest)) {
+        progress(label, run, &m);
+        self.rate.push(m.rate());
+        self.items.push(m.item_rate());
+        self.lat.push(&mut m);
+        self.errors += m.errors;
+        for (v, side) in self.cpu.iter_mut().zip([cpu.service, cpu.bench, cpu.redis]) {
+            if let Some(x) = side {
+                v.push(x);
+            }
+        }
+    }
+
+    /// Rows "<what>: CPU us per request, <side>" for the sides measured.
+    fn cpu_metrics(&self, what: &str) -> Vec<Metric> {
+        ["thumbup-service", "thumbup-bench", "redis-server"]
+            .iter()
+            .zip(&self.cpu)
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(side, v)| Metric::new(format!("{what}: {side} CPU us per request"), v.clone()))
+            .collect()
+    }
+}
+
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y.max(1e-9)).collect()
+}
+
+/// Scenario a: GetCounts batch 1 (hot-key cache on, and off on
+/// `--cold-tenant`) and batch `--batch` against Redis GET/MGET.
+pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<Latency>)> {
     // Fill the cache of every item through the service (cache-aside), so the
     // baseline reads the same keys the service serves from.
-    let svc = ctx.service.clone();
     let ids: Vec<i64> = (1..=args.items as i64).map(|k| args.item_base + k).collect();
-    for chunk in ids.chunks(100) {
-        svc.counts(chunk.to_vec()).await.map_err(anyhow::Error::msg).context("prefill GetCounts")?;
+    for svc in std::iter::once(&ctx.service).chain(&ctx.cold) {
+        for chunk in ids.chunks(100) {
+            svc.counts(chunk.to_vec()).await.map_err(anyhow::Error::msg).context("prefill GetCounts")?;
+        }
     }
     let mut cached = 0u64;
     let mut con = ctx.redis.clone();
@@ -172,22 +238,29 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     }
     let batch = args.batch.max(1);
     let base = args.item_base;
-    let (mut s1, mut r1, mut sb, mut rb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut s1i, mut sbi, mut rbi) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut ls1, mut lr1, mut lsb, mut lrb) =
-        (Percentiles::default(), Percentiles::default(), Percentiles::default(), Percentiles::default());
+    // Batch 20 goes through the cache-aside path when there is one.
+    let plain = ctx.cold.as_ref().unwrap_or(&ctx.service);
+    let (mut hot1, mut cold1, mut get, mut svcb, mut mget) =
+        (Series::default(), Series::default(), Series::default(), Series::default(), Series::default());
     let mut errors = Vec::new();
+    let (load1, loadb) = (args.load(1), args.load(batch));
     for run in 0..args.runs.max(1) {
-        let mut m = service_reads(ctx, args, 1).await;
-        progress("a GetCounts batch 1", run, &m);
-        s1.push(m.rate());
-        s1i.push(m.item_rate());
-        ls1.push(&mut m);
-        let mut errs = m.errors;
+        if let Some(cold) = &ctx.cold {
+            cold1.push(
+                "a GetCounts batch 1, hot-key cache off",
+                run,
+                with_cpu(ctx, args, service_reads(cold, args, 1)).await,
+            );
+        }
+        let mut load = args.load(1);
+        if args.hot_ttl_ms > 0 {
+            load.warmup = load.warmup.max(Duration::from_secs(args.hot_warmup_secs));
+        }
+        hot1.push("a GetCounts batch 1", run, with_cpu(ctx, args, service_reads_with(&ctx.service, load)).await);
 
         let keys = Arc::clone(&ctx.count_keys);
         let con = ctx.redis.clone();
-        let mut m = closed_loop(&args.load(1), move |_, _, ids| {
+        let m = closed_loop(&load1, move |_, _, ids| {
             let key = keys[(ids[0] - base - 1) as usize].clone();
             let mut con = con.clone();
             async move {
@@ -195,23 +268,18 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
                     redis::cmd("GET").arg(key).query_async(&mut con).await.map_err(|e| e.to_string())?;
                 Ok(1)
             }
-        })
-        .await;
-        progress("a Redis GET", run, &m);
-        r1.push(m.rate());
-        lr1.push(&mut m);
-        errs += m.errors;
+        });
+        get.push("a Redis GET", run, with_cpu(ctx, args, m).await);
 
-        let mut m = service_reads(ctx, args, batch).await;
-        progress(&format!("a GetCounts batch {batch}"), run, &m);
-        sb.push(m.rate());
-        sbi.push(m.item_rate());
-        lsb.push(&mut m);
-        errs += m.errors;
+        svcb.push(
+            &format!("a GetCounts batch {batch}"),
+            run,
+            with_cpu(ctx, args, service_reads(plain, args, batch)).await,
+        );
 
         let con = ctx.redis.clone();
         let all = Arc::clone(&ctx.count_keys);
-        let mut m = closed_loop(&args.load(batch), move |_, _, ids| {
+        let m = closed_loop(&loadb, move |_, _, ids| {
             let keys: Vec<String> = ids.iter().map(|id| all[(id - base - 1) as usize].clone()).collect();
             let mut con = con.clone();
             async move {
@@ -220,75 +288,107 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
                     redis::cmd("MGET").arg(keys).query_async(&mut con).await.map_err(|e| e.to_string())?;
                 Ok(n)
             }
-        })
-        .await;
-        progress(&format!("a Redis MGET {batch}"), run, &m);
-        rb.push(m.rate());
-        rbi.push(m.item_rate());
-        lrb.push(&mut m);
-        errs += m.errors;
-        errors.push(errs as f64);
+        });
+        mget.push(&format!("a Redis MGET {batch}"), run, with_cpu(ctx, args, m).await);
+        errors.push((hot1.errors + cold1.errors + get.errors + svcb.errors + mget.errors) as f64);
     }
-    let ratio = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x / y.max(1e-9)).collect::<Vec<f64>>();
-    let ratio1 = ratio(&s1, &r1);
-    let ratiob = ratio(&sbi, &rbi);
+    let ttl = args.hot_ttl_ms;
+    let hot_label = if ttl > 0 { format!("hot-key cache on, TTL {ttl} ms") } else { "hot-key cache off".into() };
+    let ratio_hot = ratios(&hot1.rate, &get.rate);
+    let ratio_cold = ratios(&cold1.rate, &get.rate);
+    let mut metrics =
+        vec![Metric::new(format!("service GetCounts batch 1, {hot_label} (requests/s)"), hot1.rate.clone())];
+    if ctx.cold.is_some() {
+        metrics.push(Metric::new("service GetCounts batch 1, hot-key cache off (requests/s)", cold1.rate.clone()));
+    }
+    metrics.push(Metric::new("Redis GET (requests/s)", get.rate.clone()));
+    metrics.push(Metric::new(format!("ratio batch 1 service/Redis, {hot_label}"), ratio_hot.clone()));
+    if ctx.cold.is_some() {
+        metrics.push(Metric::new("ratio batch 1 service/Redis, hot-key cache off", ratio_cold.clone()));
+    }
+    metrics.extend([
+        Metric::new(format!("service GetCounts batch {batch} (requests/s)"), svcb.rate.clone()),
+        Metric::new(format!("service GetCounts batch {batch} (item-counts/s)"), svcb.items.clone()),
+        Metric::new(format!("Redis MGET {batch} (requests/s)"), mget.rate.clone()),
+        Metric::new(format!("Redis MGET {batch} (item-counts/s)"), mget.items.clone()),
+        Metric::new(format!("ratio batch {batch} service/Redis (item-counts/s)"), ratios(&svcb.items, &mget.items)),
+        Metric::new("failed requests (all measurements)", errors),
+    ]);
+    metrics.extend(hot1.cpu_metrics(&format!("GetCounts batch 1, {hot_label}")));
+    if ctx.cold.is_some() {
+        metrics.extend(cold1.cpu_metrics("GetCounts batch 1, hot-key cache off"));
+    }
+    metrics.extend(get.cpu_metrics("Redis GET"));
+    metrics.extend(svcb.cpu_metrics(&format!("GetCounts batch {batch}")));
+    metrics.extend(mget.cpu_metrics(&format!("Redis MGET {batch}")));
+
+    let mut targets = Vec::new();
+    // The cache-aside target: the cold tenant, or the only one if its cache is off.
+    let cache_aside = if ctx.cold.is_some() { Some(&ratio_cold) } else { (ttl == 0).then_some(&ratio_hot) };
+    if let Some(r) = cache_aside.map(|r| median(r)) {
+        targets.push(Target {
+            name: "batch-1 GetCounts / Redis GET, hot-key cache off".into(),
+            measured: r,
+            target: ">= 0.5x".into(),
+            pass: r >= 0.5,
+        });
+    }
+    if ttl > 0 && (args.zipf - 1.1).abs() < 1e-9 {
+        let r = median(&ratio_hot);
+        targets.push(Target {
+            name: format!("batch-1 GetCounts / Redis GET, hot-key cache on (TTL {ttl} ms), zipf(1.1)"),
+            measured: r,
+            target: ">= 1.0x".into(),
+            pass: r >= 1.0,
+        });
+    }
+    if batch == 20 {
+        let items = median(&svcb.items);
+        targets.push(Target {
+            name: "batch-20 GetCounts item-counts/s".into(),
+            measured: items,
+            target: ">= 200000".into(),
+            pass: items >= 200_000.0,
+        });
+    }
     let section = Section {
         title: "a. Count reads: GetCounts vs raw Redis".into(),
         about: format!(
             "Closed loop, {c} tasks sharing one tonic Channel (service) or one multiplexed Redis connection \
              (baseline), zipf s={z} over {n} items ({cached} of their counts keys were in Redis after the \
-             prefill). Baseline: GET (batch 1) and MGET (batch {batch}) of the same `thumbup:<tenant>:cnt:<biz>:<msg>` \
-             keys with the admin user. Ratios are service/baseline within the run.",
+             prefill). Batch 1 runs on tenant {t} ({hot_label}{hw}){cold}; batch {batch} on {p}. Baseline: GET \
+             (batch 1) and MGET (batch {batch}) of the same `thumbup:<tenant>:cnt:<biz>:<msg>` keys with the \
+             admin user. Ratios are service/baseline within the run. CPU per request is the CPU time each \
+             process used over the measurement (warmup included) divided by its requests.",
             c = args.concurrency,
             z = args.zipf,
             n = args.items,
+            t = args.tenant,
+            hw = if ttl > 0 {
+                format!(", warmup {} s so the hot set is picked", args.hot_warmup_secs.max(args.warmup_secs))
+            } else {
+                String::new()
+            },
+            cold = args
+                .cold_tenant
+                .as_ref()
+                .map(|c| format!(" and on tenant {c} (hot-key cache off)"))
+                .unwrap_or_default(),
+            p = plain.tenant_name(),
         ),
-        metrics: vec![
-            Metric::new("service GetCounts batch 1 (requests/s)", s1.clone()),
-            Metric::new("Redis GET (requests/s)", r1),
-            Metric::new("ratio batch 1 service/Redis", ratio1.clone()),
-            Metric::new(format!("service GetCounts batch {batch} (requests/s)"), sb),
-            Metric::new(format!("service GetCounts batch {batch} (item-counts/s)"), sbi.clone()),
-            Metric::new(format!("Redis MGET {batch} (requests/s)"), rb),
-            Metric::new(format!("Redis MGET {batch} (item-counts/s)"), rbi),
-            Metric::new(format!("ratio batch {batch} service/Redis (item-counts/s)"), ratiob),
-            Metric::new("failed requests (all four)", errors),
-        ],
-        targets: {
-            let r = median(&ratio1);
-            let mut t = vec![Target {
-                name: format!("batch-1 GetCounts / Redis GET (hot-key cache TTL {} ms)", args.hot_ttl_ms),
-                measured: r,
-                target: ">= 0.5x".into(),
-                pass: r >= 0.5,
-            }];
-            if args.hot_ttl_ms > 0 && (args.zipf - 1.1).abs() < 1e-9 {
-                t.push(Target {
-                    name: "same, with the hot-key cache on zipf(1.1)".into(),
-                    measured: r,
-                    target: ">= 1.0x".into(),
-                    pass: r >= 1.0,
-                });
-            }
-            if batch == 20 {
-                let items = median(&sbi);
-                t.push(Target {
-                    name: "batch-20 GetCounts item-counts/s".into(),
-                    measured: items,
-                    target: ">= 200000".into(),
-                    pass: items >= 200_000.0,
-                });
-            }
-            t
-        },
+        metrics,
+        targets,
     };
-    let lat = vec![
-        ls1.latency("a service GetCounts b1"),
-        lr1.latency("a Redis GET"),
-        lsb.latency(&format!("a service GetCounts b{batch}")),
-        lrb.latency(&format!("a Redis MGET {batch}")),
-    ];
-    Ok((section, lat, median(&s1)))
+    let mut lat = vec![hot1.lat.latency("a service GetCounts b1")];
+    if ctx.cold.is_some() {
+        lat.push(cold1.lat.latency("a service GetCounts b1, cache off"));
+    }
+    lat.extend([
+        get.lat.latency("a Redis GET"),
+        svcb.lat.latency(&format!("a service GetCounts b{batch}")),
+        mget.lat.latency(&format!("a Redis MGET {batch}")),
+    ]);
+    Ok((section, lat))
 }
 
 async fn counts_version(ctx: &Context, args: &Args, message: i64) -> anyhow::Result<i64> {
@@ -469,34 +569,55 @@ async fn naive_like(
     Ok(1)
 }
 
-/// Scenario c: 95% GetCounts / 5% Like at `rate` requests/s, open loop.
-pub async fn mixed(ctx: &Context, args: &Args, rate: f64) -> anyhow::Result<(Section, Vec<Latency>)> {
+/// Whether request `seq` of closed-loop task `task` of the mixed scenario
+/// is a write: every 20th request of each task (5%), staggered by task.
+pub fn mixed_write(task: usize, seq: u64) -> bool {
+    (seq + task as u64).is_multiple_of(20)
+}
+
+/// Scenario c: 95% GetCounts / 5% Like. Each run measures the mix's maximum
+/// throughput (closed loop), then offers half of it (or `--mixed-rate`) in an
+/// open loop and measures latency per class.
+pub async fn mixed(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<Latency>)> {
     // Every write is a new user's first like, so it is always valid.
     let next_mid = Arc::new(AtomicI64::new(3_000_000_000_000 + jiff::Timestamp::now().as_second() * 100_000));
-    let (mut reads, mut writes, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut maxima, mut offered, mut reads, mut writes, mut errors) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut lr, mut lw) = (Percentiles::default(), Percentiles::default());
-    for run in 0..args.runs.max(1) {
+    let op = {
         let svc = ctx.service.clone();
         let next = Arc::clone(&next_mid);
-        let [mut r, mut w] =
-            open_loop(
-                &args.load(1),
-                rate,
-                |rng| usize::from(rng.random::<f64>() < 0.05),
-                move |class, _, ids| {
-                    let svc = svc.clone();
-                    let mid = if class == 1 { next.fetch_add(1, Ordering::Relaxed) } else { 0 };
-                    async move {
-                        if class == 1 { svc.act(mid, ids[0], pb::Action::Like).await } else { svc.counts(ids).await }
-                    }
-                },
-            )
-            .await;
+        move |write: bool, ids: Vec<i64>| {
+            let svc = svc.clone();
+            let mid = if write { next.fetch_add(1, Ordering::Relaxed) } else { 0 };
+            async move { if write { svc.act(mid, ids[0], pb::Action::Like).await } else { svc.counts(ids).await } }
+        }
+    };
+    for run in 0..args.runs.max(1) {
+        let max_op = op.clone();
+        // The open loop follows at once, so this warms the hot-key cache for it too.
+        let mut load = args.load(1);
+        if args.hot_ttl_ms > 0 {
+            load.warmup = load.warmup.max(Duration::from_secs(args.hot_warmup_secs));
+        }
+        let m = closed_loop(&load, move |task, seq, ids| max_op(mixed_write(task, seq), ids)).await;
+        progress("c mix maximum (closed loop)", run, &m);
+        maxima.push(m.rate());
+        let rate = if args.mixed_rate > 0.0 { args.mixed_rate } else { m.rate() * 0.5 };
+        offered.push(rate);
+        let open_op = op.clone();
+        let [mut r, mut w] = open_loop(
+            &args.load(1),
+            rate,
+            |rng| usize::from(rng.random::<f64>() < 0.05),
+            move |class, _, ids| open_op(class == 1, ids),
+        )
+        .await;
         progress("c reads", run, &r);
         progress("c writes", run, &w);
         reads.push(r.rate());
         writes.push(w.rate());
-        errors.push((r.errors + w.errors) as f64);
+        errors.push((m.errors + r.errors + w.errors) as f64);
         lr.push(&mut r);
         lw.push(&mut w);
     }
@@ -505,12 +626,23 @@ pub async fn mixed(ctx: &Context, args: &Args, rate: f64) -> anyhow::Result<(Sec
     let section = Section {
         title: "c. Mixed: 95% GetCounts / 5% Like at a fixed rate".into(),
         about: format!(
-            "Open loop at {rate:.0} requests/s offered (half of scenario a's batch-1 maximum unless \
-             --mixed-rate was given); latency measured from the scheduled send time. Reads are GetCounts batch 1 \
-             on zipf s={z}; writes are a fresh user's Like of a zipf item.",
-            z = args.zipf
+            "Each run first measures the maximum throughput of the mix (closed loop, {c} tasks, every 20th \
+             request of a task a write), then offers {what} in an open loop; latency is measured from the \
+             scheduled send time. Reads are GetCounts batch 1 on zipf s={z} on tenant {t} (hot-key cache TTL \
+             {ttl} ms); writes are a fresh user's Like of a zipf item.",
+            c = args.concurrency,
+            what = if args.mixed_rate > 0.0 {
+                format!("{:.0} requests/s (--mixed-rate)", args.mixed_rate)
+            } else {
+                "half of that maximum".into()
+            },
+            z = args.zipf,
+            t = args.tenant,
+            ttl = args.hot_ttl_ms,
         ),
         metrics: vec![
+            Metric::new("mix maximum, closed loop (requests/s)", maxima),
+            Metric::new("offered (requests/s)", offered),
             Metric::new("reads done (requests/s)", reads),
             Metric::new("writes done (requests/s)", writes),
             Metric::new("read p50 (ms)", lr.at(0)),
@@ -540,5 +672,14 @@ mod tests {
         assert_eq!(hot_action(0, 3, 3), (1, false));
         assert_eq!(hot_action(0, 6, 3), (1, true));
         assert_eq!(hot_action(1, 0, 3), (4, true));
+    }
+
+    #[test]
+    fn mixed_closed_loop_writes_one_request_in_twenty_per_task() {
+        for task in 0..3 {
+            let writes: Vec<u64> = (0..60).filter(|seq| mixed_write(task, *seq)).collect();
+            assert_eq!(writes.len(), 3, "task {task}: {writes:?}");
+        }
+        assert!(mixed_write(0, 0) && !mixed_write(1, 0) && mixed_write(1, 19));
     }
 }

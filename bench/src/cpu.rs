@@ -1,0 +1,109 @@
+//! CPU time spent by each side of a measurement: this load generator, the
+//! service (when its pid is known) and Redis (from `INFO cpu`). On a machine
+//! where all of them share the same cores, CPU per request tells where the
+//! time goes better than the request rate alone.
+
+use redis::aio::MultiplexedConnection;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU seconds used so far by each side; `None` where it cannot be read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    bench: Option<f64>,
+    service: Option<f64>,
+    redis: Option<f64>,
+}
+
+/// CPU microseconds per request of each side over one measurement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerRequest {
+    /// The load generator (this process).
+    pub bench: Option<f64>,
+    /// thumbup-service.
+    pub service: Option<f64>,
+    /// redis-server (all its threads).
+    pub redis: Option<f64>,
+}
+
+/// User plus system CPU seconds of process `pid` ("self" for this one), all
+/// threads, from `/proc/<pid>/stat`.
+pub fn process_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SEC)
+}
+
+/// `used_cpu_user + used_cpu_sys` of an `INFO cpu` reply.
+pub fn redis_seconds(info: &str) -> Option<f64> {
+    let field = |name: &str| {
+        info.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':'))?.trim().parse::<f64>().ok())
+    };
+    Some(field("used_cpu_user")? + field("used_cpu_sys")?)
+}
+
+impl Snapshot {
+    /// Reads every side now.
+    pub async fn take(service_pid: Option<u32>, redis: &MultiplexedConnection) -> Snapshot {
+        let mut con = redis.clone();
+        let info: Option<String> = redis::cmd("INFO").arg("cpu").query_async(&mut con).await.ok();
+        Snapshot {
+            bench: process_seconds("self"),
+            service: service_pid.and_then(|p| process_seconds(&p.to_string())),
+            redis: info.as_deref().and_then(redis_seconds),
+        }
+    }
+
+    /// CPU microseconds per request between `self` and `later` over
+    /// `requests` requests.
+    pub fn per_request(&self, later: &Snapshot, requests: u64) -> PerRequest {
+        let n = requests.max(1) as f64;
+        let per = |a: Option<f64>, b: Option<f64>| Some((b? - a?).max(0.0) * 1e6 / n);
+        PerRequest {
+            bench: per(self.bench, later.bench),
+            service: per(self.service, later.service),
+            redis: per(self.redis, later.redis),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_cpu_sums_user_and_sys_seconds() {
+        let info = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9.0\r\n";
+        assert_eq!(redis_seconds(info), Some(3.75));
+        assert_eq!(redis_seconds("# CPU\r\nused_cpu_sys:1.0\r\n"), None);
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable_and_grows_with_work() {
+        let before = process_seconds("self").expect("/proc/self/stat");
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(150) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = process_seconds("self").expect("/proc/self/stat");
+        assert!(after - before >= 0.05, "{before} -> {after}");
+    }
+
+    #[test]
+    fn per_request_divides_the_growth_and_skips_unknown_sides() {
+        let a = Snapshot { bench: Some(1.0), service: Some(2.0), redis: None };
+        let b = Snapshot { bench: Some(1.5), service: Some(4.0), redis: Some(1.0) };
+        let p = a.per_request(&b, 1000);
+        assert_eq!(p.bench, Some(500.0));
+        assert_eq!(p.service, Some(2000.0));
+        assert_eq!(p.redis, None);
+    }
+}
