@@ -185,8 +185,9 @@ impl Route {
         match offered.epoch.cmp(&self.epoch) {
             Greater => Offer::Adopt,
             Less => Offer::Stale,
-            Equal if offered.active_datacenter == self.active_datacenter
-                && offered.active_address() == self.active_address() =>
+            Equal
+                if offered.active_datacenter == self.active_datacenter
+                    && offered.active_address() == self.active_address() =>
             {
                 Offer::Same
             }

@@ -129,7 +129,10 @@ async fn a_planned_switchover_writes_the_route_config_map_then_status_and_an_eve
     let flipped = route_of(&call.body);
     assert_eq!((flipped.epoch, flipped.active_datacenter.as_str()), (2, "dc-b"));
     let t = flipped.failover.last_transition.clone().expect("the transition is recorded");
-    assert_eq!((format!("{:?}", t.kind), t.from.as_str(), t.to.as_str(), t.epoch), ("Switchover".into(), "dc-a", "dc-b", 2));
+    assert_eq!(
+        (format!("{:?}", t.kind), t.from.as_str(), t.to.as_str(), t.epoch),
+        ("Switchover".into(), "dc-a", "dc-b", 2)
+    );
     assert!(flipped.failover.promotion_pending, "the route flips before the promotion");
     // By the time the route names dc-b, dc-a is fenced.
     assert!(read_only(&admin_db_url()).await, "dc-a fenced before the flip");

@@ -677,7 +677,8 @@ fn rbac_is_a_namespaced_role_with_exactly_the_spec_rules() {
 fn cluster_wide_switches_to_a_cluster_role_and_all_namespaces() {
     let r = render(CLUSTER_WIDE);
     // Only the route reader stays a namespaced Role (the route lives in the release namespace).
-    let roles: Vec<_> = r.of_kind("Role").iter().chain(r.of_kind("RoleBinding").iter()).map(|d| d.name.clone()).collect();
+    let roles: Vec<_> =
+        r.of_kind("Role").iter().chain(r.of_kind("RoleBinding").iter()).map(|d| d.name.clone()).collect();
     assert_eq!(roles, ["thumbup-route-reader", "thumbup-route-reader"], "{:?}", r.names());
     let name = "thumbup-thumbup-operator";
     let role: ClusterRole = r.get(name);
@@ -780,9 +781,12 @@ fn service_pods_reach_the_db_through_a_native_db_proxy_sidecar_following_the_rou
         ]
     );
     assert_eq!(p.image, only_container(&d).image, "the sidecar defaults to the service image");
-    let ports: Vec<(Option<&str>, i32)> = p.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
+    let ports: Vec<(Option<&str>, i32)> =
+        p.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
     assert_eq!(ports, [(Some("proxy-admin"), 9193)]);
-    for (probe, path) in [(&p.startup_probe, "/readyz"), (&p.readiness_probe, "/readyz"), (&p.liveness_probe, "/healthz")] {
+    for (probe, path) in
+        [(&p.startup_probe, "/readyz"), (&p.readiness_probe, "/readyz"), (&p.liveness_probe, "/healthz")]
+    {
         let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("an HTTP probe");
         assert_eq!(get.path.as_deref(), Some(path));
     }
@@ -822,12 +826,8 @@ fn route_readers_may_read_the_route_config_map_and_nothing_else() {
     assert_eq!(rule.verbs, ["get", "list", "watch"]);
     let binding: RoleBinding = r.get("thumbup-route-reader");
     assert_eq!(binding.role_ref.name, "thumbup-route-reader");
-    let subjects: Vec<_> = binding
-        .subjects
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| (s.kind, s.name, s.namespace))
-        .collect();
+    let subjects: Vec<_> =
+        binding.subjects.unwrap_or_default().into_iter().map(|s| (s.kind, s.name, s.namespace)).collect();
     assert_eq!(
         subjects,
         [

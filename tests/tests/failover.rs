@@ -279,7 +279,17 @@ impl Site {
         }
         let proxy = Proxy::start(&dir, "proxy", &route_file);
         proxy.wait_epoch(1, Duration::from_secs(5)).await;
-        Site { dir, op_config, route_file, relay_a, relay_b, proxy, notices, stop: Some(stop), controller: Some(controller) }
+        Site {
+            dir,
+            op_config,
+            route_file,
+            relay_a,
+            relay_b,
+            proxy,
+            notices,
+            stop: Some(stop),
+            controller: Some(controller),
+        }
     }
 
     fn route(&self) -> Route {
@@ -349,7 +359,8 @@ fn operator_yaml(active: &str, relay_a: &Relay, relay_b: &Relay, t: &Timing) -> 
 
 /// Tenant `name` whose DB is reached through `proxy`.
 fn proxied_tenant(name: &str, proxy: &Proxy) -> String {
-    tenant_yaml(name, &[1], "").replace(&format!("mysql://127.0.0.1:{}", db_port('a')), &format!("mysql://{}", proxy.listen))
+    tenant_yaml(name, &[1], "")
+        .replace(&format!("mysql://127.0.0.1:{}", db_port('a')), &format!("mysql://{}", proxy.listen))
 }
 
 /// Clients that like, unlike, dislike and undislike until stopped.
@@ -505,12 +516,17 @@ async fn unplanned_failover_flips_within_10s_and_loses_no_acknowledged_like() {
         let flip = flipped - killed;
         site.proxy.wait_epoch(2, Duration::from_secs(5)).await;
         let adopted = killed.elapsed();
-        println!("run {run}: route flipped to dc-b {flip:?} after the SIGKILL; the proxy held epoch 2 after {adopted:?}");
+        println!(
+            "run {run}: route flipped to dc-b {flip:?} after the SIGKILL; the proxy held epoch 2 after {adopted:?}"
+        );
         assert!(flip < Duration::from_secs(10), "run {run}: the flip took {flip:?}");
         let route = site.route();
         assert_eq!(route.active_datacenter, "dc-b");
         let last = route.failover.last_transition.clone().expect("last transition recorded");
-        assert_eq!((last.kind, last.from.as_str(), last.to.as_str(), last.epoch), (TransitionKind::Failover, "dc-a", "dc-b", 2));
+        assert_eq!(
+            (last.kind, last.from.as_str(), last.to.as_str(), last.epoch),
+            (TransitionKind::Failover, "dc-a", "dc-b", 2)
+        );
         println!("run {run}: killed at {killed_at}; the controller flipped at {}: {}", last.at, last.reason);
         let notice = site.notice("Failover", Duration::from_secs(30)).await;
         assert!(notice.warning && notice.message.contains("dc-a to dc-b"), "{notice:?}");
@@ -608,8 +624,13 @@ async fn no_flapping_below_threshold_or_grace_and_no_second_flip_inside_the_cap_
     tokio::time::sleep(period * 6).await;
     assert!(failed >= QUICK.threshold as u64, "only {failed} probes failed");
     assert_eq!(site.route().epoch, 1, "flipped on {failed} failures spanning less than the grace period");
-    println!("no flip: {} failures (threshold {}), then {failed} failures within {:?} (grace {} ms)",
-        QUICK.threshold - 1, QUICK.threshold, period * 4, QUICK.grace_ms);
+    println!(
+        "no flip: {} failures (threshold {}), then {failed} failures within {:?} (grace {} ms)",
+        QUICK.threshold - 1,
+        QUICK.threshold,
+        period * 4,
+        QUICK.grace_ms
+    );
 
     // A real outage past the grace period flips once.
     site.relay_a.refuse_all();

@@ -119,7 +119,8 @@ impl Server {
     }
 
     async fn replica(&self, con: &mut MySqlConnection) -> Result<Option<Replica>, DbError> {
-        let row = sqlx::raw_sql("SHOW SLAVE STATUS").fetch_optional(&mut *con).await.map_err(self.sql("replica status"))?;
+        let row =
+            sqlx::raw_sql("SHOW SLAVE STATUS").fetch_optional(&mut *con).await.map_err(self.sql("replica status"))?;
         Ok(row.map(|r| {
             let same_file = text(&r, "Relay_Master_Log_File") == text(&r, "Master_Log_File");
             let same_pos = text(&r, "Exec_Master_Log_Pos") == text(&r, "Read_Master_Log_Pos");

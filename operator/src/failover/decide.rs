@@ -92,7 +92,9 @@ impl Block {
                 s.cap_window.as_secs(),
                 s.cap
             ),
-            Block::StandbyUnhealthy(why) => format!("the active DB is failing, but the standby cannot take over: {why}"),
+            Block::StandbyUnhealthy(why) => {
+                format!("the active DB is failing, but the standby cannot take over: {why}")
+            }
         }
     }
 }
@@ -132,12 +134,7 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        Settings {
-            failure_threshold: 3,
-            grace: Duration::from_secs(4),
-            cap: 1,
-            cap_window: Duration::from_secs(3600),
-        }
+        Settings { failure_threshold: 3, grace: Duration::from_secs(4), cap: 1, cap_window: Duration::from_secs(3600) }
     }
 
     fn at(secs: i64) -> Timestamp {

@@ -185,8 +185,9 @@ pub enum TenantSource {
 impl TenantSource {
     async fn list(&self) -> Result<Vec<ReplayTenant>, FailoverError> {
         let text = match self {
-            TenantSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| FailoverError::Tenants(format!("{}: {e}", path.display())))?,
+            TenantSource::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| FailoverError::Tenants(format!("{}: {e}", path.display())))?
+            }
             TenantSource::Registry(api, name) => api
                 .get_opt(name)
                 .await
@@ -458,13 +459,12 @@ impl Controller {
 
     async fn tick(&mut self) -> Result<(), FailoverError> {
         let desired = self.desired();
-        let probes: BTreeMap<String, Result<db::Probe, db::DbError>> =
-            futures::future::join_all(self.servers.iter().map(|(dc, s)| async {
-                (dc.clone(), s.probe(self.probe_timeout).await)
-            }))
-            .await
-            .into_iter()
-            .collect();
+        let probes: BTreeMap<String, Result<db::Probe, db::DbError>> = futures::future::join_all(
+            self.servers.iter().map(|(dc, s)| async { (dc.clone(), s.probe(self.probe_timeout).await) }),
+        )
+        .await
+        .into_iter()
+        .collect();
         let active = self.route.active_datacenter.clone();
         for (dc, p) in &probes {
             if p.is_err() {
@@ -575,12 +575,7 @@ impl Controller {
         BLOCKED.with_label_values(&[reason]).inc();
         self.route.failover.blocked =
             Some(Blocked { reason: reason.into(), message: message.clone(), since: Timestamp::now() });
-        let notice = Notice {
-            warning: true,
-            reason: reason.into(),
-            action: "FailOver".into(),
-            message,
-        };
+        let notice = Notice { warning: true, reason: reason.into(), action: "FailOver".into(), message };
         self.save_and_announce(Some(notice)).await
     }
 
@@ -697,12 +692,7 @@ impl Controller {
         BLOCKED.with_label_values(&["SwitchoverFailed"]).inc();
         self.route.failover.blocked =
             Some(Blocked { reason: "SwitchoverFailed".into(), message: message.clone(), since: Timestamp::now() });
-        let notice = Notice {
-            warning: true,
-            reason: "SwitchoverFailed".into(),
-            action: "SwitchOver".into(),
-            message,
-        };
+        let notice = Notice { warning: true, reason: "SwitchoverFailed".into(), action: "SwitchOver".into(), message };
         self.save_and_announce(Some(notice)).await
     }
 
