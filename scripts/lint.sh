@@ -3,7 +3,7 @@
 #
 # Usage: scripts/lint.sh
 #
-# Checks every *.sh under scripts/ and tests/e2e/ with shellcheck (all
+# Checks every *.sh under scripts/, bench/ and tests/e2e/ with shellcheck (all
 # severities, following sourced files) and exits non-zero on any finding.
 # Uses the shellcheck on PATH or in .tools/bin (scripts/tools.sh); when there
 # is none, installs Debian's package with apt-get (as root, or with sudo),
@@ -45,8 +45,8 @@ command -v shellcheck >/dev/null 2>&1 || install_shellcheck
 scripts=()
 while IFS= read -r f; do
   scripts+=("$f")
-done < <(find scripts tests/e2e -type f -name '*.sh' 2>/dev/null | LC_ALL=C sort)
-((${#scripts[@]} > 0)) || die "no *.sh found under scripts/ or tests/e2e/"
+done < <(find scripts bench tests/e2e -type f -name '*.sh' 2>/dev/null | LC_ALL=C sort)
+((${#scripts[@]} > 0)) || die "no *.sh found under scripts/, bench/ or tests/e2e/"
 
 log "$(shellcheck --version | sed -n 's/^version: /shellcheck /p') on ${#scripts[@]} scripts: ${scripts[*]}"
 if shellcheck --external-sources --source-path=SCRIPTDIR "${scripts[@]}"; then
