@@ -1,0 +1,94 @@
+//! thumbup-bench end to end, in miniature: every scenario against the real
+//! servers and the service, with one short run each, so that `make bench`
+//! keeps working. It checks that each scenario measured both sides, that no
+//! request failed, that the counts-row UPDATEs were counted, and that the
+//! report and the chart were written. Speed is not asserted here.
+
+mod common;
+
+use clap::Parser;
+use common::*;
+use thumbup_bench::report::Section;
+
+fn metric(section: &Section, starts: &str) -> f64 {
+    section
+        .metrics
+        .iter()
+        .find(|m| m.name.starts_with(starts))
+        .unwrap_or_else(|| {
+            panic!("metric {starts:?} in {:?}", section.metrics.iter().map(|m| &m.name).collect::<Vec<_>>())
+        })
+        .median()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
+    let (hot, cold) = ("bench-smoke", "bench-smoke-cold");
+    let yaml = tenant_yaml(hot, &[1], "    cache: { hot_ttl_ms: 1000 }\n") + &tenant_yaml(cold, &[1], "");
+    let w = World::start("bench-smoke", &yaml).await;
+    let mut job = w.job(hot, 1000);
+    let out = w.dir.join("bench-results");
+    let args = thumbup_bench::Args::parse_from([
+        "thumbup-bench".to_string(),
+        format!("--addr={}", w.addr),
+        format!("--tenant={hot}"),
+        format!("--token=tok-{hot}-0001"),
+        format!("--cold-tenant={cold}"),
+        format!("--cold-token=tok-{cold}-0001"),
+        format!("--redis-url={}", admin_redis_url()),
+        format!("--db-url={}", admin_db_url()),
+        "--hot-ttl-ms=1000".into(),
+        "--hot-warmup-secs=0".into(),
+        "--job-window-ms=1000".into(),
+        "--concurrency=8".into(),
+        "--duration-secs=1".into(),
+        "--warmup-secs=0".into(),
+        "--runs=1".into(),
+        "--items=200".into(),
+        "--users=400".into(),
+        format!("--out={}", out.display()),
+    ]);
+    let report = thumbup_bench::run(args).await.expect("thumbup-bench run");
+    let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
+    assert_eq!(titles.len(), 3, "{titles:?}");
+    let (a, b, c) = (&report.sections[0], &report.sections[1], &report.sections[2]);
+    assert!(a.title.starts_with("a.") && b.title.starts_with("b.") && c.title.starts_with("c."), "{titles:?}");
+
+    // a: both tenants, both Redis commands, CPU of the bench and of Redis.
+    for m in [
+        "service GetCounts batch 1, hot-key cache on",
+        "service GetCounts batch 1, hot-key cache off",
+        "Redis GET (requests/s)",
+        "service GetCounts batch 20 (item-counts/s)",
+        "Redis MGET 20 (item-counts/s)",
+        "GetCounts batch 1, hot-key cache off: thumbup-bench CPU",
+        "Redis GET: redis-server CPU",
+    ] {
+        assert!(metric(a, m) > 0.0, "{m}: {}", metric(a, m));
+    }
+    assert_eq!(metric(a, "failed requests"), 0.0);
+    assert!(a.metrics.iter().all(|m| !m.name.contains("thumbup-service CPU")), "no --service-pid, no service CPU rows");
+    let goals: Vec<&str> = a.targets.iter().map(|t| t.target.as_str()).collect();
+    assert_eq!(goals, [">= 0.5x", ">= 1.0x", ">= 200000"]);
+
+    // b: the naive design updates the counts row once per like; thumbup's
+    // job far less often (its row version grew, read after a window).
+    assert!(metric(b, "service likes/s") > 0.0 && metric(b, "naive DB likes/s") > 0.0);
+    assert_eq!(metric(b, "naive counts-row UPDATEs per 10,000 likes"), 10_000.0);
+    let ours = metric(b, "thumbup counts-row UPDATEs per 10,000 likes");
+    assert!(ours > 0.0 && ours < 10_000.0, "thumbup counts-row UPDATEs per 10,000 likes: {ours}");
+    assert_eq!(metric(b, "failed requests"), 0.0);
+
+    // c: half of the mix's own maximum is offered, and both classes ran.
+    let (max, offered) = (metric(c, "mix maximum"), metric(c, "offered"));
+    assert!(max > 0.0 && (offered - max / 2.0).abs() < 1e-6 * max, "max {max}, offered {offered}");
+    assert!(metric(c, "reads done") > 0.0 && metric(c, "writes done") > 0.0);
+    assert_eq!(metric(c, "failed requests"), 0.0);
+
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(md.contains("| target | measured (median) | goal | verdict |"), "{md}");
+    let svg = std::fs::read_to_string(out.join("latency.svg")).expect("latency.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("c mixed writes"), "{svg}");
+    assert!(job.terminate(), "job stops on SIGTERM");
+    w.stop().await;
+}
