@@ -405,6 +405,34 @@ async fn counts_version(ctx: &Context, args: &Args, message: i64) -> anyhow::Res
     Ok(v.unwrap_or(0))
 }
 
+/// Rows that MariaDB counted as changed in `schema`.`table` so far
+/// (`information_schema.TABLE_STATISTICS`, kept while `userstat` is on).
+async fn rows_changed(ctx: &Context, schema: &str, table: &str) -> anyhow::Result<i64> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "SELECT CAST(SUM(ROWS_CHANGED) AS SIGNED) FROM information_schema.TABLE_STATISTICS \
+         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_one(&ctx.admin_db)
+    .await
+    .with_context(|| format!("read MariaDB's TABLE_STATISTICS of {schema}.{table}"))?;
+    Ok(n.unwrap_or(0))
+}
+
+/// Turns on MariaDB's per-table statistics (`userstat`); returns whether
+/// they were on already, to restore afterwards.
+async fn userstat_on(ctx: &Context) -> anyhow::Result<bool> {
+    let was: i64 = sqlx::query_scalar("SELECT CAST(@@GLOBAL.userstat AS SIGNED)")
+        .fetch_one(&ctx.admin_db)
+        .await
+        .context("read @@GLOBAL.userstat")?;
+    sqlx::query("SET GLOBAL userstat = 1").execute(&ctx.admin_db).await.context(
+        "SET GLOBAL userstat = 1 (MariaDB's table statistics count the counts-row UPDATEs; the admin user needs SUPER)",
+    )?;
+    Ok(was != 0)
+}
+
 async fn naive_pool(args: &Args) -> anyhow::Result<MySqlPool> {
     let mut admin = MySqlPoolOptions::new().max_connections(1).connect(&args.db_url).await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE IF NOT EXISTS `{NAIVE_SCHEMA}`")))
@@ -449,11 +477,15 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
     let stamp = jiff::Timestamp::now().as_second();
     let (mut svc_rate, mut naive_rate, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     let (mut svc_upd, mut naive_upd, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut svc_version, mut naive_issued) = (Vec::new(), Vec::new());
+    let schema = schema_for(&args.tenant);
+    let userstat_was_on = userstat_on(ctx).await?;
     let (mut ls, mut ln) = (Percentiles::default(), Percentiles::default());
     for run in 0..args.runs.max(1) {
         // A message of its own per run: the users start from NONE on it.
         let message = 7_000_000_000_000 + stamp * 10 + run as i64;
         let before = counts_version(ctx, args, message).await?;
+        let changed_before = rows_changed(ctx, &schema, "like_counts").await?;
         let svc = ctx.service.clone();
         let mut m = closed_loop(&args.load(1), move |task, seq, _| {
             let svc = svc.clone();
@@ -475,6 +507,7 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
             .bind(message)
             .execute(&naive)
             .await?;
+        let naive_before = rows_changed(ctx, NAIVE_SCHEMA, "counts").await?;
         let updates = Arc::new(AtomicU64::new(0));
         let (pool, upd, biz) = (naive.clone(), Arc::clone(&updates), args.business);
         let mut n = closed_loop(&args.load(1), move |task, seq, _| {
@@ -486,7 +519,9 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
         progress("b naive DB like (hot item)", run, &n);
         naive_rate.push(n.rate());
         ratio.push(m.rate() / n.rate().max(1e-9));
-        naive_upd.push(updates.load(Ordering::Relaxed) as f64 / n.total_ok.max(1) as f64 * 10_000.0);
+        let naive_changed = rows_changed(ctx, NAIVE_SCHEMA, "counts").await? - naive_before;
+        naive_upd.push(naive_changed as f64 / n.total_ok.max(1) as f64 * 10_000.0);
+        naive_issued.push(updates.load(Ordering::Relaxed) as f64 / n.total_ok.max(1) as f64 * 10_000.0);
         ln.push(&mut n);
         errs += n.errors;
         errors.push(errs as f64);
@@ -495,12 +530,18 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
         let settle = Duration::from_millis(args.job_window_ms + 3000);
         tokio::time::sleep(settle.saturating_sub(svc_done.elapsed())).await;
         let after = counts_version(ctx, args, message).await?;
-        let per10k = (after - before) as f64 / svc_ok.max(1) as f64 * 10_000.0;
+        let changed = rows_changed(ctx, &schema, "like_counts").await? - changed_before;
+        let per10k = changed as f64 / svc_ok.max(1) as f64 * 10_000.0;
         eprintln!(
-            "thumbup-bench: b run {}: counts-row version {before} -> {after} over {svc_ok} likes: {per10k:.2} UPDATEs per 10,000 likes",
+            "thumbup-bench: b run {}: {changed} like_counts row changes (MariaDB TABLE_STATISTICS), version \
+             {before} -> {after}, over {svc_ok} likes: {per10k:.2} counts-row UPDATEs per 10,000 likes",
             run + 1
         );
         svc_upd.push(per10k);
+        svc_version.push((after - before) as f64 / svc_ok.max(1) as f64 * 10_000.0);
+    }
+    if !userstat_was_on {
+        sqlx::query("SET GLOBAL userstat = 0").execute(&ctx.admin_db).await.context("restore userstat")?;
     }
     let r = median(&ratio);
     let u = median(&svc_upd);
@@ -511,8 +552,11 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
              users, liking then unliking. Naive design: schema `{NAIVE_SCHEMA}` in the same MariaDB, per like one \
              transaction of `INSERT ... ON DUPLICATE KEY UPDATE` of the record and \
              `UPDATE counts SET likes = likes +/- 1` of the one counts row, pool of {c} connections. \
-             thumbup's counts-row UPDATEs are the growth of `like_counts.version` (one per job window that \
-             changes the row), read {w} ms + 3 s after the load; the naive ones are the UPDATEs it ran.",
+             Counts-row UPDATEs are MariaDB's own count of changed rows of the counts table \
+             (`information_schema.TABLE_STATISTICS`, `userstat` on for the scenario): `like_counts` of the \
+             tenant's schema, read {w} ms + 3 s after the load so the job has applied its last window, and the \
+             naive `counts`. The cross-check rows are the growth of `like_counts.version` (one per job window \
+             that changes the row) and the rows the naive UPDATEs reported changed.",
             c = args.concurrency,
             w = args.job_window_ms,
         ),
@@ -522,6 +566,8 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
             Metric::new("ratio service/naive", ratio),
             Metric::new("thumbup counts-row UPDATEs per 10,000 likes", svc_upd),
             Metric::new("naive counts-row UPDATEs per 10,000 likes", naive_upd),
+            Metric::new("thumbup counts-row version growth per 10,000 likes (cross-check)", svc_version),
+            Metric::new("naive UPDATEs that changed a row per 10,000 likes (cross-check)", naive_issued),
             Metric::new("failed requests (both)", errors),
         ],
         targets: vec![
