@@ -131,7 +131,7 @@ done
 port_open "$GRPC_PORT" || die "thumbup-service not listening within 30 s"
 
 "$BIN/thumbup-bench" --addr "http://127.0.0.1:$GRPC_PORT" --tenant bench --token bench-token-0001 \
-  --cold-tenant bench-cold --cold-token bench-cold-token-01 --service-pid "$SERVICE_PID" \
+  --cold-tenant bench-cold --cold-token bench-cold-token-01 --service-pid "$SERVICE_PID" --shards 4 \
   --redis-url "$THUMBUP_ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL" --job-window-ms "$WINDOW_MS" \
   --hot-ttl-ms "$HOT_TTL_MS" --out "$OUT" --scenario all "$@"
 say "report: ${OUT#"$ROOT"/}/report.md, plot: ${OUT#"$ROOT"/}/latency.svg"

@@ -82,6 +82,10 @@ pub struct Args {
     /// pid of thumbup-service, to report its CPU time per request.
     #[arg(long)]
     pub service_pid: Option<u32>,
+    /// Stream shards of `--tenant` (its `stream.shards`): the hot-write
+    /// scenario waits until the job has applied every shard.
+    #[arg(long, default_value_t = 4)]
+    pub shards: u32,
     /// Business id of the items.
     #[arg(long, env = "THUMBUP_BUSINESS", default_value_t = 1)]
     pub business: i64,

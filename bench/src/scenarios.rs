@@ -2,6 +2,7 @@
 //! measurements `--runs` times and returns the report section and the latency
 //! series (medians over the runs).
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use rand::Rng;
 use redis::aio::MultiplexedConnection;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use thumbup_core::config::schema_for;
-use thumbup_core::keys::Keys;
+use thumbup_core::keys::{JOB_GROUP, Keys};
 use thumbup_service::pb;
 use thumbup_service::pb::thumbup_client::ThumbupClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -405,6 +406,48 @@ async fn counts_version(ctx: &Context, args: &Args, message: i64) -> anyhow::Res
     Ok(v.unwrap_or(0))
 }
 
+/// Whether the job has applied and acknowledged every entry of `stream`:
+/// its group has been handed the stream's last entry and nothing is pending.
+async fn stream_drained(con: &mut MultiplexedConnection, stream: &str) -> anyhow::Result<bool> {
+    let field = |m: &HashMap<String, redis::Value>, k: &str| -> Option<String> {
+        m.get(k).and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+    };
+    let exists: bool = redis::cmd("EXISTS").arg(stream).query_async(con).await?;
+    if !exists {
+        return Ok(true);
+    }
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(con).await?;
+    let groups: Vec<HashMap<String, redis::Value>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(con).await?;
+    let Some(group) = groups.iter().find(|g| field(g, "name").as_deref() == Some(JOB_GROUP)) else {
+        return Ok(false);
+    };
+    let pending: i64 = group.get("pending").and_then(|v| redis::from_redis_value_ref(v).ok()).unwrap_or(-1);
+    Ok(pending == 0 && field(group, "last-delivered-id") == field(&info, "last-generated-id"))
+}
+
+/// Waits until the job has applied every stream shard of the tenant.
+async fn wait_drained(ctx: &Context, args: &Args, within: Duration) -> anyhow::Result<()> {
+    let keys = Keys::new(&args.tenant, args.shards.max(1));
+    let mut con = ctx.redis.clone();
+    let deadline = Instant::now() + within;
+    loop {
+        let mut all = true;
+        for shard in 0..keys.shards() {
+            all &= stream_drained(&mut con, &keys.stream(shard)).await.context("read the job's stream progress")?;
+        }
+        if all {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "thumbup-job has not applied tenant {}'s streams within {within:?} (is it running?)",
+            args.tenant
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Rows that MariaDB counted as changed in `schema`.`table` so far
 /// (`information_schema.TABLE_STATISTICS`, kept while `userstat` is on).
 async fn rows_changed(ctx: &Context, schema: &str, table: &str) -> anyhow::Result<i64> {
@@ -529,6 +572,7 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
         // Let the job apply the last window before reading the version.
         let settle = Duration::from_millis(args.job_window_ms + 3000);
         tokio::time::sleep(settle.saturating_sub(svc_done.elapsed())).await;
+        wait_drained(ctx, args, Duration::from_millis(args.job_window_ms * 6).max(Duration::from_secs(60))).await?;
         let after = counts_version(ctx, args, message).await?;
         let changed = rows_changed(ctx, &schema, "like_counts").await? - changed_before;
         let per10k = changed as f64 / svc_ok.max(1) as f64 * 10_000.0;
@@ -554,7 +598,7 @@ pub async fn hot_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
              `UPDATE counts SET likes = likes +/- 1` of the one counts row, pool of {c} connections. \
              Counts-row UPDATEs are MariaDB's own count of changed rows of the counts table \
              (`information_schema.TABLE_STATISTICS`, `userstat` on for the scenario): `like_counts` of the \
-             tenant's schema, read {w} ms + 3 s after the load so the job has applied its last window, and the \
+             tenant's schema, read {w} ms + 3 s after the load, once the job has applied every entry of the tenant's streams, and the \
              naive `counts`. The cross-check rows are the growth of `like_counts.version` (one per job window \
              that changes the row) and the rows the naive UPDATEs reported changed.",
             c = args.concurrency,

@@ -40,6 +40,7 @@ async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
         "--hot-ttl-ms=1000".into(),
         "--hot-warmup-secs=0".into(),
         "--job-window-ms=1000".into(),
+        "--shards=4".into(),
         "--concurrency=8".into(),
         "--duration-secs=1".into(),
         "--warmup-secs=0".into(),
