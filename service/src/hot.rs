@@ -10,8 +10,10 @@
 //! keep the counts last read from Redis or the DB for `ttl`. When an entry
 //! expires, the first reader refreshes it and concurrent readers get the
 //! expired value meanwhile: one Redis query per hot key per TTL, however
-//! many readers (single flight). Counts served from here are at most `ttl`
-//! plus one refresh old.
+//! many readers (single flight). The first load of a key that just turned
+//! hot is single flight too: readers that come while it runs wait for its
+//! answer (at most a TTL, then they read for themselves). Counts served from
+//! here are at most `ttl` plus one refresh old.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use thumbup_core::config::CacheSettings;
 use thumbup_core::db::Counts;
+use tokio::sync::watch;
 
 /// Shards of the key space (one lock each).
 const SHARDS: usize = 16;
@@ -51,12 +54,16 @@ impl HotSettings {
 }
 
 /// What a lookup found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Lookup {
     /// Fresh counts of a hot key.
     Fresh(Counts),
     /// Expired counts of a hot key that another reader is refreshing.
     Stale(Counts),
+    /// A hot key with nothing cached yet that another reader is loading:
+    /// its answer comes on this channel (`None` until then; closed if the
+    /// load failed).
+    Loading(watch::Receiver<Option<Counts>>),
     /// Not served from here; `refresh` is true when the caller is the one
     /// refresher of an expired hot key (it must `fill` or `abandon` it).
     Miss {
@@ -73,6 +80,17 @@ struct Entry {
     refreshing: Option<Instant>,
 }
 
+impl PartialEq for Lookup {
+    fn eq(&self, other: &Lookup) -> bool {
+        match (self, other) {
+            (Lookup::Fresh(a), Lookup::Fresh(b)) | (Lookup::Stale(a), Lookup::Stale(b)) => a == b,
+            (Lookup::Loading(_), Lookup::Loading(_)) => true,
+            (Lookup::Miss { refresh: a }, Lookup::Miss { refresh: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
 struct Shard {
     /// Hits in the open half of the window and in the one before.
     now: HashMap<String, u64>,
@@ -80,6 +98,8 @@ struct Shard {
     opened: Instant,
     hot: HashSet<String>,
     values: HashMap<String, Entry>,
+    /// First loads of hot keys under way: since when, and where the answer goes.
+    loading: HashMap<String, (Instant, watch::Sender<Option<Counts>>)>,
 }
 
 /// The hot-key cache of one tenant.
@@ -107,6 +127,7 @@ impl HotKeys {
                     opened: now,
                     hot: HashSet::new(),
                     values: HashMap::new(),
+                    loading: HashMap::new(),
                 })
             })
             .collect();
@@ -136,6 +157,7 @@ impl HotKeys {
         ranked.truncate(self.settings.top_k.div_ceil(SHARDS));
         let hot: HashSet<String> = ranked.into_iter().map(|(k, _)| k.clone()).collect();
         s.values.retain(|k, _| hot.contains(k));
+        s.loading.retain(|k, _| hot.contains(k));
         s.hot = hot;
     }
 
@@ -159,17 +181,25 @@ impl HotKeys {
                 e.refreshing = Some(now);
                 Lookup::Miss { refresh: true }
             }
-            None => {
-                // The first reader since the key turned hot loads it; the
-                // others wait on the shared Redis/DB path meanwhile.
-                Lookup::Miss { refresh: false }
-            }
+            // The first reader since the key turned hot loads it; the others
+            // wait for its answer. A loader that never comes back (its
+            // request was cancelled) is replaced after `ttl`.
+            None => match s.loading.get(key) {
+                Some((since, tx)) if now < *since + ttl => Lookup::Loading(tx.subscribe()),
+                _ => {
+                    s.loading.insert(key.to_string(), (now, watch::channel(None).0));
+                    Lookup::Miss { refresh: true }
+                }
+            },
         }
     }
 
     /// Keeps the counts just read for `key` if it is hot.
     pub fn fill(&self, key: &str, counts: Counts, now: Instant) {
         let mut s = self.shard(key).lock().expect("hot cache lock");
+        if let Some((_, tx)) = s.loading.remove(key) {
+            tx.send_replace(Some(counts));
+        }
         if s.hot.contains(key) {
             let fresh_until = now + self.settings.ttl;
             s.values.insert(key.to_string(), Entry { counts, fresh_until, refreshing: None });
@@ -179,9 +209,17 @@ impl HotKeys {
     /// Gives up a refresh (the read failed): the next reader tries again.
     pub fn abandon(&self, key: &str) {
         let mut s = self.shard(key).lock().expect("hot cache lock");
+        // Dropping the sender tells the waiters to read for themselves.
+        s.loading.remove(key);
         if let Some(e) = s.values.get_mut(key) {
             e.refreshing = None;
         }
+    }
+
+    /// How long counts are served from memory; also how long a reader waits
+    /// for another's first load.
+    pub fn ttl(&self) -> Duration {
+        self.settings.ttl
     }
 
     /// True once every 1024 calls: when to refresh the hot-keys gauge.
@@ -232,7 +270,7 @@ mod tests {
         assert_eq!(h.lookup("viral", t0), Lookup::Miss { refresh: false }, "not hot before the bucket closes");
         // The half window closes: the hot set is what the window saw.
         let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(h.lookup("viral", t1), Lookup::Miss { refresh: false }, "hot, but nothing cached yet");
+        assert_eq!(h.lookup("viral", t1), Lookup::Miss { refresh: true }, "hot, nothing cached: this reader loads");
         h.fill("viral", counts(6), t1);
         assert_eq!(h.lookup("viral", t1 + Duration::from_millis(999)), Lookup::Fresh(counts(6)));
         assert_eq!(h.hot_keys(t1), 1);
@@ -243,6 +281,37 @@ mod tests {
         assert_eq!(h.lookup("viral", t2), Lookup::Stale(counts(6)));
         h.fill("viral", counts(7), t2);
         assert_eq!(h.lookup("viral", t2), Lookup::Fresh(counts(7)));
+    }
+
+    #[test]
+    fn readers_of_a_key_that_just_turned_hot_wait_for_the_first_load() {
+        let h = HotKeys::new(settings());
+        let t0 = Instant::now();
+        read(&h, "viral", 5, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(h.lookup("viral", t1), Lookup::Miss { refresh: true });
+        let waiters: Vec<_> = (0..3)
+            .map(|_| match h.lookup("viral", t1) {
+                Lookup::Loading(rx) => rx,
+                other => panic!("expected Loading, got {other:?}"),
+            })
+            .collect();
+        assert!(waiters.iter().all(|rx| rx.borrow().is_none()));
+        h.fill("viral", counts(4), t1);
+        assert!(waiters.iter().all(|rx| *rx.borrow() == Some(counts(4))), "every waiter gets the answer");
+        assert_eq!(h.lookup("viral", t1), Lookup::Fresh(counts(4)));
+
+        // A failed first load closes the channel: the waiters read for themselves.
+        read(&h, "other", 5, t1);
+        let t2 = t1 + Duration::from_secs(5);
+        assert_eq!(h.lookup("other", t2), Lookup::Miss { refresh: true });
+        let Lookup::Loading(rx) = h.lookup("other", t2) else { panic!("expected Loading") };
+        h.abandon("other");
+        assert!(rx.has_changed().is_err(), "closed");
+        assert_eq!(h.lookup("other", t2), Lookup::Miss { refresh: true }, "the next reader loads");
+        // A loader that never comes back is replaced after a TTL.
+        assert_eq!(h.lookup("other", t2 + Duration::from_millis(500)), Lookup::Loading(rx));
+        assert_eq!(h.lookup("other", t2 + Duration::from_secs(1)), Lookup::Miss { refresh: true });
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The read path: counts of hot items from this process's memory
-//! ([`crate::hot`]), then Redis (falling back to the DB while Redis is down),
+//! ([`crate::hot`], where concurrent misses of a hot key wait for one load),
+//! then Redis (falling back to the DB while Redis is down),
 //! the DB on a miss, filling the cache with versioned values; concurrent
 //! misses of one key make one DB query.
 
@@ -108,16 +109,35 @@ pub async fn counts(
         Some(hot) => {
             let now = Instant::now();
             let mut rest = (Vec::new(), Vec::new());
+            let mut waiting = Vec::new();
             for (m, key) in messages.iter().zip(all) {
                 match hot.lookup(&key, now) {
                     Lookup::Fresh(c) | Lookup::Stale(c) => {
                         out.insert(*m, c);
                     }
+                    Lookup::Loading(rx) => waiting.push((*m, key, rx)),
                     Lookup::Miss { refresh } => {
                         if refresh {
                             refreshing.push(key.clone());
                         }
                         rest.0.push(*m);
+                        rest.1.push(key);
+                    }
+                }
+            }
+            // Another reader is loading these: take its answer, or read for
+            // ourselves if it failed or takes longer than a TTL.
+            for (m, key, mut rx) in waiting {
+                let answer = match tokio::time::timeout(hot.ttl(), rx.wait_for(Option::is_some)).await {
+                    Ok(Ok(c)) => *c,
+                    _ => None,
+                };
+                match answer {
+                    Some(c) => {
+                        out.insert(m, c);
+                    }
+                    None => {
+                        rest.0.push(m);
                         rest.1.push(key);
                     }
                 }

@@ -1,8 +1,9 @@
 //! The service's local hot-key cache against the real Redis: an item read
 //! often turns hot and its counts come from the service's memory for the
 //! TTL (a change in Redis shows only after it), a cold item is always read
-//! from Redis, and when a hot entry expires, many concurrent readers cost
-//! one Redis read (single flight). Alone in its test binary, so the Redis
+//! from Redis, and both the first load of an item that just turned hot and
+//! the refresh of an expired one cost one Redis read however many readers
+//! come at once (single flight). Alone in its test binary, so the Redis
 //! command counters it reads see its own reads only.
 
 mod common;
@@ -40,8 +41,23 @@ async fn likes(c: &Client, msg: i64) -> i64 {
     c.counts(1, &[msg]).await.expect("GetCounts")[&msg].0
 }
 
+/// The likes of `msg` as `n` concurrent readers see them.
+async fn concurrent_likes(c: &Client, msg: i64, n: usize) -> Vec<i64> {
+    let reads: Vec<_> = (0..n)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { likes(&c, msg).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for r in reads {
+        answers.push(r.await.unwrap());
+    }
+    answers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn hot_items_are_served_from_memory_for_the_ttl_and_an_expiry_costs_one_redis_read() {
+async fn hot_items_are_served_from_memory_for_the_ttl_and_a_first_load_or_an_expiry_costs_one_redis_read() {
     let name = "hot-cache";
     // A window (4 s) longer than the TTL (1 s), as in production (10 s, 1 s).
     let extra = "    cache: { hot_ttl_ms: 1000, hot_window_ms: 4000, hot_top_k: 10, hot_min_hits: 5 }\n";
@@ -59,9 +75,16 @@ async fn hot_items_are_served_from_memory_for_the_ttl_and_an_expiry_costs_one_re
     for _ in 0..2 {
         assert_eq!(likes(&c, COLD).await, 1);
     }
-    // The half window (2 s) closes: the hot set is what it saw.
+    // The half window (2 s) closes: the hot set is what it saw. 64
+    // concurrent first reads of the item that just turned hot make one
+    // Redis read; the others wait for its answer.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(likes(&c, HOT).await, 5, "the first read after it turned hot fills the local entry");
+    let gets = redis_gets().await;
+    let answers = concurrent_likes(&c, HOT, 64).await;
+    let spent = redis_gets().await - gets;
+    assert!(answers.iter().all(|l| *l == 5), "{answers:?}");
+    assert_eq!(spent, 1, "Redis reads for 64 concurrent first reads of an item that just turned hot");
+    assert_eq!(likes(&c, HOT).await, 5, "the first load filled the local entry");
 
     // Redis changes: the hot item keeps its remembered counts for the TTL,
     // the cold one shows the change at once.
@@ -94,16 +117,7 @@ async fn hot_items_are_served_from_memory_for_the_ttl_and_an_expiry_costs_one_re
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let gets = redis_gets().await;
-    let reads: Vec<_> = (0..64)
-        .map(|_| {
-            let c = c.clone();
-            tokio::spawn(async move { likes(&c, HOT).await })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for r in reads {
-        answers.push(r.await.unwrap());
-    }
+    let answers = concurrent_likes(&c, HOT, 64).await;
     let spent = redis_gets().await - gets;
     assert!(answers.iter().all(|l| *l == 6 || *l == 7), "only the old or the new counts: {answers:?}");
     assert!(answers.contains(&7) || likes(&c, HOT).await == 7, "the refresh landed");
