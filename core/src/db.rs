@@ -19,6 +19,38 @@ use crate::version::{VersionClock, now_ms};
 /// Rows per statement in batched statements.
 const CHUNK: usize = 500;
 
+/// Pushes the derived table `(SELECT ? AS c1, ? AS c2 UNION ALL SELECT ?, ? ...) k`
+/// of `keys` (at least one), for a JOIN that looks every key up by the
+/// table's primary key.
+///
+/// Why not `WHERE (c1, c2) IN ((?, ?), ...)`: with bound parameters MariaDB
+/// plans such a list as one index range per tuple, and 500 tuples spend
+/// about 100 ms of optimizer CPU in "Statistics" (measured on the local
+/// stack) where this join takes about 5 ms. The job runs one such statement
+/// per 500 records every window, so the IN list made each window a CPU burst
+/// on the DB. `UNION ALL` of SELECTs is SQL that MySQL 8, TiDB and MariaDB
+/// all accept, unlike table value constructors.
+fn push_key_table<const N: usize>(
+    q: &mut QueryBuilder<MySql>,
+    columns: [&'static str; N],
+    keys: impl IntoIterator<Item = [i64; N]>,
+) {
+    q.push("(");
+    for (i, key) in keys.into_iter().enumerate() {
+        q.push(if i == 0 { "SELECT " } else { " UNION ALL SELECT " });
+        for (j, (v, col)) in key.into_iter().zip(columns).enumerate() {
+            if j > 0 {
+                q.push(", ");
+            }
+            q.push_bind(v);
+            if i == 0 {
+                q.push(" AS ").push(col);
+            }
+        }
+    }
+    q.push(") k");
+}
+
 /// The embedded migrations of a tenant schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -149,18 +181,9 @@ pub async fn load_received_many(
 ) -> Result<HashMap<(i64, i64), Counts>, sqlx::Error> {
     let mut out = HashMap::new();
     for chunk in owners.chunks(CHUNK) {
-        let mut q = QueryBuilder::<MySql>::new(
-            "SELECT business_id, up_mid, likes, version FROM received_likes WHERE (business_id, up_mid) IN (",
-        );
-        let mut sep = q.separated(", ");
-        for (biz, up) in chunk {
-            sep.push("(")
-                .push_bind_unseparated(*biz)
-                .push_unseparated(", ")
-                .push_bind_unseparated(*up)
-                .push_unseparated(")");
-        }
-        q.push(")");
+        let mut q = QueryBuilder::<MySql>::new("SELECT r.business_id, r.up_mid, r.likes, r.version FROM ");
+        push_key_table(&mut q, ["business_id", "up_mid"], chunk.iter().map(|(biz, up)| [*biz, *up]));
+        q.push(" JOIN received_likes r ON r.business_id = k.business_id AND r.up_mid = k.up_mid");
         for row in q.build().fetch_all(pool).await? {
             let c = Counts { likes: row.try_get("likes")?, dislikes: 0, version: row.try_get("version")? };
             out.insert((row.try_get("business_id")?, row.try_get("up_mid")?), c);
@@ -295,16 +318,13 @@ async fn lock_records(
 ) -> Result<HashMap<(i64, i64, i64), Record>, sqlx::Error> {
     let mut out = HashMap::new();
     for chunk in keys.chunks(CHUNK) {
-        let mut q = QueryBuilder::<MySql>::new(
-            "SELECT mid, business_id, message_id, up_mid, state, version FROM like_records \
-             WHERE (mid, business_id, message_id) IN (",
+        let mut q =
+            QueryBuilder::<MySql>::new("SELECT r.mid, r.business_id, r.message_id, r.up_mid, r.state, r.version FROM ");
+        push_key_table(&mut q, ["mid", "business_id", "message_id"], chunk.iter().map(|(m, b, g)| [*m, *b, *g]));
+        q.push(
+            " JOIN like_records r ON r.mid = k.mid AND r.business_id = k.business_id \
+             AND r.message_id = k.message_id FOR UPDATE",
         );
-        let mut sep = q.separated(", ");
-        for (mid, biz, msg) in chunk {
-            sep.push("(").push_bind_unseparated(*mid).push_unseparated(", ");
-            sep.push_bind_unseparated(*biz).push_unseparated(", ").push_bind_unseparated(*msg).push_unseparated(")");
-        }
-        q.push(") FOR UPDATE");
         for row in q.build().fetch_all(&mut **tx).await? {
             let key = (row.try_get("mid")?, row.try_get("business_id")?, row.try_get("message_id")?);
             out.insert(
