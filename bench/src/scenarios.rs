@@ -18,12 +18,17 @@ use thumbup_service::pb;
 use thumbup_service::pb::thumbup_client::ThumbupClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::Args;
 use crate::cpu;
 use crate::load::{Load, Measurement, closed_loop, open_loop};
 use crate::report::{Latency, Metric, Section, Target};
 use crate::stats::median;
+
+/// The service name whose health the gRPC floor measurement checks.
+const HEALTH_SERVICE: &str = "thumbup.v1.Thumbup";
 
 /// The scratch schema of the naive design.
 pub const NAIVE_SCHEMA: &str = "thumbup_bench_naive";
@@ -84,6 +89,9 @@ pub struct Context {
     pub service: Service,
     /// The service, as `--cold-tenant` (hot-key cache off).
     pub cold: Option<Service>,
+    /// gRPC health checks on the same connection as `service`: an empty
+    /// unary RPC, the floor that any RPC of the service costs.
+    pub health: HealthClient<Channel>,
     /// Admin Redis connection (baseline).
     pub redis: MultiplexedConnection,
     /// Admin MariaDB pool (tenant schema reads; naive schema setup).
@@ -100,6 +108,7 @@ impl Context {
             .connect()
             .await
             .with_context(|| format!("connect to thumbup-service at {}", args.addr))?;
+        let health = HealthClient::new(channel.clone());
         let client = ThumbupClient::new(channel);
         let service = Service::new(client.clone(), &args.tenant, &args.token, args.business)?;
         let cold = match &args.cold_tenant {
@@ -119,7 +128,7 @@ impl Context {
         let keys = Keys::new(&args.tenant, 1);
         let count_keys =
             Arc::new((1..=args.items.max(1)).map(|k| keys.counts(args.business, args.item_base + k as i64)).collect());
-        Ok(Context { service, cold, redis, admin_db, count_keys })
+        Ok(Context { service, cold, health, redis, admin_db, count_keys })
     }
 }
 
@@ -241,8 +250,7 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     let base = args.item_base;
     // Batch 20 goes through the cache-aside path when there is one.
     let plain = ctx.cold.as_ref().unwrap_or(&ctx.service);
-    let (mut hot1, mut cold1, mut get, mut svcb, mut mget) =
-        (Series::default(), Series::default(), Series::default(), Series::default(), Series::default());
+    let [mut hot1, mut cold1, mut floor, mut get, mut svcb, mut mget]: [Series; 6] = Default::default();
     let mut errors = Vec::new();
     let (load1, loadb) = (args.load(1), args.load(batch));
     for run in 0..args.runs.max(1) {
@@ -258,6 +266,16 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
             load.warmup = load.warmup.max(Duration::from_secs(args.hot_warmup_secs));
         }
         hot1.push("a GetCounts batch 1", run, with_cpu(ctx, args, service_reads_with(&ctx.service, load)).await);
+
+        let health = ctx.health.clone();
+        let m = closed_loop(&load1, move |_, _, _| {
+            let mut health = health.clone();
+            async move {
+                let req = HealthCheckRequest { service: HEALTH_SERVICE.into() };
+                health.check(req).await.map(|_| 1).map_err(|s| format!("Health/Check: {s}"))
+            }
+        });
+        floor.push("a gRPC floor (Health/Check)", run, with_cpu(ctx, args, m).await);
 
         let keys = Arc::clone(&ctx.count_keys);
         let con = ctx.redis.clone();
@@ -291,7 +309,7 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
             }
         });
         mget.push(&format!("a Redis MGET {batch}"), run, with_cpu(ctx, args, m).await);
-        errors.push((hot1.errors + cold1.errors + get.errors + svcb.errors + mget.errors) as f64);
+        errors.push((hot1.errors + cold1.errors + floor.errors + get.errors + svcb.errors + mget.errors) as f64);
     }
     let ttl = args.hot_ttl_ms;
     let hot_label = if ttl > 0 { format!("hot-key cache on, TTL {ttl} ms") } else { "hot-key cache off".into() };
@@ -302,7 +320,12 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     if ctx.cold.is_some() {
         metrics.push(Metric::new("service GetCounts batch 1, hot-key cache off (requests/s)", cold1.rate.clone()));
     }
+    metrics.push(Metric::new("gRPC floor: Health/Check on the same connection (requests/s)", floor.rate.clone()));
     metrics.push(Metric::new("Redis GET (requests/s)", get.rate.clone()));
+    metrics.push(Metric::new("ratio gRPC floor/Redis GET", ratios(&floor.rate, &get.rate)));
+    let plain1 = if ctx.cold.is_some() { &cold1 } else { &hot1 };
+    metrics
+        .push(Metric::new("ratio batch 1 GetCounts (cache-aside path)/gRPC floor", ratios(&plain1.rate, &floor.rate)));
     metrics.push(Metric::new(format!("ratio batch 1 service/Redis, {hot_label}"), ratio_hot.clone()));
     if ctx.cold.is_some() {
         metrics.push(Metric::new("ratio batch 1 service/Redis, hot-key cache off", ratio_cold.clone()));
@@ -319,6 +342,7 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     if ctx.cold.is_some() {
         metrics.extend(cold1.cpu_metrics("GetCounts batch 1, hot-key cache off"));
     }
+    metrics.extend(floor.cpu_metrics("gRPC floor (Health/Check)"));
     metrics.extend(get.cpu_metrics("Redis GET"));
     metrics.extend(svcb.cpu_metrics(&format!("GetCounts batch {batch}")));
     metrics.extend(mget.cpu_metrics(&format!("Redis MGET {batch}")));
@@ -359,7 +383,9 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
              (baseline), zipf s={z} over {n} items ({cached} of their counts keys were in Redis after the \
              prefill). Batch 1 runs on tenant {t} ({hot_label}{hw}){cold}; batch {batch} on {p}. Baseline: GET \
              (batch 1) and MGET (batch {batch}) of the same `thumbup:<tenant>:cnt:<biz>:<msg>` keys with the \
-             admin user. Ratios are service/baseline within the run. CPU per request is the CPU time each \
+             admin user. The gRPC floor is grpc.health.v1.Health/Check on the same Channel: an empty unary \
+             RPC of the same server, what any RPC costs before the service does anything. Ratios are \
+             service/baseline within the run. CPU per request is the CPU time each \
              process used over the measurement (warmup included) divided by its requests.",
             c = args.concurrency,
             z = args.zipf,
@@ -385,6 +411,7 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
         lat.push(cold1.lat.latency("a service GetCounts b1, cache off"));
     }
     lat.extend([
+        floor.lat.latency("a gRPC floor (Health/Check)"),
         get.lat.latency("a Redis GET"),
         svcb.lat.latency(&format!("a service GetCounts b{batch}")),
         mget.lat.latency(&format!("a Redis MGET {batch}")),

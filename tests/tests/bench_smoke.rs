@@ -55,11 +55,13 @@ async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
     let (a, b, c) = (&report.sections[0], &report.sections[1], &report.sections[2]);
     assert!(a.title.starts_with("a.") && b.title.starts_with("b.") && c.title.starts_with("c."), "{titles:?}");
 
-    // a: both tenants, both Redis commands, CPU of the bench and of Redis.
+    // a: both tenants, the gRPC floor, both Redis commands, CPU of the bench and of Redis.
     for m in [
         "service GetCounts batch 1, hot-key cache on",
         "service GetCounts batch 1, hot-key cache off",
         "Redis GET (requests/s)",
+        "gRPC floor: Health/Check on the same connection (requests/s)",
+        "ratio batch 1 GetCounts (cache-aside path)/gRPC floor",
         "service GetCounts batch 20 (item-counts/s)",
         "Redis MGET 20 (item-counts/s)",
         "GetCounts batch 1, hot-key cache off: thumbup-bench CPU",
