@@ -5,7 +5,8 @@
 # 2. builds the release binaries of thumbup-service, thumbup-job and
 #    thumbup-bench,
 # 3. writes bench-results/tenants.yaml (tenant "bench" with the local hot-key
-#    cache on and "bench-cold" with it off, generous rate limits) and
+#    cache on and "bench-cold" with it off, generous rate limits), empties
+#    them (thumbup-bench --reset: schemas, Redis keys, AOF compacted), and
 #    provisions and migrates them,
 # 4. starts thumbup-service and thumbup-job (window 10 s, as in production)
 #    on free ports, logs in bench-results/,
@@ -107,6 +108,9 @@ tenants:
     cache: { hot_ttl_ms: 0 }
     stream: { shards: 4 }
 YAML
+say "emptying tenants bench and bench-cold, so the run starts from the same state"
+"$BIN/thumbup-bench" --reset --tenant bench --cold-tenant bench-cold \
+  --redis-url "$THUMBUP_ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL"
 say "provisioning and migrating tenants bench and bench-cold"
 "$BIN/thumbup-service" --config "$TENANTS" provision
 "$BIN/thumbup-service" --config "$TENANTS" migrate

@@ -15,11 +15,13 @@
 //!   loop), then latency per class at a fixed offered rate (open loop) of half
 //!   that maximum.
 //!
-//! Output: `<out>/report.md` and `<out>/latency.svg`.
+//! Output: `<out>/report.md` and `<out>/latency.svg`. `--reset` instead
+//! empties the bench tenants ([`reset`]).
 
 pub mod cpu;
 pub mod load;
 pub mod report;
+pub mod reset;
 pub mod scenarios;
 pub mod stats;
 pub mod zipf;
@@ -141,6 +143,12 @@ pub struct Args {
     /// Runs per scenario; the report gives the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Empty the bench tenants instead of benchmarking: drop the schemas of
+    /// `--tenant`, `--cold-tenant` and the naive design, delete their Redis
+    /// keys, compact the AOF, and exit (bench/run.sh does this before it
+    /// provisions, so every run starts from the same state).
+    #[arg(long)]
+    pub reset: bool,
 }
 
 impl Args {

@@ -5,6 +5,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = thumbup_bench::Args::parse();
+    if args.reset {
+        return thumbup_bench::reset::reset(&args).await;
+    }
     let out = args.out.clone();
     let report = thumbup_bench::run(args).await?;
     print!("{}", thumbup_bench::report::render_markdown(&report));
