@@ -19,8 +19,9 @@ use crate::version::{VersionClock, now_ms};
 /// Rows per statement in batched statements.
 const CHUNK: usize = 500;
 
-/// Pushes the derived table `(SELECT ? AS c1, ? AS c2 UNION ALL SELECT ?, ? ...) k`
-/// of `keys` (at least one), for a JOIN that looks every key up by the
+/// Pushes `(SELECT ? AS c1, ? AS c2 UNION ALL SELECT ?, ? ...) k JOIN <table> r
+/// ON r.c1 = k.c1 AND r.c2 = k.c2`: `table` (alias `r`) joined to the derived
+/// table of `keys` (at least one), which looks every key up by `columns`, the
 /// table's primary key.
 ///
 /// Why not `WHERE (c1, c2) IN ((?, ?), ...)`: with bound parameters MariaDB
@@ -30,8 +31,9 @@ const CHUNK: usize = 500;
 /// per 500 records every window, so the IN list made each window a CPU burst
 /// on the DB. `UNION ALL` of SELECTs is SQL that MySQL 8, TiDB and MariaDB
 /// all accept, unlike table value constructors.
-fn push_key_table<const N: usize>(
+fn push_key_join<const N: usize>(
     q: &mut QueryBuilder<MySql>,
+    table: &'static str,
     columns: [&'static str; N],
     keys: impl IntoIterator<Item = [i64; N]>,
 ) {
@@ -48,7 +50,10 @@ fn push_key_table<const N: usize>(
             }
         }
     }
-    q.push(") k");
+    q.push(") k JOIN ").push(table).push(" r ON ");
+    for (j, col) in columns.iter().enumerate() {
+        q.push(if j == 0 { "r." } else { " AND r." }).push(col).push(" = k.").push(col);
+    }
 }
 
 /// The embedded migrations of a tenant schema.
@@ -182,8 +187,7 @@ pub async fn load_received_many(
     let mut out = HashMap::new();
     for chunk in owners.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new("SELECT r.business_id, r.up_mid, r.likes, r.version FROM ");
-        push_key_table(&mut q, ["business_id", "up_mid"], chunk.iter().map(|(biz, up)| [*biz, *up]));
-        q.push(" JOIN received_likes r ON r.business_id = k.business_id AND r.up_mid = k.up_mid");
+        push_key_join(&mut q, "received_likes", ["business_id", "up_mid"], chunk.iter().map(|(biz, up)| [*biz, *up]));
         for row in q.build().fetch_all(pool).await? {
             let c = Counts { likes: row.try_get("likes")?, dislikes: 0, version: row.try_get("version")? };
             out.insert((row.try_get("business_id")?, row.try_get("up_mid")?), c);
@@ -320,11 +324,9 @@ async fn lock_records(
     for chunk in keys.chunks(CHUNK) {
         let mut q =
             QueryBuilder::<MySql>::new("SELECT r.mid, r.business_id, r.message_id, r.up_mid, r.state, r.version FROM ");
-        push_key_table(&mut q, ["mid", "business_id", "message_id"], chunk.iter().map(|(m, b, g)| [*m, *b, *g]));
-        q.push(
-            " JOIN like_records r ON r.mid = k.mid AND r.business_id = k.business_id \
-             AND r.message_id = k.message_id FOR UPDATE",
-        );
+        let key = ["mid", "business_id", "message_id"];
+        push_key_join(&mut q, "like_records", key, chunk.iter().map(|(m, b, g)| [*m, *b, *g]));
+        q.push(" FOR UPDATE");
         for row in q.build().fetch_all(&mut **tx).await? {
             let key = (row.try_get("mid")?, row.try_get("business_id")?, row.try_get("message_id")?);
             out.insert(
@@ -509,4 +511,20 @@ pub async fn pending_invalidations(pool: &MySqlPool, limit: u32) -> Result<Vec<I
 pub async fn clear_invalidations(pool: &MySqlPool, max_id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM cache_invalidations WHERE id <= ?").bind(max_id).execute(pool).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_join_names_the_columns_once_and_joins_on_every_one() {
+        let mut q = QueryBuilder::<MySql>::new("SELECT r.likes FROM ");
+        push_key_join(&mut q, "received_likes", ["business_id", "up_mid"], [[1, 7], [1, 8]]);
+        assert_eq!(
+            q.sql().as_str(),
+            "SELECT r.likes FROM (SELECT ? AS business_id, ? AS up_mid UNION ALL SELECT ?, ?) k \
+             JOIN received_likes r ON r.business_id = k.business_id AND r.up_mid = k.up_mid"
+        );
+    }
 }
