@@ -322,6 +322,9 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     let hot_label = if ttl > 0 { format!("hot-key cache on, TTL {ttl} ms") } else { "hot-key cache off".into() };
     let ratio_hot = ratios(&hot1.rate, &get.rate);
     let ratio_cold = ratios(&cold1.rate, &get.rate);
+    // The cache-aside path: the cold tenant, or the only one if its cache is off.
+    let cache_aside =
+        if ctx.cold.is_some() { Some((&cold1, &ratio_cold)) } else { (ttl == 0).then_some((&hot1, &ratio_hot)) };
     let mut metrics =
         vec![Metric::new(format!("service GetCounts batch 1, {hot_label} (requests/s)"), hot1.rate.clone())];
     if ctx.cold.is_some() {
@@ -330,9 +333,12 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     metrics.push(Metric::new("gRPC floor: Health/Check on the same connection (requests/s)", floor.rate.clone()));
     metrics.push(Metric::new("Redis GET (requests/s)", get.rate.clone()));
     metrics.push(Metric::new("ratio gRPC floor/Redis GET", ratios(&floor.rate, &get.rate)));
-    let plain1 = if ctx.cold.is_some() { &cold1 } else { &hot1 };
-    metrics
-        .push(Metric::new("ratio batch 1 GetCounts (cache-aside path)/gRPC floor", ratios(&plain1.rate, &floor.rate)));
+    if let Some((series, _)) = cache_aside {
+        metrics.push(Metric::new(
+            "ratio batch 1 GetCounts (cache-aside path)/gRPC floor",
+            ratios(&series.rate, &floor.rate),
+        ));
+    }
     metrics.push(Metric::new(format!("ratio batch 1 service/Redis, {hot_label}"), ratio_hot.clone()));
     if ctx.cold.is_some() {
         metrics.push(Metric::new("ratio batch 1 service/Redis, hot-key cache off", ratio_cold.clone()));
@@ -355,9 +361,7 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
     metrics.extend(mget.cpu_metrics(&format!("Redis MGET {batch}")));
 
     let mut targets = Vec::new();
-    // The cache-aside target: the cold tenant, or the only one if its cache is off.
-    let cache_aside = if ctx.cold.is_some() { Some(&ratio_cold) } else { (ttl == 0).then_some(&ratio_hot) };
-    if let Some(r) = cache_aside.map(|r| median(r)) {
+    if let Some(r) = cache_aside.map(|(_, r)| median(r)) {
         targets.push(Target {
             name: "batch-1 GetCounts / Redis GET, hot-key cache off".into(),
             measured: r,
