@@ -51,17 +51,18 @@ pub fn is_unreachable(e: &RedisError) -> bool {
 
 /// The transition script. KEYS: state, liked list, stream shard (one hash
 /// slot). ARGV: action, mid, business, message, up_mid, state ttl, liked list
-/// max, seed (`"<state>:<version>"` from the DB, `"U"` when the DB could not
-/// be read, or empty when not loaded), deadline (Unix ms).
+/// max, seed (`"<state>:<version>"` from the DB, or empty when not loaded),
+/// deadline (Unix ms).
 ///
 /// A script that starts after its deadline does nothing and replies
-/// `{"EXPIRED"}`: a call the client already gave up on (and may have retried
-/// on the DB path) cannot take effect later, for example after a stall.
+/// `{"EXPIRED"}`: a call the client already gave up on cannot take effect
+/// later, for example after a stall; and none takes effect after the
+/// service's write lease ends (see [`crate::fence`]).
 ///
 /// Replies `{"SEED"}` when the state is not cached and no seed was given,
 /// `{"REFUSED", state}` for a transition the table forbids, or
-/// `{"OK", new, version, mtime_ms, prev}` after it set the state, updated the
-/// liked list and appended the event, all in one atomic step.
+/// `{"OK", new, version, mtime_ms, prev, stream_id}` after it set the state,
+/// updated the liked list and appended the event, all in one atomic step.
 const TRANSITION_LUA: &str = r#"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -72,19 +73,12 @@ if not cur then
   cur = ARGV[8]
 end
 local a = tonumber(ARGV[1])
-local st, ver, new
-if cur == 'U' then
-  -- unverified: the DB could not be read; the action alone decides the
-  -- state, and the job derives the true delta from the DB later
-  st, ver = 0, 0
-  if a == 1 then new = 1 elseif a == 3 then new = 2 else new = 0 end
-else
-  st, ver = string.match(cur, '^(%d+):(%d+)')
-  st = tonumber(st)
-  ver = tonumber(ver)
-end
-if new then
-elseif a == 1 and (st == 0 or st == 2) then new = 1
+local st, ver = string.match(cur, '^(%d+):(%d+)$')
+if not st then return redis.error_reply('ERR malformed state ' .. cur) end
+st = tonumber(st)
+ver = tonumber(ver)
+local new
+if a == 1 and (st == 0 or st == 2) then new = 1
 elseif a == 3 and (st == 0 or st == 1) then new = 2
 elseif (a == 2 and st == 1) or (a == 4 and st == 2) then new = 0
 else
@@ -102,9 +96,9 @@ if new == 1 then
 else
   redis.call('ZREM', KEYS[2], ARGV[4])
 end
-redis.call('XADD', KEYS[3], '*', 'mid', ARGV[2], 'biz', ARGV[3], 'msg', ARGV[4], 'up', ARGV[5],
+local id = redis.call('XADD', KEYS[3], '*', 'mid', ARGV[2], 'biz', ARGV[3], 'msg', ARGV[4], 'up', ARGV[5],
   'st', new, 'prev', st, 'ver', vs, 'mt', mss)
-return {'OK', tostring(new), vs, mss, tostring(st)}
+return {'OK', tostring(new), vs, mss, tostring(st), id}
 "#;
 
 /// Sets a versioned value `"<a>:<b>:<version>"` unless the cached one is as
@@ -118,6 +112,50 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 "#;
+
+/// The applied watermark of a stream shard, from the consumer group's own
+/// state, read atomically with the Redis clock. KEYS: the shard. ARGV: the
+/// job's group. Replies Unix ms W such that every entry with an id below W
+/// has been acknowledged by the group, which the job does only after the DB
+/// commit: the oldest pending entry when there is one; else now when
+/// everything was delivered (a later entry gets an id of now or later); else
+/// the last delivered entry. A shard without a stream has no entry at all.
+const WATERMARK_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+if info['err'] then
+  if string.find(info['err'], 'no such key') then return now end
+  return redis.error_reply(info['err'])
+end
+local last
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then last = info[i + 1] end
+end
+local delivered
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, ld
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then ld = g[i + 1] end
+  end
+  if name == ARGV[1] then delivered = ld end
+end
+local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
+if not delivered then
+  if last == '0-0' then return now end
+  return 0
+end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1])
+if tonumber(p[1]) > 0 then return ms(p[2]) end
+if delivered == last then return now end
+return ms(delivered)
+"#;
+
+/// Parses the millisecond part of a stream entry id `"<ms>-<seq>"`.
+pub fn entry_ms(id: &str) -> Option<i64> {
+    id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
+}
 
 /// Outcome of the transition script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +176,9 @@ pub enum Transition {
         version: i64,
         /// Unix milliseconds of the transition.
         mtime_ms: i64,
+        /// The millisecond part of the event's stream entry id: the entry
+        /// is applied once its shard's watermark is above it.
+        stream_ms: i64,
     },
 }
 
@@ -145,6 +186,7 @@ pub enum Transition {
 pub struct Scripts {
     transition: Script,
     set_if_newer: Script,
+    watermark: Script,
 }
 
 impl Default for Scripts {
@@ -152,6 +194,7 @@ impl Default for Scripts {
         Scripts {
             transition: Script::new(&TRANSITION_LUA.replace("EPOCH", &EPOCH_MS.to_string())),
             set_if_newer: Script::new(SET_IF_NEWER_LUA),
+            watermark: Script::new(WATERMARK_LUA),
         }
     }
 }
@@ -161,12 +204,10 @@ impl Default for Scripts {
 pub enum Seed {
     /// Nothing: the script answers [`Transition::NeedSeed`].
     NotLoaded,
-    /// `(state, version)` loaded from the DB.
+    /// `(state, version)` loaded from the DB, which must be the record's
+    /// newest acknowledged state (the caller proves it; see
+    /// [`crate::fence::View::watermark`]).
     Loaded(State, i64),
-    /// The DB could not be read: the action alone decides the new state
-    /// (accepted without the state check). Counts stay exact because the job
-    /// derives deltas from what the DB holds.
-    Unverified,
 }
 
 /// Arguments of one transition.
@@ -200,7 +241,6 @@ impl Scripts {
         let seed = match a.seed {
             Seed::NotLoaded => String::new(),
             Seed::Loaded(s, v) => format!("{}:{v}", s.code()),
-            Seed::Unverified => "U".to_string(),
         };
         let reply: Vec<String> = self
             .transition
@@ -226,10 +266,23 @@ impl Scripts {
             Some("EXPIRED") => Ok(Transition::Expired),
             Some("REFUSED") => Ok(Transition::Refused(state(1)?)),
             Some("OK") => {
-                Ok(Transition::Applied { state: state(1)?, version: int(2)?, mtime_ms: int(3)?, prev: state(4)? })
+                let stream_ms = reply.get(5).and_then(|id| entry_ms(id)).ok_or_else(bad)?;
+                Ok(Transition::Applied {
+                    state: state(1)?,
+                    version: int(2)?,
+                    mtime_ms: int(3)?,
+                    prev: state(4)?,
+                    stream_ms,
+                })
             }
             _ => Err(bad()),
         }
+    }
+
+    /// The applied watermark of stream shard `stream` for consumer group
+    /// `group` (Unix ms, Redis clock): every entry below it is acknowledged.
+    pub async fn watermark(&self, con: &mut ConnectionManager, stream: &str, group: &str) -> Result<i64, RedisError> {
+        self.watermark.key(stream).arg(group).invoke_async(con).await
     }
 
     /// Caches a versioned pair unless a newer one is cached. Returns whether

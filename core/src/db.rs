@@ -430,21 +430,30 @@ pub enum FallbackError {
     /// The DB failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// The DB path may not decide this write (see [`crate::fence`]).
+    #[error(transparent)]
+    Shut(#[from] crate::fence::Shut),
 }
 
-/// Runs one transition as a synchronous DB transaction (Redis unreachable).
+/// Runs one transition as a synchronous DB transaction (Redis unreachable),
+/// on the DB path of fence epoch `epoch`.
 ///
-/// Counts move in the same transaction: this path is rate-limited, so the
-/// per-like counts update that the normal path avoids is bounded here. The
-/// record is queued for cache invalidation, so Redis serves nothing stale
-/// once it returns.
+/// The transaction holds the fence row in share mode and first checks that
+/// the DB path of `epoch` is still open and the record is not unsettled
+/// ([`crate::fence::check_open`]): only then is the stored record the newest
+/// acknowledged state. Counts move in the same transaction: this path is
+/// rate-limited, so the per-like counts update that the normal path avoids
+/// is bounded here. The record is queued for cache invalidation, so Redis
+/// serves nothing stale once it returns.
 pub async fn fallback_transition(
     pool: &MySqlPool,
     clock: &VersionClock,
+    epoch: i64,
     (mid, business, message, up_mid): (i64, i64, i64, i64),
     action: Action,
 ) -> Result<FallbackOutcome, FallbackError> {
     let mut tx = pool.begin().await?;
+    crate::fence::check_open(&mut tx, epoch, (mid, business, message)).await??;
     let stored = lock_records(&mut tx, &[(mid, business, message)]).await?;
     let cur = stored.values().next().copied().unwrap_or(Record { state: State::None, version: 0, up_mid });
     let state = transition(cur.state, action)?;

@@ -7,6 +7,7 @@
 //! - [`event`]: the stream event codec.
 //! - [`cache`]: Redis connection, the atomic transition script, versioned cache writes.
 //! - [`db`]: migrations, reads, the job's batched apply, the DB fallback transition.
+//! - [`fence`]: the write fence: whether Redis or the DB path decides a tenant's writes, and the proof that the DB path decides on the newest acknowledged state.
 //! - [`provision`]: creating a tenant's DB schema and user and its Redis ACL user.
 //! - [`route`]: the DB route (active datacenter + epoch) that the operator publishes and db-proxy follows.
 //! - [`admin`]: the admin HTTP endpoint (metrics, health) both binaries serve.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod event;
+pub mod fence;
 pub mod keys;
 pub mod provision;
 pub mod route;

@@ -130,6 +130,8 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "xautoclaim",
     "xgroup|create",
     "xinfo|groups",
+    // The job's applied watermark (core::cache WATERMARK_LUA).
+    "xinfo|stream",
     "xpending",
     "xtrim",
     "xlen",

@@ -9,6 +9,11 @@
 //! (never replacing a newer value) and only then acknowledges. Any failure
 //! retries the whole flush, which is idempotent, so nothing is lost or
 //! counted twice. SIGTERM flushes the open window before exit.
+//!
+//! After every window it also records in the DB, per shard, how far the
+//! stream is applied ([`thumbup_core::fence`]'s watermarks, read from the
+//! consumer group's own state): the service's DB path and its cache-miss
+//! seeds rely on them to know that the DB holds the newest state.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +31,7 @@ use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::TenantConfig;
 use thumbup_core::db::{self, Applied};
 use thumbup_core::event::LikeEvent;
+use thumbup_core::fence;
 use thumbup_core::keys::{JOB_GROUP, Keys};
 use thumbup_core::version::now_ms;
 use tracing::{debug, error, info, instrument, warn};
@@ -379,6 +385,20 @@ impl Job {
         Ok(())
     }
 
+    /// Records in the DB how far each shard is applied: every entry below
+    /// the group's watermark was acknowledged, which happens only after its
+    /// DB commit.
+    async fn record_watermarks(&self) -> anyhow::Result<()> {
+        let mut con = self.redis.clone();
+        let mut marks = Vec::with_capacity(self.keys.shards() as usize);
+        for shard in 0..self.keys.shards() {
+            let ms = self.scripts.watermark(&mut con, &self.keys.stream(shard), JOB_GROUP).await?;
+            marks.push((shard, ms));
+        }
+        fence::advance_watermarks(&self.db, &marks).await?;
+        Ok(())
+    }
+
     /// Runs until `shutdown` resolves, then flushes the open window.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
@@ -440,6 +460,10 @@ impl Job {
             }
             let give_up = stopping.then(|| Instant::now() + Duration::from_secs(10));
             self.flush(&entries, &bad, give_up).await;
+            if let Err(e) = self.record_watermarks().await {
+                self.err("watermark");
+                debug!(tenant = %self.tenant.name, error = %e, "recording the applied watermarks failed");
+            }
             if last_maintain.elapsed() > Duration::from_secs(10) {
                 if let Err(e) = self.maintain().await {
                     warn!(tenant = %self.tenant.name, error = %e, "stream maintenance failed");

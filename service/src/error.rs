@@ -48,6 +48,16 @@ pub enum Error {
     /// The DB failed moments ago and is skipped for now.
     #[error("tenant {0:?}: database unavailable (recent connection failure; retry shortly)")]
     DbDown(String),
+    /// The write cannot be decided against its record's newest acknowledged
+    /// state now (the write fence is moving, the outcome of a call is
+    /// unknown, the DB may lag); nothing was written. Retryable.
+    #[error("tenant {tenant:?}: write refused, nothing was written: {why}")]
+    Unavailable {
+        /// Tenant.
+        tenant: String,
+        /// Why.
+        why: String,
+    },
     /// Redis answered with an error (not an outage, which takes the DB path).
     #[error("tenant {tenant:?}: redis error: {source}")]
     Redis {
@@ -67,16 +77,27 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Forbidden(_) => Code::FailedPrecondition,
             Error::RateLimited { .. } => Code::ResourceExhausted,
-            Error::Db { .. } | Error::DbDown(_) => Code::Unavailable,
+            Error::Db { .. } | Error::DbDown(_) | Error::Unavailable { .. } => Code::Unavailable,
             Error::Redis { source, .. } if thumbup_core::cache::is_unreachable(source) => Code::Unavailable,
             Error::Redis { .. } => Code::Internal,
         }
     }
 }
 
+/// What an UNAVAILABLE reply suggests as the client's retry delay
+/// (`google.rpc.RetryInfo`): the write fence moves within a few hundred
+/// milliseconds, a DB flip within seconds.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
-        Status::new(e.code(), e.to_string())
+        let code = e.code();
+        if code == Code::Unavailable {
+            // Every UNAVAILABLE is retryable and wrote nothing: say so.
+            let details = tonic_types::ErrorDetails::with_retry_info(Some(RETRY_AFTER));
+            return <Status as tonic_types::StatusExt>::with_error_details(code, e.to_string(), details);
+        }
+        Status::new(code, e.to_string())
     }
 }
 

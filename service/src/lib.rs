@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod error;
+pub mod fence;
 pub mod hot;
 pub mod metrics;
 pub mod read;

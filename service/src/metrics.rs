@@ -54,17 +54,38 @@ pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Writes accepted without a state check because the DB could not be read.
-pub static UNVERIFIED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+/// Writes refused with UNAVAILABLE because their record's newest
+/// acknowledged state could not be known, by reason.
+pub static WRITES_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
-        "thumbup_service_unverified_writes_total",
-        "writes accepted without the state check because the DB could not be read on a cache miss",
+        "thumbup_service_writes_refused_total",
+        "writes refused (UNAVAILABLE, nothing written) because the record's newest state could not be known",
+        &["tenant", "reason"]
+    )
+    .expect("metric registers once")
+});
+
+/// 1 while the DB path decides a tenant's writes in this process.
+pub static DB_PATH_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "thumbup_service_db_path_open",
+        "1 while the tenant's writes are decided by the synchronous DB path in this process",
         &["tenant"]
     )
     .expect("metric registers once")
 });
 
-/// 1 while a tenant's Redis is considered down.
+/// The tenant's write-fence epoch as last read.
+pub static FENCE_EPOCH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "thumbup_service_write_fence_epoch",
+        "the tenant's write-fence epoch (grows each time the DB path is asked for)",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
+/// 1 while writes of a tenant do not go through Redis in this process.
 pub static REDIS_DOWN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!("thumbup_service_redis_down", "1 while the tenant's Redis is considered down", &["tenant"])
         .expect("metric registers once")

@@ -1,5 +1,6 @@
 //! Tenant runtimes: per tenant its config, Redis and DB clients, rate
-//! limiters and Redis health; the registry swaps them on config reload.
+//! limiters and its write fence ([`crate::fence`]); the registry swaps them
+//! on config reload.
 //!
 //! The registry re-reads the config file and the credential files it
 //! references every [`POLL_INTERVAL`] and on SIGHUP, and installs the
@@ -9,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use thumbup_core::keys::Keys;
 use thumbup_core::version::VersionClock;
 use tracing::{info, warn};
 
+use crate::fence::Fence;
 use crate::metrics;
 
 /// A token bucket refilled at `rate` per second, holding at most `rate`.
@@ -85,12 +87,9 @@ pub struct Tenant {
     pub clock: VersionClock,
     /// The local hot-key cache of counts; None when `cache.hot_ttl_ms` is 0.
     pub hot: Option<crate::hot::HotKeys>,
+    /// Whether writes go through Redis here, and the DB path's opening.
+    pub fence: Fence,
     limiter: Limiter,
-    redis_up: AtomicBool,
-    /// Held shared by every DB-path write for its whole transaction, and
-    /// exclusively by the health loop while it drains the invalidations and
-    /// brings Redis back: no invalidation can be queued after that drain.
-    pub fallback_gate: tokio::sync::RwLock<()>,
     /// Until when (ms since `born`) the DB counts as down after a connection
     /// failure, so that requests fail fast instead of each waiting out the
     /// pool's acquire timeout.
@@ -110,8 +109,7 @@ impl Tenant {
             limiter: Limiter::new(&cfg),
             clock: VersionClock::default(),
             hot: crate::hot::HotSettings::of(&cfg.cache).map(crate::hot::HotKeys::new),
-            redis_up: AtomicBool::new(false),
-            fallback_gate: tokio::sync::RwLock::new(()),
+            fence: Fence::new(&cfg.name, cfg.stream.shards),
             db_down_until: AtomicU64::new(0),
             born: Instant::now(),
             cfg,
@@ -167,18 +165,15 @@ impl Tenant {
         }
     }
 
-    /// True while Redis is trusted to serve.
+    /// True while reads may be served from Redis.
     pub fn redis_up(&self) -> bool {
-        self.redis_up.load(Ordering::Acquire)
+        self.fence.redis_reads()
     }
 
-    /// Records that Redis could not be reached: requests take the DB path
-    /// until the recovery task has dropped what the DB path changed.
+    /// Records that Redis could not be reached: writes stop going through
+    /// it here and the fence asks for the DB path; reads take the DB.
     pub fn mark_redis_down(&self, why: &redis::RedisError) {
-        if self.redis_up.swap(false, Ordering::AcqRel) {
-            warn!(tenant = %self.cfg.name, error = %why, "redis unreachable: serving from the database");
-            metrics::REDIS_DOWN.with_label_values(&[&self.cfg.name]).set(1);
-        }
+        self.fence.redis_failed(why);
     }
 
     /// Drops the cache entries of records the DB path changed; returns how many.
@@ -202,38 +197,14 @@ impl Tenant {
         }
     }
 
-    /// One pass of the health loop: bring Redis back when it answers and the
-    /// invalidations are drained.
-    async fn check(&self, first: bool) {
-        if self.redis_up() {
-            if let Err(e) = self.drain_invalidations().await {
-                warn!(tenant = %self.cfg.name, error = %e, "sweeping cache invalidations failed");
-            }
-            return;
-        }
+    async fn ping(&self) -> bool {
         let mut con = self.redis.clone();
-        if let Err(e) = redis::cmd("PING").query_async::<String>(&mut con).await {
-            if first {
-                warn!(tenant = %self.cfg.name, error = %e, "redis not reachable at start: serving from the database");
-                metrics::REDIS_DOWN.with_label_values(&[&self.cfg.name]).set(1);
-            }
-            return;
-        }
-        let _gate = self.fallback_gate.write().await;
-        match self.drain_invalidations().await {
-            Ok(n) => {
-                self.redis_up.store(true, Ordering::Release);
-                metrics::REDIS_DOWN.with_label_values(&[&self.cfg.name]).set(0);
-                info!(tenant = %self.cfg.name, invalidated = n, "redis serving");
-            }
-            // Without the DB the queue cannot be read; at start nothing of
-            // this process is queued, so serve from Redis and sweep later.
-            Err(e) if first => {
-                warn!(tenant = %self.cfg.name, error = %e, "invalidation queue unreadable at start; sweeping later");
-                self.redis_up.store(true, Ordering::Release);
-            }
-            Err(e) => warn!(tenant = %self.cfg.name, error = %e, "redis back, but invalidations not drained yet"),
-        }
+        redis::cmd("PING").query_async::<String>(&mut con).await.is_ok()
+    }
+
+    /// One pass of the fence loop.
+    async fn step(&self) {
+        self.fence.step(&self.db, async || self.ping().await, async || self.drain_invalidations().await).await;
     }
 }
 
@@ -241,20 +212,34 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Watches a tenant's Redis for as long as the tenant is served (after the
-/// first check, which [`Registry::install`] runs before the tenant serves).
-async fn health_loop(tenant: Weak<Tenant>) {
+/// Runs a tenant's write fence for as long as the tenant is served (after
+/// the first step, which [`Registry::install`] runs before the tenant
+/// serves); then releases its write lease.
+async fn fence_loop(tenant: Weak<Tenant>) {
     let mut last_sweep = Instant::now();
     loop {
         let Some(t) = tenant.upgrade() else { return };
-        // While down, probe often; while up, sweep leftovers now and then.
-        if !t.redis_up() || last_sweep.elapsed() > Duration::from_secs(5) {
-            t.check(false).await;
+        t.step().await;
+        if t.fence.redis_writes() && last_sweep.elapsed() > Duration::from_secs(5) {
+            // Leftovers of a process that died while the DB path was open,
+            // and writers whose writes are all applied.
+            if let Err(e) = t.drain_invalidations().await {
+                warn!(tenant = %t.cfg.name, error = %e, "sweeping cache invalidations failed");
+            }
+            t.fence.forget_expired(&t.db).await;
             last_sweep = Instant::now();
         }
-        let pause = if t.redis_up() { Duration::from_millis(500) } else { Duration::from_millis(200) };
-        drop(t);
-        tokio::time::sleep(pause).await;
+        let pause = t.fence.pause();
+        let wake = async { t.fence.wake.notified().await };
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+        if Arc::strong_count(&t) == 1 {
+            // Only this loop holds the tenant: it is no longer served.
+            t.fence.release(&t.db, Duration::from_secs(1)).await;
+            return;
+        }
     }
 }
 
@@ -369,10 +354,10 @@ impl Registry {
                 }
             }
         }
-        // Settle the new tenants' Redis health before they serve.
+        // Take the new tenants' write leases before they serve.
         for t in &started {
-            t.check(true).await;
-            tokio::spawn(health_loop(Arc::downgrade(t)));
+            t.step().await;
+            tokio::spawn(fence_loop(Arc::downgrade(t)));
         }
         let names: Vec<_> = next.keys().cloned().collect();
         *self.current.write().expect("registry lock") = Arc::new(next);

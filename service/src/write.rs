@@ -1,15 +1,20 @@
 //! The write path: an atomic transition in Redis that appends the event to
-//! the tenant stream; the synchronous DB transaction while Redis is down.
+//! the tenant stream; the synchronous DB transaction while Redis is down and
+//! the write fence ([`crate::fence`]) has opened the DB path; UNAVAILABLE
+//! whenever the record's newest acknowledged state cannot be known.
 
 use std::time::{Duration, Instant};
 
 use thumbup_core::cache::{self, Seed, Transition, TransitionArgs};
 use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
+use thumbup_core::event::LikeEvent;
+use thumbup_core::fence::Shut;
 use thumbup_core::version::now_ms;
-use tracing::{debug, instrument};
+use tracing::instrument;
 
 use crate::error::Error;
+use crate::fence;
 use crate::metrics;
 use crate::read;
 use crate::tenants::{Registry, Tenant};
@@ -45,26 +50,29 @@ fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
     Error::Db { tenant: t.name().to_string(), source }
 }
 
-/// Applies one write.
+/// Applies one write: through Redis while the fence lets this process
+/// write there, else on the DB path once it is open; UNAVAILABLE when the
+/// record's newest acknowledged state cannot be known.
 #[instrument(skip(reg, t), fields(tenant = %t.name()))]
 pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
-    if t.redis_up() {
-        match via_redis(reg, t, w).await {
-            Err(Error::Redis { source, .. }) if cache::is_unreachable(&source) => t.mark_redis_down(&source),
-            other => return other,
-        }
+    match via_redis(reg, t, w).await? {
+        Some(done) => Ok(done),
+        None => via_db(t, w).await,
     }
-    let gate = t.fallback_gate.read().await;
-    if t.redis_up() {
-        // Redis came back while this request waited for the gate.
-        drop(gate);
-        return via_redis(reg, t, w).await;
-    }
-    via_db(t, w).await
 }
 
-async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
+fn refused(t: &Tenant, reason: &'static str, why: impl Into<String>) -> Error {
+    metrics::WRITES_REFUSED.with_label_values(&[t.name(), reason]).inc();
+    Error::Unavailable { tenant: t.name().to_string(), why: why.into() }
+}
+
+/// The write through Redis; `None` when it did not go through Redis and had
+/// no effect there (the fence is moving, or Redis stalled before the
+/// script started), so the DB path may decide it once open.
+async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Option<Written>, Error> {
     let mut con = t.redis.clone();
+    let shard = t.keys.shard_of(w.mid);
+    let record = (w.mid, w.business_id, w.message_id);
     let mut args = TransitionArgs {
         mid: w.mid,
         business_id: w.business_id,
@@ -74,42 +82,57 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Erro
         seed: Seed::NotLoaded,
         deadline_ms: 0,
     };
-    let redis_err = |source| Error::Redis { tenant: t.name().to_string(), source };
     loop {
+        let Some(permit) = t.fence.redis_permit().await else { return Ok(None) };
         // Half the client-side timeout: a script that Redis starts later
-        // than this (a stall) must not act, as its caller may have given up.
-        args.deadline_ms = now_ms() + (reg.redis_timeout().as_millis() / 2) as i64;
-        match reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await.map_err(redis_err)? {
-            Transition::Expired => {
-                let stalled = redis::RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "transition script started after its deadline (Redis stalled)",
-                ));
-                return Err(redis_err(stalled));
+        // than this (a stall) must not act, as its caller may have given
+        // up; and never after this process's write lease.
+        args.deadline_ms = (now_ms() + (reg.redis_timeout().as_millis() / 2) as i64).min(permit.lease_until);
+        let outcome = reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await;
+        match outcome {
+            Err(source) => {
+                // The script may have run: until Redis answers again, the
+                // DB cannot know this record's state.
+                t.fence.unknown_outcome(shard, args.deadline_ms, record);
+                drop(permit);
+                if cache::is_unreachable(&source) {
+                    t.mark_redis_down(&source);
+                    return Err(refused(
+                        t,
+                        "unknown_outcome",
+                        format!(
+                            "redis failed during the write ({source}); its outcome is unknown until redis answers again"
+                        ),
+                    ));
+                }
+                return Err(Error::Redis { tenant: t.name().to_string(), source });
             }
-            Transition::NeedSeed if args.seed == Seed::NotLoaded => {
-                let loaded = match t.db_available() {
-                    true => db::load_states(&t.db, w.mid, w.business_id, &[w.message_id])
-                        .await
-                        .inspect_err(|e| t.db_failed(e)),
-                    false => Err(sqlx::Error::PoolTimedOut),
-                };
-                args.seed = match loaded {
-                    Ok(found) => {
-                        found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version))
-                    }
-                    Err(e) => {
-                        debug!(tenant = %t.name(), error = %e, "state not cached and DB unreadable: accepting unverified");
-                        metrics::UNVERIFIED_WRITES.with_label_values(&[t.name()]).inc();
-                        Seed::Unverified
-                    }
-                };
+            Ok(Transition::Expired) => {
+                drop(permit);
+                t.fence.redis_failed(&"transition script started after its deadline (Redis stalled)");
+                return Ok(None);
             }
-            Transition::NeedSeed => unreachable!("the script never asks for a seed it was given"),
-            Transition::Refused(state) => {
+            Ok(Transition::NeedSeed) if args.seed == Seed::NotLoaded => {
+                drop(permit);
+                args.seed = seed(t, w, shard).await?;
+            }
+            Ok(Transition::NeedSeed) => unreachable!("the script never asks for a seed it was given"),
+            Ok(Transition::Refused(state)) => {
                 return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into());
             }
-            Transition::Applied { prev, state, version, .. } => {
+            Ok(Transition::Applied { prev, state, version, mtime_ms, stream_ms }) => {
+                let event = LikeEvent {
+                    mid: w.mid,
+                    business_id: w.business_id,
+                    message_id: w.message_id,
+                    up_mid: w.up_mid,
+                    state,
+                    prev,
+                    version,
+                    mtime_ms,
+                };
+                t.fence.acknowledged(shard, stream_ms, event);
+                drop(permit);
                 // The counts as applied so far plus this write: the job applies
                 // it within one window.
                 let before = read::counts(reg, t, w.business_id, &[w.message_id])
@@ -123,13 +146,44 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Erro
                     dislikes: (before.dislikes + d.dislikes).max(0),
                     version: before.version,
                 };
-                return Ok(Written { state, counts, version });
+                return Ok(Some(Written { state, counts, version }));
             }
         }
     }
 }
 
+/// The state of a record that Redis does not cache, from the DB, when the
+/// DB provably holds its newest acknowledged state; else UNAVAILABLE.
+async fn seed(t: &Tenant, w: Write, shard: u32) -> Result<Seed, Error> {
+    if !t.fence.seed_provable(shard, t.cfg.cache.state_ttl_secs) {
+        return Err(refused(
+            t,
+            "seed_unprovable",
+            "the state is not cached and the job has not yet applied everything that could be newer in the database",
+        ));
+    }
+    if !t.db_available() {
+        return Err(refused(t, "db_unavailable", "the state is not cached and the database is unreachable"));
+    }
+    match db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await {
+        Ok(found) => {
+            Ok(found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version)))
+        }
+        Err(e) => {
+            t.db_failed(&e);
+            Err(refused(t, "db_unavailable", format!("the state is not cached and the database failed: {e}")))
+        }
+    }
+}
+
 async fn via_db(t: &Tenant, w: Write) -> Result<Written, Error> {
+    let Some(epoch) = t.fence.wait_open(fence::OPEN_WAIT).await else {
+        return Err(refused(
+            t,
+            "fence_moving",
+            "redis is not deciding writes and the database path is not open (writers are publishing, or redis is coming back)",
+        ));
+    };
     if !t.allow_fallback() {
         return Err(Error::RateLimited { tenant: t.name().to_string(), limit: "db_fallback_per_sec (redis is down)" });
     }
@@ -138,9 +192,13 @@ async fn via_db(t: &Tenant, w: Write) -> Result<Written, Error> {
     let started = Instant::now();
     loop {
         let record = (w.mid, w.business_id, w.message_id, w.up_mid);
-        match db::fallback_transition(&t.db, &t.clock, record, w.action).await {
+        match db::fallback_transition(&t.db, &t.clock, epoch, record, w.action).await {
             Ok(o) => return Ok(Written { state: o.state, counts: o.counts, version: o.version }),
             Err(FallbackError::Forbidden(f)) => return Err(f.into()),
+            Err(FallbackError::Shut(s)) => {
+                let reason = if s == Shut::Unsettled { "unsettled" } else { "db_path_closed" };
+                return Err(refused(t, reason, s.to_string()));
+            }
             // Deadlocks with the job's batch are retried.
             Err(FallbackError::Db(e)) if attempt < 3 && is_retryable(&e) => attempt += 1,
             // A DB flip (no session to be had; the new primary is not

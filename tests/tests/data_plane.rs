@@ -377,25 +377,40 @@ async fn transition_script_matches_the_state_table() {
             }
         }
     }
-    // Unverified: the action alone decides.
-    for (action, want) in
-        [(Action::Like, State::Like), (Action::Unlike, State::None), (Action::Dislike, State::Dislike)]
-    {
-        msg += 1;
-        let deadline_ms = thumbup_core::version::now_ms() + 60_000;
-        let a = TransitionArgs {
-            mid: 5,
-            business_id: BIZ,
-            message_id: msg,
-            up_mid: 9,
-            action,
-            seed: Seed::Unverified,
-            deadline_ms,
-        };
-        assert!(
-            matches!(scripts.transition(&mut con, &k, t, a).await.unwrap(), Transition::Applied { state, .. } if state == want)
-        );
-    }
+    // The reply names the stream entry the event went to (its millisecond
+    // part), which the write fence compares with the job's watermarks.
+    msg += 1;
+    let a = TransitionArgs {
+        mid: 5,
+        business_id: BIZ,
+        message_id: msg,
+        up_mid: 9,
+        action: Action::Like,
+        seed: Seed::Loaded(State::None, 0),
+        deadline_ms: thumbup_core::version::now_ms() + 60_000,
+    };
+    let Transition::Applied { stream_ms, .. } = scripts.transition(&mut con, &k, t, a).await.unwrap() else {
+        panic!("a like from NONE applies")
+    };
+    let mut admin = admin_redis().await;
+    let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(k.stream_of(5))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let id = &newest.ids[0].id;
+    assert_eq!(thumbup_core::cache::entry_ms(id), Some(stream_ms), "stream entry {id}");
+    // A cached state that is not "<state>:<version>" is an error, never a
+    // state to decide on.
+    msg += 1;
+    let _: () = redis::cmd("SET").arg(k.state(5, BIZ, msg)).arg("U").query_async(&mut admin).await.unwrap();
+    let a = TransitionArgs { message_id: msg, seed: Seed::NotLoaded, ..a };
+    let err = scripts.transition(&mut con, &k, t, a).await.unwrap_err();
+    assert!(err.to_string().contains("malformed state"), "{err}");
     // Past its deadline the script does nothing.
     msg += 1;
     let before = redis_snapshot("e2e-lua").await;
@@ -471,5 +486,59 @@ async fn per_user_rate_limit_refuses_with_resource_exhausted_and_writes_nothing(
         assert!(!recs.contains_key(&(5, BIZ, *msg)), "a refused write was stored: {msg}");
     }
     assert_eq!(recs.len(), 10 - limited.len() + 1);
+    w.stop().await;
+}
+
+/// The job's watermark (every entry below it is acknowledged, so applied)
+/// follows the consumer group: the oldest pending entry, the Redis clock
+/// once everything is acknowledged, the last delivered entry while newer
+/// ones wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applied_watermark_never_passes_an_unacknowledged_entry() {
+    use thumbup_core::cache::{Scripts, entry_ms};
+    use thumbup_core::keys::JOB_GROUP;
+    let w = World::start("watermark", &tenant_yaml("e2e-watermark", &[BIZ], "")).await;
+    let k = keys(&w, "e2e-watermark");
+    let t = w.tenant("e2e-watermark");
+    let mut con = thumbup_core::cache::connect(&t.redis, Duration::from_secs(2)).await.unwrap();
+    let scripts = Scripts::default();
+    let shard = k.stream(0);
+    let before = thumbup_core::version::now_ms();
+    let none = scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap();
+    assert!(none >= before, "a shard without a stream has nothing unapplied ({none} < {before})");
+    let mut admin = admin_redis().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id: String = redis::cmd("XADD").arg(&shard).arg("*").arg("n").arg(i).query_async(&mut admin).await.unwrap();
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap(), 0, "no group yet: nothing is applied");
+    let _: () =
+        redis::cmd("XGROUP").arg("CREATE").arg(&shard).arg(JOB_GROUP).arg("0").query_async(&mut admin).await.unwrap();
+    let first = entry_ms(&ids[0]).unwrap();
+    assert!(scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap() <= first, "undelivered entries hold it");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(JOB_GROUP)
+        .arg("c")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(&shard)
+        .arg(">")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap(), first, "the oldest pending entry");
+    let _: i64 = redis::cmd("XACK").arg(&shard).arg(JOB_GROUP).arg(&ids[0]).query_async(&mut admin).await.unwrap();
+    assert_eq!(scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap(), entry_ms(&ids[1]).unwrap());
+    let _: i64 = redis::cmd("XACK").arg(&shard).arg(JOB_GROUP).arg(&ids[1..]).query_async(&mut admin).await.unwrap();
+    let all = scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap();
+    assert!(all > entry_ms(&ids[2]).unwrap(), "everything acknowledged: the Redis clock");
+    let late: String = redis::cmd("XADD").arg(&shard).arg("*").arg("n").arg(9).query_async(&mut admin).await.unwrap();
+    let w_now = scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap();
+    assert!(w_now <= entry_ms(&late).unwrap(), "an undelivered entry is not below the watermark");
+    assert_eq!(w_now, entry_ms(&ids[2]).unwrap(), "the last delivered entry");
     w.stop().await;
 }

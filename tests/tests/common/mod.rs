@@ -31,6 +31,17 @@ pub fn admin_db_url() -> String {
         .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306".into())
 }
 
+/// Every record's version, on the server at admin URL `url`.
+pub async fn record_versions_at(url: &str, t: &TenantConfig) -> BTreeMap<(i64, i64, i64), i64> {
+    let mut con = admin_db_at(url, t).await;
+    let rows: Vec<(i64, i64, i64, i64)> =
+        sqlx::query_as("SELECT mid, business_id, message_id, version FROM like_records")
+            .fetch_all(&mut con)
+            .await
+            .expect("read record versions");
+    rows.into_iter().map(|(m, b, g, v)| ((m, b, g), v)).collect()
+}
+
 /// The admin Redis URL of the local stack.
 pub fn admin_redis_url() -> String {
     std::env::var("THUMBUP_ADMIN_REDIS_URL").unwrap_or_else(|_| "redis://default:thumbup-admin@127.0.0.1:26379".into())
@@ -556,6 +567,26 @@ pub struct LoadOutcome {
     pub ok: usize,
     pub refused: usize,
     pub sent: usize,
+    /// UNAVAILABLE replies ([`run_load_through_faults`] only).
+    pub unavailable: usize,
+    /// Records with an UNAVAILABLE reply: nothing was acknowledged, but a
+    /// call whose outcome the service could not know may have taken effect.
+    pub ambiguous: std::collections::BTreeSet<(i64, i64, i64)>,
+}
+
+/// True when an UNAVAILABLE status says when to retry (google.rpc.RetryInfo).
+pub fn has_retry_info(s: &tonic::Status) -> bool {
+    use tonic_types::StatusExt;
+    s.get_details_retry_info().is_some_and(|r| r.retry_delay.is_some())
+}
+
+/// Waits until the service decides tenant `name`'s writes on the DB path.
+pub async fn wait_db_path_open(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while thumbup_service::metrics::DB_PATH_OPEN.with_label_values(&[name]).get() != 1 {
+        assert!(Instant::now() < deadline, "the DB path never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Load shape.
@@ -579,6 +610,16 @@ pub fn owner_of(msg: i64) -> i64 {
 /// with a zipf-like item choice. Every reply must be OK or
 /// FAILED_PRECONDITION; anything else fails the test.
 pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
+    load_with(client, load, false).await
+}
+
+/// [`run_load`] while a server fails: UNAVAILABLE is allowed too (counted,
+/// its record noted as ambiguous), and must carry RetryInfo.
+pub async fn run_load_through_faults(client: &Client, load: Load) -> LoadOutcome {
+    load_with(client, load, true).await
+}
+
+async fn load_with(client: &Client, load: Load, faults: bool) -> LoadOutcome {
     use rand::Rng;
     let weights: Vec<f64> = (0..load.items).map(|i| 1.0 / ((i + 1) as f64).powf(1.1)).collect();
     let total: f64 = weights.iter().sum();
@@ -629,6 +670,11 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
                             keep_newest(&mut out.acked, (mid, load.business, msg), (reply.version, reply.state));
                         }
                         Err(s) if s.code() == tonic::Code::FailedPrecondition => out.refused += 1,
+                        Err(s) if faults && s.code() == tonic::Code::Unavailable => {
+                            assert!(has_retry_info(&s), "UNAVAILABLE without RetryInfo: {s:?}");
+                            out.unavailable += 1;
+                            out.ambiguous.insert((mid, load.business, msg));
+                        }
                         Err(s) => panic!("unexpected status for {action:?} by {mid} on {msg}: {s:?}"),
                     }
                 }
@@ -642,6 +688,8 @@ pub async fn run_load(client: &Client, load: Load) -> LoadOutcome {
         all.ok += o.ok;
         all.refused += o.refused;
         all.sent += o.sent;
+        all.unavailable += o.unavailable;
+        all.ambiguous.extend(o.ambiguous);
         for (k, v) in o.acked {
             keep_newest(&mut all.acked, k, v);
         }
@@ -658,8 +706,36 @@ pub async fn check_acked_and_states(client: &Client, t: &TenantConfig, acked: &A
 
 /// [`check_acked_and_states`] with the DB on the server at admin URL `url`.
 pub async fn check_acked_and_states_at(url: &str, client: &Client, t: &TenantConfig, acked: &Acked) {
+    check_settled_at(url, client, t, acked, &Default::default()).await
+}
+
+/// [`check_acked_and_states`], except that a record in `ambiguous` (a call
+/// with an unknown outcome) may have moved past its newest acknowledged
+/// write: it must hold that version or a newer one.
+pub async fn check_acked_and_states_except(
+    client: &Client,
+    t: &TenantConfig,
+    acked: &Acked,
+    ambiguous: &std::collections::BTreeSet<(i64, i64, i64)>,
+) {
+    check_settled_at(&admin_db_url(), client, t, acked, ambiguous).await
+}
+
+async fn check_settled_at(
+    url: &str,
+    client: &Client,
+    t: &TenantConfig,
+    acked: &Acked,
+    ambiguous: &std::collections::BTreeSet<(i64, i64, i64)>,
+) {
     let recs = records_at(url, t).await;
+    let versions = record_versions_at(url, t).await;
     for (key, (version, state)) in acked {
+        if ambiguous.contains(key) {
+            let v = versions.get(key).copied().unwrap_or(0);
+            assert!(v >= *version, "record {key:?}: holds v{v}, older than its acknowledged v{version}");
+            continue;
+        }
         assert_eq!(
             recs.get(key).copied(),
             Some(*state as i64),
