@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::Row;
 use thumbup_core::domain::{Action, State, transition};
-use thumbup_core::keys::{JOB_GROUP, Keys};
+use thumbup_core::keys::Keys;
 use thumbup_service::pb;
 use tonic::Code;
 
@@ -358,55 +358,6 @@ fn random_action(rng: &mut StdRng) -> Action {
     }
 }
 
-/// Whether a status carries a `google.rpc.RetryInfo` detail: a minimal
-/// protobuf walk of `grpc-status-details-bin` (google.rpc.Status, field 3
-/// repeated Any, Any field 1 the type URL); the tests crate has no prost.
-fn has_retry_info(s: &tonic::Status) -> bool {
-    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(*i)?;
-            *i += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    fn fields(b: &[u8]) -> Vec<(u64, &[u8])> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            let Some(key) = varint(b, &mut i) else { break };
-            match key & 7 {
-                0 => {
-                    if varint(b, &mut i).is_none() {
-                        break;
-                    }
-                }
-                1 => i += 8,
-                5 => i += 4,
-                2 => {
-                    let Some(len) = varint(b, &mut i) else { break };
-                    let end = i.saturating_add(len as usize);
-                    if end > b.len() {
-                        break;
-                    }
-                    out.push((key >> 3, &b[i..end]));
-                    i = end;
-                }
-                _ => break,
-            }
-        }
-        out
-    }
-    fields(s.details())
-        .into_iter()
-        .filter(|(f, _)| *f == 3)
-        .any(|(_, any)| fields(any).into_iter().any(|(f, url)| f == 1 && url.ends_with(b"google.rpc.RetryInfo")))
-}
-
 async fn send(c: &Client, task: usize, kind: Kind, mid: i64, msg: i64, action: Action) -> Sent {
     let send = Instant::now();
     let r = tokio::time::timeout(REQUEST_TIMEOUT, c.act(BIZ, msg, mid, owner_of(msg), to_pb(action))).await;
@@ -589,52 +540,16 @@ async fn db_records(t: &thumbup_core::config::TenantConfig) -> BTreeMap<Rec, (i6
         .collect()
 }
 
-/// Entries not yet delivered to the job's group, counted by id after the
-/// group's last-delivered-id. (`common::undelivered` trusts the group's
-/// `lag`, which Redis misreports after a restart from the append-only file:
-/// seen here as lag 4241 with every entry delivered and none pending.)
-async fn undelivered_by_id(keys: &Keys) -> i64 {
-    let mut r = admin_redis().await;
-    let mut total = 0;
-    for shard in 0..keys.shards() {
-        let key = keys.stream(shard);
-        let groups: Vec<HashMap<String, redis::Value>> =
-            redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut r).await.unwrap_or_default();
-        let last = groups
-            .iter()
-            .find(|g| {
-                g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP)
-            })
-            .and_then(|g| g.get("last-delivered-id").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()));
-        total += match last {
-            Some(id) => {
-                let after: Vec<redis::Value> = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(format!("({id}"))
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(100_000)
-                    .query_async(&mut r)
-                    .await
-                    .unwrap_or_default();
-                after.len() as i64
-            }
-            None => redis::cmd("XLEN").arg(&key).query_async::<i64>(&mut r).await.unwrap_or(0),
-        };
-    }
-    total
-}
-
 /// Waits until the stream is drained; false (no panic) after `within`.
 async fn drained(keys: &Keys, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
-        let (u, p) = (undelivered_by_id(keys).await, pending(keys).await);
+        let (u, p) = (undelivered(keys).await, pending(keys).await);
         if u == 0 && p == 0 {
             return true;
         }
         if Instant::now() >= deadline {
-            println!("not drained: {u} undelivered (by id; {} by group lag), {p} pending", undelivered(keys).await);
+            println!("not drained: {u} undelivered, {p} pending");
             return false;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

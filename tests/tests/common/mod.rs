@@ -352,24 +352,35 @@ pub async fn pending(keys: &Keys) -> i64 {
     total
 }
 
-/// Entries not yet delivered to the job's group (or all, before the group exists).
+/// Entries not yet delivered to the job's group (or all, before the group
+/// exists), counted by id after the group's last delivered id: the group's
+/// `lag` field is not exact after Redis restarts from its append-only file.
 pub async fn undelivered(keys: &Keys) -> i64 {
     let mut r = admin_redis().await;
     let mut total = 0;
     for shard in 0..keys.shards() {
         let key = keys.stream(shard);
-        let groups: redis::RedisResult<Vec<HashMap<String, redis::Value>>> =
-            redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut r).await;
-        let lag = groups.ok().and_then(|gs| {
-            gs.iter()
-                .find(|g| {
-                    g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref()
-                        == Some(JOB_GROUP)
-                })
-                .and_then(|g| g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()))
-        });
-        total += match lag {
-            Some(l) => l,
+        let groups: Vec<HashMap<String, redis::Value>> =
+            redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut r).await.unwrap_or_default();
+        let last = groups
+            .iter()
+            .find(|g| {
+                g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP)
+            })
+            .and_then(|g| g.get("last-delivered-id").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()));
+        total += match last {
+            Some(id) => {
+                let after: Vec<redis::Value> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(format!("({id}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(100_000)
+                    .query_async(&mut r)
+                    .await
+                    .unwrap_or_default();
+                after.len() as i64
+            }
             None => redis::cmd("XLEN").arg(&key).query_async::<i64>(&mut r).await.unwrap_or(0),
         };
     }
