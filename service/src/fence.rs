@@ -80,6 +80,8 @@ enum Local {
     Open(i64),
     /// The DB path is closed; the cache is being cleaned.
     Closing,
+    /// No longer served by this process: its lease was shortened.
+    Released,
 }
 
 /// Writes acknowledged through Redis whose stream entries may not be
@@ -240,7 +242,8 @@ impl Fence {
 
     fn set_local(&self, l: Local) {
         let mut cur = self.local.lock().expect("fence lock");
-        if *cur != l {
+        // Released is final: a step still running must not revive it.
+        if *cur != l && *cur != Local::Released {
             let redis = l == Local::Redis;
             self.redis_writes.store(redis, Ordering::Release);
             self.redis_reads.store(redis, Ordering::Release);
@@ -338,6 +341,9 @@ impl Fence {
         P: AsyncFnOnce() -> bool,
         D: AsyncFnOnce() -> Result<usize, String>,
     {
+        if self.local() == Local::Released {
+            return;
+        }
         let mut view = match fence::view(pool).await {
             Ok(v) => v,
             Err(e) => {
@@ -502,7 +508,7 @@ impl Fence {
     /// no longer served by this process): once the job has applied what it
     /// acknowledged, it no longer holds the DB path shut.
     pub(crate) async fn release(&self, pool: &sqlx::MySqlPool, redis_timeout: Duration) {
-        self.redis_writes.store(false, Ordering::Release);
+        self.set_local(Local::Released);
         drop(self.in_flight.write().await);
         let until = now_ms() + redis_timeout.as_millis() as i64;
         if let Err(e) = fence::release_lease(pool, &self.instance, until).await {

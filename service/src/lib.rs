@@ -107,13 +107,17 @@ pub async fn run_with(
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
     // ~40 ms.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg)))
+        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .await;
     watcher.abort();
+    // In-flight requests are done: end this process's write leases, so a
+    // Redis outage right after a rolling restart finds no writer to wait for.
+    reg.release_all().await;
+    served?;
     Ok(())
 }

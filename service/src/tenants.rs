@@ -332,6 +332,17 @@ impl Registry {
         &self.scripts
     }
 
+    /// Stops writing through Redis for every tenant and shortens this
+    /// process's write leases to the Redis timeout (at shutdown): once the
+    /// job has applied what this process acknowledged, it no longer holds
+    /// any tenant's DB path shut.
+    pub async fn release_all(&self) {
+        let tenants: Vec<Arc<Tenant>> = self.current.read().expect("registry lock").values().cloned().collect();
+        for t in tenants {
+            t.fence.release(&t.db, self.redis_timeout).await;
+        }
+    }
+
     /// The tenant named `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Tenant>> {
         self.current.read().expect("registry lock").get(name).cloned()

@@ -287,3 +287,66 @@ async fn redis_killed_right_after_acknowledged_writes_loses_none_of_them() {
     println!("redis kill: {} acknowledged records survived", out.acked.len());
     w.stop().await;
 }
+
+/// The DB path opens only once every process that may have acknowledged
+/// writes through Redis has published them: a writer that neither published
+/// nor let its lease end below the watermarks (here a row standing for a
+/// process that died mid-lease) keeps it shut, and writes are UNAVAILABLE
+/// instead of being decided on a DB that may miss its acknowledged writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_that_has_not_published_keeps_the_db_path_shut() {
+    let _one = SERVERS.lock().await;
+    let w = World::start("holdout", &tenant_yaml("e2e-holdout", &[BIZ], "")).await;
+    let t = w.tenant("e2e-holdout").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    let _job = w.job("e2e-holdout", 200);
+    let c = w.client_of("e2e-holdout").await;
+    c.act(BIZ, 1, 1, owner_of(1), pb::Action::Like).await.unwrap();
+    wait_drained(&k, Duration::from_secs(60)).await;
+    // Another writer, mid-lease, that will never publish.
+    let mut db = admin_db(&t).await;
+    let until = thumbup_core::version::now_ms() + 600_000;
+    sqlx::query("INSERT INTO fence_writers (instance, lease_until_ms, published_epoch) VALUES ('crashed', ?, -1)")
+        .bind(until)
+        .execute(&mut db)
+        .await
+        .unwrap();
+
+    stack(&["stop", "redis"]);
+    let guard = Restart("redis");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut refused = 0;
+    while std::time::Instant::now() < deadline {
+        match c.act(BIZ, 2, 1, owner_of(2), pb::Action::Like).await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                assert!(has_retry_info(&s), "{s:?}");
+                refused += 1;
+            }
+            other => panic!("decided while a writer has not published: {other:?}"),
+        }
+        assert_eq!(thumbup_service::metrics::DB_PATH_OPEN.with_label_values(&[&t.name]).get(), 0);
+    }
+    assert!(refused > 0);
+    assert!(!records(&t).await.contains_key(&(1, BIZ, 2)), "a refused write left a record");
+    // Its lease ends below the watermarks: all it acknowledged is applied.
+    sqlx::query("UPDATE fence_writers SET lease_until_ms = 1 WHERE instance = 'crashed'")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    wait_db_path_open(&t.name).await;
+    let r = c.act(BIZ, 2, 1, owner_of(2), pb::Action::Like).await.expect("the DB path decides once nothing holds it");
+    assert_eq!(r.state, pb::State::Like as i32);
+    assert_eq!(
+        c.act(BIZ, 1, 1, owner_of(1), pb::Action::Like).await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition,
+        "the DB path decides on the applied state"
+    );
+    drop(guard);
+    wait_redis_back(&t.name).await;
+    w.stop().await;
+    // A service that shuts down ends its leases: it holds no DB path shut.
+    let longest: i64 =
+        sqlx::query_scalar("SELECT MAX(lease_until_ms) FROM fence_writers").fetch_one(&mut db).await.unwrap();
+    let now = thumbup_core::version::now_ms();
+    assert!(longest <= now + 2_000, "a stopped service still holds a lease until {longest} (now {now})");
+}
