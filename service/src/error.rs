@@ -49,9 +49,10 @@ pub enum Error {
     #[error("tenant {0:?}: database unavailable (recent connection failure; retry shortly)")]
     DbDown(String),
     /// The write cannot be decided against its record's newest acknowledged
-    /// state now (the write fence is moving, the outcome of a call is
-    /// unknown, the DB may lag); nothing was written. Retryable.
-    #[error("tenant {tenant:?}: write refused, nothing was written: {why}")]
+    /// state now (the write fence is moving, the DB may lag), and nothing was
+    /// written; or its Redis call failed midway and its outcome is unknown
+    /// (`why` says which). Retryable.
+    #[error("tenant {tenant:?}: write not acknowledged: {why}")]
     Unavailable {
         /// Tenant.
         tenant: String,

@@ -49,8 +49,20 @@ pub const POLL_SERVING: Duration = Duration::from_millis(250);
 /// See [`POLL_SERVING`].
 pub const POLL_MOVING: Duration = Duration::from_millis(50);
 
-/// How long a write waits for the DB path to open before UNAVAILABLE.
-pub const OPEN_WAIT: Duration = Duration::from_millis(500);
+/// How long a write waits for a path to decide it (the DB path to open, or
+/// Redis to decide again) before UNAVAILABLE.
+pub const PATH_WAIT: Duration = Duration::from_millis(500);
+
+/// Which path decides this process's writes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Redis (under the lease).
+    Redis,
+    /// The DB path of this fence epoch.
+    Db(i64),
+    /// Neither: the fence is moving.
+    Moving,
+}
 
 /// Allowed difference between this process's clock and Redis's, for the
 /// cache-miss rule (a state key that expired was last written at least a
@@ -191,8 +203,8 @@ pub struct Fence {
     in_flight: RwLock<()>,
     tracked: Mutex<Tracked>,
     view: Mutex<Option<View>>,
-    /// The open DB path's epoch, for writes waiting for it.
-    open: watch::Sender<Option<i64>>,
+    /// Which path decides writes, for writes waiting for one.
+    path: watch::Sender<Path>,
     /// Wakes the fence loop early (a failure seen by a request).
     pub(crate) wake: Notify,
     /// When a holdout or an unreadable fence was last logged.
@@ -225,7 +237,7 @@ impl Fence {
             in_flight: RwLock::new(()),
             tracked: Mutex::new(Tracked::new(shards)),
             view: Mutex::new(None),
-            open: watch::channel(None).0,
+            path: watch::channel(Path::Moving).0,
             wake: Notify::new(),
             last_holdout_log: Mutex::new(None),
         }
@@ -248,12 +260,13 @@ impl Fence {
             self.redis_writes.store(redis, Ordering::Release);
             self.redis_reads.store(redis, Ordering::Release);
             metrics::REDIS_DOWN.with_label_values(&[&self.tenant]).set(if redis { 0 } else { 1 });
-            let open = match l {
-                Local::Open(e) => Some(e),
-                _ => None,
+            let path = match l {
+                Local::Redis => Path::Redis,
+                Local::Open(e) => Path::Db(e),
+                _ => Path::Moving,
             };
-            self.open.send_replace(open);
-            metrics::DB_PATH_OPEN.with_label_values(&[&self.tenant]).set(i64::from(open.is_some()));
+            self.path.send_replace(path);
+            metrics::DB_PATH_OPEN.with_label_values(&[&self.tenant]).set(i64::from(matches!(path, Path::Db(_))));
             info!(tenant = %self.tenant, from = ?*cur, to = ?l, "write fence");
             *cur = l;
         }
@@ -313,14 +326,21 @@ impl Fence {
         self.wake.notify_one();
     }
 
-    /// The epoch of the open DB path, waiting up to `wait` for it to open.
-    pub async fn wait_open(&self, wait: Duration) -> Option<i64> {
-        let mut rx = self.open.subscribe();
-        let got = tokio::time::timeout(wait, rx.wait_for(|o| o.is_some())).await;
-        match got {
-            Ok(Ok(epoch)) => *epoch,
-            _ => None,
+    /// The path that decides writes, waiting up to `wait` while the fence
+    /// is moving.
+    pub async fn wait_path(&self, wait: Duration) -> Path {
+        let mut rx = self.path.subscribe();
+        match tokio::time::timeout(wait, rx.wait_for(|p| *p != Path::Moving)).await {
+            Ok(Ok(p)) => *p,
+            _ => Path::Moving,
         }
+    }
+
+    /// Redis answered late or not at all for one call: have the fence loop
+    /// check it now (a PING that fails asks for the DB path; one slow
+    /// answer does not).
+    pub fn check_soon(&self) {
+        self.wake.notify_one();
     }
 
     /// True when a state that Redis does not cache can be read from the DB

@@ -54,12 +54,13 @@ pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Writes refused with UNAVAILABLE because their record's newest
-/// acknowledged state could not be known, by reason.
+/// Writes answered UNAVAILABLE because their record's newest acknowledged
+/// state could not be known, by reason (`unknown_outcome`: the Redis call
+/// failed midway and may have acted; every other reason wrote nothing).
 pub static WRITES_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "thumbup_service_writes_refused_total",
-        "writes refused (UNAVAILABLE, nothing written) because the record's newest state could not be known",
+        "writes answered UNAVAILABLE because the record's newest state could not be known (unknown_outcome: the redis call failed midway; other reasons wrote nothing)",
         &["tenant", "reason"]
     )
     .expect("metric registers once")

@@ -32,8 +32,9 @@ fn redis_err(t: &Tenant, source: redis::RedisError) -> Error {
     Error::Redis { tenant: t.name().to_string(), source }
 }
 
-/// Runs `f` against Redis; an outage marks Redis down and yields `None`, so
-/// the caller serves from the DB.
+/// Runs `f` against Redis; an outage yields `None`, so the caller serves
+/// from the DB. A broken connection takes the tenant off Redis; a slow
+/// answer only has the fence loop check Redis now.
 async fn try_redis<T, F>(t: &Tenant, f: F) -> Result<Option<T>, Error>
 where
     F: Future<Output = Result<T, redis::RedisError>>,
@@ -44,7 +45,11 @@ where
     match f.await {
         Ok(v) => Ok(Some(v)),
         Err(e) if cache::is_unreachable(&e) => {
-            t.mark_redis_down(&e);
+            if e.is_timeout() {
+                t.fence.check_soon();
+            } else {
+                t.mark_redis_down(&e);
+            }
             Ok(None)
         }
         Err(e) => Err(redis_err(t, e)),

@@ -14,7 +14,7 @@ use thumbup_core::version::now_ms;
 use tracing::instrument;
 
 use crate::error::Error;
-use crate::fence;
+use crate::fence::{self, Path};
 use crate::metrics;
 use crate::read;
 use crate::tenants::{Registry, Tenant};
@@ -52,24 +52,70 @@ fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
 
 /// Applies one write: through Redis while the fence lets this process
 /// write there, else on the DB path once it is open; UNAVAILABLE when the
-/// record's newest acknowledged state cannot be known.
+/// record's newest acknowledged state cannot be known. A write that had no
+/// effect (Redis started its script late; the fence moved under it) tries
+/// again on whichever path decides, within [`fence::PATH_WAIT`].
 #[instrument(skip(reg, t), fields(tenant = %t.name()))]
 pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
-    match via_redis(reg, t, w).await? {
-        Some(done) => Ok(done),
-        None => via_db(t, w).await,
+    let until = Instant::now() + fence::PATH_WAIT;
+    let mut late = false;
+    loop {
+        match via_redis(reg, t, w).await? {
+            Attempt::Done(done) => return Ok(done),
+            Attempt::Late if !late => {
+                // Redis answered, late: once more through Redis; a second
+                // late start is UNAVAILABLE. A slow answer alone does not
+                // take the tenant off Redis; the fence loop's PING decides.
+                late = true;
+                t.fence.check_soon();
+                continue;
+            }
+            Attempt::Late => {
+                return Err(refused(t, "redis_late", "redis started the transition script after its deadline twice"));
+            }
+            Attempt::NotPermitted => {}
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        match t.fence.wait_path(left).await {
+            Path::Db(epoch) => match via_db(t, w, epoch).await {
+                // Closed under it (Redis came back): nothing was written.
+                Err(Error::Unavailable { .. }) if t.fence.redis_writes() && Instant::now() < until => continue,
+                other => return other,
+            },
+            Path::Redis if Instant::now() < until => {
+                // Redis decides, but this process could not write there
+                // (the lease is about to end): wait a moment.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => {
+                return Err(refused(
+                    t,
+                    "fence_moving",
+                    "redis is not deciding writes and the database path is not open (writers are publishing, or redis is coming back)",
+                ));
+            }
+        }
     }
 }
 
-fn refused(t: &Tenant, reason: &'static str, why: impl Into<String>) -> Error {
-    metrics::WRITES_REFUSED.with_label_values(&[t.name(), reason]).inc();
-    Error::Unavailable { tenant: t.name().to_string(), why: why.into() }
+/// What a write through Redis did.
+enum Attempt {
+    /// Decided and acknowledged.
+    Done(Written),
+    /// Not sent: writes do not go through Redis here now.
+    NotPermitted,
+    /// Redis started the script after its deadline: no effect.
+    Late,
 }
 
-/// The write through Redis; `None` when it did not go through Redis and had
-/// no effect there (the fence is moving, or Redis stalled before the
-/// script started), so the DB path may decide it once open.
-async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Option<Written>, Error> {
+/// UNAVAILABLE for a write that was not decided: nothing was written.
+fn refused(t: &Tenant, reason: &'static str, why: impl std::fmt::Display) -> Error {
+    metrics::WRITES_REFUSED.with_label_values(&[t.name(), reason]).inc();
+    Error::Unavailable { tenant: t.name().to_string(), why: format!("{why}; nothing was written") }
+}
+
+/// The write through Redis.
+async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Error> {
     let mut con = t.redis.clone();
     let shard = t.keys.shard_of(w.mid);
     let record = (w.mid, w.business_id, w.message_id);
@@ -83,7 +129,7 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Option<Writte
         deadline_ms: 0,
     };
     loop {
-        let Some(permit) = t.fence.redis_permit().await else { return Ok(None) };
+        let Some(permit) = t.fence.redis_permit().await else { return Ok(Attempt::NotPermitted) };
         // Half the client-side timeout: a script that Redis starts later
         // than this (a stall) must not act, as its caller may have given
         // up; and never after this process's write lease.
@@ -96,22 +142,22 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Option<Writte
                 t.fence.unknown_outcome(shard, args.deadline_ms, record);
                 drop(permit);
                 if cache::is_unreachable(&source) {
-                    t.mark_redis_down(&source);
-                    return Err(refused(
-                        t,
-                        "unknown_outcome",
-                        format!(
-                            "redis failed during the write ({source}); its outcome is unknown until redis answers again"
+                    if source.is_timeout() {
+                        t.fence.check_soon();
+                    } else {
+                        t.mark_redis_down(&source);
+                    }
+                    metrics::WRITES_REFUSED.with_label_values(&[t.name(), "unknown_outcome"]).inc();
+                    return Err(Error::Unavailable {
+                        tenant: t.name().to_string(),
+                        why: format!(
+                            "redis failed during the write ({source}); whether it took effect is known once redis answers again"
                         ),
-                    ));
+                    });
                 }
                 return Err(Error::Redis { tenant: t.name().to_string(), source });
             }
-            Ok(Transition::Expired) => {
-                drop(permit);
-                t.fence.redis_failed(&"transition script started after its deadline (Redis stalled)");
-                return Ok(None);
-            }
+            Ok(Transition::Expired) => return Ok(Attempt::Late),
             Ok(Transition::NeedSeed) if args.seed == Seed::NotLoaded => {
                 drop(permit);
                 args.seed = seed(t, w, shard).await?;
@@ -146,7 +192,7 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Option<Writte
                     dislikes: (before.dislikes + d.dislikes).max(0),
                     version: before.version,
                 };
-                return Ok(Some(Written { state, counts, version }));
+                return Ok(Attempt::Done(Written { state, counts, version }));
             }
         }
     }
@@ -176,14 +222,7 @@ async fn seed(t: &Tenant, w: Write, shard: u32) -> Result<Seed, Error> {
     }
 }
 
-async fn via_db(t: &Tenant, w: Write) -> Result<Written, Error> {
-    let Some(epoch) = t.fence.wait_open(fence::OPEN_WAIT).await else {
-        return Err(refused(
-            t,
-            "fence_moving",
-            "redis is not deciding writes and the database path is not open (writers are publishing, or redis is coming back)",
-        ));
-    };
+async fn via_db(t: &Tenant, w: Write, epoch: i64) -> Result<Written, Error> {
     if !t.allow_fallback() {
         return Err(Error::RateLimited { tenant: t.name().to_string(), limit: "db_fallback_per_sec (redis is down)" });
     }
