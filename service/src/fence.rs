@@ -319,6 +319,7 @@ impl Fence {
             warn!(tenant = %self.tenant, error = %why, "redis failed: stopping writes through it and asking for the DB path");
             self.redis_writes.store(false, Ordering::Release);
             metrics::REDIS_DOWN.with_label_values(&[&self.tenant]).set(1);
+            self.path.send_replace(Path::Moving);
             *cur = Local::Suspect;
         }
         self.redis_reads.store(false, Ordering::Release);
@@ -334,6 +335,11 @@ impl Fence {
             Ok(Ok(p)) => *p,
             _ => Path::Moving,
         }
+    }
+
+    /// The path that decides writes now.
+    pub fn path(&self) -> Path {
+        *self.path.borrow()
     }
 
     /// Redis answered late or not at all for one call: have the fence loop

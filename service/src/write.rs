@@ -78,8 +78,15 @@ pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error
         let left = until.saturating_duration_since(Instant::now());
         match t.fence.wait_path(left).await {
             Path::Db(epoch) => match via_db(t, w, epoch).await {
-                // Closed under it (Redis came back): nothing was written.
-                Err(Error::Unavailable { .. }) if t.fence.redis_writes() && Instant::now() < until => continue,
+                Err(e @ Error::Unavailable { .. }) => {
+                    // Refused without writing. If the fence moved on (the DB
+                    // path closed under it: Redis is back), the next path
+                    // decides it; an unsettled record stays refused.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if t.fence.path() == Path::Db(epoch) || Instant::now() >= until {
+                        return Err(e);
+                    }
+                }
                 other => return other,
             },
             Path::Redis if Instant::now() < until => {
