@@ -152,10 +152,17 @@ pub fn acl_rules(tenant: &str, password: &str) -> Vec<String> {
     rules
 }
 
+/// How long an admin Redis command may take.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn redis_admin(admin_url: &str, tenant: &str) -> Result<redis::aio::MultiplexedConnection, ProvisionError> {
     let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
     let client = redis::Client::open(admin_url).map_err(err)?;
-    client.get_multiplexed_async_connection().await.map_err(err)
+    // Admin commands can take long on a busy server (ACL SAVE writes and
+    // fsyncs the ACL file; UNLINK of many keys): not the client's default
+    // 500 ms response timeout, which failed provisioning under load.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(ADMIN_TIMEOUT));
+    client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)
 }
 
 /// `ACL SAVE`, so users survive a restart. A Redis started without an ACL

@@ -250,7 +250,9 @@ pub async fn db_user_exists(user: &str) -> bool {
 
 /// An admin Redis connection.
 pub async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    // Not the client's default 500 ms: a loaded test machine stalls longer.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(10)));
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.unwrap()
 }
 
 /// `ACL GETUSER user` rendered as text (empty when the user does not exist).

@@ -107,7 +107,13 @@ pub async fn reset_tenant(t: &TenantConfig) {
 
 /// An admin Redis connection.
 pub async fn admin_redis() -> MultiplexedConnection {
-    redis::Client::open(admin_redis_url()).unwrap().get_multiplexed_async_connection().await.expect("admin Redis")
+    // Not the client's default 500 ms: a loaded test machine stalls longer.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(admin_redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("admin Redis")
 }
 
 /// A test world: a config file with the given tenants, reset and provisioned,
