@@ -24,12 +24,16 @@ async fn counts_are_exact_under_concurrent_load_with_double_clicks() {
     let _job = w.job("e2e-load", 200);
     let c = w.client_of("e2e-load").await;
     let load = Load { clients: 32, actions: 20_000, users: 200, items: 50, business: BIZ, double_clicks: 0.1 };
-    let out = run_load(&c, load).await;
+    // A loaded machine can stall Redis past the service's timeout: such a
+    // call is UNAVAILABLE with an unknown outcome (never decided on stale
+    // data), so its record is only checked to hold its acknowledged version
+    // or a newer one.
+    let out = run_load_through_faults(&c, load).await;
     assert!(out.sent >= 20_000 && out.ok > 5_000 && out.refused > 0, "{out:?}");
     wait_drained(&keys(&w, "e2e-load"), Duration::from_secs(60)).await;
     let t = w.tenant("e2e-load");
     let seen = check_exact(t).await;
-    check_acked_and_states(&c, t, &out.acked).await;
+    check_acked_and_states_except(&c, t, &out.acked, &out.ambiguous).await;
     // Served counts (cache or DB) equal the DB too.
     let items: Vec<i64> = (1..=50).collect();
     let served = c.counts(BIZ, &items).await.unwrap();
@@ -37,8 +41,8 @@ async fn counts_are_exact_under_concurrent_load_with_double_clicks() {
     assert_eq!(total, seen.likes, "GetCounts sums to the liked records");
     let degraded = thumbup_service::metrics::DEGRADED_WRITES.with_label_values(&["e2e-load"]).get();
     println!(
-        "load: sent {} ok {} refused {} (degraded to the DB path: {degraded}); {} items, {} owners, {} cached counts checked",
-        out.sent, out.ok, out.refused, seen.items, seen.owners, seen.cached_counts
+        "load: sent {} ok {} refused {} unavailable {} (degraded to the DB path: {degraded}); {} items, {} owners, {} cached counts checked",
+        out.sent, out.ok, out.refused, out.unavailable, seen.items, seen.owners, seen.cached_counts
     );
     w.stop().await;
 }
@@ -52,7 +56,8 @@ async fn job_killed_mid_batch_loses_and_doubles_nothing() {
     let load = Load { clients: 32, actions: 20_000, users: 200, items: 50, business: BIZ, double_clicks: 0.1 };
     let loader = tokio::spawn({
         let c = c.clone();
-        async move { run_load(&c, load).await }
+        // UNAVAILABLE allowed (a Redis stall on a loaded machine), as above.
+        async move { run_load_through_faults(&c, load).await }
     });
     let mut kills = 0;
     while kills < 3 || !loader.is_finished() {
@@ -76,7 +81,7 @@ async fn job_killed_mid_batch_loses_and_doubles_nothing() {
     wait_drained(&k, Duration::from_secs(60)).await;
     let t = w.tenant("e2e-crash");
     check_exact(t).await;
-    check_acked_and_states(&c, t, &out.acked).await;
+    check_acked_and_states_except(&c, t, &out.acked, &out.ambiguous).await;
     println!("crash: {kills} kills mid-batch, {} starts; sent {} ok {}", job.starts, out.sent, out.ok);
     w.stop().await;
 }
