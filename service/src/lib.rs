@@ -13,7 +13,9 @@ pub mod api;
 pub mod error;
 pub mod fence;
 pub mod hot;
+pub mod limits;
 pub mod metrics;
+pub mod page;
 pub mod read;
 pub mod tenants;
 pub mod write;
@@ -49,6 +51,8 @@ pub struct Options {
     /// Set once the tenants are loaded and the server accepts requests,
     /// cleared at shutdown (served as `/readyz`).
     pub ready: Option<Arc<AtomicBool>>,
+    /// The server's bounds: request time, concurrency, metadata size.
+    pub limits: limits::ServerLimits,
 }
 
 /// How [`run_with`] reads the config file's credentials and whether the
@@ -107,11 +111,22 @@ pub async fn run_with(
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
     // ~40 ms.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let l = &opts.limits;
+    let bounds = tower::ServiceBuilder::new()
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(l.max_in_flight))
+        .layer(limits::MetadataLimitLayer::new(l.max_metadata_bytes));
     let served = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(256)
+        .http2_max_header_list_size(limits::HEADER_LIST_BYTES)
+        .max_concurrent_streams(l.max_streams_per_connection)
+        .concurrency_limit_per_connection(l.max_streams_per_connection as usize)
+        // A little after the write path's own deadline, so that a late
+        // write answers UNAVAILABLE (outcome unknown) rather than CANCELLED.
+        .timeout(l.request_timeout + Duration::from_millis(250))
+        .layer(bounds)
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone())))
+        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone(), l.request_timeout)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     watcher.abort();

@@ -130,6 +130,11 @@ pub struct World {
 impl World {
     /// `tenants_yaml` is the list under `tenants:` (from [`tenant_yaml`]).
     pub async fn start(test: &str, tenants_yaml: &str) -> World {
+        World::start_with(test, tenants_yaml, thumbup_service::limits::ServerLimits::default()).await
+    }
+
+    /// [`World::start`] with a server bounded by `limits`.
+    pub async fn start_with(test: &str, tenants_yaml: &str, limits: thumbup_service::limits::ServerLimits) -> World {
         let dir = world_dir(test);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -147,6 +152,7 @@ impl World {
             config: config_path.clone(),
             redis_timeout: Duration::from_millis(1000),
             ready: None,
+            limits,
         };
         let server = tokio::spawn(thumbup_service::run(opts, listener, async {
             let _ = rx.await;
