@@ -10,6 +10,7 @@ use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
 use thumbup_core::event::LikeEvent;
 use thumbup_core::fence::Shut;
+use thumbup_core::functions;
 use thumbup_core::version::now_ms;
 use tracing::instrument;
 
@@ -143,6 +144,12 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
         args.deadline_ms = (now_ms() + (reg.redis_timeout().as_millis() / 2) as i64).min(permit.lease_until);
         let outcome = reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await;
         match outcome {
+            Err(source) if functions::is_not_loaded(&source) => {
+                // Redis has no such function (this release's library is not
+                // loaded there yet): nothing ran, the outcome is known.
+                drop(permit);
+                return Err(refused(t, "functions_not_loaded", source));
+            }
             Err(source) => {
                 // The script may have run: until Redis answers again, the
                 // DB cannot know this record's state.
