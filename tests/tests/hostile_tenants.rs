@@ -65,8 +65,8 @@ enum Refuser {
 enum Attempt {
     /// A command with the tenant's Redis ACL user.
     Redis(redis::Cmd),
-    /// `probe` with the tenant's Redis user, then, only if Redis refused it
-    /// as `refused_by` wants, `attempt`. For attempts that would stall the
+    /// `probe` with the tenant's Redis user, then, only if the ACL refused
+    /// it, `attempt`. For attempts that would stall the
     /// shared Redis if they ran: a broken ACL fails the row without sending
     /// them.
     Guarded { probe: redis::Cmd, attempt: redis::Cmd },
@@ -159,7 +159,10 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
         redis_row("FUNCTION RESTORE ... FLUSH", &["FUNCTION", "RESTORE", "x", "FLUSH"]),
         redis_row("FUNCTION KILL (another tenant's running function)", &["FUNCTION", "KILL"]),
         redis_row("FUNCTION LIST WITHCODE (every library's code)", &["FUNCTION", "LIST", "WITHCODE"]),
-        // Commands that block a connection or the server.
+        // Commands that block a connection or the server. (XREADGROUP,
+        // which the job sends without BLOCK, stays allowed: ACL rules
+        // cannot tell its arguments apart, and a blocked read holds only
+        // the tenant's own connection.)
         redis_row("BLPOP on its own key", &["BLPOP", &own_list, "1"]),
         redis_row("BLMOVE on its own keys", &["BLMOVE", &own_list, &own_list, "LEFT", "RIGHT", "1"]),
         redis_row("BZPOPMIN on its own liked list", &["BZPOPMIN", &own_list, "1"]),
