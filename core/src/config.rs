@@ -452,10 +452,7 @@ impl TenantConfig {
     }
 }
 
-/// The default schema of a tenant: `thumbup_<name>`, `-` written `_`.
-pub fn schema_for(tenant: &str) -> String {
-    format!("thumbup_{}", tenant.replace('-', "_"))
-}
+pub use crate::names::schema_for;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,7 @@
 //! - [`version`]: snowflake-style record versions.
 //! - [`config`]: the tenant YAML config.
 //! - [`keys`]: the Redis key layout under `thumbup:<tenant>:`.
+//! - [`names`]: the schema and account names derived from a tenant name, and the reserved schemas.
 //! - [`event`]: the stream event codec.
 //! - [`cache`]: Redis connection, the atomic transition script, versioned cache writes.
 //! - [`db`]: migrations, reads, the job's batched apply, the DB fallback transition.
@@ -22,6 +23,7 @@ pub mod domain;
 pub mod event;
 pub mod fence;
 pub mod keys;
+pub mod names;
 pub mod provision;
 pub mod route;
 pub mod version;
