@@ -21,9 +21,16 @@ pub const CONTROL_SCHEMA: &str = "thumbup__control";
 pub const CONTROL_KEY: &str = "thumbup-control:owners";
 
 /// Schemas of the DB servers themselves (MySQL, MariaDB, TiDB) and the
-/// control schema: a tenant never gets a grant on them.
-const RESERVED_SCHEMAS: &[&str] =
-    &["mysql", "information_schema", "performance_schema", "sys", "metrics_schema", "lightning_task_info"];
+/// control schema, in lower case: a tenant never gets a grant on them.
+pub const RESERVED_SCHEMAS: &[&str] = &[
+    "mysql",
+    "information_schema",
+    "performance_schema",
+    "sys",
+    "metrics_schema",
+    "lightning_task_info",
+    CONTROL_SCHEMA,
+];
 
 /// The default schema of a tenant: `thumbup_<name>`, `-` written `_` (at
 /// most 39 characters for a 31-character name; schemas may have 64).
@@ -35,7 +42,7 @@ pub fn schema_for(tenant: &str) -> String {
 /// case-insensitively (TiDB, and MySQL on some platforms, fold case).
 pub fn reserved_schema(schema: &str) -> bool {
     let s = schema.to_ascii_lowercase();
-    RESERVED_SCHEMAS.contains(&s.as_str()) || s == CONTROL_SCHEMA
+    RESERVED_SCHEMAS.contains(&s.as_str())
 }
 
 /// The tenant's DB user: `thumbup_<name>` (`-` written `_`) when that fits

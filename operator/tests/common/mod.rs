@@ -15,6 +15,7 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
 use sqlx::mysql::MySqlConnectOptions;
+use thumbup_core::names;
 use thumbup_core::route::{FailoverRecord, Route, Transition, TransitionKind};
 use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::crd::{Business, LikeTenant, LikeTenantSpec};
@@ -273,15 +274,40 @@ pub async fn keys_under(url: &str, prefix: &str) -> Vec<String> {
     keys
 }
 
-/// Removes whatever an earlier run left of tenant `name` (schema, users, keys).
+/// Removes whatever an earlier run left of tenant `name` (schema, users,
+/// keys and their ownership records), whoever holds them.
 pub async fn forget(name: &str) {
-    let schema = thumbup_core::config::schema_for(name);
-    let user = thumbup_operator::resources::db_username(name);
-    thumbup_core::provision::drop_db(&admin_db_url(), name, &schema, &user).await.unwrap();
+    forget_schema(&names::schema_for(name)).await;
+    let user = names::db_user(name);
+    let mut con = admin_db().await;
+    for s in [
+        format!("DROP USER IF EXISTS '{user}'@'%'"),
+        format!("DELETE FROM `{}`.owners WHERE kind = 'db_user' AND name = '{user}'", names::CONTROL_SCHEMA),
+    ] {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await;
+    }
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        thumbup_core::provision::drop_redis_user(&url, name, &thumbup_operator::resources::redis_username(name))
-            .await
-            .unwrap();
+        let mut r = redis_admin(&url).await;
+        let user = names::redis_user(name);
+        let _: () = redis::cmd("ACL").arg("DELUSER").arg(&user).query_async(&mut r).await.unwrap();
+        let _: () = redis::cmd("HDEL").arg(names::CONTROL_KEY).arg(&user).query_async(&mut r).await.unwrap();
         thumbup_core::provision::delete_keys(&url, name).await.unwrap();
     }
+}
+
+/// Drops `schema` and its ownership record, whoever holds it.
+pub async fn forget_schema(schema: &str) {
+    let mut con = admin_db().await;
+    for s in [
+        format!("DROP DATABASE IF EXISTS `{schema}`"),
+        format!("DELETE FROM `{}`.owners WHERE kind = 'schema' AND name = '{schema}'", names::CONTROL_SCHEMA),
+    ] {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await;
+    }
+}
+
+/// The owner the operator records for `lt` with the test config (no
+/// `installation_id`: the operator's namespace, `thumbup`).
+pub fn owner_of(lt: &LikeTenant) -> thumbup_core::provision::Owner {
+    thumbup_operator::provision::owner(lt, "thumbup")
 }
