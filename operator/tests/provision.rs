@@ -194,3 +194,36 @@ async fn retain_policy_keeps_schema_and_keys_and_removes_the_acl_users() {
     assert_eq!(err.reason(), "NotOwned", "{err}");
     forget(name).await;
 }
+
+#[tokio::test]
+async fn the_db_server_refuses_sessions_beyond_the_like_tenants_connection_cap() {
+    let name = "ha-cap";
+    forget(name).await;
+    let cfg = operator_config(None);
+    let mut lt = tenant(name);
+    lt.spec.limits.max_db_connections = 4;
+    let creds = Credentials::generate(name);
+    let owner = owner_of(&lt);
+    provision::admit(&lt, &owner, &cfg, cfg.active()).await.unwrap();
+    provision::database(&lt, &owner, &creds, cfg.active()).await.unwrap();
+    let user = names::db_user(name);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(db_as(&user, &creds.db_password, Some("thumbup_ha_cap")).await.expect("within the cap"));
+    }
+    let err = db_as(&user, &creds.db_password, Some("thumbup_ha_cap")).await.expect_err("a fifth session");
+    let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+    assert!(err.to_string().contains("max_user_connections"), "{err} ({code:?})");
+    drop(held);
+    // A raised cap reaches the server on the next pass (ALTER USER).
+    lt.spec.limits.max_db_connections = 5;
+    provision::database(&lt, &owner, &creds, cfg.active()).await.unwrap();
+    let mut con = admin_db().await;
+    let cap: i64 = sqlx::query_scalar("SELECT max_user_connections FROM mysql.user WHERE User = ? AND Host = '%'")
+        .bind(&user)
+        .fetch_one(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(cap, 5);
+    forget(name).await;
+}
