@@ -343,3 +343,17 @@ fn update_changing_only_businesses_passes_the_transition_rule() {
     let new = with(good(), "/spec/businesses", businesses);
     assert_rejections(&new, Some(&good()), &[]);
 }
+
+const RESERVED_SCHEMA_RULE: &str = "schemaName names a system schema or the thumbup control schema";
+
+#[test]
+fn system_and_control_schema_names_are_rejected_by_the_cel_rule_in_any_case() {
+    for schema in ["mysql", "MYSQL", "information_schema", "Performance_Schema", "sys", "metrics_schema", "thumbup__control"]
+    {
+        let bad = with(good(), "/spec/schemaName", json!(schema));
+        assert_rejections(&bad, None, &[rejection(Layer::Cel, "spec.schemaName", RESERVED_SCHEMA_RULE)]);
+    }
+    for fine in ["mysql_likes", "sys2", "thumbup_control"] {
+        assert_rejections(&with(good(), "/spec/schemaName", json!(fine)), None, &[]);
+    }
+}
