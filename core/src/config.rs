@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The default schema of a tenant; its home is [`crate::names`].
+pub use crate::names::schema_for;
+
 /// A config that could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -452,7 +455,6 @@ impl TenantConfig {
     }
 }
 
-pub use crate::names::schema_for;
 
 #[cfg(test)]
 mod tests {
