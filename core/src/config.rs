@@ -455,7 +455,6 @@ impl TenantConfig {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -348,7 +348,8 @@ const RESERVED_SCHEMA_RULE: &str = "schemaName names a system schema or the thum
 
 #[test]
 fn system_and_control_schema_names_are_rejected_by_the_cel_rule_in_any_case() {
-    for schema in ["mysql", "MYSQL", "information_schema", "Performance_Schema", "sys", "metrics_schema", "thumbup__control"]
+    for schema in
+        ["mysql", "MYSQL", "information_schema", "Performance_Schema", "sys", "metrics_schema", "thumbup__control"]
     {
         let bad = with(good(), "/spec/schemaName", json!(schema));
         assert_rejections(&bad, None, &[rejection(Layer::Cel, "spec.schemaName", RESERVED_SCHEMA_RULE)]);
