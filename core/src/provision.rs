@@ -332,12 +332,39 @@ pub async fn claim_db(
     let user = names::db_user(tenant);
     let mut con = admin_db(admin_url, tenant).await?;
     control_table(&mut con, tenant).await?;
-    exec(&mut con, tenant, "BEGIN".into()).await?;
+    // Claims of different tenants at once can deadlock on the table's gap
+    // locks; the DB aborts one, which is tried again.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match claim_db_once(&mut con, tenant, [(SCHEMA, schema), (DB_USER, user.as_str())], owner, adopt).await {
+            Err(ProvisionError::Db { source, .. }) if attempt < 5 && is_deadlock(&source) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// True for a transaction the DB aborted to break a deadlock (SQLSTATE 40001).
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("40001")
+}
+
+/// One transaction of [`claim_db`].
+async fn claim_db_once(
+    con: &mut sqlx::MySqlConnection,
+    tenant: &str,
+    resources: [(&str, &str); 2],
+    owner: &Owner,
+    adopt: Adopt,
+) -> Result<(), ProvisionError> {
+    exec(con, tenant, "BEGIN".into()).await?;
     let result = async {
         let mut writes = Vec::new();
-        for (kind, name) in [(SCHEMA, schema), (DB_USER, user.as_str())] {
-            let record = db_record(&mut con, tenant, kind, name).await?;
-            let exists = db_exists(&mut con, tenant, kind, name).await?;
+        for (kind, name) in resources {
+            let record = db_record(con, tenant, kind, name).await?;
+            let exists = db_exists(con, tenant, kind, name).await?;
             match decide(record.as_ref(), exists, owner, adopt) {
                 Ok(true) => writes.push((kind, name)),
                 Ok(false) => {}
@@ -348,13 +375,13 @@ pub async fn claim_db(
             }
         }
         for (kind, name) in writes {
-            put_db_record(&mut con, tenant, kind, name, owner).await?;
+            put_db_record(con, tenant, kind, name, owner).await?;
         }
         Ok(())
     }
     .await;
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    exec(&mut con, tenant, end.into()).await?;
+    exec(con, tenant, end.into()).await?;
     result
 }
 
