@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The default schema of a tenant; its home is [`crate::names`].
+pub use crate::names::schema_for;
+
 /// A config that could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -450,11 +453,6 @@ impl TenantConfig {
     pub fn has_business(&self, id: i64) -> bool {
         self.businesses.iter().any(|b| b.id == id)
     }
-}
-
-/// The default schema of a tenant: `thumbup_<name>`, `-` written `_`.
-pub fn schema_for(tenant: &str) -> String {
-    format!("thumbup_{}", tenant.replace('-', "_"))
 }
 
 #[cfg(test)]

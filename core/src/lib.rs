@@ -4,6 +4,7 @@
 //! - [`version`]: snowflake-style record versions.
 //! - [`config`]: the tenant YAML config.
 //! - [`keys`]: the Redis key layout under `thumbup:<tenant>:`.
+//! - [`names`]: the schema and account names derived from a tenant name, and the reserved schemas.
 //! - [`event`]: the stream event codec.
 //! - [`cache`]: Redis connection, calls of the project's Redis functions (the atomic transition, versioned cache writes).
 //! - [`functions`]: the Redis Functions library (the only Redis code tenants run), its versioned names and loading.
@@ -24,6 +25,7 @@ pub mod event;
 pub mod fence;
 pub mod functions;
 pub mod keys;
+pub mod names;
 pub mod provision;
 pub mod route;
 pub mod version;

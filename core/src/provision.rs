@@ -7,6 +7,17 @@
 //! changes nothing, so the operator can call it on every reconcile. The
 //! teardown functions ([`drop_db`], [`drop_redis_user`], [`delete_keys`])
 //! succeed when there is nothing left to remove.
+//!
+//! Account and schema names come from [`crate::names`] only. Who created
+//! each account and schema is recorded where the servers keep it and no
+//! tenant can write it: the table `owners` of the control schema
+//! ([`names::CONTROL_SCHEMA`]) on the DB, and the hash [`names::CONTROL_KEY`]
+//! on each Redis (outside every tenant's key pattern). Provisioning first
+//! claims what it is about to create ([`claim_db`], [`claim_redis`]): an
+//! account or schema that exists but was not recorded for this owner is
+//! refused ([`ProvisionError::NotOwned`]) unless the caller adopts it, and
+//! one recorded for a live LikeTenant is never handed to another. Teardown
+//! removes only what the owner holds.
 
 use std::str::FromStr;
 
@@ -15,6 +26,7 @@ use sqlx::mysql::MySqlConnectOptions;
 
 use crate::config::TenantConfig;
 use crate::keys::Keys;
+use crate::names;
 
 /// A provisioning step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +57,49 @@ pub enum ProvisionError {
         /// The migration error.
         source: sqlx::migrate::MigrateError,
     },
+    /// The schema is a system schema or the control schema.
+    #[error("tenant {tenant}: schema {schema} is reserved (a system or thumbup control schema); no tenant may use it")]
+    ReservedSchema {
+        /// The tenant.
+        tenant: String,
+        /// The schema asked for.
+        schema: String,
+    },
+    /// The config names another account than the one derived from the tenant name.
+    #[error("tenant {tenant}: {what} must be {derived} (derived from the tenant name), not {given}")]
+    NotDerived {
+        /// The tenant.
+        tenant: String,
+        /// Which value.
+        what: &'static str,
+        /// The name in the config.
+        given: String,
+        /// The name it must be.
+        derived: String,
+    },
+    /// An account or schema exists that was not created for this owner.
+    #[error("tenant {tenant}: {kind} {name} {why}")]
+    NotOwned {
+        /// The tenant.
+        tenant: String,
+        /// `schema`, `DB user` or `Redis user`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// Who holds it, or why it cannot be taken.
+        why: String,
+    },
+    /// The ownership record changed while it was being claimed (another
+    /// operator or `thumbup-service provision` at the same moment).
+    #[error("tenant {tenant}: the ownership record of {kind} {name} changed while it was claimed")]
+    ClaimContended {
+        /// The tenant.
+        tenant: String,
+        /// `Redis user`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
     /// Redis refused a command.
     #[error("tenant {tenant}: provisioning Redis: {source}")]
     Redis {
@@ -73,24 +128,303 @@ fn plain_schema(tenant: &str, schema: &str) -> Result<(), ProvisionError> {
     }
 }
 
+/// Who created an account or schema, as recorded beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The thumbup installation (the operator config's `installation_id`),
+    /// or `local` for `thumbup-service provision`.
+    pub installation: String,
+    /// What made it: `LikeTenant <namespace>/<name>` or `thumbup-service provision`.
+    pub object: String,
+    /// The LikeTenant's uid while it holds the resource; empty when nothing
+    /// holds it (released by a LikeTenant deleted with Retain, or made by
+    /// `thumbup-service provision`).
+    pub uid: String,
+}
+
+impl Owner {
+    /// The owner that `thumbup-service provision` records (the local stack).
+    pub fn local() -> Owner {
+        Owner { installation: "local".into(), object: "thumbup-service provision".into(), uid: String::new() }
+    }
+
+    /// `installation|uid|object`, as the Redis record holds it.
+    fn encode(&self) -> String {
+        format!("{}|{}|{}", self.installation, self.uid, self.object)
+    }
+
+    fn decode(s: &str) -> Owner {
+        let mut parts = s.splitn(3, '|');
+        let mut next = || parts.next().unwrap_or_default().to_string();
+        Owner { installation: next(), uid: next(), object: next() }
+    }
+
+    /// This owner with nothing holding it any more (kept so that a LikeTenant
+    /// of the same installation and name can take it back).
+    fn released(&self) -> Owner {
+        Owner { uid: String::new(), ..self.clone() }
+    }
+}
+
+/// Whether a claim may take an existing account or schema that no live
+/// LikeTenant holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// Only what does not exist yet, what this owner holds, and what it
+    /// released itself (same installation and object).
+    Never,
+    /// Also what exists without a record, what `thumbup-service provision`
+    /// made, and what another LikeTenant released. Never what a live
+    /// LikeTenant holds.
+    Unowned,
+}
+
+/// The decision of a claim on one resource: Ok(true) writes `me` as its
+/// owner, Ok(false) leaves the record (already ours), Err says why not.
+fn decide(record: Option<&Owner>, exists: bool, me: &Owner, adopt: Adopt) -> Result<bool, String> {
+    match record {
+        Some(r) if r == me => Ok(false),
+        Some(r) if !r.uid.is_empty() => Err(format!(
+            "belongs to {} (uid {}) of thumbup installation {:?}; it is never handed to another",
+            r.object, r.uid, r.installation
+        )),
+        Some(r) if r.installation == me.installation && r.object == me.object => Ok(true),
+        Some(_) if adopt == Adopt::Unowned => Ok(true),
+        Some(r) => Err(format!(
+            "was made by {} of thumbup installation {:?}; set spec.adoptExisting to take it over",
+            r.object, r.installation
+        )),
+        None if !exists => Ok(true),
+        None if adopt == Adopt::Unowned => Ok(true),
+        None => Err("exists but thumbup has no record of creating it; set spec.adoptExisting to take it over".into()),
+    }
+}
+
+fn plain_owner(tenant: &str, o: &Owner) -> Result<(), ProvisionError> {
+    if [&o.installation, &o.uid, &o.object].iter().any(|v| v.contains('|') || v.len() > 256) {
+        return Err(ProvisionError::BadCredential { tenant: tenant.to_string(), what: "owner" });
+    }
+    Ok(())
+}
+
+/// Refuses a reserved schema and names that cannot go into a statement.
+fn tenant_schema(tenant: &str, schema: &str) -> Result<(), ProvisionError> {
+    plain_schema(tenant, schema)?;
+    if names::reserved_schema(schema) {
+        return Err(ProvisionError::ReservedSchema { tenant: tenant.to_string(), schema: schema.to_string() });
+    }
+    Ok(())
+}
+
+async fn admin_db(admin_url: &str, tenant: &str) -> Result<sqlx::MySqlConnection, ProvisionError> {
+    let db = |source| ProvisionError::Db { tenant: tenant.to_string(), source };
+    MySqlConnectOptions::from_str(admin_url).map_err(db)?.connect().await.map_err(db)
+}
+
+async fn exec(con: &mut sqlx::MySqlConnection, tenant: &str, statement: String) -> Result<(), ProvisionError> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+        .execute(con)
+        .await
+        .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+    Ok(())
+}
+
+/// The control schema and its table; only admin accounts are granted on it
+/// (tenant users are granted on their own schema alone).
+async fn control_table(con: &mut sqlx::MySqlConnection, tenant: &str) -> Result<(), ProvisionError> {
+    let schema = names::CONTROL_SCHEMA;
+    exec(con, tenant, format!("CREATE DATABASE IF NOT EXISTS `{schema}`")).await?;
+    let table = format!(
+        "CREATE TABLE IF NOT EXISTS `{schema}`.owners (
+            kind VARCHAR(16) NOT NULL,
+            name VARCHAR(80) NOT NULL,
+            installation VARCHAR(256) NOT NULL,
+            uid VARCHAR(256) NOT NULL,
+            object VARCHAR(256) NOT NULL,
+            PRIMARY KEY (kind, name))"
+    );
+    exec(con, tenant, table).await
+}
+
+/// Record kinds of the DB.
+const SCHEMA: &str = "schema";
+const DB_USER: &str = "db_user";
+
+async fn db_record(
+    con: &mut sqlx::MySqlConnection,
+    tenant: &str,
+    kind: &str,
+    name: &str,
+) -> Result<Option<Owner>, ProvisionError> {
+    let sql = format!(
+        "SELECT installation, uid, object FROM `{}`.owners WHERE kind = ? AND name = ? FOR UPDATE",
+        names::CONTROL_SCHEMA
+    );
+    let row: Option<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(kind)
+        .bind(name)
+        .fetch_optional(&mut *con)
+        .await
+        .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+    Ok(row.map(|(installation, uid, object)| Owner { installation, uid, object }))
+}
+
+async fn put_db_record(
+    con: &mut sqlx::MySqlConnection,
+    tenant: &str,
+    kind: &str,
+    name: &str,
+    o: &Owner,
+) -> Result<(), ProvisionError> {
+    let sql = format!(
+        "INSERT INTO `{}`.owners (kind, name, installation, uid, object) VALUES (?, ?, ?, ?, ?)
+         ON DUPLICATE KEY UPDATE installation = VALUES(installation), uid = VALUES(uid), object = VALUES(object)",
+        names::CONTROL_SCHEMA
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(kind)
+        .bind(name)
+        .bind(&o.installation)
+        .bind(&o.uid)
+        .bind(&o.object)
+        .execute(&mut *con)
+        .await
+        .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+    Ok(())
+}
+
+async fn db_exists(
+    con: &mut sqlx::MySqlConnection,
+    tenant: &str,
+    kind: &str,
+    name: &str,
+) -> Result<bool, ProvisionError> {
+    let sql = if kind == SCHEMA {
+        "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?"
+    } else {
+        "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'"
+    };
+    let n: i64 = sqlx::query_scalar(sql)
+        .bind(name)
+        .fetch_one(&mut *con)
+        .await
+        .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+    Ok(n > 0)
+}
+
+fn kind_label(kind: &str) -> &'static str {
+    if kind == SCHEMA { "schema" } else { "DB user" }
+}
+
+/// Claims the tenant's schema and DB user ([`names::db_user`]) for `owner`
+/// in one transaction: both or neither. Refuses a reserved schema, and an
+/// existing one that `owner` may not take (see [`Adopt`]); changes nothing
+/// then.
+pub async fn claim_db(
+    admin_url: &str,
+    tenant: &str,
+    schema: &str,
+    owner: &Owner,
+    adopt: Adopt,
+) -> Result<(), ProvisionError> {
+    tenant_schema(tenant, schema)?;
+    plain_owner(tenant, owner)?;
+    let user = names::db_user(tenant);
+    let mut con = admin_db(admin_url, tenant).await?;
+    control_table(&mut con, tenant).await?;
+    // Claims of different tenants at once can deadlock on the table's gap
+    // locks; the DB aborts one, which is tried again.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match claim_db_once(&mut con, tenant, [(SCHEMA, schema), (DB_USER, user.as_str())], owner, adopt).await {
+            Err(ProvisionError::Db { source, .. }) if attempt < 5 && is_deadlock(&source) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// True for a transaction the DB aborted to break a deadlock (SQLSTATE 40001).
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("40001")
+}
+
+/// One transaction of [`claim_db`].
+async fn claim_db_once(
+    con: &mut sqlx::MySqlConnection,
+    tenant: &str,
+    resources: [(&str, &str); 2],
+    owner: &Owner,
+    adopt: Adopt,
+) -> Result<(), ProvisionError> {
+    exec(con, tenant, "BEGIN".into()).await?;
+    let result = async {
+        let mut writes = Vec::new();
+        for (kind, name) in resources {
+            let record = db_record(con, tenant, kind, name).await?;
+            let exists = db_exists(con, tenant, kind, name).await?;
+            match decide(record.as_ref(), exists, owner, adopt) {
+                Ok(true) => writes.push((kind, name)),
+                Ok(false) => {}
+                Err(why) => {
+                    let (kind, name) = (kind_label(kind), name.to_string());
+                    return Err(ProvisionError::NotOwned { tenant: tenant.to_string(), kind, name, why });
+                }
+            }
+        }
+        for (kind, name) in writes {
+            put_db_record(con, tenant, kind, name, owner).await?;
+        }
+        Ok(())
+    }
+    .await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    exec(con, tenant, end.into()).await?;
+    result
+}
+
 /// Creates (or updates) the tenant's schema and DB user, granted on that
-/// schema only. `admin_url` is `mysql://user:password@host:port`.
+/// schema only, as the local stack's `thumbup-service provision`: recorded
+/// for [`Owner::local`], adopting what no LikeTenant holds.
+/// `admin_url` is `mysql://user:password@host:port`.
 pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), ProvisionError> {
+    provision_db_as(admin_url, t, &Owner::local(), Adopt::Unowned, None).await
+}
+
+/// Claims ([`claim_db`]) then creates (or updates) the tenant's schema and
+/// DB user, granted on that schema only, with at most
+/// `max_user_connections` sessions at once (None: the server's default).
+/// The user is [`names::db_user`]; a config naming another is refused.
+pub async fn provision_db_as(
+    admin_url: &str,
+    t: &TenantConfig,
+    owner: &Owner,
+    adopt: Adopt,
+    max_user_connections: Option<u32>,
+) -> Result<(), ProvisionError> {
     let name = &t.name;
-    plain(name, "db.username", &t.db.username)?;
+    let user = names::db_user(name);
+    if t.db.username != user {
+        let given = t.db.username.clone();
+        return Err(ProvisionError::NotDerived { tenant: name.clone(), what: "db.username", given, derived: user });
+    }
+    plain(name, "db.username", &user)?;
     plain(name, "db.password", &t.db.password)?;
-    let db = |source| ProvisionError::Db { tenant: name.clone(), source };
-    let mut con = MySqlConnectOptions::from_str(admin_url).map_err(db)?.connect().await.map_err(db)?;
-    let (schema, user, pw) = (t.schema(), &t.db.username, &t.db.password);
-    plain_schema(name, &schema)?;
+    let schema = t.schema();
+    claim_db(admin_url, name, &schema, owner, adopt).await?;
+    let mut con = admin_db(admin_url, name).await?;
+    let pw = &t.db.password;
+    let cap = max_user_connections.map(|n| format!(" WITH MAX_USER_CONNECTIONS {n}")).unwrap_or_default();
     let statements = [
         format!("CREATE DATABASE IF NOT EXISTS `{schema}`"),
-        format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'"),
-        format!("ALTER USER '{user}'@'%' IDENTIFIED BY '{pw}'"),
+        format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'{cap}"),
+        format!("ALTER USER '{user}'@'%' IDENTIFIED BY '{pw}'{cap}"),
         format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO '{user}'@'%'"),
     ];
     for s in statements {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await.map_err(db)?;
+        exec(&mut con, name, s).await?;
     }
     Ok(())
 }
@@ -179,23 +513,93 @@ async fn acl_save(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, r
     }
 }
 
-/// Loads this build's Redis function library ([`crate::functions`]: the
-/// only Redis code a tenant can run), then creates (or resets) the tenant's
-/// Redis ACL user with [`acl_rules`], and saves the ACL file so the user
-/// survives a restart. Returns false when the server has no ACL file to
-/// save to. The library goes into the AOF / RDB with the data; other
-/// versions of it stay loaded (pods of another release call those).
-/// `admin_url` is `redis://user:password@host:port`.
+/// Compare-and-set of one field of the ownership hash: sets `ARGV[3]` when
+/// the field holds `ARGV[2]` ('' for absent). One key: Cluster safe.
+const CLAIM_LUA: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (cur == false and ARGV[2] == '') or cur == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+";
+
+async fn redis_record(
+    con: &mut redis::aio::MultiplexedConnection,
+    user: &str,
+) -> Result<Option<String>, redis::RedisError> {
+    redis::cmd("HGET").arg(names::CONTROL_KEY).arg(user).query_async(con).await
+}
+
+/// Claims the tenant's Redis ACL user ([`names::redis_user`]) for `owner`,
+/// recorded in [`names::CONTROL_KEY`]. Refuses an existing user that
+/// `owner` may not take (see [`Adopt`]); changes nothing then.
+pub async fn claim_redis(admin_url: &str, tenant: &str, owner: &Owner, adopt: Adopt) -> Result<(), ProvisionError> {
+    plain_owner(tenant, owner)?;
+    let user = names::redis_user(tenant);
+    let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
+    let mut con = redis_admin(admin_url, tenant).await?;
+    let current = redis_record(&mut con, &user).await.map_err(err)?;
+    let record = current.as_deref().map(Owner::decode);
+    let acl: redis::Value = redis::cmd("ACL").arg("GETUSER").arg(&user).query_async(&mut con).await.map_err(err)?;
+    let exists = !matches!(acl, redis::Value::Nil);
+    match decide(record.as_ref(), exists, owner, adopt) {
+        Ok(false) => Ok(()),
+        Ok(true) => {
+            let set: i64 = redis::Script::new(CLAIM_LUA)
+                .key(names::CONTROL_KEY)
+                .arg(&user)
+                .arg(current.unwrap_or_default())
+                .arg(owner.encode())
+                .invoke_async(&mut con)
+                .await
+                .map_err(err)?;
+            if set == 1 {
+                Ok(())
+            } else {
+                Err(ProvisionError::ClaimContended { tenant: tenant.to_string(), kind: "Redis user", name: user })
+            }
+        }
+        Err(why) => Err(ProvisionError::NotOwned { tenant: tenant.to_string(), kind: "Redis user", name: user, why }),
+    }
+}
+
+/// Creates (or resets) the tenant's Redis ACL user as the local stack's
+/// `thumbup-service provision` (recorded for [`Owner::local`]); see
+/// [`provision_redis_as`]. `admin_url` is `redis://user:password@host:port`.
 pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, ProvisionError> {
+    provision_redis_as(admin_url, t, &Owner::local(), Adopt::Unowned).await
+}
+
+/// Claims ([`claim_redis`]), loads this build's Redis function library
+/// ([`crate::functions`]: the only Redis code a tenant can run), then
+/// creates (or resets) the tenant's Redis ACL user with [`acl_rules`], and
+/// saves the ACL file so the user survives a restart. Returns false when
+/// the server has no ACL file to save to. The library goes into the AOF /
+/// RDB with the data; other versions of it stay loaded (pods of another
+/// release call those). The user is [`names::redis_user`]; a config naming
+/// another is refused.
+pub async fn provision_redis_as(
+    admin_url: &str,
+    t: &TenantConfig,
+    owner: &Owner,
+    adopt: Adopt,
+) -> Result<bool, ProvisionError> {
     let name = &t.name;
-    plain(name, "redis.username", &t.redis.username)?;
+    let user = names::redis_user(name);
+    if t.redis.username != user {
+        let given = t.redis.username.clone();
+        return Err(ProvisionError::NotDerived { tenant: name.clone(), what: "redis.username", given, derived: user });
+    }
+    plain(name, "redis.username", &user)?;
     plain(name, "redis.password", &t.redis.password)?;
+    claim_redis(admin_url, name, owner, adopt).await?;
     let err = |source| ProvisionError::Redis { tenant: name.clone(), source };
     let mut con = redis_admin(admin_url, name).await?;
     crate::functions::load(&mut con).await.map_err(err)?;
     redis::cmd("ACL")
         .arg("SETUSER")
-        .arg(&t.redis.username)
+        .arg(&user)
         .arg(acl_rules(name, &t.redis.password))
         .exec_async(&mut con)
         .await
@@ -213,27 +617,79 @@ pub async fn migrate(t: &TenantConfig) -> Result<(), ProvisionError> {
     result
 }
 
-/// Drops the tenant's schema (and every record in it) and its DB user.
-pub async fn drop_db(admin_url: &str, tenant: &str, schema: &str, user: &str) -> Result<(), ProvisionError> {
-    plain(tenant, "db.username", user)?;
+/// Drops the tenant's schema (and every record in it) and its DB user,
+/// each only when `owner` holds it, with its ownership record. Returns
+/// whether each was `owner`'s (schema, user); what is not is left alone.
+pub async fn drop_db(
+    admin_url: &str,
+    tenant: &str,
+    schema: &str,
+    owner: &Owner,
+) -> Result<(bool, bool), ProvisionError> {
     plain_schema(tenant, schema)?;
-    let db = |source| ProvisionError::Db { tenant: tenant.to_string(), source };
-    let mut con = MySqlConnectOptions::from_str(admin_url).map_err(db)?.connect().await.map_err(db)?;
-    for s in [format!("DROP DATABASE IF EXISTS `{schema}`"), format!("DROP USER IF EXISTS '{user}'@'%'")] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await.map_err(db)?;
+    let user = names::db_user(tenant);
+    let mut con = admin_db(admin_url, tenant).await?;
+    control_table(&mut con, tenant).await?;
+    let mut dropped = [false, false];
+    for (i, (kind, name)) in [(SCHEMA, schema), (DB_USER, user.as_str())].into_iter().enumerate() {
+        exec(&mut con, tenant, "BEGIN".into()).await?;
+        if db_record(&mut con, tenant, kind, name).await?.as_ref() != Some(owner) {
+            exec(&mut con, tenant, "ROLLBACK".into()).await?;
+            continue;
+        }
+        let sql = format!("DELETE FROM `{}`.owners WHERE kind = ? AND name = ?", names::CONTROL_SCHEMA);
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(kind)
+            .bind(name)
+            .execute(&mut con)
+            .await
+            .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+        exec(&mut con, tenant, "COMMIT".into()).await?;
+        // DDL commits on its own: after the record is gone.
+        let statement = if kind == SCHEMA {
+            format!("DROP DATABASE IF EXISTS `{name}`")
+        } else {
+            format!("DROP USER IF EXISTS '{name}'@'%'")
+        };
+        exec(&mut con, tenant, statement).await?;
+        dropped[i] = true;
+    }
+    Ok((dropped[0], dropped[1]))
+}
+
+/// Marks the tenant's schema and DB user as held by nothing (a LikeTenant
+/// deleted with Retain): a LikeTenant of the same installation and name
+/// takes them back; any other needs `adoptExisting`. Only what `owner` holds.
+pub async fn release_db(admin_url: &str, tenant: &str, schema: &str, owner: &Owner) -> Result<(), ProvisionError> {
+    plain_schema(tenant, schema)?;
+    let user = names::db_user(tenant);
+    let mut con = admin_db(admin_url, tenant).await?;
+    control_table(&mut con, tenant).await?;
+    for (kind, name) in [(SCHEMA, schema), (DB_USER, user.as_str())] {
+        exec(&mut con, tenant, "BEGIN".into()).await?;
+        if db_record(&mut con, tenant, kind, name).await?.as_ref() == Some(owner) {
+            put_db_record(&mut con, tenant, kind, name, &owner.released()).await?;
+        }
+        exec(&mut con, tenant, "COMMIT".into()).await?;
     }
     Ok(())
 }
 
-/// Removes the tenant's Redis ACL user (and saves the ACL file). Its open
-/// connections are closed by Redis at once.
-pub async fn drop_redis_user(admin_url: &str, tenant: &str, user: &str) -> Result<(), ProvisionError> {
-    plain(tenant, "redis.username", user)?;
+/// Removes the tenant's Redis ACL user (and saves the ACL file) when
+/// `owner` holds it, with its record; its open connections are closed by
+/// Redis at once. Returns whether it was `owner`'s; another's is left alone.
+pub async fn drop_redis_user(admin_url: &str, tenant: &str, owner: &Owner) -> Result<bool, ProvisionError> {
+    let user = names::redis_user(tenant);
     let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
     let mut con = redis_admin(admin_url, tenant).await?;
-    redis::cmd("ACL").arg("DELUSER").arg(user).exec_async(&mut con).await.map_err(err)?;
+    let record = redis_record(&mut con, &user).await.map_err(err)?;
+    if record.as_deref().map(Owner::decode).as_ref() != Some(owner) {
+        return Ok(false);
+    }
+    redis::cmd("ACL").arg("DELUSER").arg(&user).exec_async(&mut con).await.map_err(err)?;
+    redis::cmd("HDEL").arg(names::CONTROL_KEY).arg(&user).exec_async(&mut con).await.map_err(err)?;
     acl_save(&mut con).await.map_err(err)?;
-    Ok(())
+    Ok(true)
 }
 
 /// Keys unlinked per round trip when deleting a tenant's keys.
@@ -282,6 +738,43 @@ mod tests {
         let allowed: Vec<_> = rules.iter().filter(|r| r.starts_with('+')).collect();
         assert_eq!(allowed.len(), TENANT_COMMANDS.len());
         assert!(!rules.iter().any(|r| r.contains("flushall") || r.contains("keys") || r.starts_with("+@")));
+    }
+
+    fn lt(uid: &str) -> Owner {
+        Owner { installation: "prod".into(), object: "LikeTenant team/demo".into(), uid: uid.into() }
+    }
+
+    #[test]
+    fn a_claim_takes_what_is_new_ours_or_released_by_us_and_refuses_the_rest() {
+        let me = lt("u1");
+        let other_lt = Owner { object: "LikeTenant other/demo".into(), ..lt("u2") };
+        let other_install = Owner { installation: "staging".into(), ..lt("u1") };
+        for adopt in [Adopt::Never, Adopt::Unowned] {
+            assert_eq!(decide(None, false, &me, adopt), Ok(true), "new");
+            assert_eq!(decide(Some(&me), true, &me, adopt), Ok(false), "ours");
+            assert_eq!(decide(Some(&me.released()), true, &me, adopt), Ok(true), "released by us");
+            assert_eq!(decide(Some(&lt("u0").released()), true, &me, adopt), Ok(true), "released by our name");
+            // A live holder is never adopted, whatever the LikeTenant asks.
+            for held in [&other_lt, &other_install, &lt("u0")] {
+                let why = decide(Some(held), true, &me, adopt).unwrap_err();
+                assert!(why.contains("never handed"), "{why}");
+            }
+        }
+        // Unrecorded, made by `thumbup-service provision`, released by
+        // another: only when asked.
+        for (record, exists) in [(None, true), (Some(Owner::local()), true), (Some(other_lt.released()), true)] {
+            let why = decide(record.as_ref(), exists, &me, Adopt::Never).unwrap_err();
+            assert!(why.contains("adoptExisting"), "{why}");
+            assert_eq!(decide(record.as_ref(), exists, &me, Adopt::Unowned), Ok(true));
+        }
+        assert_eq!(decide(Some(&Owner::local()), true, &Owner::local(), Adopt::Unowned), Ok(false));
+    }
+
+    #[test]
+    fn owner_records_round_trip() {
+        for o in [lt("u1"), Owner::local(), lt("")] {
+            assert_eq!(Owner::decode(&o.encode()), o);
+        }
     }
 
     #[test]

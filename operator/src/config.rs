@@ -63,6 +63,13 @@ pub struct OperatorConfig {
     /// The failover controller.
     #[serde(default)]
     pub failover: Failover,
+    /// Names this installation in the ownership records that it writes
+    /// beside every DB schema, DB user and Redis ACL user it creates
+    /// (letters, digits, `-`, `_`, `.`, `/`; at most 128). Defaults to the
+    /// operator's namespace. Installations sharing a DB or Redis must have
+    /// different ids: neither then takes over the other's accounts.
+    #[serde(default)]
+    pub installation_id: Option<String>,
 }
 
 /// The db-proxy sidecar: the service and job reach the DB only through it.
@@ -244,6 +251,15 @@ impl OperatorConfig {
                 f.replay_window_ms, f.max_lag_ms
             )));
         }
+        if let Some(id) = &c.installation_id
+            && (id.is_empty()
+                || id.len() > 128
+                || !id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_./".contains(ch)))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "installation_id {id:?} may hold only letters, digits, '-', '_', '.' and '/' (at most 128)"
+            )));
+        }
         let mut names: Vec<&str> = c.datacenters.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
@@ -271,6 +287,12 @@ impl OperatorConfig {
     /// The datacenter named `name`.
     pub fn datacenter(&self, name: &str) -> Option<&Datacenter> {
         self.datacenters.iter().find(|d| d.name == name)
+    }
+
+    /// The installation id of the ownership records: `installation_id`, else
+    /// `namespace` (the operator's).
+    pub fn installation(&self, namespace: &str) -> String {
+        self.installation_id.clone().unwrap_or_else(|| namespace.to_string())
     }
 
     /// The active datacenter (validated to exist).
@@ -350,6 +372,7 @@ datacenters:
             (GOOD.replace("mysql://db-a:3306", "mysql://db-a"), "host:port"),
             (format!("{GOOD}failover: {{ failure_threshold: 0 }}\n"), "must be positive"),
             (format!("{GOOD}failover: {{ replay_window_ms: 1000 }}\n"), "at least max_lag_ms"),
+            (format!("{GOOD}installation_id: \"a|b\"\n"), "installation_id"),
         ];
         for (text, want) in cases {
             let err = OperatorConfig::parse(&text, "test").unwrap_err().to_string();

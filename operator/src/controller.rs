@@ -4,15 +4,22 @@
 //! One pass, idempotent on every run:
 //! 1. claim the tenant name in the registry ConfigMap (a second LikeTenant of
 //!    the same name in another namespace is refused, never merged);
-//! 2. the tenant Secret (credentials generated once, then read back);
-//! 3. the DB schema, DB user and migrations on the active datacenter: the
+//! 2. the admission to the data layer: the schema, the DB user and the
+//!    Redis ACL users are claimed for this LikeTenant where the servers keep
+//!    ownership records; a reserved schema, or one or an account that thumbup
+//!    did not create for this LikeTenant, is refused with a condition saying
+//!    why and nothing is created (`spec.adoptExisting` takes over what no
+//!    live LikeTenant holds);
+//! 3. the tenant Secret (passwords and token generated once, then read back;
+//!    account names are derived from the tenant name, never read back);
+//! 4. the DB schema, DB user and migrations on the active datacenter: the
 //!    route's once the failover controller has one, else the config's
 //!    (`DatabaseReady`); the standby receives them by replication;
-//! 4. the Redis ACL user on every datacenter's Redis (`RedisReady`);
-//! 5. the registry entry (ConfigMap file + Secret keys) that the service
+//! 5. the Redis ACL user on every datacenter's Redis (`RedisReady`);
+//! 6. the registry entry (ConfigMap file + Secret keys) that the service
 //!    reloads;
-//! 6. the job Deployment (`JobReady`);
-//! 7. the status, written only when it changed. Its `activeDatacenter` and
+//! 7. the job Deployment (`JobReady`);
+//! 8. the status, written only when it changed. Its `activeDatacenter` and
 //!    `failoverEpoch` are the route's, as the failover controller writes
 //!    them; the fields that only the failover controller writes
 //!    (`failingSince`, `lastTransition`, `failoverBlocked`) are never in the
@@ -40,6 +47,7 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thumbup_core::config as core_config;
+use thumbup_core::names;
 use thumbup_core::route::Route;
 use tokio::sync::watch;
 use tracing::{info, instrument, warn};
@@ -53,6 +61,30 @@ use crate::resources::{self, Credentials, REGISTRY_KEY};
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "thumbup-operator";
+
+/// Every (API group, resource, verbs) that the operator's code uses against
+/// the Kubernetes API, and nothing else: the chart's RBAC grants exactly
+/// these (tests/tests/chart.rs), the operator's mocked-API-server tests fail
+/// on a request outside them, and `operator/tests/api_permissions.rs` shows
+/// that its code paths issue every one.
+pub const API_PERMISSIONS: &[(&str, &str, &[&str])] = &[
+    // The tenant controller's watch; the failover controller lists them to
+    // publish the route; the finalizer helper patches them.
+    ("thumbup.io", "liketenants", &["list", "watch", "patch"]),
+    // Status, by both controllers (merge patches).
+    ("thumbup.io", "liketenants/status", &["patch"]),
+    // The job Deployments: watched (owned), server-side applied, deleted.
+    ("apps", "deployments", &["list", "watch", "patch", "delete"]),
+    // The tenant Secret (read back, applied) and the registry Secret (applied).
+    ("", "secrets", &["get", "patch"]),
+    // The registry and the route ConfigMaps: read, created, replaced under
+    // optimistic concurrency.
+    ("", "configmaps", &["get", "create", "update"]),
+    // Events of reconciles and flips (a repeated one is patched as a series).
+    ("events.k8s.io", "events", &["create", "patch"]),
+    // Leader election.
+    ("coordination.k8s.io", "leases", &["get", "create", "update"]),
+];
 
 /// Prefix of the annotations on the registry ConfigMap that record which
 /// LikeTenant owns a tenant name: `thumbup.io/tenant.<name>: <namespace>/<uid>`.
@@ -425,7 +457,9 @@ async fn report(
     write_status(lt, ctx, status).await
 }
 
-/// A failed step: reported, then returned for the backoff.
+/// A failed step: reported, then returned for the backoff. A refusal of
+/// the data layer's admission is not retried with a backoff (the LikeTenant
+/// or the other owner must change); it is looked at again at the resync.
 async fn fail(
     lt: &LikeTenant,
     ctx: &Context,
@@ -435,7 +469,19 @@ async fn fail(
     e: Error,
 ) -> Result<Action> {
     report(lt, ctx, status, conds, Some(step), &e).await?;
+    if e.is_refusal() {
+        warn!(reason = e.reason(), error = %e, "refused");
+        return Ok(Action::requeue(RESYNC));
+    }
     Err(e)
+}
+
+/// The condition of the step whose admission failed.
+fn step_of(e: &Error) -> &'static str {
+    match e {
+        Error::Redis { .. } => condition::REDIS_READY,
+        _ => condition::DATABASE_READY,
+    }
 }
 
 async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
@@ -468,19 +514,25 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         report(lt, ctx, status, conds, None, &Error::NameConflict { tenant: tenant.clone(), owner }).await?;
         return Ok(Action::await_change());
     }
+    // Before anything is created or any credential generated: the schema
+    // and the accounts must be free or this LikeTenant's.
+    let owner = provision::owner(lt, &cfg.installation(&ctx.namespace));
+    if let Err(e) = provision::admit(lt, &owner, &cfg, dc).await {
+        return fail(lt, ctx, status, conds, step_of(&e), e).await;
+    }
     let creds = credentials(lt, ctx).await?;
     apply_tenant_secret(lt, ctx, &creds, dc).await?;
 
-    if let Err(e) = provision::database(lt, &creds, dc).await {
+    if let Err(e) = provision::database(lt, &owner, &creds, dc).await {
         return fail(lt, ctx, status, conds, condition::DATABASE_READY, e).await;
     }
     conds.set(
         condition::DATABASE_READY,
         true,
         "Provisioned",
-        format!("schema {} on {} with user {}", lt.schema(), dc.name, creds.db_username),
+        format!("schema {} on {} with user {}", lt.schema(), dc.name, names::db_user(&tenant)),
     );
-    if let Err(e) = provision::redis(lt, &creds, &cfg).await {
+    if let Err(e) = provision::redis(lt, &owner, &creds, &cfg).await {
         return fail(lt, ctx, status, conds, condition::REDIS_READY, e).await;
     }
     let dcs: Vec<_> = cfg.datacenters.iter().map(|d| d.name.as_str()).collect();
@@ -488,7 +540,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         condition::REDIS_READY,
         true,
         "Provisioned",
-        format!("ACL user {} on {}", creds.redis_username, dcs.join(", ")),
+        format!("ACL user {} on {}", names::redis_user(&tenant), dcs.join(", ")),
     );
 
     apply_registry_secret(lt, ctx, Some(&creds)).await?;
@@ -554,7 +606,8 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let owned = matches!(update_registry(lt, ctx, RegistryChange::Remove).await?, Claim::Ours);
     if owned && core_config::valid_tenant_name(&tenant) {
         apply_registry_secret(lt, ctx, None).await?;
-        provision::teardown(lt, &cfg, placement(lt, ctx, &cfg).dc).await?;
+        let owner = provision::owner(lt, &cfg.installation(&ctx.namespace));
+        provision::teardown(lt, &owner, &cfg, placement(lt, ctx, &cfg).dc).await?;
     }
     let (reason, note) = match lt.spec.deletion_policy {
         DeletionPolicy::Delete => ("Deleted", format!("tenant {tenant}: access, job and data removed")),

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use thumbup_core::names;
 
 /// The finalizer that holds a LikeTenant until its cleanup has run.
 pub const FINALIZER: &str = "thumbup.io/tenant-cleanup";
@@ -81,10 +82,32 @@ pub struct LikeTenantSpec {
     pub deletion_policy: DeletionPolicy,
     /// DB schema of the tenant (letters, digits, `_`). Defaults to
     /// `thumbup_<name>` with `-` written `_`. Fixed at creation: a schema
-    /// cannot be renamed under a live tenant.
+    /// cannot be renamed under a live tenant. The servers' own schemas
+    /// (mysql, information_schema, performance_schema, sys, metrics_schema,
+    /// lightning_task_info) and thumbup's control schema are refused in any
+    /// letter case, and the operator refuses a schema that it did not create
+    /// for this LikeTenant (another tenant's, or one made outside thumbup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9_]{1,64}$"))]
+    #[x_kube(validation = reserved_schema_rule())]
     pub schema_name: Option<String>,
+    /// Take over an existing DB schema, DB user or Redis ACL user of this
+    /// tenant's names that no live LikeTenant holds: one that exists without
+    /// thumbup's ownership record (made by hand or before the records
+    /// existed), one made by `thumbup-service provision`, or one released
+    /// by another LikeTenant deleted with Retain. Their passwords are reset.
+    /// Off (the default), such a LikeTenant is refused with a condition
+    /// saying who holds what. What a live LikeTenant holds, of this or
+    /// another installation, is never taken over.
+    #[serde(default)]
+    pub adopt_existing: bool,
+}
+
+/// The CEL rule refusing the reserved schemas of `core::names`, in any case.
+fn reserved_schema_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!("!self.matches('(?i)^({})$')", names::RESERVED_SCHEMAS.join("|")))
+        .message("schemaName names a system schema or the thumbup control schema")
+        .reason(kube::core::Reason::FieldValueForbidden)
 }
 
 /// A kind of likeable item.
@@ -111,6 +134,21 @@ pub struct Limits {
     /// Writes per second taking the synchronous DB path while Redis is down (default 2000).
     #[schemars(range(min = 1))]
     pub db_fallback_per_sec: i32,
+    /// Sessions the tenant's DB user may hold at once, over every service
+    /// and job process (default 64): the DB server refuses more
+    /// (`MAX_USER_CONNECTIONS`). Each process's pool is a quarter of it, at
+    /// most 16.
+    #[schemars(range(min = 4, max = 10000))]
+    pub max_db_connections: i32,
+}
+
+impl Limits {
+    /// The DB pool of one service or job process: a quarter of the cap (at
+    /// least 1, at most 16), so two service replicas and a job stay below
+    /// the cap with room for a rolling update or a migration.
+    pub fn db_pool_size(&self) -> u32 {
+        (self.max_db_connections.max(4) as u32 / 4).clamp(1, 16)
+    }
 }
 
 impl Default for Limits {
@@ -120,6 +158,7 @@ impl Default for Limits {
             per_mid_per_sec: d.per_mid_per_sec as i32,
             per_tenant_per_sec: d.per_tenant_per_sec as i32,
             db_fallback_per_sec: d.db_fallback_per_sec as i32,
+            max_db_connections: 64,
         }
     }
 }
@@ -306,6 +345,7 @@ impl LikeTenantSpec {
             job: JobSpec::default(),
             deletion_policy: DeletionPolicy::default(),
             schema_name: None,
+            adopt_existing: false,
         }
     }
 }

@@ -71,8 +71,8 @@ impl Error {
             Error::Kube { .. } => "KubeApiFailed",
             Error::Registry { .. } => "RegistryUnreadable",
             Error::RegistryContended(_) => "RegistryContended",
-            Error::Database(_) => "DatabaseFailed",
-            Error::Redis { .. } => "RedisFailed",
+            Error::Database(e) => refusal(e).unwrap_or("DatabaseFailed"),
+            Error::Redis { source, .. } => refusal(source).unwrap_or("RedisFailed"),
             Error::Config(_) => "ConfigUnreadable",
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
@@ -81,6 +81,26 @@ impl Error {
                 _ => "FinalizerFailed",
             },
         }
+    }
+}
+
+/// The reason of a provisioning step that the data layer's admission
+/// refused (not cured by retrying: the LikeTenant or the other owner must
+/// change); None for a failure worth retrying.
+fn refusal(e: &ProvisionError) -> Option<&'static str> {
+    match e {
+        ProvisionError::ReservedSchema { .. } => Some("SchemaReserved"),
+        ProvisionError::NotOwned { .. } => Some("NotOwned"),
+        ProvisionError::NotDerived { .. } => Some("NameNotDerived"),
+        _ => None,
+    }
+}
+
+impl Error {
+    /// True when the data layer's admission refused the LikeTenant: reported
+    /// on its conditions and not retried with a backoff.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::Database(e) | Error::Redis { source: e, .. } if refusal(e).is_some())
     }
 }
 

@@ -8,8 +8,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -17,6 +17,8 @@ use kube::Resource;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::Serialize;
+
+use thumbup_core::names;
 
 use crate::config::OperatorConfig;
 use crate::crd::{LikeTenant, tenant_labels};
@@ -40,16 +42,6 @@ pub fn job_name(tenant: &str) -> String {
     format!("thumbup-job-{tenant}")
 }
 
-/// The tenant's DB user: `thumbup_<tenant>` with `-` as `_`.
-pub fn db_username(tenant: &str) -> String {
-    format!("thumbup_{}", tenant.replace('-', "_"))
-}
-
-/// The tenant's Redis ACL user: `thumbup-<tenant>`.
-pub fn redis_username(tenant: &str) -> String {
-    format!("thumbup-{tenant}")
-}
-
 /// The keys of the shared registry Secret for a tenant: DB password, Redis
 /// password, tokens. The same names are what the job pod's Secret volume
 /// projects, so one config file resolves in both pods.
@@ -57,16 +49,15 @@ pub fn registry_secret_keys(tenant: &str) -> [String; 3] {
     [format!("{tenant}.db-password"), format!("{tenant}.redis-password"), format!("{tenant}.tokens")]
 }
 
-/// A tenant's credentials, kept in its Secret. Generated once and then read
-/// back on every reconcile, so re-runs do not rotate them.
+/// A tenant's secrets, kept in its Secret. Generated once and then read
+/// back on every reconcile, so re-runs do not rotate them. The account
+/// names are not here: they are derived from the tenant name
+/// (`thumbup_core::names`) and never read back from the Secret, which
+/// whoever can edit it could point at `root` or another tenant's user.
 #[derive(Clone, PartialEq)]
 pub struct Credentials {
-    /// DB user.
-    pub db_username: String,
     /// DB password.
     pub db_password: String,
-    /// Redis ACL user.
-    pub redis_username: String,
     /// Redis ACL password.
     pub redis_password: String,
     /// The API token clients send as `authorization: Bearer <token>`.
@@ -75,10 +66,7 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("db_username", &self.db_username)
-            .field("redis_username", &self.redis_username)
-            .finish_non_exhaustive()
+        f.debug_struct("Credentials").finish_non_exhaustive()
     }
 }
 
@@ -90,24 +78,18 @@ impl Credentials {
     /// Fresh random passwords and token (alphanumeric, so they are safe in
     /// account statements and URLs).
     pub fn generate(tenant: &str) -> Credentials {
-        Credentials {
-            db_username: db_username(tenant),
-            db_password: random(32),
-            redis_username: redis_username(tenant),
-            redis_password: random(32),
-            token: format!("{tenant}-{}", random(32)),
-        }
+        Credentials { db_password: random(32), redis_password: random(32), token: format!("{tenant}-{}", random(32)) }
     }
 
-    /// Reads credentials back from the tenant Secret; None when a key is
-    /// missing (the Secret was edited), so the caller regenerates.
+    /// Reads the passwords and the token back from the tenant Secret; None
+    /// when a key is missing (the Secret was edited), so the caller
+    /// regenerates. The Secret's `db-username` and `redis-username` are
+    /// written for clients to read and never read back.
     pub fn from_secret(s: &Secret) -> Option<Credentials> {
         let data = s.data.as_ref()?;
         let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|v| !v.is_empty());
         Some(Credentials {
-            db_username: get("db-username")?,
             db_password: get("db-password")?,
-            redis_username: get("redis-username")?,
             redis_password: get("redis-password")?,
             token: get("token")?,
         })
@@ -134,11 +116,12 @@ fn bytes(s: &str) -> ByteString {
 /// any namespace and never sees another tenant's credentials.
 pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &RegistryEntry) -> Secret {
     let config = render_registry(&BTreeMap::from([(entry.name.clone(), entry.clone())]));
+    let t = lt.tenant();
     let data = BTreeMap::from([
         (REGISTRY_KEY.to_string(), bytes(&config)),
-        ("db-username".to_string(), bytes(&c.db_username)),
+        ("db-username".to_string(), bytes(&names::db_user(&t))),
         ("db-password".to_string(), bytes(&c.db_password)),
-        ("redis-username".to_string(), bytes(&c.redis_username)),
+        ("redis-username".to_string(), bytes(&names::redis_user(&t))),
         ("redis-password".to_string(), bytes(&c.redis_password)),
         ("token".to_string(), bytes(&c.token)),
     ]);
@@ -195,15 +178,23 @@ pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str) -> Co
     }
 }
 
-/// The container security context of every container the operator runs.
+/// The container security context of every container the operator runs:
+/// what Pod Security "restricted" asks of each container, and a read-only
+/// root filesystem.
 fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
         capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        seccomp_profile: Some(runtime_default()),
         ..SecurityContext::default()
     }
+}
+
+/// The container runtime's default seccomp profile.
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }
 }
 
 /// The job Deployment of the tenant, owned by the LikeTenant. With db-proxy
@@ -300,11 +291,18 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
                     // The job flushes its open window on SIGTERM: give it the
                     // window plus the DB transaction.
                     termination_grace_period_seconds: Some(spec.window_ms / 1000 + 30),
+                    // Pod Security "restricted": non-root and the runtime's
+                    // seccomp profile for every container of the pod.
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(10001),
+                        run_as_group: Some(10001),
+                        seccomp_profile: Some(runtime_default()),
                         ..PodSecurityContext::default()
                     }),
+                    // The job never talks to the Kubernetes API; the db-proxy
+                    // sidecar watches the route ConfigMap and needs the token.
+                    automount_service_account_token: Some(cfg.db_proxy.enabled),
                     ..PodSpec::default()
                 }),
             },
@@ -366,6 +364,9 @@ pub struct RegistryDb {
     pub password_file: String,
     /// Schema.
     pub schema: String,
+    /// DB pool of each process: below the DB user's session cap
+    /// (`spec.limits.maxDbConnections`).
+    pub max_connections: u32,
 }
 
 /// Limits in the registry file.
@@ -404,12 +405,17 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Regist
         name: t.clone(),
         businesses: s.businesses.iter().map(|b| RegistryBusiness { name: b.name.clone(), id: b.id }).collect(),
         tokens_file: tokens_key,
-        redis: RegistryEndpoint { url: dc.redis.url.clone(), username: redis_username(&t), password_file: redis_key },
+        redis: RegistryEndpoint {
+            url: dc.redis.url.clone(),
+            username: names::redis_user(&t),
+            password_file: redis_key,
+        },
         db: RegistryDb {
             url: if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() },
-            username: db_username(&t),
+            username: names::db_user(&t),
             password_file: db_key,
             schema: lt.schema(),
+            max_connections: s.limits.db_pool_size(),
         },
         limits: RegistryLimits {
             // The CRD's minimums keep these positive.
@@ -562,12 +568,44 @@ datacenters:
     fn tenant_secret_round_trips_credentials() {
         let lt = tenant();
         let c = Credentials::generate("video-site");
-        assert_eq!(c.db_username, "thumbup_video_site");
-        assert_eq!(c.redis_username, "thumbup-video-site");
         let s = build_tenant_secret(&lt, &c, &registry_entry(&lt, &config(), "dc-a"));
+        let data = s.data.clone().unwrap();
+        assert_eq!(data["db-username"].0, b"thumbup_video_site");
+        assert_eq!(data["redis-username"].0, b"thumbup-video-site");
         assert_eq!(Credentials::from_secret(&s), Some(c.clone()));
         assert_ne!(Credentials::generate("video-site").db_password, c.db_password);
         assert!(!format!("{c:?}").contains(&c.db_password), "Debug must not print passwords");
+    }
+
+    #[test]
+    fn account_names_edited_into_the_tenant_secret_are_never_read_back() {
+        let lt = tenant();
+        let c = Credentials::generate("video-site");
+        let mut s = build_tenant_secret(&lt, &c, &registry_entry(&lt, &config(), "dc-a"));
+        let data = s.data.as_mut().unwrap();
+        data.insert("db-username".into(), bytes("root"));
+        data.insert("redis-username".into(), bytes("default"));
+        // Only the passwords and the token come back; the names stay derived.
+        assert_eq!(Credentials::from_secret(&s), Some(c.clone()));
+        let entry = registry_entry(&lt, &config(), "dc-a");
+        assert_eq!(
+            (entry.db.username.as_str(), entry.redis.username.as_str()),
+            ("thumbup_video_site", "thumbup-video-site")
+        );
+        let fresh = build_tenant_secret(&lt, &c, &entry).data.unwrap();
+        assert_eq!(fresh["db-username"].0, b"thumbup_video_site", "the next apply writes the derived name back");
+    }
+
+    #[test]
+    fn db_pools_stay_below_the_db_user_session_cap() {
+        let mut lt = tenant();
+        assert_eq!(registry_entry(&lt, &config(), "dc-a").db.max_connections, 16, "64 by default: a quarter");
+        for (cap, pool) in [(4, 1), (10, 2), (40, 10), (10_000, 16)] {
+            lt.spec.limits.max_db_connections = cap;
+            let pool_got = registry_entry(&lt, &config(), "dc-a").db.max_connections;
+            assert_eq!(pool_got, pool, "cap {cap}");
+            assert!(pool_got < cap as u32);
+        }
     }
 
     #[test]

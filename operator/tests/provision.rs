@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use thumbup_core::names;
 use thumbup_operator::crd::DeletionPolicy;
 use thumbup_operator::provision;
 use thumbup_operator::resources::Credentials;
@@ -12,17 +13,19 @@ async fn provision_all(name: &str) -> (thumbup_operator::crd::LikeTenant, Creden
     let cfg = operator_config(None);
     let lt = tenant(name);
     let creds = Credentials::generate(name);
-    provision::database(&lt, &creds, cfg.active()).await.expect("DB provisioned");
-    provision::redis(&lt, &creds, &cfg).await.expect("Redis provisioned");
+    let owner = owner_of(&lt);
+    provision::admit(&lt, &owner, &cfg, cfg.active()).await.expect("admitted");
+    provision::database(&lt, &owner, &creds, cfg.active()).await.expect("DB provisioned");
+    provision::redis(&lt, &owner, &creds, &cfg).await.expect("Redis provisioned");
     (lt, creds)
 }
 
 /// Everything a provisioning run leaves behind that a second run could change.
-async fn snapshot(name: &str, creds: &Credentials) -> Vec<String> {
-    let schema = thumbup_core::config::schema_for(name);
+async fn snapshot(name: &str) -> Vec<String> {
+    let schema = names::schema_for(name);
     let mut con = admin_db().await;
     let mut out: Vec<String> =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW GRANTS FOR '{}'@'%'", creds.db_username)))
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW GRANTS FOR '{}'@'%'", names::db_user(name))))
             .fetch_all(&mut con)
             .await
             .unwrap();
@@ -42,15 +45,15 @@ async fn snapshot(name: &str, creds: &Credentials) -> Vec<String> {
     .unwrap();
     out.extend(migrations);
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        out.push(acl_user(&url, &creds.redis_username).await);
+        out.push(acl_user(&url, &names::redis_user(name)).await);
     }
     out
 }
 
-async fn tenant_redis(url: &str, creds: &Credentials) -> redis::aio::MultiplexedConnection {
+async fn tenant_redis(url: &str, name: &str, creds: &Credentials) -> redis::aio::MultiplexedConnection {
     let mut info = redis::IntoConnectionInfo::into_connection_info(url).unwrap();
     let settings =
-        info.redis_settings().clone().set_username(&creds.redis_username).set_password(&creds.redis_password);
+        info.redis_settings().clone().set_username(names::redis_user(name)).set_password(&creds.redis_password);
     info = info.set_redis_settings(settings);
     redis::Client::open(info).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
@@ -65,20 +68,22 @@ async fn tenant_is_provisioned_from_nothing_and_a_second_run_changes_nothing() {
     // From nothing: the schema with its tables, a DB user that can write in it,
     // and an ACL user on both datacenters' Redis that can write its keys.
     assert!(schema_exists("thumbup_prov_fresh").await);
-    let mut con = db_as(&creds.db_username, &creds.db_password, Some("thumbup_prov_fresh")).await.unwrap();
+    let mut con = db_as(&names::db_user(name), &creds.db_password, Some("thumbup_prov_fresh")).await.unwrap();
     sqlx::query("INSERT INTO like_counts (business_id, message_id, likes, dislikes, version) VALUES (1, 7, 3, 0, 1)")
         .execute(&mut con)
         .await
         .unwrap();
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut r = tenant_redis(&url, &creds).await;
+        let mut r = tenant_redis(&url, name, &creds).await;
         let _: () = redis::cmd("SET").arg("thumbup:prov-fresh:probe").arg("1").query_async(&mut r).await.unwrap();
     }
 
-    let before = snapshot(name, &creds).await;
-    provision::database(&lt, &creds, operator_config(None).active()).await.unwrap();
-    provision::redis(&lt, &creds, &operator_config(None)).await.unwrap();
-    let after = snapshot(name, &creds).await;
+    let before = snapshot(name).await;
+    let owner = owner_of(&lt);
+    provision::admit(&lt, &owner, &operator_config(None), operator_config(None).active()).await.unwrap();
+    provision::database(&lt, &owner, &creds, operator_config(None).active()).await.unwrap();
+    provision::redis(&lt, &owner, &creds, &operator_config(None)).await.unwrap();
+    let after = snapshot(name).await;
     assert_eq!(before, after, "a second provisioning run changed grants, tables, migrations or ACL rules");
     let likes: i64 =
         sqlx::query_scalar("SELECT likes FROM like_counts WHERE message_id = 7").fetch_one(&mut con).await.unwrap();
@@ -93,14 +98,14 @@ async fn tenant_credentials_are_refused_on_another_tenants_schema_and_keys() {
     let (_, a) = provision_all("iso-a").await;
     let (_, b) = provision_all("iso-b").await;
 
-    let err = db_as(&a.db_username, &a.db_password, Some("thumbup_iso_b")).await.unwrap_err();
+    let err = db_as(&names::db_user("iso-a"), &a.db_password, Some("thumbup_iso_b")).await.unwrap_err();
     let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
     assert_eq!(code.as_deref(), Some("42000"), "access denied expected, got {err}");
     assert!(err.to_string().contains("denied"), "{err}");
-    assert!(db_as(&b.db_username, &b.db_password, Some("thumbup_iso_b")).await.is_ok());
+    assert!(db_as(&names::db_user("iso-b"), &b.db_password, Some("thumbup_iso_b")).await.is_ok());
 
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut r = tenant_redis(&url, &a).await;
+        let mut r = tenant_redis(&url, "iso-a", &a).await;
         let own: redis::RedisResult<Option<String>> =
             redis::cmd("GET").arg("thumbup:iso-a:x").query_async(&mut r).await;
         assert!(own.is_ok(), "own prefix: {own:?}");
@@ -123,28 +128,28 @@ async fn delete_policy_removes_schema_db_user_acl_users_and_every_key() {
     let (_, other) = provision_all("prov-keep-other").await;
     // More keys than one SCAN/UNLINK batch, on both datacenters.
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut r = tenant_redis(&url, &creds).await;
+        let mut r = tenant_redis(&url, name, &creds).await;
         let mut pipe = redis::pipe();
         for i in 0..1_200 {
             pipe.cmd("SET").arg(format!("thumbup:prov-del:k{i}")).arg(i).ignore();
         }
         let _: () = pipe.query_async(&mut r).await.unwrap();
-        let mut o = tenant_redis(&url, &other).await;
+        let mut o = tenant_redis(&url, "prov-keep-other", &other).await;
         let _: () = redis::cmd("SET").arg("thumbup:prov-keep-other:k").arg(1).query_async(&mut o).await.unwrap();
     }
     lt.spec.deletion_policy = DeletionPolicy::Delete;
     let cfg = operator_config(None);
-    provision::teardown(&lt, &cfg, cfg.active()).await.unwrap();
+    provision::teardown(&lt, &owner_of(&lt), &cfg, cfg.active()).await.unwrap();
 
     assert!(!schema_exists("thumbup_prov_del").await);
-    assert!(!db_user_exists(&creds.db_username).await);
+    assert!(!db_user_exists(&names::db_user(name)).await);
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        assert_eq!(acl_user(&url, &creds.redis_username).await, "", "ACL user left on {url}");
+        assert_eq!(acl_user(&url, &names::redis_user(name)).await, "", "ACL user left on {url}");
         assert!(keys_under(&url, "thumbup:prov-del:").await.is_empty(), "keys left on {url}");
         assert_eq!(keys_under(&url, "thumbup:prov-keep-other:").await.len(), 1, "another tenant's key was removed");
     }
     // Nothing left to remove: teardown converges.
-    provision::teardown(&lt, &cfg, cfg.active()).await.unwrap();
+    provision::teardown(&lt, &owner_of(&lt), &cfg, cfg.active()).await.unwrap();
     forget("prov-keep-other").await;
 }
 
@@ -154,17 +159,17 @@ async fn retain_policy_keeps_schema_and_keys_and_removes_the_acl_users() {
     forget(name).await;
     let (lt, creds) = provision_all(name).await;
     assert_eq!(lt.spec.deletion_policy, DeletionPolicy::Retain, "Retain is the default");
-    let mut con = db_as(&creds.db_username, &creds.db_password, Some("thumbup_prov_ret")).await.unwrap();
+    let mut con = db_as(&names::db_user(name), &creds.db_password, Some("thumbup_prov_ret")).await.unwrap();
     sqlx::query("INSERT INTO like_counts (business_id, message_id, likes, dislikes, version) VALUES (1, 9, 5, 1, 1)")
         .execute(&mut con)
         .await
         .unwrap();
-    let mut r = tenant_redis(&admin_redis_url(), &creds).await;
+    let mut r = tenant_redis(&admin_redis_url(), name, &creds).await;
     let _: () = redis::cmd("SET").arg("thumbup:prov-ret:kept").arg("1").query_async(&mut r).await.unwrap();
     drop(r);
 
     let cfg = operator_config(None);
-    provision::teardown(&lt, &cfg, cfg.active()).await.unwrap();
+    provision::teardown(&lt, &owner_of(&lt), &cfg, cfg.active()).await.unwrap();
 
     assert!(schema_exists("thumbup_prov_ret").await);
     let mut admin = admin_db().await;
@@ -175,7 +180,50 @@ async fn retain_policy_keeps_schema_and_keys_and_removes_the_acl_users() {
     assert_eq!(likes, 5);
     assert_eq!(keys_under(&admin_redis_url(), "thumbup:prov-ret:").await, ["thumbup:prov-ret:kept"]);
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        assert_eq!(acl_user(&url, &creds.redis_username).await, "", "ACL user left on {url}");
+        assert_eq!(acl_user(&url, &names::redis_user(name)).await, "", "ACL user left on {url}");
     }
+    // Released: a LikeTenant of the same name (a new uid) takes its data
+    // back without adoptExisting; one of another namespace does not.
+    let mut again = tenant(name);
+    again.metadata.uid = Some("uid-prov-ret-2".into());
+    provision::admit(&again, &owner_of(&again), &cfg, cfg.active()).await.expect("the same name takes it back");
+    let mut elsewhere = tenant(name);
+    elsewhere.metadata.namespace = Some("other".into());
+    elsewhere.metadata.uid = Some("uid-prov-ret-3".into());
+    let err = provision::admit(&elsewhere, &owner_of(&elsewhere), &cfg, cfg.active()).await.unwrap_err();
+    assert_eq!(err.reason(), "NotOwned", "{err}");
+    forget(name).await;
+}
+
+#[tokio::test]
+async fn the_db_server_refuses_sessions_beyond_the_like_tenants_connection_cap() {
+    let name = "ha-cap";
+    forget(name).await;
+    let cfg = operator_config(None);
+    let mut lt = tenant(name);
+    lt.spec.limits.max_db_connections = 4;
+    let creds = Credentials::generate(name);
+    let owner = owner_of(&lt);
+    provision::admit(&lt, &owner, &cfg, cfg.active()).await.unwrap();
+    provision::database(&lt, &owner, &creds, cfg.active()).await.unwrap();
+    let user = names::db_user(name);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(db_as(&user, &creds.db_password, Some("thumbup_ha_cap")).await.expect("within the cap"));
+    }
+    let err = db_as(&user, &creds.db_password, Some("thumbup_ha_cap")).await.expect_err("a fifth session");
+    let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+    assert!(err.to_string().contains("max_user_connections"), "{err} ({code:?})");
+    drop(held);
+    // A raised cap reaches the server on the next pass (ALTER USER).
+    lt.spec.limits.max_db_connections = 5;
+    provision::database(&lt, &owner, &creds, cfg.active()).await.unwrap();
+    let mut con = admin_db().await;
+    let cap: i64 = sqlx::query_scalar("SELECT max_user_connections FROM mysql.user WHERE User = ? AND Host = '%'")
+        .bind(&user)
+        .fetch_one(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(cap, 5);
     forget(name).await;
 }

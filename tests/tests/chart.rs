@@ -266,24 +266,13 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     out
 }
 
-/// The grants of the operator spec's RBAC section.
-fn spec_grants() -> BTreeSet<(String, String, String)> {
-    let spec: &[(&str, &[&str], &[&str])] = &[
-        ("thumbup.io", &["liketenants"], &["get", "list", "watch", "patch", "update"]),
-        ("thumbup.io", &["liketenants/status"], &["get", "patch", "update"]),
-        ("thumbup.io", &["liketenants/finalizers"], &["update"]),
-        ("apps", &["deployments"], &["get", "list", "watch", "create", "patch", "update", "delete"]),
-        ("", &["secrets", "configmaps"], &["get", "list", "watch", "create", "patch", "update", "delete"]),
-        ("events.k8s.io", &["events"], &["create", "patch"]),
-        ("", &["events"], &["create", "patch"]),
-        ("coordination.k8s.io", &["leases"], &["get", "list", "watch", "create", "update", "patch"]),
-    ];
+/// What the operator's code uses (`controller::API_PERMISSIONS`, which its
+/// mocked-API-server tests hold the code to): the chart grants exactly that.
+fn code_grants() -> BTreeSet<(String, String, String)> {
     let mut out = BTreeSet::new();
-    for (g, resources, verbs) in spec {
-        for r in *resources {
-            for v in *verbs {
-                out.insert((g.to_string(), r.to_string(), v.to_string()));
-            }
+    for (g, r, verbs) in thumbup_operator::controller::API_PERMISSIONS {
+        for v in *verbs {
+            out.insert((g.to_string(), r.to_string(), v.to_string()));
         }
     }
     out
@@ -412,7 +401,206 @@ fn checksum_annotation(r: &Rendered) -> String {
     annotations.get("checksum/config").cloned().expect("checksum/config annotation")
 }
 
+// ------------------------------------------------- Pod Security "restricted"
+
+/// Sysctls that Pod Security "baseline" (and so "restricted") allows (v1.33).
+const SAFE_SYSCTLS: &[&str] = &[
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+];
+
+/// Volume types that "restricted" allows.
+const RESTRICTED_VOLUMES: &[&str] =
+    &["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"];
+
+/// Every way `pod` (named `name`) breaks Pod Security "restricted" as of
+/// Kubernetes v1.33, one line each: the baseline checks (host namespaces,
+/// privileged, capabilities, hostPath, host ports, AppArmor, SELinux,
+/// procMount, seccomp, sysctls) and the restricted ones (volume types,
+/// privilege escalation, non-root, runAsUser, seccomp, capabilities).
+fn restricted_violations(name: &str, pod: &PodSpec) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut bad = |what: String| v.push(format!("{name}: {what}"));
+    for (flag, set) in [("hostNetwork", pod.host_network), ("hostPID", pod.host_pid), ("hostIPC", pod.host_ipc)] {
+        if set == Some(true) {
+            bad(format!("{flag} is true"));
+        }
+    }
+    let psc = pod.security_context.clone().unwrap_or_default();
+    for s in psc.sysctls.iter().flatten() {
+        if !SAFE_SYSCTLS.contains(&s.name.as_str()) {
+            bad(format!("sysctl {} is not in the safe set", s.name));
+        }
+    }
+    for vol in pod.volumes.iter().flatten() {
+        let json = serde_json::to_value(vol).unwrap();
+        let kinds: Vec<&String> = json.as_object().unwrap().keys().filter(|k| *k != "name").collect();
+        for k in kinds {
+            if !RESTRICTED_VOLUMES.contains(&k.as_str()) {
+                bad(format!("volume {} is of type {k}", vol.name));
+            }
+        }
+    }
+    let pod_seccomp = psc.seccomp_profile.as_ref().map(|p| p.type_.clone());
+    if pod_seccomp.as_deref() == Some("Unconfined") {
+        bad("the pod's seccompProfile is Unconfined".into());
+    }
+    if psc.run_as_user == Some(0) {
+        bad("the pod runs as user 0".into());
+    }
+    if let Some(se) = &psc.se_linux_options {
+        check_selinux("the pod", se, &mut bad);
+    }
+    if let Some(a) = &psc.app_armor_profile
+        && !["RuntimeDefault", "Localhost"].contains(&a.type_.as_str())
+    {
+        bad(format!("the pod's appArmorProfile is {}", a.type_));
+    }
+    if psc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
+        bad("the pod is a Windows hostProcess".into());
+    }
+    let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+    for c in containers {
+        let sc = c.security_context.clone().unwrap_or_default();
+        let cname = &c.name;
+        if sc.privileged == Some(true) {
+            bad(format!("container {cname} is privileged"));
+        }
+        if sc.allow_privilege_escalation != Some(false) {
+            bad(format!("container {cname} does not set allowPrivilegeEscalation: false"));
+        }
+        let non_root = sc.run_as_non_root.or(psc.run_as_non_root);
+        if non_root != Some(true) {
+            bad(format!("container {cname}: runAsNonRoot is not true (pod or container)"));
+        }
+        if sc.run_as_user == Some(0) {
+            bad(format!("container {cname} runs as user 0"));
+        }
+        match sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()).or(pod_seccomp.as_deref()) {
+            Some("RuntimeDefault" | "Localhost") => {}
+            other => bad(format!("container {cname}: seccompProfile {other:?}, not RuntimeDefault or Localhost")),
+        }
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        if !caps.drop.iter().flatten().any(|d| d == "ALL") {
+            bad(format!("container {cname} does not drop ALL capabilities"));
+        }
+        for add in caps.add.iter().flatten() {
+            if add != "NET_BIND_SERVICE" {
+                bad(format!("container {cname} adds capability {add}"));
+            }
+        }
+        if sc.proc_mount.as_deref().is_some_and(|p| p != "Default") {
+            bad(format!("container {cname}: procMount {:?}", sc.proc_mount));
+        }
+        if let Some(se) = &sc.se_linux_options {
+            check_selinux(&format!("container {cname}"), se, &mut bad);
+        }
+        if let Some(a) = &sc.app_armor_profile
+            && !["RuntimeDefault", "Localhost"].contains(&a.type_.as_str())
+        {
+            bad(format!("container {cname}: appArmorProfile {}", a.type_));
+        }
+        if sc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
+            bad(format!("container {cname} is a Windows hostProcess"));
+        }
+        for p in c.ports.iter().flatten() {
+            if p.host_port.is_some_and(|h| h != 0) {
+                bad(format!("container {cname} binds host port {:?}", p.host_port));
+            }
+        }
+    }
+    v
+}
+
+fn check_selinux(who: &str, se: &k8s_openapi::api::core::v1::SELinuxOptions, bad: &mut impl FnMut(String)) {
+    let allowed = ["container_t", "container_init_t", "container_kvm_t", "container_engine_t"];
+    if se.type_.as_deref().is_some_and(|t| !t.is_empty() && !allowed.contains(&t)) {
+        bad(format!("{who}: SELinux type {:?}", se.type_));
+    }
+    if se.user.as_deref().is_some_and(|u| !u.is_empty()) || se.role.as_deref().is_some_and(|r| !r.is_empty()) {
+        bad(format!("{who}: SELinux user or role set"));
+    }
+}
+
+/// An operator config for building job pods, with db-proxy on or off.
+fn job_operator_config(db_proxy: bool) -> thumbup_operator::config::OperatorConfig {
+    let text = format!(
+        r#"
+active_datacenter: dc-a
+db_proxy: {{ enabled: {db_proxy} }}
+datacenters:
+  - name: dc-a
+    db: {{ url: "mysql://db-a:3306", admin_username: root, admin_password: pw }}
+    redis: {{ url: "redis://redis-a:6379", admin_username: default, admin_password: pw }}
+"#
+    );
+    thumbup_operator::config::OperatorConfig::parse(&text, "test").unwrap()
+}
+
 // ---------------------------------------------------------------- tests
+
+#[test]
+fn every_pod_of_the_chart_and_the_operator_passes_pod_security_restricted() {
+    let mut pods: Vec<(String, PodSpec)> = Vec::new();
+    for args in [&[][..], CLUSTER_WIDE, &["--set", "dbProxy.enabled=false"][..]] {
+        let r = render(args);
+        for d in r.of_kind("Deployment") {
+            let dep: Deployment = r.get(&d.name);
+            pods.push((format!("chart {args:?} Deployment {}", d.name), pod_spec(&dep).clone()));
+        }
+    }
+    for db_proxy in [true, false] {
+        let spec = thumbup_operator::crd::LikeTenantSpec::with_businesses(vec![thumbup_operator::crd::Business {
+            id: 1,
+            name: "video".into(),
+        }]);
+        let lt = thumbup_operator::crd::LikeTenant::new("demo", spec);
+        let d = thumbup_operator::resources::build_job_deployment(&lt, &job_operator_config(db_proxy), NAMESPACE);
+        pods.push((format!("operator job Deployment (db-proxy {db_proxy})"), pod_spec(&d).clone()));
+    }
+    assert!(pods.len() >= 8, "{}", pods.len());
+    let violations: Vec<String> = pods.iter().flat_map(|(name, pod)| restricted_violations(name, pod)).collect();
+    assert!(violations.is_empty(), "Pod Security \"restricted\" would refuse:\n{}", violations.join("\n"));
+}
+
+#[test]
+fn the_pod_security_check_flags_each_restricted_rule() {
+    // The check above would pass vacuously if it found nothing ever.
+    let pod: PodSpec = serde_json::from_value(serde_json::json!({
+        "hostNetwork": true,
+        "securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "1"}]},
+        "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+        "containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80}],
+            "securityContext": {"privileged": true, "runAsUser": 0, "procMount": "Unmasked",
+                "capabilities": {"add": ["SYS_ADMIN"]}}}],
+    }))
+    .unwrap();
+    let got = restricted_violations("p", &pod);
+    for want in [
+        "hostNetwork",
+        "kernel.msgmax",
+        "type hostPath",
+        "privileged",
+        "allowPrivilegeEscalation",
+        "runAsNonRoot",
+        "user 0",
+        "seccompProfile None",
+        "drop ALL",
+        "SYS_ADMIN",
+        "procMount",
+        "host port",
+    ] {
+        assert!(got.iter().any(|v| v.contains(want)), "{want} not flagged in {got:#?}");
+    }
+}
 
 #[test]
 fn chart_passes_helm_lint_strict() {
@@ -651,13 +839,13 @@ fn service_mounts_the_registry_optionally_and_runs_with_config_optional() {
 }
 
 #[test]
-fn rbac_is_a_namespaced_role_with_exactly_the_spec_rules() {
+fn rbac_is_a_namespaced_role_with_exactly_the_rules_the_code_uses() {
     let r = render(&[]);
     assert!(r.of_kind("ClusterRole").is_empty() && r.of_kind("ClusterRoleBinding").is_empty(), "{:?}", r.names());
     let role: Role = r.get("thumbup-operator");
     let rules = role.rules.unwrap_or_default();
     assert_no_wildcards(&rules);
-    assert_eq!(grants(&rules), spec_grants());
+    assert_eq!(grants(&rules), code_grants(), "the chart grants what the code uses, no more and no less");
     let binding: RoleBinding = r.get("thumbup-operator");
     assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("Role", "thumbup-operator"));
     let subjects = binding.subjects.unwrap_or_default();
@@ -684,7 +872,7 @@ fn cluster_wide_switches_to_a_cluster_role_and_all_namespaces() {
     let role: ClusterRole = r.get(name);
     let rules = role.rules.unwrap_or_default();
     assert_no_wildcards(&rules);
-    assert_eq!(grants(&rules), spec_grants());
+    assert_eq!(grants(&rules), code_grants(), "the chart grants what the code uses, no more and no less");
     let binding: ClusterRoleBinding = r.get(name);
     assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("ClusterRole", name));
     let subjects = binding.subjects.unwrap_or_default();

@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod apiserver;
+
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,6 +18,7 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
 use sqlx::mysql::MySqlConnectOptions;
+use thumbup_core::names;
 use thumbup_core::route::{FailoverRecord, Route, Transition, TransitionKind};
 use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::crd::{Business, LikeTenant, LikeTenantSpec};
@@ -50,6 +54,17 @@ pub struct Call {
 }
 
 impl Call {
+    /// Reads a request, checking that RBAC grants it ([`permission`]).
+    async fn of(req: Request<Body>, respond: Responder) -> (String, String, Call) {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        record_permission(&method, &path, &query);
+        (method, path, Call { query, body, respond })
+    }
+
     /// Answers with `code` and `body`.
     pub fn reply(self, code: u16, body: Value) {
         let response = Response::builder()
@@ -102,13 +117,16 @@ impl ApiServer {
             .await
             .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
             .expect("the client is gone");
-        let method_got = req.method().to_string();
-        let path_got = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        assert_eq!((method_got.as_str(), path_got.as_str()), (method, path), "unexpected request; body {body}");
-        Call { query, body, respond }
+        let (method_got, path_got, call) = Call::of(req, respond).await;
+        assert_eq!((method_got.as_str(), path_got.as_str()), (method, path), "unexpected request; body {}", call.body);
+        call
+    }
+
+    /// The next request, whatever it is: (method, path, call); None when the
+    /// client is gone.
+    pub async fn next(&mut self) -> Option<(String, String, Call)> {
+        let (req, respond) = self.handle.next_request().await?;
+        Some(Call::of(req, respond).await)
     }
 
     /// Fails when another request arrives within 300 ms.
@@ -116,6 +134,182 @@ impl ApiServer {
         if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await {
             panic!("an unexpected request: {} {}", req.method(), req.uri());
         }
+    }
+}
+
+/// (API group, resource with its subresource, verb): the unit in which RBAC
+/// grants.
+pub type Permission = (String, String, String);
+
+/// The permission a request needs, as the API server's authorizer derives
+/// it from the method, the path and the `watch` parameter.
+pub fn permission(method: &str, path: &str, query: &str) -> Permission {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
+        _ => panic!("not a resource path: {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("not a resource path: {path}"),
+    };
+    let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+    let verb = match (method, named) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => panic!("unknown method {method} on {path}"),
+    };
+    (group, resource, verb.to_string())
+}
+
+/// Every permission that the operator's code used in this test process.
+pub static USED: std::sync::Mutex<std::collections::BTreeSet<Permission>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The permissions `thumbup_operator::controller::API_PERMISSIONS` declares
+/// (and the chart's RBAC grants).
+pub fn declared_permissions() -> std::collections::BTreeSet<Permission> {
+    let mut out = std::collections::BTreeSet::new();
+    for (group, resource, verbs) in thumbup_operator::controller::API_PERMISSIONS {
+        for verb in *verbs {
+            out.insert((group.to_string(), resource.to_string(), verb.to_string()));
+        }
+    }
+    out
+}
+
+/// Records a request's permission; a request that RBAC would not grant
+/// fails the test that made it.
+fn record_permission(method: &str, path: &str, query: &str) {
+    let p = permission(method, path, query);
+    assert!(
+        declared_permissions().contains(&p),
+        "the operator issued {method} {path} ({p:?}), which controller::API_PERMISSIONS and so the chart's RBAC do \
+         not grant"
+    );
+    USED.lock().unwrap().insert(p);
+}
+
+/// An in-memory API server for tests that care about what is stored, not
+/// about the order of the requests: objects written (POST, PUT, PATCH) are
+/// kept by path and served back (GET), collections are listed, watches are
+/// held open, DELETE removes. Status patches merge into the object.
+pub struct FakeApi {
+    /// Objects by path (`/api/v1/namespaces/team/secrets/x`).
+    pub objects: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Value>>>,
+    /// Every request: (method, path, body).
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
+}
+
+impl FakeApi {
+    /// A client served by a new fake API server holding `objects`.
+    pub fn start(objects: BTreeMap<String, Value>) -> (Client, FakeApi) {
+        let (client, mut api) = ApiServer::client();
+        let fake = FakeApi { objects: Default::default(), requests: Default::default() };
+        fake.objects.lock().unwrap().extend(objects);
+        let (store, log) = (fake.objects.clone(), fake.requests.clone());
+        tokio::spawn(async move {
+            let mut watches = Vec::new();
+            while let Some((method, path, call)) = api.next().await {
+                log.lock().unwrap().push((method.clone(), path.clone(), call.body.clone()));
+                let (status, object) = Self::answer(&store, &method, &path, &call);
+                if status == 0 {
+                    watches.push(call);
+                } else {
+                    call.reply(status, object);
+                }
+            }
+        });
+        (client, fake)
+    }
+
+    fn answer(
+        store: &std::sync::Mutex<BTreeMap<String, Value>>,
+        method: &str,
+        path: &str,
+        call: &Call,
+    ) -> (u16, Value) {
+        let mut store = store.lock().unwrap();
+        let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+            "message": "not found", "code": 404});
+        let named = |body: &Value| format!("{path}/{}", body["metadata"]["name"].as_str().unwrap_or_default());
+        let with_version = |mut v: Value| {
+            v["metadata"]["resourceVersion"] = json!("5");
+            v
+        };
+        match method {
+            "GET" if call.query.contains("watch=") => (0, Value::Null),
+            "GET" => match store.get(path) {
+                Some(v) => (200, v.clone()),
+                None if permission("GET", path, "").2 == "list" => {
+                    // A collection: what is stored right under it.
+                    let depth = path.matches('/').count() + 1;
+                    let items: Vec<Value> = store
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(&format!("{path}/")) && k.matches('/').count() == depth)
+                        .map(|(_, v)| v.clone())
+                        .collect();
+                    (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "5"}, "items": items}),
+                    )
+                }
+                None => (404, not_found),
+            },
+            "POST" => {
+                let v = with_version(call.body.clone());
+                store.insert(named(&call.body), v.clone());
+                (201, v)
+            }
+            "PUT" => {
+                let v = with_version(call.body.clone());
+                store.insert(path.to_string(), v.clone());
+                (200, v)
+            }
+            "PATCH" if path.ends_with("/status") => {
+                let object = path.trim_end_matches("/status").to_string();
+                let Some(mut v) = store.get(&object).cloned() else { return (404, not_found) };
+                v["status"] = call.body["status"].clone();
+                store.insert(object, v.clone());
+                (200, v)
+            }
+            "PATCH" if call.body.is_array() => {
+                // A JSON patch (the finalizer helper): answer with the object as it is.
+                match store.get(path) {
+                    Some(v) => (200, v.clone()),
+                    None => (404, not_found),
+                }
+            }
+            "PATCH" => {
+                let v = with_version(call.body.clone());
+                store.insert(path.to_string(), v.clone());
+                (200, v)
+            }
+            "DELETE" => {
+                store.remove(path);
+                (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
+            }
+            _ => (405, not_found),
+        }
+    }
+
+    /// The bodies of the requests `method path` made so far.
+    pub fn bodies(&self, method: &str, path: &str) -> Vec<Value> {
+        let log = self.requests.lock().unwrap();
+        log.iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
     }
 }
 
@@ -273,15 +467,40 @@ pub async fn keys_under(url: &str, prefix: &str) -> Vec<String> {
     keys
 }
 
-/// Removes whatever an earlier run left of tenant `name` (schema, users, keys).
+/// Removes whatever an earlier run left of tenant `name` (schema, users,
+/// keys and their ownership records), whoever holds them.
 pub async fn forget(name: &str) {
-    let schema = thumbup_core::config::schema_for(name);
-    let user = thumbup_operator::resources::db_username(name);
-    thumbup_core::provision::drop_db(&admin_db_url(), name, &schema, &user).await.unwrap();
+    forget_schema(&names::schema_for(name)).await;
+    let user = names::db_user(name);
+    let mut con = admin_db().await;
+    for s in [
+        format!("DROP USER IF EXISTS '{user}'@'%'"),
+        format!("DELETE FROM `{}`.owners WHERE kind = 'db_user' AND name = '{user}'", names::CONTROL_SCHEMA),
+    ] {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await;
+    }
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        thumbup_core::provision::drop_redis_user(&url, name, &thumbup_operator::resources::redis_username(name))
-            .await
-            .unwrap();
+        let mut r = redis_admin(&url).await;
+        let user = names::redis_user(name);
+        let _: () = redis::cmd("ACL").arg("DELUSER").arg(&user).query_async(&mut r).await.unwrap();
+        let _: () = redis::cmd("HDEL").arg(names::CONTROL_KEY).arg(&user).query_async(&mut r).await.unwrap();
         thumbup_core::provision::delete_keys(&url, name).await.unwrap();
     }
+}
+
+/// Drops `schema` and its ownership record, whoever holds it.
+pub async fn forget_schema(schema: &str) {
+    let mut con = admin_db().await;
+    for s in [
+        format!("DROP DATABASE IF EXISTS `{schema}`"),
+        format!("DELETE FROM `{}`.owners WHERE kind = 'schema' AND name = '{schema}'", names::CONTROL_SCHEMA),
+    ] {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await;
+    }
+}
+
+/// The owner the operator records for `lt` with the test config (no
+/// `installation_id`: the operator's namespace, `thumbup`).
+pub fn owner_of(lt: &LikeTenant) -> thumbup_core::provision::Owner {
+    thumbup_operator::provision::owner(lt, "thumbup")
 }
