@@ -299,14 +299,14 @@ async fn apply_registry_secret(lt: &LikeTenant, ctx: &Context, creds: Option<&Cr
     Ok(())
 }
 
-/// The tenant's credentials: read back from its Secret when complete, else
-/// generated (and stored by [`apply_tenant_secret`] before anything uses them).
+/// The tenant's credentials: read back from its Secret, each missing one
+/// generated (and stored by [`apply_tenant_secret`] before anything uses it).
 async fn credentials(lt: &LikeTenant, ctx: &Context) -> Result<Credentials> {
     let tenant = lt.tenant();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
     let existing =
         api.get_opt(&resources::secret_name(&tenant)).await.map_err(kube_err(&tenant, "reading the tenant Secret"))?;
-    Ok(existing.as_ref().and_then(Credentials::from_secret).unwrap_or_else(|| Credentials::generate(&tenant)))
+    Ok(Credentials::kept_or_generated(existing.as_ref(), &tenant))
 }
 
 /// Applies the tenant Secret: credentials, token and the job's one-tenant

@@ -82,18 +82,34 @@ impl Credentials {
     }
 
     /// Reads the passwords and the token back from the tenant Secret; None
-    /// when a key is missing (the Secret was edited), so the caller
-    /// regenerates. The Secret's `db-username` and `redis-username` are
-    /// written for clients to read and never read back.
+    /// when a key is missing. The Secret's `db-username` and
+    /// `redis-username` are written for clients to read and never read back.
     pub fn from_secret(s: &Secret) -> Option<Credentials> {
-        let data = s.data.as_ref()?;
-        let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|v| !v.is_empty());
+        let get = |k: &str| secret_value(s, k);
         Some(Credentials {
             db_password: get("db-password")?,
             redis_password: get("redis-password")?,
             token: get("token")?,
         })
     }
+
+    /// The credentials of the tenant Secret `existing`, each missing or empty
+    /// one made afresh: deleting one key from the Secret rotates that
+    /// credential alone (the others, the API token above all, stay).
+    pub fn kept_or_generated(existing: Option<&Secret>, tenant: &str) -> Credentials {
+        let fresh = Credentials::generate(tenant);
+        let keep = |k: &str, made: String| existing.and_then(|s| secret_value(s, k)).unwrap_or(made);
+        Credentials {
+            db_password: keep("db-password", fresh.db_password),
+            redis_password: keep("redis-password", fresh.redis_password),
+            token: keep("token", fresh.token),
+        }
+    }
+}
+
+/// A non-empty UTF-8 value of a Secret.
+fn secret_value(s: &Secret, key: &str) -> Option<String> {
+    s.data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|v| !v.is_empty())
 }
 
 fn owned_meta(lt: &LikeTenant, name: String) -> ObjectMeta {
@@ -575,6 +591,20 @@ datacenters:
         assert_eq!(Credentials::from_secret(&s), Some(c.clone()));
         assert_ne!(Credentials::generate("video-site").db_password, c.db_password);
         assert!(!format!("{c:?}").contains(&c.db_password), "Debug must not print passwords");
+    }
+
+    #[test]
+    fn a_key_deleted_from_the_tenant_secret_rotates_that_credential_alone() {
+        let lt = tenant();
+        let c = Credentials::generate("video-site");
+        let mut s = build_tenant_secret(&lt, &c, &registry_entry(&lt, &config(), "dc-a"));
+        assert_eq!(Credentials::kept_or_generated(Some(&s), "video-site"), c);
+        s.data.as_mut().unwrap().remove("db-password");
+        let rotated = Credentials::kept_or_generated(Some(&s), "video-site");
+        assert_ne!(rotated.db_password, c.db_password);
+        assert_eq!((&rotated.redis_password, &rotated.token), (&c.redis_password, &c.token));
+        let none = Credentials::kept_or_generated(None, "video-site");
+        assert!(none.token.starts_with("video-site-") && none.db_password.len() == 32);
     }
 
     #[test]
