@@ -74,7 +74,10 @@ fn plain_schema(tenant: &str, schema: &str) -> Result<(), ProvisionError> {
 }
 
 /// Creates (or updates) the tenant's schema and DB user, granted on that
-/// schema only. `admin_url` is `mysql://user:password@host:port`.
+/// schema only; with `db.tls` set the user is `REQUIRE SSL` (the server
+/// refuses it a plaintext session), else `REQUIRE NONE`. `admin_url` is
+/// `mysql://user:password@host:port`, TLS as sqlx's URL parameters
+/// (`?ssl-mode=VERIFY_IDENTITY&ssl-ca=/etc/ca.crt`).
 pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), ProvisionError> {
     let name = &t.name;
     plain(name, "db.username", &t.db.username)?;
@@ -88,6 +91,7 @@ pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), Provi
         format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'"),
         format!("ALTER USER '{user}'@'%' IDENTIFIED BY '{pw}'"),
         format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO '{user}'@'%'"),
+        format!("ALTER USER '{user}'@'%' REQUIRE {}", if t.db.tls.is_some() { "SSL" } else { "NONE" }),
     ];
     for s in statements {
         sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await.map_err(db)?;
@@ -157,7 +161,7 @@ const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn redis_admin(admin_url: &str, tenant: &str) -> Result<redis::aio::MultiplexedConnection, ProvisionError> {
     let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
-    let client = redis::Client::open(admin_url).map_err(err)?;
+    let client = crate::cache::admin_client(admin_url).map_err(err)?;
     // Admin commands can take long on a busy server (ACL SAVE writes and
     // fsyncs the ACL file; UNLINK of many keys): not the client's default
     // 500 ms response timeout, which failed provisioning under load.
@@ -179,7 +183,8 @@ async fn acl_save(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, r
 /// Creates (or resets) the tenant's Redis ACL user with [`acl_rules`], and
 /// saves the ACL file so the user survives a restart. Returns false when the
 /// server has no ACL file to save to.
-/// `admin_url` is `redis://user:password@host:port`.
+/// `admin_url` is `redis://user:password@host:port`, or `rediss://` with
+/// the CA file as [`crate::cache::ADMIN_CA_PARAM`].
 pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, ProvisionError> {
     let name = &t.name;
     plain(name, "redis.username", &t.redis.username)?;

@@ -26,6 +26,7 @@ pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> T
             username: creds.redis_username.clone(),
             password: creds.redis_password.clone(),
             password_file: None,
+            tls: dc.redis.tls.clone(),
         },
         db: DbConfig {
             url: dc.db.admin_url.clone().unwrap_or_else(|| dc.db.url.clone()),
@@ -35,6 +36,7 @@ pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> T
             schema: Some(lt.schema()),
             // Migrations run one statement at a time.
             max_connections: 2,
+            tls: dc.db.tls.clone(),
         },
         limits: Default::default(),
         cache: Default::default(),

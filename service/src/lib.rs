@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
@@ -51,9 +52,9 @@ pub struct Options {
     pub ready: Option<Arc<AtomicBool>>,
 }
 
-/// How [`run_with`] reads the config file's credentials and whether the
-/// file may be missing. Kept apart from [`Options`] so that code building
-/// `Options` field by field keeps compiling.
+/// How [`run_with`] reads the config file's credentials, whether the file
+/// may be missing, and the server's own certificate files. Kept apart from
+/// [`Options`] so that code building `Options` field by field keeps compiling.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigFiles {
     /// The directory relative `password_file` / `tokens_file` paths resolve
@@ -62,6 +63,51 @@ pub struct ConfigFiles {
     /// Start with no tenants while the config file does not exist, and
     /// serve it once it appears; otherwise a missing file fails the start.
     pub optional: bool,
+    /// Serve TLS only, with this certificate (None: plaintext h2c).
+    pub tls: Option<ServerTls>,
+}
+
+/// The gRPC server's certificate and key (PEM files), read at start: a
+/// rotated certificate takes a restart (a rolling one in Kubernetes).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key of the leaf (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl ServerTls {
+    /// The tonic TLS settings: the identity read from the files, and a
+    /// deadline on the handshake so a client that stalls it holds no slot.
+    pub fn load(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let identity = tonic::transport::Identity::from_pem(read(&self.cert_file)?, read(&self.key_file)?);
+        Ok(tonic::transport::ServerTlsConfig::new().identity(identity).timeout(Duration::from_secs(10)))
+    }
+}
+
+/// The client side of [`ServerTls`], shared by thumbupctl, the bench and
+/// the tests: an endpoint for `addr`, which is `http://host:port`
+/// (plaintext) or `https://host:port` (TLS; the server's certificate must
+/// name `host` and chain to `ca_file`, or to the system's roots without one).
+pub fn client_endpoint(addr: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let endpoint = Endpoint::from_shared(addr.to_string())
+        .with_context(|| format!("{addr:?} is not a URI (e.g. https://127.0.0.1:50051)"))?;
+    if addr.starts_with("http://") {
+        anyhow::ensure!(ca_file.is_none(), "a CA file is for https:// addresses, not {addr:?}");
+        return Ok(endpoint);
+    }
+    anyhow::ensure!(addr.starts_with("https://"), "{addr:?} must start with http:// or https://");
+    let tls = match ca_file {
+        Some(f) => {
+            let pem = std::fs::read(f).with_context(|| format!("reading CA file {}", f.display()))?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    endpoint.tls_config(tls).context("TLS settings")
 }
 
 /// Serves the gRPC API (with health and reflection) on `listener` until
@@ -83,6 +129,8 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Read before anything is served: a bad certificate fails the start.
+    let tls = files.tls.as_ref().map(ServerTls::load).transpose()?;
     let source = ConfigSource { path: opts.config.clone(), secrets_dir: files.secrets_dir, optional: files.optional };
     let reg = tenants::Registry::open(source, opts.redis_timeout).await.map_err(anyhow::Error::msg)?;
     let watcher = tokio::spawn(reg.clone().watch());
@@ -91,7 +139,7 @@ pub async fn run_with(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    info!(addr = %listener.local_addr()?, "serving thumbup.v1.Thumbup");
+    info!(addr = %listener.local_addr()?, tls = tls.is_some(), "serving thumbup.v1.Thumbup");
     let ready = opts.ready.clone();
     let set_ready = |v: bool| {
         if let Some(r) = &ready {
@@ -107,7 +155,13 @@ pub async fn run_with(
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
     // ~40 ms.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    // With a certificate only TLS is served: a plaintext client fails its
+    // handshake and is dropped.
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let served = server
         .concurrency_limit_per_connection(256)
         .add_service(health_svc)
         .add_service(reflection)

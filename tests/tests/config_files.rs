@@ -101,7 +101,8 @@ impl Service {
             redis_timeout: Duration::from_millis(1000),
             ready: None,
         };
-        let cf = thumbup_service::ConfigFiles { secrets_dir: Some(files.secrets.clone()), optional };
+        let cf =
+            thumbup_service::ConfigFiles { secrets_dir: Some(files.secrets.clone()), optional, ..Default::default() };
         let server = tokio::spawn(thumbup_service::run_with(opts, cf, listener, async {
             let _ = rx.await;
         }));
@@ -233,7 +234,7 @@ async fn missing_config_file_fails_the_start_unless_optional() {
         redis_timeout: Duration::from_millis(1000),
         ready: None,
     };
-    let cf = thumbup_service::ConfigFiles { secrets_dir: None, optional: false };
+    let cf = thumbup_service::ConfigFiles { secrets_dir: None, optional: false, ..Default::default() };
     let err = thumbup_service::run_with(opts, cf, listener, std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains(&files.config.display().to_string()), "{err}");
 
