@@ -216,6 +216,37 @@ pub struct JobTemplate {
     pub image_pull_policy: String,
     /// CPU and memory of each job container.
     pub resources: Option<ResourceRequirements>,
+    /// Secrets holding the CA files that the datacenters' `tls.ca_file`
+    /// name, mounted into every job pod at those paths. They must exist in
+    /// each tenant's namespace (the release namespace unless the operator
+    /// watches every namespace).
+    pub ca_secrets: Vec<CaSecret>,
+}
+
+/// A Secret key holding a CA file, and where the file appears in a pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSecret {
+    /// The Secret.
+    pub secret: String,
+    /// Its key holding the PEM CA certificates.
+    #[serde(default = "default_ca_key")]
+    pub key: String,
+    /// The absolute path of the file in the pod (a datacenter's
+    /// `tls.ca_file`); its directory is the mount and holds only this file.
+    pub file: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+impl CaSecret {
+    /// The mount directory and file name of [`CaSecret::file`].
+    pub fn dir_and_name(&self) -> Option<(&str, &str)> {
+        let (dir, name) = self.file.rsplit_once('/')?;
+        (dir.starts_with('/') && !name.is_empty()).then_some((dir, name))
+    }
 }
 
 impl Default for JobTemplate {
@@ -224,6 +255,7 @@ impl Default for JobTemplate {
             image: format!("thumbup/thumbup:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".into(),
             resources: None,
+            ca_secrets: Vec::new(),
         }
     }
 }
@@ -257,6 +289,21 @@ impl OperatorConfig {
                 "failover: replay_window_ms ({}) must be at least max_lag_ms ({}): a standby may lag that much",
                 f.replay_window_ms, f.max_lag_ms
             )));
+        }
+        let mut dirs: Vec<&str> = Vec::new();
+        for ca in &c.job.ca_secrets {
+            let Some((dir, _)) = ca.dir_and_name() else {
+                return Err(ConfigError::Invalid(format!(
+                    "job.ca_secrets: file {:?} must be an absolute path",
+                    ca.file
+                )));
+            };
+            if dirs.contains(&dir) {
+                return Err(ConfigError::Invalid(format!(
+                    "job.ca_secrets: two files in {dir}: one CA file per directory"
+                )));
+            }
+            dirs.push(dir);
         }
         let mut names: Vec<&str> = c.datacenters.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
