@@ -16,6 +16,7 @@ pub mod hot;
 pub mod metrics;
 pub mod read;
 pub mod tenants;
+pub mod tls;
 pub mod write;
 
 /// Generated gRPC types of `thumbup.v1`.
@@ -39,6 +40,7 @@ use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::tenants::ConfigSource;
+pub use crate::tls::ServerTls;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -65,26 +67,6 @@ pub struct ConfigFiles {
     pub optional: bool,
     /// Serve TLS only, with this certificate (None: plaintext h2c).
     pub tls: Option<ServerTls>,
-}
-
-/// The gRPC server's certificate and key (PEM files), read at start: a
-/// rotated certificate takes a restart (a rolling one in Kubernetes).
-#[derive(Debug, Clone)]
-pub struct ServerTls {
-    /// The certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// The private key of the leaf (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-}
-
-impl ServerTls {
-    /// The tonic TLS settings: the identity read from the files, and a
-    /// deadline on the handshake so a client that stalls it holds no slot.
-    pub fn load(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let identity = tonic::transport::Identity::from_pem(read(&self.cert_file)?, read(&self.key_file)?);
-        Ok(tonic::transport::ServerTlsConfig::new().identity(identity).timeout(Duration::from_secs(10)))
-    }
 }
 
 /// The client side of [`ServerTls`], shared by thumbupctl, the bench and
@@ -129,8 +111,10 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    // Read before anything is served: a bad certificate fails the start.
-    let tls = files.tls.as_ref().map(ServerTls::load).transpose()?;
+    // A certificate that does not load fails the start, before anything else.
+    if let Some(tls) = &files.tls {
+        tls.check()?;
+    }
     let source = ConfigSource { path: opts.config.clone(), secrets_dir: files.secrets_dir, optional: files.optional };
     let reg = tenants::Registry::open(source, opts.redis_timeout).await.map_err(anyhow::Error::msg)?;
     let watcher = tokio::spawn(reg.clone().watch());
@@ -139,7 +123,7 @@ pub async fn run_with(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    info!(addr = %listener.local_addr()?, tls = tls.is_some(), "serving thumbup.v1.Thumbup");
+    info!(addr = %listener.local_addr()?, tls = files.tls.is_some(), "serving thumbup.v1.Thumbup");
     let ready = opts.ready.clone();
     let set_ready = |v: bool| {
         if let Some(r) = &ready {
@@ -154,20 +138,20 @@ pub async fn run_with(
     // Replies are small frames: without TCP_NODELAY on accepted sockets,
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
     // ~40 ms.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = tonic::transport::Server::builder();
-    // With a certificate only TLS is served: a plaintext client fails its
-    // handshake and is dropped.
-    if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
-    }
-    let served = server
+    let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone())))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone())));
+    // With a certificate only TLS is served: a plaintext client fails its
+    // handshake and is dropped. The certificate is reloaded on change.
+    let served = match &files.tls {
+        Some(tls) => router.serve_with_incoming_shutdown(tls::incoming(listener, tls)?, shutdown).await,
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+    };
     watcher.abort();
     // In-flight requests are done: end this process's write leases, so a
     // Redis outage right after a rolling restart finds no writer to wait for.

@@ -57,8 +57,8 @@ struct ServeArgs {
     )]
     config_optional: bool,
     /// PEM certificate chain of the gRPC server; with --tls-key-file, only
-    /// TLS is served (plaintext clients are refused). Read at start: a
-    /// rotated certificate takes a restart.
+    /// TLS is served (plaintext clients are refused). Both files are re-read
+    /// every second: a rotated certificate is served to new connections.
     #[arg(long, env = "THUMBUP_TLS_CERT_FILE", global = true, requires = "tls_key_file")]
     tls_cert_file: Option<PathBuf>,
     /// PEM private key of --tls-cert-file.

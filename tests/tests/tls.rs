@@ -34,6 +34,15 @@ fn tls_tenant(name: &str) -> String {
 
 /// Serves the API with the stack's certificate on port 0; returns the port.
 async fn tls_service(test: &str, tenants: &str) -> (u16, tokio::sync::oneshot::Sender<()>) {
+    tls_service_with(test, tenants, stack_server_tls()).await
+}
+
+/// [`tls_service`] with the certificate files `tls`.
+async fn tls_service_with(
+    test: &str,
+    tenants: &str,
+    tls: thumbup_service::ServerTls,
+) -> (u16, tokio::sync::oneshot::Sender<()>) {
     let dir = world_dir(test);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -43,7 +52,7 @@ async fn tls_service(test: &str, tenants: &str) -> (u16, tokio::sync::oneshot::S
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let opts = thumbup_service::Options { config: path, redis_timeout: Duration::from_millis(1000), ready: None };
-    let files = thumbup_service::ConfigFiles { tls: Some(stack_server_tls()), ..Default::default() };
+    let files = thumbup_service::ConfigFiles { tls: Some(tls), ..Default::default() };
     tokio::spawn(thumbup_service::run_with(opts, files, listener, async {
         let _ = rx.await;
     }));
@@ -150,4 +159,81 @@ async fn a_tenant_with_db_tls_is_encrypted_and_refused_plaintext_by_the_server()
     provision::provision_db(&admin_db_url(), &plain).await.unwrap();
     let opts = db::connect_options(&plain).unwrap().ssl_mode(sqlx::mysql::MySqlSslMode::Disabled);
     opts.connect().await.expect("REQUIRE NONE accepts plaintext").close().await.unwrap();
+}
+
+/// A CA of its own and a certificate for 127.0.0.1 signed by it, made with
+/// openssl in `dir`: (ca.crt, server.crt, server.key).
+fn other_ca(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=other CA", "-keyout", "ca.key", "-out", "ca.crt"]]
+        .concat());
+    run(&[&["req", "-new"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"]]
+        .concat());
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+        "-out",
+        "server.crt",
+    ]);
+    ["ca.crt", "server.crt", "server.key"].map(|f| dir.join(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_grpc_certificate_is_served_to_new_connections_without_a_restart() {
+    let yaml = tls_tenant("e2e-tls-rotate");
+    let config = Config::parse(&format!("tenants:\n{yaml}"), "test").unwrap();
+    reset_tenant(&config.tenants[0]).await;
+    let dir = world_dir("tls-rotate-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = thumbup_service::ServerTls { cert_file: dir.join("tls.crt"), key_file: dir.join("tls.key") };
+    let stack = stack_server_tls();
+    std::fs::copy(&stack.cert_file, &files.cert_file).unwrap();
+    std::fs::copy(&stack.key_file, &files.key_file).unwrap();
+    let (port, stop) = tls_service_with("tls-rotate", &yaml, files.clone()).await;
+    let addr = format!("https://127.0.0.1:{port}");
+    let old_ca = stack_ca();
+    assert!(counts_call(&addr, Some(&old_ca), "e2e-tls-rotate").await.is_ok());
+    // A connection opened before the rotation.
+    let endpoint = thumbup_service::client_endpoint(&addr, Some(&old_ca)).unwrap();
+    let open = endpoint.connect().await.unwrap();
+
+    // The renewal: a certificate from another CA, key first (a half-written
+    // pair is not taken: the old one is served until the pair matches).
+    let [new_ca, cert, key] = other_ca(&dir);
+    std::fs::copy(&key, &files.key_file).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(counts_call(&addr, Some(&old_ca), "e2e-tls-rotate").await.is_ok(), "a mismatched pair was taken");
+    std::fs::copy(&cert, &files.cert_file).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counts_call(&addr, Some(&new_ca), "e2e-tls-rotate").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the new certificate was never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old = counts_call(&addr, Some(&old_ca), "e2e-tls-rotate").await;
+    assert!(old.is_err(), "the old certificate is still served to new connections: {old:?}");
+    // The connection opened before keeps working.
+    let mut client = pb::thumbup_client::ThumbupClient::new(open);
+    let mut req = tonic::Request::new(pb::GetCountsRequest { business_id: 1, message_ids: vec![1] });
+    req.metadata_mut().insert("x-thumbup-tenant", "e2e-tls-rotate".parse().unwrap());
+    req.metadata_mut().insert("authorization", "Bearer tok-e2e-tls-rotate-0001".parse().unwrap());
+    assert!(client.get_counts(req).await.is_ok(), "an open connection survives the rotation");
+    let _ = stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
 }
