@@ -1,16 +1,17 @@
-//! Redis client side: connecting with a tenant's ACL user, the atomic
-//! transition script, versioned cache writes, and reading entries back.
+//! Redis client side: connecting with a tenant's ACL user, calling the
+//! project's Redis functions ([`crate::functions`]: the atomic transition,
+//! versioned cache writes, the applied watermark), and reading entries back.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisError, Script};
+use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
 
 use crate::config::{RedisConfig, RedisTls, TenantConfig};
 use crate::domain::{Action, State};
+use crate::functions::{self, Function};
 use crate::keys::Keys;
-use crate::version::EPOCH_MS;
 
 fn client_and_config(
     cfg: &RedisConfig,
@@ -87,122 +88,19 @@ pub fn is_unreachable(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() || e.code().is_none()
 }
 
-/// The transition script. KEYS: state, liked list, stream shard (one hash
-/// slot). ARGV: action, mid, business, message, up_mid, state ttl, liked list
-/// max, seed (`"<state>:<version>"` from the DB, or empty when not loaded),
-/// deadline (Unix ms).
-///
-/// A script that starts after its deadline does nothing and replies
-/// `{"EXPIRED"}`: a call the client already gave up on cannot take effect
-/// later, for example after a stall; and none takes effect after the
-/// service's write lease ends (see [`crate::fence`]).
-///
-/// Replies `{"SEED"}` when the state is not cached and no seed was given,
-/// `{"REFUSED", state}` for a transition the table forbids, or
-/// `{"OK", new, version, mtime_ms, prev, stream_id}` after it set the state,
-/// updated the liked list and appended the event, all in one atomic step.
-const TRANSITION_LUA: &str = r#"
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ms > tonumber(ARGV[9]) then return {'EXPIRED'} end
-local cur = redis.call('GET', KEYS[1])
-if not cur then
-  if ARGV[8] == '' then return {'SEED'} end
-  cur = ARGV[8]
-end
-local a = tonumber(ARGV[1])
-local st, ver = string.match(cur, '^(%d+):(%d+)$')
-if not st then return redis.error_reply('ERR malformed state ' .. cur) end
-st = tonumber(st)
-ver = tonumber(ver)
-local new
-if a == 1 and (st == 0 or st == 2) then new = 1
-elseif a == 3 and (st == 0 or st == 1) then new = 2
-elseif (a == 2 and st == 1) or (a == 4 and st == 2) then new = 0
-else
-  return {'REFUSED', tostring(st)}
-end
-local v = (ms - EPOCH) * 4096
-if v <= ver then v = ver + 1 end
-local vs = string.format('%.0f', v)
-local mss = string.format('%.0f', ms)
-redis.call('SET', KEYS[1], new .. ':' .. vs, 'EX', ARGV[6])
-if new == 1 then
-  redis.call('ZADD', KEYS[2], ms, ARGV[4])
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[7]) + 1))
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-else
-  redis.call('ZREM', KEYS[2], ARGV[4])
-end
-local id = redis.call('XADD', KEYS[3], '*', 'mid', ARGV[2], 'biz', ARGV[3], 'msg', ARGV[4], 'up', ARGV[5],
-  'st', new, 'prev', st, 'ver', vs, 'mt', mss)
-return {'OK', tostring(new), vs, mss, tostring(st), id}
-"#;
-
-/// Sets a versioned value `"<a>:<b>:<version>"` unless the cached one is as
-/// new or newer. ARGV: value, version, ttl.
-const SET_IF_NEWER_LUA: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local v = tonumber(string.match(cur, ':(%d+)$'))
-  if v and v >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-return 1
-"#;
-
-/// The applied watermark of a stream shard, from the consumer group's own
-/// state, read atomically with the Redis clock. KEYS: the shard. ARGV: the
-/// job's group. Replies Unix ms W such that every entry with an id below W
-/// has been acknowledged by the group, which the job does only after the DB
-/// commit: the oldest pending entry when there is one; else now when
-/// everything was delivered (a later entry gets an id of now or later); else
-/// the last delivered entry. A shard without a stream has no entry at all.
-const WATERMARK_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
-if info['err'] then
-  if string.find(info['err'], 'no such key') then return now end
-  return redis.error_reply(info['err'])
-end
-local last
-for i = 1, #info, 2 do
-  if info[i] == 'last-generated-id' then last = info[i + 1] end
-end
-local delivered
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, ld
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] end
-    if g[i] == 'last-delivered-id' then ld = g[i + 1] end
-  end
-  if name == ARGV[1] then delivered = ld end
-end
-local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
-if not delivered then
-  if last == '0-0' then return now end
-  return 0
-end
-local p = redis.call('XPENDING', KEYS[1], ARGV[1])
-if tonumber(p[1]) > 0 then return ms(p[2]) end
-if delivered == last then return now end
-return ms(delivered)
-"#;
-
 /// Parses the millisecond part of a stream entry id `"<ms>-<seq>"`.
 pub fn entry_ms(id: &str) -> Option<i64> {
     id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
 }
 
-/// Outcome of the transition script.
+/// Outcome of the transition function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transition {
     /// The state is not cached: load it from the DB and call again with a seed.
     NeedSeed,
     /// The table forbids the action in the current state.
     Refused(State),
-    /// The script started after the call's deadline and did nothing.
+    /// The call started after its deadline and did nothing.
     Expired,
     /// Applied and appended to the stream.
     Applied {
@@ -220,27 +118,30 @@ pub enum Transition {
     },
 }
 
-/// The scripts, hashed once.
+/// The project's Redis functions, called by their versioned names (the
+/// library of this build, [`functions::library`]). A call to a function
+/// that is not loaded fails with [`functions::is_not_loaded`] and ran nothing.
 pub struct Scripts {
-    transition: Script,
-    set_if_newer: Script,
-    watermark: Script,
+    transition: String,
+    set_if_newer: String,
+    watermark: String,
 }
 
 impl Default for Scripts {
     fn default() -> Self {
+        let lib = functions::library();
         Scripts {
-            transition: Script::new(&TRANSITION_LUA.replace("EPOCH", &EPOCH_MS.to_string())),
-            set_if_newer: Script::new(SET_IF_NEWER_LUA),
-            watermark: Script::new(WATERMARK_LUA),
+            transition: lib.function(Function::Transition),
+            set_if_newer: lib.function(Function::SetIfNewer),
+            watermark: lib.function(Function::Watermark),
         }
     }
 }
 
-/// What the transition script assumes when the state is not cached.
+/// What the transition assumes when the state is not cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seed {
-    /// Nothing: the script answers [`Transition::NeedSeed`].
+    /// Nothing: the function answers [`Transition::NeedSeed`].
     NotLoaded,
     /// `(state, version)` loaded from the DB, which must be the record's
     /// newest acknowledged state (the caller proves it; see
@@ -263,11 +164,25 @@ pub struct TransitionArgs {
     pub action: Action,
     /// What to assume when the state is not cached.
     pub seed: Seed,
-    /// Unix ms after which the script must not take effect.
+    /// Unix ms after which the call must not take effect.
     pub deadline_ms: i64,
 }
 
 impl Scripts {
+    /// `FCALL` (or `FCALL_RO`) of `f`, registered as `name`. Every key goes
+    /// in KEYS, so the ACL checks them all and Redis Cluster routes the call.
+    async fn call<T: FromRedisValue>(
+        con: &mut ConnectionManager,
+        f: Function,
+        name: &str,
+        keys: &[&str],
+        args: impl redis::ToRedisArgs,
+    ) -> Result<T, RedisError> {
+        let mut cmd = redis::cmd(f.command());
+        cmd.arg(name).arg(keys.len()).arg(keys).arg(args);
+        cmd.query_async(con).await.map_err(functions::explain)
+    }
+
     /// Runs the atomic transition for one record.
     pub async fn transition(
         &self,
@@ -280,23 +195,26 @@ impl Scripts {
             Seed::NotLoaded => String::new(),
             Seed::Loaded(s, v) => format!("{}:{v}", s.code()),
         };
-        let reply: Vec<String> = self
-            .transition
-            .key(keys.state(a.mid, a.business_id, a.message_id))
-            .key(keys.liked_list(a.mid, a.business_id))
-            .key(keys.stream_of(a.mid))
-            .arg(a.action.code())
-            .arg(a.mid)
-            .arg(a.business_id)
-            .arg(a.message_id)
-            .arg(a.up_mid)
-            .arg(tenant.cache.state_ttl_secs)
-            .arg(tenant.cache.liked_list_max)
-            .arg(seed)
-            .arg(a.deadline_ms)
-            .invoke_async(con)
-            .await?;
-        let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "transition script reply"));
+        let keys = [
+            keys.state(a.mid, a.business_id, a.message_id),
+            keys.liked_list(a.mid, a.business_id),
+            keys.stream_of(a.mid),
+        ];
+        let c = &tenant.cache;
+        let args = (
+            a.action.code(),
+            a.mid,
+            a.business_id,
+            a.message_id,
+            a.up_mid,
+            c.state_ttl_secs,
+            c.liked_list_max,
+            seed,
+            a.deadline_ms,
+        );
+        let keys = keys.each_ref().map(String::as_str);
+        let reply: Vec<String> = Self::call(con, Function::Transition, &self.transition, &keys, args).await?;
+        let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "transition function reply"));
         let int = |i: usize| reply.get(i).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
         let state = |i: usize| int(i).and_then(|c| State::from_code(c).ok_or_else(bad));
         match reply.first().map(String::as_str) {
@@ -320,7 +238,7 @@ impl Scripts {
     /// The applied watermark of stream shard `stream` for consumer group
     /// `group` (Unix ms, Redis clock): every entry below it is acknowledged.
     pub async fn watermark(&self, con: &mut ConnectionManager, stream: &str, group: &str) -> Result<i64, RedisError> {
-        self.watermark.key(stream).arg(group).invoke_async(con).await
+        Self::call(con, Function::Watermark, &self.watermark, &[stream], group).await
     }
 
     /// Caches a versioned pair unless a newer one is cached. Returns whether
@@ -333,14 +251,9 @@ impl Scripts {
         version: i64,
         ttl_secs: u64,
     ) -> Result<bool, RedisError> {
-        let written: i64 = self
-            .set_if_newer
-            .key(key)
-            .arg(format!("{}:{}:{version}", pair.0, pair.1))
-            .arg(version)
-            .arg(ttl_secs)
-            .invoke_async(con)
-            .await?;
+        let value = format!("{}:{}:{version}", pair.0, pair.1);
+        let written: i64 =
+            Self::call(con, Function::SetIfNewer, &self.set_if_newer, &[key], (value, version, ttl_secs)).await?;
         Ok(written == 1)
     }
 }

@@ -5,7 +5,8 @@
 //! - [`config`]: the tenant YAML config.
 //! - [`keys`]: the Redis key layout under `thumbup:<tenant>:`.
 //! - [`event`]: the stream event codec.
-//! - [`cache`]: Redis connection, the atomic transition script, versioned cache writes.
+//! - [`cache`]: Redis connection, calls of the project's Redis functions (the atomic transition, versioned cache writes).
+//! - [`functions`]: the Redis Functions library (the only Redis code tenants run), its versioned names and loading.
 //! - [`db`]: migrations, reads, the job's batched apply, the DB fallback transition.
 //! - [`fence`]: the write fence: whether Redis or the DB path decides a tenant's writes, and the proof that the DB path decides on the newest acknowledged state.
 //! - [`provision`]: creating a tenant's DB schema and user and its Redis ACL user.
@@ -21,6 +22,7 @@ pub mod db;
 pub mod domain;
 pub mod event;
 pub mod fence;
+pub mod functions;
 pub mod keys;
 pub mod provision;
 pub mod route;

@@ -100,9 +100,13 @@ pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), Provi
 }
 
 /// The commands a tenant's Redis user may run: exactly what the service, the
-/// job and their scripts send (a script's `redis.call` is checked against the
-/// caller's rules too). Everything else, including KEYS, FLUSHALL, CONFIG and
-/// ACL, is refused with NOPERM.
+/// job and the project's Redis functions send (a function's `redis.call` is
+/// checked against the caller's rules too). Redis code runs only as FCALL of
+/// the functions that provisioning loads ([`crate::functions`]): no EVAL,
+/// EVALSHA, SCRIPT or FUNCTION, so a tenant cannot run its own Lua (an
+/// endless loop would stall every tenant of the Redis) nor load, replace or
+/// delete functions. Everything else, including KEYS, FLUSHALL, CONFIG, ACL
+/// and the blocking list commands, is refused with NOPERM.
 pub const TENANT_COMMANDS: &[&str] = &[
     // Connection set-up by the client library. (CLIENT SETINFO, which newer
     // clients send, exists only from Redis 7.2; its refusal is ignored by them.)
@@ -121,11 +125,10 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "zremrangebyrank",
     "zmscore",
     "zrevrangebyscore",
-    // The transition and set-if-newer scripts.
-    "eval",
-    "evalsha",
-    "script|load",
-    "script|exists",
+    // The project's functions (FCALL_RO for those that only read), and
+    // the Redis clock they read.
+    "fcall",
+    "fcall_ro",
     "time",
     // Event and downstream streams.
     "xadd",
@@ -134,7 +137,7 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "xautoclaim",
     "xgroup|create",
     "xinfo|groups",
-    // The job's applied watermark (core::cache WATERMARK_LUA).
+    // The job's applied watermark (the watermark function).
     "xinfo|stream",
     "xpending",
     "xtrim",
@@ -180,9 +183,12 @@ async fn acl_save(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, r
     }
 }
 
-/// Creates (or resets) the tenant's Redis ACL user with [`acl_rules`], and
-/// saves the ACL file so the user survives a restart. Returns false when the
-/// server has no ACL file to save to.
+/// Loads this build's Redis function library ([`crate::functions`]: the
+/// only Redis code a tenant can run), then creates (or resets) the tenant's
+/// Redis ACL user with [`acl_rules`], and saves the ACL file so the user
+/// survives a restart. Returns false when the server has no ACL file to
+/// save to. The library goes into the AOF / RDB with the data; other
+/// versions of it stay loaded (pods of another release call those).
 /// `admin_url` is `redis://user:password@host:port`, or `rediss://` with
 /// the CA file as [`crate::cache::ADMIN_CA_PARAM`].
 pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, ProvisionError> {
@@ -191,6 +197,7 @@ pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, 
     plain(name, "redis.password", &t.redis.password)?;
     let err = |source| ProvisionError::Redis { tenant: name.clone(), source };
     let mut con = redis_admin(admin_url, name).await?;
+    crate::functions::load(&mut con).await.map_err(err)?;
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&t.redis.username)
@@ -280,6 +287,16 @@ mod tests {
         let allowed: Vec<_> = rules.iter().filter(|r| r.starts_with('+')).collect();
         assert_eq!(allowed.len(), TENANT_COMMANDS.len());
         assert!(!rules.iter().any(|r| r.contains("flushall") || r.contains("keys") || r.starts_with("+@")));
+    }
+
+    #[test]
+    fn tenants_may_call_the_project_functions_but_run_no_code_of_their_own() {
+        for c in TENANT_COMMANDS {
+            let cmd = c.split('|').next().unwrap_or(c);
+            assert!(!["eval", "evalsha", "eval_ro", "evalsha_ro", "script", "function"].contains(&cmd), "{c}");
+            assert!(!["blpop", "brpop", "blmove", "bzpopmin", "wait", "xread"].contains(&cmd), "{c} blocks");
+        }
+        assert!(TENANT_COMMANDS.contains(&"fcall") && TENANT_COMMANDS.contains(&"fcall_ro"));
     }
 
     #[test]

@@ -37,7 +37,8 @@ use tracing::info;
 pub use error::Error;
 pub use source::ConfigMapRef;
 
-/// Where the route comes from, besides `PUT /route` (always served).
+/// Where the route comes from, besides `PUT /route` (served only with a
+/// route token, [`Options::route_token_file`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteSource {
     /// Only `PUT /route` on the admin endpoint.
@@ -64,12 +65,26 @@ pub struct Options {
     /// Written (atomically) with `listen=ADDR` and `admin=ADDR` lines once
     /// both listeners are bound.
     pub ready_file: Option<PathBuf>,
+    /// The tokens (one a line, read on each request) that `PUT /route`
+    /// must carry as `authorization: Bearer`; None refuses every `PUT`.
+    pub route_token_file: Option<PathBuf>,
 }
 
 /// Runs the proxy until `shutdown` resolves; then stops accepting and
 /// closes every session.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     anyhow::ensure!(opts.max_sessions > 0, "max_sessions must be at least 1");
+    if opts.route == RouteSource::Admin && opts.route_token_file.is_none() {
+        anyhow::bail!("no route source: give --route-file, --route-config-map or --route-token-file (for PUT /route)");
+    }
+    if let Some(path) = &opts.route_token_file {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        anyhow::ensure!(
+            text.lines().any(|l| l.trim().len() >= 16),
+            "{}: holds no route token of 16 or more characters",
+            path.display()
+        );
+    }
     let metrics = Arc::new(metrics::Metrics::new()?);
     let routes = routes::Routes::new(metrics.clone());
     // A missing kubeconfig fails the start rather than leaving a proxy that
@@ -86,10 +101,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     })?;
     let listen = listener.local_addr().map_err(|source| Error::Bind { what: "proxy", addr: opts.listen, source })?;
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (admin_addr, admin_server) = admin::bind(opts.admin_listen, routes.clone(), metrics.clone(), async {
-        let _ = admin_stopped.await;
-    })
-    .await?;
+    let (admin_addr, admin_server) =
+        admin::bind(opts.admin_listen, routes.clone(), metrics.clone(), opts.route_token_file.clone(), async {
+            let _ = admin_stopped.await;
+        })
+        .await?;
     let admin_task = tokio::spawn(admin_server);
     info!(%listen, admin = %admin_addr, max_sessions = opts.max_sessions, "db-proxy listening");
     if let Some(path) = &opts.ready_file {

@@ -15,8 +15,7 @@ struct Cli {
     #[arg(long, env = "THUMBUP_DB_PROXY_LISTEN", default_value = "127.0.0.1:3306")]
     listen: SocketAddr,
     /// Admin HTTP address: GET/PUT /route, /metrics, /healthz, /readyz.
-    /// PUT /route adopts any newer epoch from whoever reaches this address:
-    /// expose it no wider than the probes and the scraper need.
+    /// PUT /route is refused unless --route-token-file is given.
     #[arg(long, env = "THUMBUP_DB_PROXY_ADMIN_LISTEN", default_value = "127.0.0.1:9193")]
     admin_listen: SocketAddr,
     /// Follow the route in this file (read every 200 ms).
@@ -26,6 +25,12 @@ struct Cli {
     /// With neither this nor --route-file, only PUT /route sets the route.
     #[arg(long, env = "THUMBUP_DB_PROXY_ROUTE_CONFIG_MAP")]
     route_config_map: Option<ConfigMapRef>,
+    /// Accept PUT /route from callers sending `authorization: Bearer
+    /// <token>` with a token that is a line of this file (16 or more
+    /// characters; re-read on each request, so tokens rotate by editing
+    /// it). Without it PUT /route is refused (403).
+    #[arg(long, env = "THUMBUP_DB_PROXY_ROUTE_TOKEN_FILE")]
+    route_token_file: Option<PathBuf>,
     /// Sessions open at once; connections over it are closed on arrival.
     #[arg(
         long,
@@ -59,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         max_sessions: cli.max_sessions,
         connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
         ready_file: cli.ready_file,
+        route_token_file: cli.route_token_file,
     };
     thumbup_db_proxy::run(opts, admin::shutdown_signal()).await
 }

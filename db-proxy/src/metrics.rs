@@ -27,7 +27,8 @@ pub struct Metrics {
     pub flips_total: IntCounter,
     /// Sessions closed by the proxy because a newer epoch was adopted.
     pub sessions_killed_total: IntCounter,
-    /// Offered routes refused, by reason (`stale`, `conflict`, `invalid`).
+    /// Offered routes refused, by reason (`stale`, `conflict`, `invalid`,
+    /// `unauthenticated`: a `PUT /route` without the route token).
     pub route_rejected_total: IntCounterVec,
     /// Failed dials of a datacenter's DB (refused or timed out).
     pub connect_errors_total: IntCounterVec,
@@ -77,7 +78,7 @@ impl Metrics {
         for direction in [CLIENT_TO_DB, DB_TO_CLIENT] {
             bytes_total.with_label_values(&[direction]);
         }
-        for reason in ["stale", "conflict", "invalid"] {
+        for reason in ["stale", "conflict", "invalid", "unauthenticated"] {
             route_rejected_total.with_label_values(&[reason]);
         }
         for reason in [REFUSED_NO_ROUTE, REFUSED_MAX_SESSIONS] {
@@ -128,6 +129,7 @@ mod tests {
             "thumbup_db_proxy_route_rejected_total{reason=\"stale\"} 0",
             "thumbup_db_proxy_route_rejected_total{reason=\"conflict\"} 0",
             "thumbup_db_proxy_route_rejected_total{reason=\"invalid\"} 0",
+            "thumbup_db_proxy_route_rejected_total{reason=\"unauthenticated\"} 0",
             "thumbup_db_proxy_connect_errors_total{datacenter=\"dc-a\"} 0",
             "thumbup_db_proxy_refused_total{reason=\"no_route\"} 0",
             "thumbup_db_proxy_refused_total{reason=\"max_sessions\"} 0",

@@ -88,7 +88,7 @@ async fn a_stale_epoch_from_the_file_or_put_is_refused_and_changes_nothing() {
 
     proxy.write_route(&stack_route(1, "dc-b"));
     proxy.wait_metric(&rejected("stale"), 1.0).await;
-    let (status, body) = proxy.http("PUT", "/route", &stack_route(1, "dc-b")).await;
+    let (status, body) = proxy.put_route(&stack_route(1, "dc-b")).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.starts_with("stale"), "{body}");
     assert_eq!(proxy.metric(&rejected("stale")).await, 2.0);
@@ -110,20 +110,61 @@ async fn a_stale_epoch_from_the_file_or_put_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn a_route_offered_without_the_route_token_is_refused_and_changes_nothing() {
+    let proxy = Proxy::following("unauthenticated", 2, "dc-a", &[]).await;
+    let mut conn = proxy.connect().await.unwrap();
+    let newer = stack_route(9, "dc-b");
+    for (token, why) in [
+        (None, "no credential"),
+        (Some("route-token-of-the-tests-0002"), "a wrong token"),
+        (Some("route-token-of-the-tests-000"), "a prefix of the token"),
+        (Some(""), "an empty token"),
+    ] {
+        let (status, body) = proxy.http_as("PUT", "/route", &newer, token).await;
+        assert_eq!(status, 401, "{why}: {body}");
+        assert!(body.starts_with("unauthenticated"), "{why}: {body}");
+    }
+    // A proxy without a token file refuses every PUT, whatever it carries.
+    let closed = Proxy::following("no-token-file", 2, "dc-a", &[NO_ROUTE_TOKEN]).await;
+    let (status, body) = closed.http_as("PUT", "/route", &newer, Some(ROUTE_TOKEN)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.starts_with("route_updates_disabled"), "{body}");
+
+    // Nothing moved on either: the route, the open session, new sessions.
+    for p in [&proxy, &closed] {
+        let held = p.route().await.unwrap();
+        assert_eq!((held["epoch"].as_u64(), held["activeDatacenter"].as_str()), (Some(2), Some("dc-a")));
+        assert_eq!(p.metric("thumbup_db_proxy_flips_total").await, 0.0);
+        assert_eq!(p.metric("thumbup_db_proxy_sessions_killed_total").await, 0.0);
+        let mut fresh = p.connect().await.unwrap();
+        assert_eq!(server_port(&mut fresh).await.unwrap(), port(&db_url_a()));
+        quit(fresh).await;
+    }
+    assert_eq!(proxy.metric(&rejected("unauthenticated")).await, 4.0);
+    assert_eq!(closed.metric(&rejected("unauthenticated")).await, 1.0);
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+
+    // The token itself is taken.
+    let (status, body) = proxy.put_route(&newer).await;
+    assert_eq!((status, body.starts_with("adopted")), (200, true), "{body}");
+    quit(conn).await;
+}
+
+#[tokio::test]
 async fn the_same_epoch_naming_another_datacenter_is_refused_as_a_conflict() {
     let proxy = Proxy::following("conflict", 3, "dc-a", &[]).await;
     let mut conn = proxy.connect().await.unwrap();
 
-    let (status, body) = proxy.http("PUT", "/route", &stack_route(3, "dc-b")).await;
+    let (status, body) = proxy.put_route(&stack_route(3, "dc-b")).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.starts_with("conflict"), "{body}");
     // The file says it too: refused the same way.
     proxy.write_route(&stack_route(3, "dc-b"));
     proxy.wait_metric(&rejected("conflict"), 2.0).await;
 
-    let (status, body) = proxy.http("PUT", "/route", &stack_route(3, "dc-a")).await;
+    let (status, body) = proxy.put_route(&stack_route(3, "dc-a")).await;
     assert_eq!((status, body.starts_with("same")), (200, true), "{body}");
-    let (status, body) = proxy.http("PUT", "/route", "epoch: three").await;
+    let (status, body) = proxy.put_route("epoch: three").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.starts_with("invalid"), "{body}");
     assert_eq!(proxy.metric(&rejected("invalid")).await, 1.0);
@@ -151,7 +192,7 @@ async fn before_any_route_connections_are_closed_at_once_and_readyz_is_503() {
         address(&db_url_a()),
         address(&db_url_b())
     );
-    let (status, body) = proxy.http("PUT", "/route", &json).await;
+    let (status, body) = proxy.put_route(&json).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("adopted"), "{body}");
     assert_eq!(proxy.http("GET", "/readyz", "").await.0, 200);

@@ -53,7 +53,8 @@ pub async fn database(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> 
     provision::migrate(&t).await.map_err(Error::Database)
 }
 
-/// The ACL user on every datacenter's Redis.
+/// The project's function library and the tenant's ACL user on every
+/// datacenter's Redis (`provision_redis` does both).
 pub async fn redis(lt: &LikeTenant, creds: &Credentials, cfg: &OperatorConfig) -> Result<()> {
     for dc in &cfg.datacenters {
         let t = tenant_config(lt, creds, dc);

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use thumbup_core::db::{Counts, ListEntry};
+use thumbup_core::db::Counts;
 use thumbup_core::domain::{Action, State};
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, invalid};
+use crate::page::{List, Scope, next_token};
 use crate::pb;
 use crate::pb::thumbup_server::Thumbup;
 use crate::tenants::{Registry, Tenant};
@@ -24,19 +25,23 @@ pub const TENANT_HEADER: &str = "x-thumbup-tenant";
 /// The gRPC service.
 pub struct Api {
     reg: Arc<Registry>,
+    /// How long a write is waited for before its client hears UNAVAILABLE.
+    write_timeout: Duration,
 }
 
 impl Api {
-    /// A service over the tenants of `reg`.
-    pub fn new(reg: Arc<Registry>) -> Api {
-        Api { reg }
+    /// A service over the tenants of `reg`, answering a write within
+    /// `write_timeout`.
+    pub fn new(reg: Arc<Registry>, write_timeout: Duration) -> Api {
+        Api { reg, write_timeout }
     }
 
     /// Resolves and authenticates the tenant and takes its request token.
     fn gateway<T>(&self, req: &Request<T>) -> Result<Arc<Tenant>, Error> {
         let md = req.metadata();
         let name = md.get(TENANT_HEADER).and_then(|v| v.to_str().ok()).ok_or(Error::MissingTenant)?;
-        let tenant = self.reg.get(name).ok_or_else(|| Error::UnknownTenant(name.to_string()))?;
+        // An unknown tenant answers as a wrong token does.
+        let tenant = self.reg.get(name).ok_or_else(|| Error::Unauthenticated(name.to_string()))?;
         let token = md
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -84,37 +89,6 @@ fn page_size(size: u32) -> Result<u32, Error> {
         return Err(invalid(format!("page_size must be 1 to {MAX_BATCH}, got {size}")));
     }
     Ok(size)
-}
-
-/// Encodes a list cursor as an opaque token.
-pub fn encode_token(e: ListEntry) -> String {
-    format!("v1:{}:{}", e.0, e.1).bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The token of the page after `page`, empty when there is none.
-fn next_token(page: &[ListEntry], more: bool) -> String {
-    page.last().filter(|_| more).map(|e| encode_token(*e)).unwrap_or_default()
-}
-
-/// Decodes a token from [`encode_token`]; empty means the first page.
-pub fn decode_token(token: &str) -> Result<Option<ListEntry>, Error> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || invalid("page_token is not a token this service issued");
-    if !token.len().is_multiple_of(2) || token.len() > 128 {
-        return Err(bad());
-    }
-    let bytes: Option<Vec<u8>> =
-        (0..token.len()).step_by(2).map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok()).collect();
-    let text = String::from_utf8(bytes.ok_or_else(bad)?).map_err(|_| bad())?;
-    let mut parts = text.split(':');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("v1"), Some(ms), Some(id), None) => {
-            Ok(Some((ms.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?)))
-        }
-        _ => Err(bad()),
-    }
 }
 
 fn pb_state(s: State) -> i32 {
@@ -170,7 +144,23 @@ impl Thumbup for Api {
             if !t.allow_write(w.mid) {
                 return Err(Error::RateLimited { tenant: t.name().to_string(), limit: "per_mid_per_sec" });
             }
-            let out = write::like(&self.reg, &t, w).await?;
+            // On a task of its own: neither the deadline nor a client that
+            // goes away may stop a write between its Redis call and the
+            // bookkeeping after it.
+            let (reg, tenant) = (self.reg.clone(), t.clone());
+            let task = tokio::spawn(async move { write::like(&reg, &tenant, w).await });
+            let unknown = |why: String| Error::Unavailable { tenant: t.name().to_string(), why };
+            let out = match tokio::time::timeout(self.write_timeout, task).await {
+                Ok(Ok(done)) => done?,
+                Ok(Err(e)) => return Err(unknown(format!("the write failed midway ({e}); its outcome is unknown"))),
+                Err(_) => {
+                    metrics::SERVER_REFUSED.with_label_values(&["write_timeout"]).inc();
+                    return Err(unknown(format!(
+                        "not finished within the server's request timeout of {:?}; it goes on, and its outcome is unknown",
+                        self.write_timeout
+                    )));
+                }
+            };
             Ok(pb::LikeReply { state: pb_state(out.state), counts: Some(pb_counts(out.counts)), version: out.version })
         })
         .await
@@ -212,9 +202,10 @@ impl Thumbup for Api {
             let biz = business(&t, r.business_id)?;
             let mid = positive("mid", r.mid)?;
             let size = page_size(r.page_size)?;
-            let after = decode_token(&r.page_token)?;
+            let scope = Scope { list: List::UserLikes, business: biz, subject: mid };
+            let after = t.page_key.decode(scope, &r.page_token)?;
             let (items, more) = read::user_likes(&t, mid, biz, after, size).await?;
-            let next_page_token = next_token(&items, more);
+            let next_page_token = next_token(&t.page_key, scope, &items, more);
             let items = items.into_iter().map(|(ms, m)| pb::LikedItem { message_id: m, liked_at_ms: ms }).collect();
             Ok(pb::ListUserLikesReply { items, next_page_token })
         })
@@ -231,9 +222,10 @@ impl Thumbup for Api {
             let biz = business(&t, r.business_id)?;
             let msg = positive("message_id", r.message_id)?;
             let size = page_size(r.page_size)?;
-            let after = decode_token(&r.page_token)?;
+            let scope = Scope { list: List::ItemLikers, business: biz, subject: msg };
+            let after = t.page_key.decode(scope, &r.page_token)?;
             let (rows, more) = read::item_likers(&t, biz, msg, after, size).await?;
-            let next_page_token = next_token(&rows, more);
+            let next_page_token = next_token(&t.page_key, scope, &rows, more);
             let likers = rows.into_iter().map(|(ms, mid)| pb::Liker { mid, liked_at_ms: ms }).collect();
             Ok(pb::ListItemLikersReply { likers, next_page_token })
         })
@@ -258,16 +250,6 @@ impl Thumbup for Api {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_garbage_is_invalid_argument() {
-        let e = (1_700_000_000_123, 42);
-        assert_eq!(decode_token(&encode_token(e)).unwrap(), Some(e));
-        assert_eq!(decode_token("").unwrap(), None);
-        for bad in ["zz", "abc", "76313a783a79", "76323a313a32", "%%%%"] {
-            assert_eq!(decode_token(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
-        }
-    }
 
     #[test]
     fn batches_are_bounded_and_deduplicated() {

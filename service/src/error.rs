@@ -9,11 +9,10 @@ pub enum Error {
     /// No `x-thumbup-tenant` metadata.
     #[error("missing x-thumbup-tenant metadata")]
     MissingTenant,
-    /// The tenant is not configured.
-    #[error("unknown tenant {0:?}")]
-    UnknownTenant(String),
-    /// No or a wrong token for the tenant.
-    #[error("tenant {0:?}: missing or wrong token (send authorization: Bearer <token>)")]
+    /// The tenant is not configured here, or the token (none, or a wrong
+    /// one) is not one of its: the two read the same, so that tenant names
+    /// cannot be probed without a token.
+    #[error("tenant {0:?}: unknown tenant or missing or wrong token (send authorization: Bearer <token>)")]
     Unauthenticated(String),
     /// The business is not one of the tenant's.
     #[error("tenant {tenant:?}: unknown business {business}")]
@@ -74,7 +73,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::MissingTenant | Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::UnknownTenant(_) | Error::UnknownBusiness { .. } => Code::NotFound,
+            Error::UnknownBusiness { .. } => Code::NotFound,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Forbidden(_) => Code::FailedPrecondition,
             Error::RateLimited { .. } => Code::ResourceExhausted,

@@ -5,8 +5,8 @@
 //! A write is acknowledged only if it was decided against the newest
 //! acknowledged state of its record. Through Redis that holds while this
 //! process holds a write lease (renewed in the DB while the fence says
-//! Redis) and sends scripts whose deadline ends with the lease. When Redis
-//! fails here (a timeout, a broken connection, a script that started after
+//! Redis) and sends transition calls whose deadline ends with the lease.
+//! When Redis fails here (a timeout, a broken connection, a call that started after
 //! its deadline), this process asks for the DB path (a new fence epoch).
 //! Then every process stops writing through Redis, waits for its calls in
 //! flight, and publishes: it applies to the DB the writes it acknowledged
@@ -211,11 +211,11 @@ pub struct Fence {
     last_holdout_log: Mutex<Option<Instant>>,
 }
 
-/// What a Redis-path write may do: send scripts with this deadline cap
+/// What a Redis-path write may do: send transition calls with this deadline cap
 /// while holding the guard.
 pub struct Permit<'a> {
     _guard: RwLockReadGuard<'a, ()>,
-    /// Scripts must not take effect after this (Unix ms).
+    /// Calls must not take effect after this (Unix ms).
     pub lease_until: i64,
 }
 
@@ -303,7 +303,7 @@ impl Fence {
     }
 
     /// Notes a call whose outcome is unknown (call with the permit held):
-    /// its script may take effect up to `deadline_ms`.
+    /// it may take effect up to `deadline_ms`.
     pub fn unknown_outcome(&self, shard: u32, deadline_ms: i64, record: RecordKey) {
         let mut t = self.tracked.lock().expect("tracked lock");
         t.make_room();
@@ -487,7 +487,7 @@ impl Fence {
             _ => {
                 self.set_local(Local::Fencing(epoch));
                 // Wait for this process's calls in flight: each ends within
-                // the Redis timeout, and its script cannot act after that.
+                // the Redis timeout, and none can act after that.
                 drop(self.in_flight.write().await);
                 let publication = self.tracked.lock().expect("tracked lock").publication(view);
                 let Some((events, unknown)) = publication else {

@@ -13,7 +13,9 @@ pub mod api;
 pub mod error;
 pub mod fence;
 pub mod hot;
+pub mod limits;
 pub mod metrics;
+pub mod page;
 pub mod read;
 pub mod tenants;
 pub mod tls;
@@ -52,6 +54,8 @@ pub struct Options {
     /// Set once the tenants are loaded and the server accepts requests,
     /// cleared at shutdown (served as `/readyz`).
     pub ready: Option<Arc<AtomicBool>>,
+    /// The server's bounds: request time, concurrency, metadata size.
+    pub limits: limits::ServerLimits,
 }
 
 /// How [`run_with`] reads the config file's credentials, whether the file
@@ -138,11 +142,22 @@ pub async fn run_with(
     // Replies are small frames: without TCP_NODELAY on accepted sockets,
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
     // ~40 ms.
+    let l = &opts.limits;
+    let bounds = tower::ServiceBuilder::new()
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(l.max_in_flight))
+        .layer(limits::MetadataLimitLayer::new(l.max_metadata_bytes));
     let router = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(256)
+        .http2_max_header_list_size(limits::HEADER_LIST_BYTES)
+        .max_concurrent_streams(l.max_streams_per_connection)
+        .concurrency_limit_per_connection(l.max_streams_per_connection as usize)
+        // A little after the write path's own deadline, so that a late
+        // write answers UNAVAILABLE (outcome unknown) rather than CANCELLED.
+        .timeout(l.request_timeout + Duration::from_millis(250))
+        .layer(bounds)
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone())));
+        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone(), l.request_timeout)));
     // With a certificate only TLS is served: a plaintext client fails its
     // handshake and is dropped. The certificate is reloaded on change.
     let served = match &files.tls {

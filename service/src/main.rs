@@ -56,6 +56,26 @@ struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     config_optional: bool,
+    /// Milliseconds a request may take before it is answered: a read is
+    /// then CANCELLED, a write UNAVAILABLE with its outcome unknown (it
+    /// still finishes). A client's shorter grpc-timeout wins.
+    #[arg(long, env = "THUMBUP_REQUEST_TIMEOUT_MS", global = true, default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_ms: u64,
+    /// Requests served at once by this process; more are refused at once
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "THUMBUP_MAX_IN_FLIGHT", global = true, default_value_t = 4096,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_in_flight: usize,
+    /// Concurrent requests (HTTP/2 streams) on one client connection.
+    #[arg(long, env = "THUMBUP_MAX_STREAMS_PER_CONNECTION", global = true, default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
+    /// Bytes of metadata a request may carry (names and values plus 32
+    /// bytes each); more is RESOURCE_EXHAUSTED for that request alone.
+    #[arg(long, env = "THUMBUP_MAX_METADATA_BYTES", global = true, default_value_t = 16384,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=(1 << 20)))]
+    max_metadata_bytes: usize,
     /// PEM certificate chain of the gRPC server; with --tls-key-file, only
     /// TLS is served (plaintext clients are refused). Both files are re-read
     /// every second: a rotated certificate is served to new connections.
@@ -118,6 +138,12 @@ async fn main() -> anyhow::Result<()> {
                 config: cli.config,
                 redis_timeout: Duration::from_millis(cli.serve.redis_timeout_ms),
                 ready: Some(ready),
+                limits: thumbup_service::limits::ServerLimits {
+                    request_timeout: Duration::from_millis(cli.serve.request_timeout_ms),
+                    max_in_flight: cli.serve.max_in_flight,
+                    max_streams_per_connection: cli.serve.max_streams_per_connection,
+                    max_metadata_bytes: cli.serve.max_metadata_bytes,
+                },
             };
             let tls = match (cli.serve.tls_cert_file, cli.serve.tls_key_file) {
                 (Some(cert_file), Some(key_file)) => Some(thumbup_service::ServerTls { cert_file, key_file }),

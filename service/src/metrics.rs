@@ -97,3 +97,14 @@ pub static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("thumbup_service_config_reloads_total", "tenant config reloads by result", &["result"])
         .expect("metric registers once")
 });
+
+/// Requests the server refused before any tenant saw them, or answered
+/// at its deadline, by reason (`metadata_too_large`, `write_timeout`).
+pub static SERVER_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "thumbup_service_server_refused_total",
+        "requests refused by the server's own limits, by reason",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});

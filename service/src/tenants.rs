@@ -89,6 +89,8 @@ pub struct Tenant {
     pub hot: Option<crate::hot::HotKeys>,
     /// Whether writes go through Redis here, and the DB path's opening.
     pub fence: Fence,
+    /// Signs and checks the tenant's page tokens.
+    pub page_key: crate::page::PageKey,
     limiter: Limiter,
     /// Until when (ms since `born`) the DB counts as down after a connection
     /// failure, so that requests fail fast instead of each waiting out the
@@ -110,6 +112,7 @@ impl Tenant {
             clock: VersionClock::default(),
             hot: crate::hot::HotSettings::of(&cfg.cache).map(crate::hot::HotKeys::new),
             fence: Fence::new(&cfg.name, cfg.stream.shards),
+            page_key: crate::page::PageKey::for_tenant(&cfg),
             db_down_until: AtomicU64::new(0),
             born: Instant::now(),
             cfg,

@@ -10,6 +10,7 @@ use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
 use thumbup_core::event::LikeEvent;
 use thumbup_core::fence::Shut;
+use thumbup_core::functions;
 use thumbup_core::version::now_ms;
 use tracing::instrument;
 
@@ -53,7 +54,7 @@ fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
 /// Applies one write: through Redis while the fence lets this process
 /// write there, else on the DB path once it is open; UNAVAILABLE when the
 /// record's newest acknowledged state cannot be known. A write that had no
-/// effect (Redis started its script late; the fence moved under it) tries
+/// effect (Redis started its transition late; the fence moved under it) tries
 /// again on whichever path decides, within [`fence::PATH_WAIT`].
 #[instrument(skip(reg, t), fields(tenant = %t.name()))]
 pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
@@ -71,7 +72,7 @@ pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error
                 continue;
             }
             Attempt::Late => {
-                return Err(refused(t, "redis_late", "redis started the transition script after its deadline twice"));
+                return Err(refused(t, "redis_late", "redis started the transition function after its deadline twice"));
             }
             Attempt::NotPermitted => {}
         }
@@ -111,7 +112,7 @@ enum Attempt {
     Done(Written),
     /// Not sent: writes do not go through Redis here now.
     NotPermitted,
-    /// Redis started the script after its deadline: no effect.
+    /// Redis started the transition after its deadline: no effect.
     Late,
 }
 
@@ -137,14 +138,20 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
     };
     loop {
         let Some(permit) = t.fence.redis_permit().await else { return Ok(Attempt::NotPermitted) };
-        // Half the client-side timeout: a script that Redis starts later
+        // Half the client-side timeout: a transition that Redis starts later
         // than this (a stall) must not act, as its caller may have given
         // up; and never after this process's write lease.
         args.deadline_ms = (now_ms() + (reg.redis_timeout().as_millis() / 2) as i64).min(permit.lease_until);
         let outcome = reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await;
         match outcome {
+            Err(source) if functions::is_not_loaded(&source) => {
+                // Redis has no such function (this release's library is not
+                // loaded there yet): nothing ran, the outcome is known.
+                drop(permit);
+                return Err(refused(t, "functions_not_loaded", source));
+            }
             Err(source) => {
-                // The script may have run: until Redis answers again, the
+                // The transition may have run: until Redis answers again, the
                 // DB cannot know this record's state.
                 t.fence.unknown_outcome(shard, args.deadline_ms, record);
                 drop(permit);
@@ -169,7 +176,7 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 drop(permit);
                 args.seed = seed(t, w, shard).await?;
             }
-            Ok(Transition::NeedSeed) => unreachable!("the script never asks for a seed it was given"),
+            Ok(Transition::NeedSeed) => unreachable!("the transition never asks for a seed it was given"),
             Ok(Transition::Refused(state)) => {
                 return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into());
             }

@@ -100,6 +100,7 @@ impl Service {
             config: files.config.clone(),
             redis_timeout: Duration::from_millis(1000),
             ready: None,
+            limits: Default::default(),
         };
         let cf =
             thumbup_service::ConfigFiles { secrets_dir: Some(files.secrets.clone()), optional, ..Default::default() };
@@ -173,12 +174,12 @@ async fn tenant_is_served_once_its_config_and_credential_files_appear_after_star
     let c = svc.client(name, &token).await;
     assert!(!files.config.exists());
     let refused = c.act(BIZ, 1, 1, 9, pb::Action::Like).await.unwrap_err();
-    assert_eq!(refused.code(), Code::NotFound, "no config yet: the tenant is unknown ({refused:?})");
+    assert_eq!(refused.code(), Code::Unauthenticated, "no config yet: the tenant is unknown ({refused:?})");
 
     // Secrets first, then the registry, as the volumes may update in either order.
     files.write_secrets(name, &[&token]);
     write_atomically(&files.config, &format!("tenants:\n{}", files.tenant_yaml(name)));
-    let reply = like_until_served(&c, 1, Code::NotFound).await;
+    let reply = like_until_served(&c, 1, Code::Unauthenticated).await;
     assert_eq!(reply.state, pb::State::Like as i32);
 
     // The job reads the same files, only its own tenant's.
@@ -233,6 +234,7 @@ async fn missing_config_file_fails_the_start_unless_optional() {
         config: files.config.clone(),
         redis_timeout: Duration::from_millis(1000),
         ready: None,
+        limits: Default::default(),
     };
     let cf = thumbup_service::ConfigFiles { secrets_dir: None, optional: false, ..Default::default() };
     let err = thumbup_service::run_with(opts, cf, listener, std::future::pending()).await.unwrap_err().to_string();
@@ -241,7 +243,7 @@ async fn missing_config_file_fails_the_start_unless_optional() {
     let svc = Service::start(&files, true).await;
     let c = svc.client("e2e-cf-missing", "tok-e2e-cf-missing-0001").await;
     let refused = c.states(BIZ, 1, &[1]).await.unwrap_err();
-    assert_eq!(refused.code(), Code::NotFound, "serving, with no tenants");
+    assert_eq!(refused.code(), Code::Unauthenticated, "serving, with no tenants");
     svc.stop().await;
     let _ = std::fs::remove_dir_all(&files.dir);
 }

@@ -145,7 +145,7 @@ async fn bad_requests_get_their_status_and_change_nothing() {
     cases.push(lk("missing tenant metadata", Code::Unauthenticated, &no_tenant, like(BIZ, 3, 5, 9, l)).await);
     cases.push(lk("missing token", Code::Unauthenticated, &no_token, like(BIZ, 3, 5, 9, l)).await);
     cases.push(lk("another tenant's token", Code::Unauthenticated, &wrong_token, like(BIZ, 3, 5, 9, l)).await);
-    cases.push(lk("unknown tenant", Code::NotFound, &unknown, like(BIZ, 3, 5, 9, l)).await);
+    cases.push(lk("unknown tenant", Code::Unauthenticated, &unknown, like(BIZ, 3, 5, 9, l)).await);
     cases.push(lk("like twice", Code::FailedPrecondition, &c, like(BIZ, 1, 1, 9, l)).await);
     let unlike = pb::Action::Unlike as i32;
     cases.push(lk("unlike a disliked item", Code::FailedPrecondition, &c, like(BIZ, 2, 1, 9, unlike)).await);
@@ -313,7 +313,7 @@ async fn user_likes_page_beyond_the_cached_length_newest_first() {
 async fn an_added_tenant_is_served_without_restart() {
     let w = World::start("reload", &tenant_yaml("e2e-rl-a", &[BIZ], "")).await;
     let added = w.client_of("e2e-rl-b").await;
-    assert_eq!(added.counts(BIZ, &[1]).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(added.counts(BIZ, &[1]).await.unwrap_err().code(), Code::Unauthenticated);
     let yaml = format!("tenants:\n{}{}", tenant_yaml("e2e-rl-a", &[BIZ], ""), tenant_yaml("e2e-rl-b", &[BIZ], ""));
     let cfg = thumbup_core::config::Config::parse(&yaml, "test").unwrap();
     reset_tenant(cfg.tenant("e2e-rl-b").unwrap()).await;
@@ -325,7 +325,7 @@ async fn an_added_tenant_is_served_without_restart() {
                 assert_eq!(r.state, pb::State::Like as i32);
                 break;
             }
-            Err(s) if s.code() == Code::NotFound && std::time::Instant::now() < deadline => {
+            Err(s) if s.code() == Code::Unauthenticated && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
             Err(s) => panic!("added tenant not served: {s:?}"),

@@ -149,9 +149,13 @@ impl Proxy {
         let ready = dir.join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
+        let token_file = dir.join(format!("{name}.route-token"));
+        std::fs::write(&token_file, format!("{PROXY_ROUTE_TOKEN}\n")).unwrap();
         let child = Command::new(proxy_binary())
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--route-file"])
             .arg(route_file)
+            .arg("--route-token-file")
+            .arg(&token_file)
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info")
@@ -201,10 +205,15 @@ impl Drop for Proxy {
 }
 
 /// A minimal HTTP/1.0 exchange: (status, body).
+/// The token the proxies of these tests take `PUT /route` with.
+const PROXY_ROUTE_TOKEN: &str = "failover-route-token-0001";
+
+/// One HTTP request; a `PUT` carries the proxies' route token.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(addr).await else { return (0, String::new()) };
+    let auth = if method == "PUT" { format!("Authorization: Bearer {PROXY_ROUTE_TOKEN}\r\n") } else { String::new() };
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/yaml\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     if s.write_all(req.as_bytes()).await.is_err() {

@@ -51,7 +51,12 @@ async fn tls_service_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let opts = thumbup_service::Options { config: path, redis_timeout: Duration::from_millis(1000), ready: None };
+    let opts = thumbup_service::Options {
+        config: path,
+        redis_timeout: Duration::from_millis(1000),
+        ready: None,
+        limits: Default::default(),
+    };
     let files = thumbup_service::ConfigFiles { tls: Some(tls), ..Default::default() };
     tokio::spawn(thumbup_service::run_with(opts, files, listener, async {
         let _ = rx.await;

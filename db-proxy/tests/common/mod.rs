@@ -59,10 +59,17 @@ pub struct Proxy {
     pub admin: SocketAddr,
 }
 
+/// The route token of the proxies that [`Proxy::start`] runs.
+pub const ROUTE_TOKEN: &str = "route-token-of-the-tests-0001";
+/// In [`Proxy::start`]'s `extra`: run the proxy without a route token file.
+pub const NO_ROUTE_TOKEN: &str = "--no-route-token";
+
 impl Proxy {
     /// Starts the proxy on free ports with `extra` arguments. With `route`,
     /// it follows a route file that starts with that document; without,
-    /// it has no route source but `PUT /route`.
+    /// it has no route source but `PUT /route`. It takes `PUT /route` with
+    /// [`ROUTE_TOKEN`] (see [`Proxy::put_route`]) unless `extra` holds
+    /// `--no-route-token` (dropped from the arguments).
     pub fn start(test: &str, route: Option<&str>, extra: &[&str]) -> Proxy {
         let dir = std::env::temp_dir().join(format!("thumbup-db-proxy-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -76,8 +83,13 @@ impl Proxy {
             write_atomically(&file, text);
             cmd.arg("--route-file").arg(&file);
         }
+        if !extra.contains(&NO_ROUTE_TOKEN) {
+            let file = dir.join("route-token");
+            write_atomically(&file, &format!("{ROUTE_TOKEN}\n"));
+            cmd.arg("--route-token-file").arg(&file);
+        }
         let child = cmd
-            .args(extra)
+            .args(extra.iter().filter(|a| **a != NO_ROUTE_TOKEN))
             .env("RUST_LOG", "thumbup_db_proxy=debug,info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -127,11 +139,22 @@ impl Proxy {
         }
     }
 
-    /// One admin request: (status, body).
+    /// `PUT /route` with the route token: (status, body).
+    pub async fn put_route(&self, body: &str) -> (u16, String) {
+        self.http_as("PUT", "/route", body, Some(ROUTE_TOKEN)).await
+    }
+
+    /// One admin request without credentials: (status, body).
     pub async fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        self.http_as(method, path, body, None).await
+    }
+
+    /// One admin request, with `authorization: Bearer <token>` when given.
+    pub async fn http_as(&self, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
             self.admin,
             body.len()
         );

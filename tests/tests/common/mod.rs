@@ -195,6 +195,11 @@ pub struct World {
 impl World {
     /// `tenants_yaml` is the list under `tenants:` (from [`tenant_yaml`]).
     pub async fn start(test: &str, tenants_yaml: &str) -> World {
+        World::start_with(test, tenants_yaml, thumbup_service::limits::ServerLimits::default()).await
+    }
+
+    /// [`World::start`] with a server bounded by `limits`.
+    pub async fn start_with(test: &str, tenants_yaml: &str, limits: thumbup_service::limits::ServerLimits) -> World {
         let dir = world_dir(test);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -213,6 +218,7 @@ impl World {
             config: config_path.clone(),
             redis_timeout: Duration::from_millis(1000),
             ready: None,
+            limits,
         };
         let files = thumbup_service::ConfigFiles { tls: tls_mode().then(stack_server_tls), ..Default::default() };
         let server = tokio::spawn(thumbup_service::run_with(opts, files, listener, async {
