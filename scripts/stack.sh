@@ -13,13 +13,14 @@
 #                              (starting either if stopped); DISCARDS the replica's data,
 #                              binlog and sessions (tests use it between scenarios)
 #   status                     one line per server: running/stopped, port, writable or read-only, replication
-#   env                        print `export` lines for the admin URLs and ports (b: *_B)
+#   env                        print `export` lines for the admin URLs, ports (b: *_B) and TLS files
 #   reset                      down, then delete the whole stack directory
 #
 # Environment:
 #   THUMBUP_STACK_DIR            data directory (default: <repo>/.stack)
 #   THUMBUP_DB_PORT              MariaDB port of instance a (default 23306; b: THUMBUP_DB_PORT_B, 23307)
 #   THUMBUP_REDIS_PORT           Redis port of instance a (default 26379; b: THUMBUP_REDIS_PORT_B, 26380)
+#   THUMBUP_REDIS_TLS_PORT       Redis TLS port of instance a (default: its port + 10; b: THUMBUP_REDIS_TLS_PORT_B)
 #   THUMBUP_DB_ADMIN_PASSWORD    password of MariaDB user thumbup_admin (default thumbup-admin)
 #   THUMBUP_REDIS_ADMIN_PASSWORD password of the Redis `default` user (default thumbup-admin)
 #   THUMBUP_DB_REPL_PASSWORD     password of the MariaDB replication user thumbup_repl (default thumbup-repl)
@@ -31,6 +32,13 @@
 # (rebuilt from a dump when it is not replicating).  A server's role is kept
 # in mariadb-<i>/role (written by reseed): a replica starts with
 # read_only=ON and resumes replicating; `up` keeps swapped roles.
+#
+# TLS beside plaintext: `up` makes a CA and a server certificate (for
+# 127.0.0.1 and localhost) with openssl under <stack>/tls, once.  Each Redis
+# also serves TLS on its TLS port; each MariaDB offers TLS on its port
+# (in-band).  `env` prints THUMBUP_STACK_TLS_CA (the CA file) and
+# THUMBUP_STACK_TLS_CERT / THUMBUP_STACK_TLS_KEY (the server certificate,
+# which the tests also give the gRPC service).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -62,6 +70,13 @@ redis_port_of() {
   case "$1" in
     a) echo "${THUMBUP_REDIS_PORT:-26379}" ;;
     b) echo "${THUMBUP_REDIS_PORT_B:-26380}" ;;
+    *) die "unknown instance '$1'" ;;
+  esac
+}
+redis_tls_port_of() {
+  case "$1" in
+    a) echo "${THUMBUP_REDIS_TLS_PORT:-$(($(redis_port_of a) + 10))}" ;;
+    b) echo "${THUMBUP_REDIS_TLS_PORT_B:-$(($(redis_port_of b) + 10))}" ;;
     *) die "unknown instance '$1'" ;;
   esac
 }
@@ -164,7 +179,7 @@ find_mariadbd() {
 cmd_install() {
   local missing=() tool
   find_mariadbd >/dev/null || missing+=(mariadbd)
-  for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc; do
+  for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc openssl; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
   done
   if ((${#missing[@]} == 0)); then
@@ -173,19 +188,55 @@ cmd_install() {
   log "missing: ${missing[*]} - installing Debian packages"
   local sudo=()
   if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || die "not root and sudo is not available; install: mariadb-server mariadb-client redis-server redis-tools protobuf-compiler"
+    command -v sudo >/dev/null 2>&1 || die "not root and sudo is not available; install: mariadb-server mariadb-client redis-server redis-tools protobuf-compiler openssl"
     sudo=(sudo)
   fi
   # The packages' postinst may start the system-wide services on 3306/6379;
   # our instances use other ports and never talk to them.
   "${sudo[@]}" apt-get update 9>&- || die "apt-get update failed"
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-    mariadb-server mariadb-client redis-server redis-tools protobuf-compiler 9>&- \
+    mariadb-server mariadb-client redis-server redis-tools protobuf-compiler openssl 9>&- \
     || die "apt-get install failed"
   find_mariadbd >/dev/null || die "mariadbd still missing after install"
-  for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc; do
+  for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc openssl; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after install"
   done
+}
+
+# ---------------------------------------------------------------- tls
+
+tls_dir() { echo "$STACK/tls"; }
+
+# A self-made CA and one server certificate signed by it, for 127.0.0.1 and
+# localhost, used by every server of the stack (and the tests' gRPC
+# service).  Made once; remade only when the certificate no longer verifies
+# against the CA or expires within a day.
+ensure_certs() {
+  local dir
+  dir="$(tls_dir)"
+  if [[ -r "$dir/ca.crt" && -r "$dir/server.crt" && -r "$dir/server.key" ]] \
+    && openssl verify -CAfile "$dir/ca.crt" "$dir/server.crt" >/dev/null 2>&1 \
+    && openssl x509 -checkend 86400 -noout -in "$dir/server.crt" >/dev/null 2>&1; then
+    return 0
+  fi
+  log "making a CA and a server certificate in $dir"
+  mkdir -p "$dir"
+  (
+    umask 077
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -subj "/CN=thumbup local stack CA" -keyout ca.key -out ca.crt \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1" >server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile server.ext -out server.crt 2>/dev/null
+    rm -f server.csr server.ext ca.srl
+  ) 9>&- || die "openssl could not make the stack's certificates in $dir"
+  # The CA and the certificate are public; the keys stay the owner's.
+  chmod 644 "$dir/ca.crt" "$dir/server.crt"
 }
 
 # ---------------------------------------------------------------- mariadb
@@ -260,6 +311,7 @@ start_mariadb() { # instance port
       die "port $port is already in use by another process; cannot start mariadb-$inst (set THUMBUP_DB_PORT$( [[ "$inst" == a ]] || echo _B))"
     fi
     mariadbd="$(find_mariadbd)" || die "mariadbd not found (run: $0 install)"
+    ensure_certs
     rm -f "$pidfile" "$sock" "$sock.lock"
     log "starting mariadb-$inst on 127.0.0.1:$port"
     printf '\n==== stack.sh: starting mariadb-%s at %s ====\n' "$inst" "$(date '+%F %T')" >>"$logf"
@@ -285,6 +337,9 @@ start_mariadb() { # instance port
       --max-connections=500 \
       --character-set-server=utf8mb4 \
       --collation-server=utf8mb4_general_ci \
+      --ssl-ca="$(tls_dir)/ca.crt" \
+      --ssl-cert="$(tls_dir)/server.crt" \
+      --ssl-key="$(tls_dir)/server.key" \
       </dev/null >>"$logf" 2>&1 9>&- &
     launcher=$!
   fi
@@ -332,6 +387,16 @@ ensure_db_admin() { # instance port
   MYSQL_PWD="$DB_ADMIN_PW" mariadb --no-defaults --protocol=TCP -h127.0.0.1 -P"$port" \
     -u"$DB_ADMIN_USER" --connect-timeout=3 -N -B -e 'select 1' >/dev/null \
     || die "cannot log in as $DB_ADMIN_USER over TCP 127.0.0.1:$port"
+}
+
+# A MariaDB started by an older stack.sh (without TLS) is restarted once
+# with it: its TLS settings cannot change at runtime.  Data is kept.
+ensure_mariadb_tls() { # instance port
+  [[ "$(mdb_root "$1" -N -B -e 'SELECT @@have_ssl')" == YES ]] && return 0
+  log "mariadb-$1 runs without TLS; restarting it with TLS"
+  stop_mariadb "$1" "$2"
+  start_mariadb "$1" "$2"
+  [[ "$(mdb_root "$1" -N -B -e 'SELECT @@have_ssl')" == YES ]] || die "mariadb-$1 has no TLS after a restart (see $(mdb_log "$1"))"
 }
 
 stop_mariadb() { # instance port
@@ -505,10 +570,35 @@ rcli() { # port, redis-cli args...
 
 redis_ping() { [[ "$(rcli "$1" ping 2>/dev/null)" == PONG ]]; }
 
+# The TLS settings of redis-<instance>, as `--name value` words (the paths
+# hold no blanks: the stack dir is checked in init_redis).  Clients are not
+# asked for certificates: they authenticate with ACL users.
+redis_tls_args() { # instance
+  local d
+  d="$(tls_dir)"
+  printf '%s ' --tls-port "$(redis_tls_port_of "$1")" --tls-cert-file "$d/server.crt" \
+    --tls-key-file "$d/server.key" --tls-ca-cert-file "$d/ca.crt" --tls-auth-clients no
+}
+
+# A Redis started by an older stack.sh (without TLS) gets it at runtime:
+# CONFIG SET takes the same settings.
+ensure_redis_tls() { # instance port
+  local args i
+  port_open "$(redis_tls_port_of "$1")" && return 0
+  log "redis-$1: enabling TLS on port $(redis_tls_port_of "$1")"
+  read -r -a args <<<"$(redis_tls_args "$1")"
+  local set=()
+  # The port last: the certificate must be in place when it opens.
+  for ((i = 2; i < ${#args[@]}; i += 2)); do set+=("${args[i]#--}" "${args[i + 1]}"); done
+  set+=(tls-port "${args[1]}")
+  [[ "$(rcli "$2" CONFIG SET "${set[@]}" 2>&1)" == OK ]] || die "could not enable TLS on redis-$1"
+}
+
 init_redis() { # instance
   local dir acl
   dir="$(redis_dir "$1")"
   acl="$dir/users.acl"
+  [[ "$STACK" != *[[:space:]]* ]] || die "THUMBUP_STACK_DIR must not contain whitespace"
   mkdir -p "$dir"
   # Tenant users are added at runtime (ACL SETUSER + ACL SAVE): never overwrite.
   if [[ ! -e "$acl" ]]; then
@@ -535,8 +625,11 @@ start_redis() { # instance port
     if port_open "$port"; then
       die "port $port is already in use by another process; cannot start redis-$inst (set THUMBUP_REDIS_PORT$( [[ "$inst" == a ]] || echo _B))"
     fi
+    ensure_certs
     rm -f "$pidfile"
-    log "starting redis-$inst on 127.0.0.1:$port"
+    local tls_args
+    read -r -a tls_args <<<"$(redis_tls_args "$inst")"
+    log "starting redis-$inst on 127.0.0.1:$port (TLS: $(redis_tls_port_of "$inst"))"
     printf '\n==== stack.sh: starting redis-%s at %s ====\n' "$inst" "$(date '+%F %T')" >>"$logf"
     if ! out="$(cd "$dir" && redis-server \
       --port "$port" \
@@ -549,6 +642,7 @@ start_redis() { # instance port
       --pidfile "$pidfile" \
       --logfile "$logf" \
       --aclfile "$dir/users.acl" \
+      "${tls_args[@]}" \
       </dev/null 2>&1 9>&-)"; then
       printf '%s\n' "$out" >&2
       show_log_tail "$logf"
@@ -629,10 +723,12 @@ known_instances() {
 cmd_up() {
   cmd_install
   lock_stack
+  ensure_certs
   local inst
   for inst in "${INSTANCES[@]}"; do
     init_mariadb "$inst"
     start_mariadb "$inst" "$(db_port_of "$inst")"
+    ensure_mariadb_tls "$inst" "$(db_port_of "$inst")"
     ensure_db_admin "$inst" "$(db_port_of "$inst")"
     ensure_repl_user "$inst"
   done
@@ -646,6 +742,7 @@ cmd_up() {
   for inst in "${REDIS_INSTANCES[@]}"; do
     init_redis "$inst"
     start_redis "$inst" "$(redis_port_of "$inst")"
+    ensure_redis_tls "$inst" "$(redis_port_of "$inst")"
   done
 }
 
@@ -716,7 +813,12 @@ cmd_env() {
     THUMBUP_DB_PORT "$db_port" \
     THUMBUP_DB_PORT_B "$(db_port_of b)" \
     THUMBUP_REDIS_PORT "$redis_port" \
-    THUMBUP_REDIS_PORT_B "$(redis_port_of b)"
+    THUMBUP_REDIS_PORT_B "$(redis_port_of b)" \
+    THUMBUP_REDIS_TLS_PORT "$(redis_tls_port_of a)" \
+    THUMBUP_REDIS_TLS_PORT_B "$(redis_tls_port_of b)" \
+    THUMBUP_STACK_TLS_CA "$(tls_dir)/ca.crt" \
+    THUMBUP_STACK_TLS_CERT "$(tls_dir)/server.crt" \
+    THUMBUP_STACK_TLS_KEY "$(tls_dir)/server.key"
 }
 
 cmd_reseed() { # primary replica

@@ -3,7 +3,8 @@
 # MariaDB and Redis servers that scripts/stack.sh installs (apt-get, when
 # missing) and starts on private ports, the operator's reconcile tests
 # against a mocked API server, the CRD and Helm chart checks, and shellcheck.
-# The kind e2e (tests/e2e/kind.sh) needs Docker and is not run here.
+# The exact-counts, bad-input and isolation tests run a second time in TLS
+# mode. The kind e2e (tests/e2e/kind.sh) needs Docker and is not run here.
 # Leaves the stack running; `scripts/stack.sh down` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,12 @@ scripts/lint.sh
 # The e2e tests start the job binary as a child process.
 cargo build --locked --workspace --bins
 cargo test --locked --workspace --no-fail-fast
+
+# TLS mode (tests/tests/common/mod.rs): the exact-counts, bad-input and
+# isolation tests again, with the service serving TLS only (the stack's
+# certificate), clients trusting the stack's CA, and tenants on Redis's TLS
+# port and on the DB with verify-identity as DB users created REQUIRE SSL.
+THUMBUP_E2E_TLS=1 cargo test --locked -p thumbup-e2e --test data_plane -- --exact \
+  counts_are_exact_under_concurrent_load_with_double_clicks \
+  bad_requests_get_their_status_and_change_nothing \
+  tenants_are_isolated_by_tokens_acl_and_grants

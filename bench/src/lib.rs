@@ -58,9 +58,13 @@ pub enum Scenario {
     args_override_self = true
 )]
 pub struct Args {
-    /// gRPC address of thumbup-service.
+    /// gRPC address of thumbup-service (https:// for a TLS service).
     #[arg(long, env = "THUMBUP_ADDR", default_value = "http://127.0.0.1:50151")]
     pub addr: String,
+    /// PEM CA file that the service's certificate must chain to (https://
+    /// only; default: the system's roots).
+    #[arg(long, env = "THUMBUP_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Tenant to load (sent as x-thumbup-tenant).
     #[arg(long, env = "THUMBUP_TENANT", default_value = "bench")]
     pub tenant: String,

@@ -103,7 +103,7 @@ pub struct Context {
 impl Context {
     /// Connects to the service, Redis and MariaDB.
     pub async fn connect(args: &Args) -> anyhow::Result<Context> {
-        let channel = Channel::from_shared(args.addr.clone())
+        let channel = thumbup_service::client_endpoint(&args.addr, args.ca_file.as_deref())
             .context("service address")?
             .connect()
             .await

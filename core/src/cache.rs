@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
 
-use crate::config::{RedisConfig, TenantConfig};
+use crate::config::{RedisConfig, RedisTls, TenantConfig};
 use crate::domain::{Action, State};
 use crate::functions::{self, Function};
 use crate::keys::Keys;
@@ -19,13 +19,51 @@ fn client_and_config(
 ) -> Result<(redis::Client, ConnectionManagerConfig), RedisError> {
     let info = cfg.url.as_str().into_connection_info()?;
     let settings = info.redis_settings().clone().set_username(&cfg.username).set_password(&cfg.password);
-    let client = redis::Client::open(info.set_redis_settings(settings))?;
+    let client = client(info.set_redis_settings(settings), cfg.tls.as_ref())?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
     Ok((client, config))
+}
+
+/// A client of the server at `info`: over TLS checked against `tls`'s CA
+/// when given (the URL must be `rediss://`), else as the URL says
+/// (`rediss://` trusts the system's roots).
+pub fn client(info: impl IntoConnectionInfo, tls: Option<&RedisTls>) -> Result<redis::Client, RedisError> {
+    let Some(tls) = tls else { return redis::Client::open(info) };
+    // The content read with the config, else the file (a config built in code).
+    let ca = match (&tls.ca_pem, &tls.ca_file) {
+        (Some(pem), _) => Some(pem.clone()),
+        (None, Some(file)) => Some(std::fs::read(file).map_err(|e| {
+            RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "reading redis.tls.ca_file",
+                format!("{file}: {e}"),
+            ))
+        })?),
+        (None, None) => None,
+    };
+    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: ca })
+}
+
+/// The URL parameter of an admin Redis URL that names the CA file of a
+/// `rediss://` server: `rediss://user:pw@host:6380/?ssl-ca=/etc/ca.crt` (as
+/// sqlx's `ssl-ca` for the DB). The Redis client has no such parameter: it
+/// is taken out of the URL here.
+pub const ADMIN_CA_PARAM: &str = "ssl-ca";
+
+/// A client for an admin URL, which is a single string (a flag, the
+/// operator's config): its [`ADMIN_CA_PARAM`] parameter, when present, is
+/// the CA file that the server's certificate must chain to.
+pub fn admin_client(url: &str) -> Result<redis::Client, RedisError> {
+    let Some((base, query)) = url.split_once('?') else { return redis::Client::open(url) };
+    let prefix = format!("{ADMIN_CA_PARAM}=");
+    let (ca, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| kv.starts_with(&prefix));
+    let Some(ca_file) = ca.last().map(|kv| &kv[prefix.len()..]) else { return redis::Client::open(url) };
+    let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    client(url.as_str(), Some(&RedisTls { ca_file: Some(ca_file.to_string()), ca_pem: None }))
 }
 
 /// Opens a managed (auto-reconnecting) connection with the tenant's ACL user.

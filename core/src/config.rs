@@ -20,6 +20,20 @@
 //!     tokens_file: beta/tokens              # one token per line
 //!     redis: { url: "redis://127.0.0.1:26379", username: thumbup-beta, password_file: beta/redis-password }
 //!     db: { url: "mysql://127.0.0.1:23306", username: thumbup_beta, password_file: /run/secrets/beta-db }
+//!   # TLS to Redis and the DB, each server checked against a CA file.
+//!   - name: gamma
+//!     businesses: [{ name: video, id: 1 }]
+//!     tokens: [gamma-secret]
+//!     redis:
+//!       url: "rediss://redis.example:6380"       # rediss:// turns TLS on
+//!       username: thumbup-gamma
+//!       password: pw
+//!       tls: { ca_file: /etc/thumbup/tls/redis/ca.crt }
+//!     db:
+//!       url: "mysql://127.0.0.1:3306"            # db-proxy: in-band TLS, see DbTlsMode
+//!       username: thumbup_gamma
+//!       password: pw
+//!       tls: { mode: verify-ca, ca_file: /etc/thumbup/tls/db/ca.crt }
 //! ```
 //!
 //! Loading resolves the files: every [`TenantConfig`] handed out has its
@@ -28,7 +42,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The default schema of a tenant; its home is [`crate::names`].
 pub use crate::names::schema_for;
@@ -152,6 +166,63 @@ pub struct RedisConfig {
     /// dropped); relative paths resolve against the secrets dir.
     #[serde(default)]
     pub password_file: Option<String>,
+    /// TLS settings of a `rediss://` URL (the CA); without them a
+    /// `rediss://` URL trusts the system's roots.
+    #[serde(default)]
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS to Redis (the URL must be `rediss://`). The server's certificate must
+/// chain to the CA and name the URL's host: Redis is reached directly.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    /// PEM file of the CA certificates that sign the server's certificate
+    /// (default: the system's roots); relative paths resolve against the
+    /// secrets dir. Re-read with the config, so a rotated CA is picked up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// After loading, the content of `ca_file`.
+    #[serde(skip)]
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// TLS to the DB (MySQL protocol: negotiated in-band on the same port, so
+/// it also passes through db-proxy, a byte forwarder).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DbTls {
+    /// How much of the server is checked (default `verify-identity`).
+    #[serde(default)]
+    pub mode: DbTlsMode,
+    /// PEM file of the CA certificates that sign the server's certificate
+    /// (default: the system's roots); relative paths resolve against the
+    /// secrets dir. Re-read with the config, so a rotated CA is picked up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// After loading, the content of `ca_file`.
+    #[serde(skip)]
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// What a DB connection with [`DbTls`] requires. Every mode refuses a
+/// server that does not speak TLS. Without `db.tls` the client's default
+/// applies: TLS when the server offers it, unverified (a downgrade or a
+/// man in the middle goes unnoticed).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DbTlsMode {
+    /// Encrypted, the certificate not checked (protects only against
+    /// passive listeners).
+    Required,
+    /// Encrypted, the certificate must chain to the CA; its host name is not
+    /// checked. The mode for DB connections through db-proxy: the client
+    /// dials 127.0.0.1, which the DB's certificate does not name; use it
+    /// with a private CA that signs only DB servers.
+    VerifyCa,
+    /// Encrypted, the certificate must chain to the CA and name the URL's host.
+    #[default]
+    VerifyIdentity,
 }
 
 /// Database endpoint and credentials.
@@ -176,6 +247,10 @@ pub struct DbConfig {
     /// Connections per process (default 16).
     #[serde(default = "default_pool")]
     pub max_connections: u32,
+    /// TLS to the DB. When set, the tenant's DB user is also created
+    /// `REQUIRE SSL`, so the server refuses it a plaintext session.
+    #[serde(default)]
+    pub tls: Option<DbTls>,
 }
 
 fn default_pool() -> u32 {
@@ -394,6 +469,16 @@ impl TenantConfig {
         resolve_password(&name, redis, &mut self.redis.password, self.redis.password_file.as_deref(), dir, origin)?;
         let db = ("db.password", "db.password_file");
         resolve_password(&name, db, &mut self.db.password, self.db.password_file.as_deref(), dir, origin)?;
+        if let Some(tls) = &mut self.redis.tls
+            && let Some(f) = &tls.ca_file
+        {
+            tls.ca_pem = Some(read_secret(&name, "redis.tls.ca_file", f, dir, origin)?.into_bytes());
+        }
+        if let Some(tls) = &mut self.db.tls
+            && let Some(f) = &tls.ca_file
+        {
+            tls.ca_pem = Some(read_secret(&name, "db.tls.ca_file", f, dir, origin)?.into_bytes());
+        }
         if let Some(f) = &self.tokens_file {
             let text = read_secret(&name, "tokens_file", f, dir, origin)?;
             self.tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
@@ -427,8 +512,18 @@ impl TenantConfig {
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
             return Err(invalid(n, "redis.url must start with redis:// or rediss://"));
         }
+        if self.redis.tls.is_some() && !self.redis.url.starts_with("rediss://") {
+            return Err(invalid(n, "redis.tls is set: redis.url must start with rediss://"));
+        }
         if !self.db.url.starts_with("mysql://") {
             return Err(invalid(n, "db.url must start with mysql://"));
+        }
+        // One place for the DB's TLS settings: sqlx would also read them
+        // from the URL's query, and the two could disagree.
+        if let Some((_, query)) = self.db.url.split_once('?')
+            && query.split('&').any(|kv| kv.to_ascii_lowercase().starts_with("ssl"))
+        {
+            return Err(invalid(n, "db.url: give TLS settings in db.tls, not as ssl-* URL parameters"));
         }
         if let Some(s) = &self.db.schema
             && !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -648,6 +743,42 @@ tenants:
             for secret in ["inline-secret-pw", "file-secret-pw", "tok-secret", "short\""] {
                 assert!(!shown.contains(secret), "{shown} shows {secret:?}");
             }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_settings_read_their_ca_files_and_need_rediss_and_one_home() {
+        let dir = scratch("tls");
+        std::fs::write(dir.join("ca.crt"), "PEM").unwrap();
+        let text = GOOD.replace(
+            "redis://127.0.0.1:26379\", username: thumbup-alpha, password: pw",
+            "rediss://r:6380\", username: thumbup-alpha, password: pw, tls: { ca_file: ca.crt }",
+        );
+        let text = text.replace(
+            "thumbup_alpha, password: pw }",
+            "thumbup_alpha, password: pw, tls: { mode: verify-ca, ca_file: ca.crt } }",
+        );
+        let c = Config::parse_with(&text, "test", &dir).unwrap();
+        let t = &c.tenants[0];
+        assert_eq!(t.redis.tls.as_ref().unwrap().ca_pem.as_deref(), Some(&b"PEM"[..]));
+        let db = t.db.tls.as_ref().unwrap();
+        assert_eq!((db.mode, db.ca_pem.as_deref()), (DbTlsMode::VerifyCa, Some(&b"PEM"[..])));
+        // The mode defaults to the strictest.
+        let strict = text.replace("mode: verify-ca, ", "");
+        assert_eq!(
+            Config::parse_with(&strict, "test", &dir).unwrap().tenants[0].db.tls.as_ref().unwrap().mode,
+            DbTlsMode::VerifyIdentity
+        );
+        let cases = [
+            (text.replace("rediss://", "redis://"), "redis.url must start with rediss://"),
+            (text.replace("mysql://127.0.0.1:23306", "mysql://127.0.0.1:23306?ssl-mode=DISABLED"), "db.tls"),
+            (text.replace("verify-ca", "verify-nothing"), "unknown variant"),
+            (text.replace("ca_file: ca.crt }", "ca_file: gone.crt }"), "redis.tls.ca_file"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse_with(&text, "test", &dir).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

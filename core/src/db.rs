@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow, MySqlSslMode};
 use sqlx::{MySql, QueryBuilder, Row};
 
-use crate::config::TenantConfig;
+use crate::config::{DbTls, DbTlsMode, TenantConfig};
 use crate::domain::{Action, Delta, Forbidden, State, transition};
 use crate::event::LikeEvent;
 use crate::version::{VersionClock, now_ms};
@@ -59,13 +59,38 @@ fn push_key_join<const N: usize>(
 /// The embedded migrations of a tenant schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Connects a pool to the tenant schema with the tenant's DB user. Lazy: the
-/// first query connects, so a process starts while the DB is down.
-pub fn connect_lazy(t: &TenantConfig) -> Result<MySqlPool, sqlx::Error> {
+/// Applies the TLS settings `tls` to `opts` (nothing when None: the
+/// client's default, TLS when the server offers it, unverified).
+pub fn with_tls(opts: MySqlConnectOptions, tls: Option<&DbTls>) -> MySqlConnectOptions {
+    let Some(tls) = tls else { return opts };
+    let opts = opts.ssl_mode(match tls.mode {
+        DbTlsMode::Required => MySqlSslMode::Required,
+        DbTlsMode::VerifyCa => MySqlSslMode::VerifyCa,
+        DbTlsMode::VerifyIdentity => MySqlSslMode::VerifyIdentity,
+    });
+    // The content read with the config, else the file itself (read by
+    // the client at each connect: a config built in code).
+    match (&tls.ca_pem, &tls.ca_file) {
+        (Some(pem), _) => opts.ssl_ca_from_pem(pem.clone()),
+        (None, Some(file)) => opts.ssl_ca(file),
+        (None, None) => opts,
+    }
+}
+
+/// The options of a session on the tenant schema with the tenant's DB user
+/// and its TLS settings.
+pub fn connect_options(t: &TenantConfig) -> Result<MySqlConnectOptions, sqlx::Error> {
     let opts = MySqlConnectOptions::from_str(&t.db.url)?
         .username(&t.db.username)
         .password(&t.db.password)
         .database(&t.schema());
+    Ok(with_tls(opts, t.db.tls.as_ref()))
+}
+
+/// Connects a pool to the tenant schema with the tenant's DB user. Lazy: the
+/// first query connects, so a process starts while the DB is down.
+pub fn connect_lazy(t: &TenantConfig) -> Result<MySqlPool, sqlx::Error> {
+    let opts = connect_options(t)?;
     Ok(MySqlPoolOptions::new()
         .max_connections(t.db.max_connections)
         .acquire_timeout(Duration::from_secs(3))

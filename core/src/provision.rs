@@ -387,8 +387,11 @@ async fn claim_db_once(
 
 /// Creates (or updates) the tenant's schema and DB user, granted on that
 /// schema only, as the local stack's `thumbup-service provision`: recorded
-/// for [`Owner::local`], adopting what no LikeTenant holds.
-/// `admin_url` is `mysql://user:password@host:port`.
+/// for [`Owner::local`], adopting what no LikeTenant holds. With `db.tls`
+/// set the user is `REQUIRE SSL` (the server refuses it a plaintext
+/// session), else `REQUIRE NONE`. `admin_url` is
+/// `mysql://user:password@host:port`, TLS as sqlx's URL parameters
+/// (`?ssl-mode=VERIFY_IDENTITY&ssl-ca=/etc/ca.crt`).
 pub async fn provision_db(admin_url: &str, t: &TenantConfig) -> Result<(), ProvisionError> {
     provision_db_as(admin_url, t, &Owner::local(), Adopt::Unowned, None).await
 }
@@ -422,6 +425,7 @@ pub async fn provision_db_as(
         format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'{cap}"),
         format!("ALTER USER '{user}'@'%' IDENTIFIED BY '{pw}'{cap}"),
         format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO '{user}'@'%'"),
+        format!("ALTER USER '{user}'@'%' REQUIRE {}", if t.db.tls.is_some() { "SSL" } else { "NONE" }),
     ];
     for s in statements {
         exec(&mut con, name, s).await?;
@@ -494,7 +498,7 @@ const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn redis_admin(admin_url: &str, tenant: &str) -> Result<redis::aio::MultiplexedConnection, ProvisionError> {
     let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
-    let client = redis::Client::open(admin_url).map_err(err)?;
+    let client = crate::cache::admin_client(admin_url).map_err(err)?;
     // Admin commands can take long on a busy server (ACL SAVE writes and
     // fsyncs the ACL file; UNLINK of many keys): not the client's default
     // 500 ms response timeout, which failed provisioning under load.
@@ -566,7 +570,8 @@ pub async fn claim_redis(admin_url: &str, tenant: &str, owner: &Owner, adopt: Ad
 
 /// Creates (or resets) the tenant's Redis ACL user as the local stack's
 /// `thumbup-service provision` (recorded for [`Owner::local`]); see
-/// [`provision_redis_as`]. `admin_url` is `redis://user:password@host:port`.
+/// [`provision_redis_as`]. `admin_url` is `redis://user:password@host:port`,
+/// or `rediss://` with the CA file as [`crate::cache::ADMIN_CA_PARAM`].
 pub async fn provision_redis(admin_url: &str, t: &TenantConfig) -> Result<bool, ProvisionError> {
     provision_redis_as(admin_url, t, &Owner::local(), Adopt::Unowned).await
 }

@@ -9,12 +9,20 @@
 //!   - name: dc-a
 //!     db: { url: "mysql://mariadb-dc-a:3306", admin_username: root, admin_password_file: /etc/thumbup-operator/secrets/dc-a-db-password }
 //!     redis: { url: "redis://redis-dc-a:6379", admin_username: default, admin_password: inline-for-local-runs }
+//!   - name: dc-b
+//!     # TLS: the CA files are mounted at the same path in the operator, the
+//!     # service and the job pods (the chart's tls.db / tls.redis).
+//!     db: { url: "mysql://mariadb-dc-b:3306", admin_username: root, admin_password_file: /x,
+//!           tls: { mode: verify-ca, ca_file: /etc/thumbup/tls/db/ca.crt } }
+//!     redis: { url: "rediss://redis-dc-b:6380", admin_username: default, admin_password_file: /y,
+//!              tls: { ca_file: /etc/thumbup/tls/redis/ca.crt } }
 //! ```
 
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use serde::Deserialize;
+use thumbup_core::config::{DbTls, DbTlsMode, RedisTls};
 
 /// A config that could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
@@ -158,15 +166,16 @@ pub struct Datacenter {
     /// Name, e.g. `dc-a`.
     pub name: String,
     /// The DB (MySQL protocol).
-    pub db: Endpoint,
+    pub db: Endpoint<DbTls>,
     /// The Redis.
-    pub redis: Endpoint,
+    pub redis: Endpoint<RedisTls>,
 }
 
-/// A server, the address the service and job use, and admin credentials.
+/// A server, the address the service and job use, admin credentials and
+/// TLS settings (`T`: [`DbTls`] or [`RedisTls`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Endpoint {
+pub struct Endpoint<T> {
     /// `mysql://host:port` or `redis://host:port`, as the service and job reach it.
     pub url: String,
     /// The URL the operator itself uses, when it differs (out-of-cluster runs,
@@ -181,6 +190,11 @@ pub struct Endpoint {
     /// File holding the admin password (a mounted Secret key).
     #[serde(default)]
     pub admin_password_file: Option<String>,
+    /// TLS to this server, for the operator's admin connections and, in the
+    /// registry it writes, for the service and the jobs. `ca_file` is a
+    /// path that every one of those pods mounts.
+    #[serde(default = "Option::default")]
+    pub tls: Option<T>,
 }
 
 /// Names of the registry objects.
@@ -209,6 +223,37 @@ pub struct JobTemplate {
     pub image_pull_policy: String,
     /// CPU and memory of each job container.
     pub resources: Option<ResourceRequirements>,
+    /// Secrets holding the CA files that the datacenters' `tls.ca_file`
+    /// name, mounted into every job pod at those paths. They must exist in
+    /// each tenant's namespace (the release namespace unless the operator
+    /// watches every namespace).
+    pub ca_secrets: Vec<CaSecret>,
+}
+
+/// A Secret key holding a CA file, and where the file appears in a pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSecret {
+    /// The Secret.
+    pub secret: String,
+    /// Its key holding the PEM CA certificates.
+    #[serde(default = "default_ca_key")]
+    pub key: String,
+    /// The absolute path of the file in the pod (a datacenter's
+    /// `tls.ca_file`); its directory is the mount and holds only this file.
+    pub file: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+impl CaSecret {
+    /// The mount directory and file name of [`CaSecret::file`].
+    pub fn dir_and_name(&self) -> Option<(&str, &str)> {
+        let (dir, name) = self.file.rsplit_once('/')?;
+        (dir.starts_with('/') && !name.is_empty()).then_some((dir, name))
+    }
 }
 
 impl Default for JobTemplate {
@@ -217,6 +262,7 @@ impl Default for JobTemplate {
             image: format!("thumbup/thumbup:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".into(),
             resources: None,
+            ca_secrets: Vec::new(),
         }
     }
 }
@@ -260,6 +306,21 @@ impl OperatorConfig {
                 "installation_id {id:?} may hold only letters, digits, '-', '_', '.' and '/' (at most 128)"
             )));
         }
+        let mut dirs: Vec<&str> = Vec::new();
+        for ca in &c.job.ca_secrets {
+            let Some((dir, _)) = ca.dir_and_name() else {
+                return Err(ConfigError::Invalid(format!(
+                    "job.ca_secrets: file {:?} must be an absolute path",
+                    ca.file
+                )));
+            };
+            if dirs.contains(&dir) {
+                return Err(ConfigError::Invalid(format!(
+                    "job.ca_secrets: two files in {dir}: one CA file per directory"
+                )));
+            }
+            dirs.push(dir);
+        }
         let mut names: Vec<&str> = c.datacenters.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
@@ -272,8 +333,25 @@ impl OperatorConfig {
             if !dc.db.url.starts_with("mysql://") || !dc.redis.url.starts_with("redis") {
                 return Err(ConfigError::Invalid(format!("{}: db.url must be mysql://, redis.url redis://", dc.name)));
             }
-            for e in [&dc.db, &dc.redis] {
-                if e.admin_password.is_some() == e.admin_password_file.is_some() {
+            if dc.redis.tls.is_some() && !dc.redis.url.starts_with("rediss://") {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: redis.tls is set: redis.url must be rediss://",
+                    dc.name
+                )));
+            }
+            // Through db-proxy the client dials 127.0.0.1, a name that the
+            // DB's certificate does not hold.
+            if c.db_proxy.enabled && dc.db.tls.as_ref().is_some_and(|t| t.mode == DbTlsMode::VerifyIdentity) {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: db.tls.mode verify-identity cannot hold through db-proxy (tenants dial 127.0.0.1): use verify-ca with a private CA",
+                    dc.name
+                )));
+            }
+            for (admin_password, admin_password_file) in [
+                (&dc.db.admin_password, &dc.db.admin_password_file),
+                (&dc.redis.admin_password, &dc.redis.admin_password_file),
+            ] {
+                if admin_password.is_some() == admin_password_file.is_some() {
                     return Err(ConfigError::Invalid(format!(
                         "{}: give exactly one of admin_password and admin_password_file",
                         dc.name
@@ -301,7 +379,7 @@ impl OperatorConfig {
     }
 }
 
-impl Endpoint {
+impl<T> Endpoint<T> {
     /// `host:port` of `url` (what db-proxy dials), if it has both.
     pub fn host_port(&self) -> Option<String> {
         let rest = self.url.split_once("://")?.1;
@@ -323,12 +401,45 @@ impl Endpoint {
     }
 
     /// `scheme://user:password@host:port` for the admin connection.
-    pub fn admin_url(&self) -> Result<String, ConfigError> {
+    fn admin_url_with(&self, params: &[(&str, &str)]) -> Result<String, ConfigError> {
         let base = self.admin_url.as_deref().unwrap_or(&self.url);
         let (scheme, rest) =
             base.split_once("://").ok_or_else(|| ConfigError::Invalid(format!("{base}: no scheme")))?;
         let pw = self.password()?;
-        Ok(format!("{scheme}://{}:{}@{rest}", encode(&self.admin_username), encode(&pw)))
+        let mut url = format!("{scheme}://{}:{}@{rest}", encode(&self.admin_username), encode(&pw));
+        for (i, (k, v)) in params.iter().enumerate() {
+            let sep = if i == 0 && !url.contains('?') { '?' } else { '&' };
+            url.push_str(&format!("{sep}{k}={v}"));
+        }
+        Ok(url)
+    }
+}
+
+impl Endpoint<DbTls> {
+    /// `mysql://user:password@host:port` for the admin connection, with the
+    /// TLS settings as sqlx's URL parameters (`ssl-mode`, `ssl-ca`).
+    pub fn admin_url(&self) -> Result<String, ConfigError> {
+        let Some(tls) = &self.tls else { return self.admin_url_with(&[]) };
+        let mode = match tls.mode {
+            DbTlsMode::Required => "REQUIRED",
+            DbTlsMode::VerifyCa => "VERIFY_CA",
+            DbTlsMode::VerifyIdentity => "VERIFY_IDENTITY",
+        };
+        match &tls.ca_file {
+            Some(ca) => self.admin_url_with(&[("ssl-mode", mode), ("ssl-ca", ca)]),
+            None => self.admin_url_with(&[("ssl-mode", mode)]),
+        }
+    }
+}
+
+impl Endpoint<RedisTls> {
+    /// `redis[s]://user:password@host:port` for the admin connection, with
+    /// the CA file as [`thumbup_core::cache::ADMIN_CA_PARAM`].
+    pub fn admin_url(&self) -> Result<String, ConfigError> {
+        match self.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+            Some(ca) => self.admin_url_with(&[(thumbup_core::cache::ADMIN_CA_PARAM, ca)]),
+            None => self.admin_url_with(&[]),
+        }
     }
 }
 
@@ -360,6 +471,28 @@ datacenters:
         assert_eq!(c.active().db.admin_url().unwrap(), "mysql://root:p%40ss%3Aw%2Frd@db-a:3306");
         assert_eq!(c.registry.config_map, "thumbup-tenants");
         assert!(c.job.image.starts_with("thumbup/thumbup:"));
+    }
+
+    #[test]
+    fn tls_settings_become_the_admin_urls_parameters() {
+        let text = GOOD
+            .replace(
+                r#"admin_password: "p@ss:w/rd" }"#,
+                r#"admin_password: "pw", tls: { mode: verify-ca, ca_file: /tls/db-ca.crt } }"#,
+            )
+            .replace("redis://redis-a:6379\", admin_username: default, admin_password: pw }", "rediss://redis-a:6380\", admin_username: default, admin_password: pw, tls: { ca_file: /tls/redis-ca.crt } }");
+        let c = OperatorConfig::parse(&text, "test").unwrap();
+        let dc = c.active();
+        assert_eq!(dc.db.admin_url().unwrap(), "mysql://root:pw@db-a:3306?ssl-mode=VERIFY_CA&ssl-ca=/tls/db-ca.crt");
+        assert_eq!(dc.redis.admin_url().unwrap(), "rediss://default:pw@redis-a:6380?ssl-ca=/tls/redis-ca.crt");
+        // Through db-proxy the host name cannot be checked; direct it can.
+        let strict = text.replace("mode: verify-ca", "mode: verify-identity");
+        let err = OperatorConfig::parse(&strict, "test").unwrap_err().to_string();
+        assert!(err.contains("verify-identity cannot hold through db-proxy"), "{err}");
+        let direct = format!("{strict}db_proxy: {{ enabled: false }}\n");
+        assert!(OperatorConfig::parse(&direct, "test").is_ok());
+        let err = OperatorConfig::parse(&text.replace("rediss://", "redis://"), "test").unwrap_err().to_string();
+        assert!(err.contains("rediss://"), "{err}");
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> T
             username: names::redis_user(&tenant),
             password: creds.redis_password.clone(),
             password_file: None,
+            tls: dc.redis.tls.clone(),
         },
         db: DbConfig {
             url: dc.db.admin_url.clone().unwrap_or_else(|| dc.db.url.clone()),
@@ -56,6 +57,7 @@ pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> T
             schema: Some(lt.schema()),
             // Migrations run one statement at a time.
             max_connections: 2,
+            tls: dc.db.tls.clone(),
         },
         name: tenant,
         limits: Default::default(),

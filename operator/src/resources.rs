@@ -22,6 +22,7 @@ use thumbup_core::names;
 
 use crate::config::OperatorConfig;
 use crate::crd::{LikeTenant, tenant_labels};
+use thumbup_core::config::{DbTls, RedisTls};
 
 /// Where the job mounts its tenant Secret (config file and credentials).
 pub const JOB_CONFIG_DIR: &str = "/etc/thumbup/tenant";
@@ -231,6 +232,27 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
         failure_threshold: Some(3),
         ..Probe::default()
     };
+    // The CA files of the datacenters' TLS settings, at the paths that the
+    // registry's `tls.ca_file` names.
+    let ca_volumes: Vec<(Volume, String)> = cfg
+        .job
+        .ca_secrets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, ca)| {
+            let (dir, name) = ca.dir_and_name()?;
+            let volume = Volume {
+                name: format!("ca-{i}"),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(ca.secret.clone()),
+                    items: Some(vec![KeyToPath { key: ca.key.clone(), path: name.into(), ..KeyToPath::default() }]),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            };
+            Some((volume, dir.to_string()))
+        })
+        .collect();
     let args = vec![
         format!("--config={JOB_CONFIG_DIR}/{REGISTRY_KEY}"),
         format!("--secrets-dir={JOB_CONFIG_DIR}"),
@@ -266,12 +288,21 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources: cfg.job.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tenant".into(),
-            mount_path: JOB_CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "tenant".into(),
+                mount_path: JOB_CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            })
+            .chain(ca_volumes.iter().map(|(v, dir)| VolumeMount {
+                name: v.name.clone(),
+                mount_path: dir.clone(),
+                read_only: Some(true),
+                ..Default::default()
+            }))
+            .collect(),
+        ),
         security_context: Some(restricted()),
         ..Container::default()
     };
@@ -292,6 +323,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
         }),
         ..Volume::default()
     }];
+    let volumes = volumes.into_iter().chain(ca_volumes.into_iter().map(|(v, _)| v)).collect();
     Deployment {
         metadata: owned_meta(lt, job_name(&t)),
         spec: Some(DeploymentSpec {
@@ -367,6 +399,9 @@ pub struct RegistryEndpoint {
     pub username: String,
     /// Password file.
     pub password_file: String,
+    /// TLS (the datacenter's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTls>,
 }
 
 /// The DB in the registry file.
@@ -383,6 +418,9 @@ pub struct RegistryDb {
     /// DB pool of each process: below the DB user's session cap
     /// (`spec.limits.maxDbConnections`).
     pub max_connections: u32,
+    /// TLS (the datacenter's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DbTls>,
 }
 
 /// Limits in the registry file.
@@ -425,6 +463,7 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Regist
             url: dc.redis.url.clone(),
             username: names::redis_user(&t),
             password_file: redis_key,
+            tls: dc.redis.tls.clone(),
         },
         db: RegistryDb {
             url: if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() },
@@ -432,6 +471,9 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Regist
             password_file: db_key,
             schema: lt.schema(),
             max_connections: s.limits.db_pool_size(),
+            // Through db-proxy the session may reach either datacenter's
+            // DB: its CA file must hold the CAs of both.
+            tls: dc.db.tls.clone(),
         },
         limits: RegistryLimits {
             // The CRD's minimums keep these positive.
@@ -664,6 +706,47 @@ datacenters:
         assert_eq!(t.tokens, std::slice::from_ref(&creds.token));
         assert_eq!(loaded.tenants.len(), 1, "the job sees its own tenant only");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn datacenter_tls_reaches_the_registry_and_job_pods_mount_its_ca_files() {
+        let lt = tenant();
+        let yaml = r#"
+active_datacenter: dc-a
+job:
+  ca_secrets:
+    - { secret: thumbup-db-ca, file: /etc/thumbup/tls/db/ca.crt }
+    - { secret: thumbup-redis-ca, key: bundle.pem, file: /etc/thumbup/tls/redis/ca.crt }
+datacenters:
+  - name: dc-a
+    db: { url: "mysql://db-a:3306", admin_username: root, admin_password: pw, tls: { mode: verify-ca, ca_file: /etc/thumbup/tls/db/ca.crt } }
+    redis: { url: "rediss://redis-a:6380", admin_username: default, admin_password: pw, tls: { ca_file: /etc/thumbup/tls/redis/ca.crt } }
+"#;
+        let cfg = OperatorConfig::parse(yaml, "test").unwrap();
+        let text = render_registry(&BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &cfg, "dc-a"))]));
+        assert!(text.contains("mode: verify-ca") && text.contains("ca_file: /etc/thumbup/tls/redis/ca.crt"), "{text}");
+        let pod = build_job_deployment(&lt, &cfg, "thumbup").spec.unwrap().template.spec.unwrap();
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let volumes = pod.volumes.unwrap();
+        // Each CA file appears at its path: the Secret key under the file name in the file's directory.
+        for (file, secret, key) in [
+            ("/etc/thumbup/tls/db/ca.crt", "thumbup-db-ca", "ca.crt"),
+            ("/etc/thumbup/tls/redis/ca.crt", "thumbup-redis-ca", "bundle.pem"),
+        ] {
+            let (dir, name) = file.rsplit_once('/').unwrap();
+            let m = mounts.iter().find(|m| m.mount_path == dir).unwrap_or_else(|| panic!("no mount at {dir}"));
+            assert_eq!(m.read_only, Some(true));
+            let v = volumes.iter().find(|v| v.name == m.name).unwrap().secret.clone().unwrap();
+            assert_eq!(v.secret_name.as_deref(), Some(secret));
+            let items = v.items.unwrap();
+            assert_eq!((items[0].key.as_str(), items[0].path.as_str()), (key, name));
+        }
+        // Without CA Secrets the pod is as before.
+        let pod = build_job_deployment(&lt, &config(), "thumbup").spec.unwrap().template.spec.unwrap();
+        assert_eq!((pod.volumes.unwrap().len(), pod.containers[0].volume_mounts.as_ref().unwrap().len()), (1, 1));
+        let bad = yaml.replace("file: /etc/thumbup/tls/db/ca.crt", "file: ca.crt");
+        let err = OperatorConfig::parse(&bad, "test").unwrap_err().to_string();
+        assert!(err.contains("absolute path"), "{err}");
     }
 
     #[test]

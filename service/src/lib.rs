@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod page;
 pub mod read;
 pub mod tenants;
+pub mod tls;
 pub mod write;
 
 /// Generated gRPC types of `thumbup.v1`.
@@ -35,11 +36,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::tenants::ConfigSource;
+pub use crate::tls::ServerTls;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -55,9 +58,9 @@ pub struct Options {
     pub limits: limits::ServerLimits,
 }
 
-/// How [`run_with`] reads the config file's credentials and whether the
-/// file may be missing. Kept apart from [`Options`] so that code building
-/// `Options` field by field keeps compiling.
+/// How [`run_with`] reads the config file's credentials, whether the file
+/// may be missing, and the server's own certificate files. Kept apart from
+/// [`Options`] so that code building `Options` field by field keeps compiling.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigFiles {
     /// The directory relative `password_file` / `tokens_file` paths resolve
@@ -66,6 +69,31 @@ pub struct ConfigFiles {
     /// Start with no tenants while the config file does not exist, and
     /// serve it once it appears; otherwise a missing file fails the start.
     pub optional: bool,
+    /// Serve TLS only, with this certificate (None: plaintext h2c).
+    pub tls: Option<ServerTls>,
+}
+
+/// The client side of [`ServerTls`], shared by thumbupctl, the bench and
+/// the tests: an endpoint for `addr`, which is `http://host:port`
+/// (plaintext) or `https://host:port` (TLS; the server's certificate must
+/// name `host` and chain to `ca_file`, or to the system's roots without one).
+pub fn client_endpoint(addr: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let endpoint = Endpoint::from_shared(addr.to_string())
+        .with_context(|| format!("{addr:?} is not a URI (e.g. https://127.0.0.1:50051)"))?;
+    if addr.starts_with("http://") {
+        anyhow::ensure!(ca_file.is_none(), "a CA file is for https:// addresses, not {addr:?}");
+        return Ok(endpoint);
+    }
+    anyhow::ensure!(addr.starts_with("https://"), "{addr:?} must start with http:// or https://");
+    let tls = match ca_file {
+        Some(f) => {
+            let pem = std::fs::read(f).with_context(|| format!("reading CA file {}", f.display()))?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    endpoint.tls_config(tls).context("TLS settings")
 }
 
 /// Serves the gRPC API (with health and reflection) on `listener` until
@@ -87,6 +115,10 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // A certificate that does not load fails the start, before anything else.
+    if let Some(tls) = &files.tls {
+        tls.check()?;
+    }
     let source = ConfigSource { path: opts.config.clone(), secrets_dir: files.secrets_dir, optional: files.optional };
     let reg = tenants::Registry::open(source, opts.redis_timeout).await.map_err(anyhow::Error::msg)?;
     let watcher = tokio::spawn(reg.clone().watch());
@@ -95,7 +127,7 @@ pub async fn run_with(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    info!(addr = %listener.local_addr()?, "serving thumbup.v1.Thumbup");
+    info!(addr = %listener.local_addr()?, tls = files.tls.is_some(), "serving thumbup.v1.Thumbup");
     let ready = opts.ready.clone();
     let set_ready = |v: bool| {
         if let Some(r) = &ready {
@@ -110,13 +142,12 @@ pub async fn run_with(
     // Replies are small frames: without TCP_NODELAY on accepted sockets,
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
     // ~40 ms.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let l = &opts.limits;
     let bounds = tower::ServiceBuilder::new()
         .load_shed()
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(l.max_in_flight))
         .layer(limits::MetadataLimitLayer::new(l.max_metadata_bytes));
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_max_header_list_size(limits::HEADER_LIST_BYTES)
         .max_concurrent_streams(l.max_streams_per_connection)
         .concurrency_limit_per_connection(l.max_streams_per_connection as usize)
@@ -126,9 +157,16 @@ pub async fn run_with(
         .layer(bounds)
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone(), l.request_timeout)))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone(), l.request_timeout)));
+    // With a certificate only TLS is served: a plaintext client fails its
+    // handshake and is dropped. The certificate is reloaded on change.
+    let served = match &files.tls {
+        Some(tls) => router.serve_with_incoming_shutdown(tls::incoming(listener, tls)?, shutdown).await,
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+    };
     watcher.abort();
     // In-flight requests are done: end this process's write leases, so a
     // Redis outage right after a rolling restart finds no writer to wait for.

@@ -76,6 +76,14 @@ struct ServeArgs {
     #[arg(long, env = "THUMBUP_MAX_METADATA_BYTES", global = true, default_value_t = 16384,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=(1 << 20)))]
     max_metadata_bytes: usize,
+    /// PEM certificate chain of the gRPC server; with --tls-key-file, only
+    /// TLS is served (plaintext clients are refused). Both files are re-read
+    /// every second: a rotated certificate is served to new connections.
+    #[arg(long, env = "THUMBUP_TLS_CERT_FILE", global = true, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "THUMBUP_TLS_KEY_FILE", global = true, requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,10 +101,12 @@ enum Command {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
-        /// Admin DB URL, mysql://user:password@host:port.
+        /// Admin DB URL, mysql://user:password@host:port (TLS: sqlx's
+        /// parameters, ?ssl-mode=VERIFY_IDENTITY&ssl-ca=/path/ca.crt).
         #[arg(long, env = "THUMBUP_ADMIN_DB_URL")]
         admin_db_url: String,
-        /// Admin Redis URL, redis://user:password@host:port.
+        /// Admin Redis URL, redis://user:password@host:port (TLS:
+        /// rediss://, and ?ssl-ca=/path/ca.crt for a private CA).
         #[arg(long, env = "THUMBUP_ADMIN_REDIS_URL")]
         admin_redis_url: String,
     },
@@ -135,8 +145,12 @@ async fn main() -> anyhow::Result<()> {
                     max_metadata_bytes: cli.serve.max_metadata_bytes,
                 },
             };
+            let tls = match (cli.serve.tls_cert_file, cli.serve.tls_key_file) {
+                (Some(cert_file), Some(key_file)) => Some(thumbup_service::ServerTls { cert_file, key_file }),
+                _ => None,
+            };
             let files =
-                thumbup_service::ConfigFiles { secrets_dir: cli.secrets_dir, optional: cli.serve.config_optional };
+                thumbup_service::ConfigFiles { secrets_dir: cli.secrets_dir, optional: cli.serve.config_optional, tls };
             thumbup_service::run_with(opts, files, listener, admin::shutdown_signal()).await?;
             admin_task.abort();
         }

@@ -1060,3 +1060,78 @@ fn operator_config_carries_the_failover_settings_of_the_values() {
     let err = try_render(&["--set", "failover.failureThreshold=0"]).expect_err("a zero threshold is refused");
     assert!(err.contains("failureThreshold"), "{err}");
 }
+
+#[test]
+fn tls_values_mount_each_file_from_its_secret_and_reach_the_operator_config() {
+    let r = render(&[
+        "--set",
+        "tls.grpc.secretName=thumbup-grpc-tls",
+        "--set",
+        "tls.db.mode=verify-ca",
+        "--set",
+        "tls.db.caSecret=thumbup-db-ca",
+        "--set",
+        "tls.redis.caSecret=thumbup-redis-ca",
+        "--set",
+        "tls.redis.caKey=bundle.pem",
+        "--set-json",
+        r#"datacenters=[{"name":"dc-a","db":{"url":"mysql://db-a:3306","adminUsername":"root"},"redis":{"url":"rediss://redis-a:6380","adminUsername":"default"}}]"#,
+    ]);
+    // The operator config, as the operator reads it.
+    let cm: ConfigMap = r.get(&fullname_of("operator"));
+    let text = &cm.data.as_ref().unwrap()["operator.yaml"];
+    let cfg = thumbup_operator::config::OperatorConfig::parse(text, "operator.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let dc = cfg.active();
+    let db_tls = dc.db.tls.as_ref().expect("db.tls");
+    assert_eq!(db_tls.mode, thumbup_core::config::DbTlsMode::VerifyCa);
+    assert_eq!(db_tls.ca_file.as_deref(), Some("/etc/thumbup/tls/db/ca.crt"));
+    let redis_ca = dc.redis.tls.as_ref().and_then(|t| t.ca_file.as_deref());
+    assert_eq!(redis_ca, Some("/etc/thumbup/tls/redis/ca.crt"));
+    let jobs: Vec<_> =
+        cfg.job.ca_secrets.iter().map(|c| (c.secret.as_str(), c.key.as_str(), c.file.as_str())).collect();
+    assert_eq!(
+        jobs,
+        [
+            ("thumbup-db-ca", "ca.crt", "/etc/thumbup/tls/db/ca.crt"),
+            ("thumbup-redis-ca", "bundle.pem", "/etc/thumbup/tls/redis/ca.crt")
+        ]
+    );
+    // Each file where its config names it, from its Secret: the CAs in the
+    // operator and service pods, the certificate in the service pod.
+    let file_source = |d: &Deployment, file: &str| {
+        let (dir, name) = file.rsplit_once('/').unwrap();
+        let c = only_container(d);
+        let m = c.volume_mounts.iter().flatten().find(|m| m.mount_path == dir).unwrap_or_else(|| panic!("{dir}"));
+        let v = pod_spec(d).volumes.iter().flatten().find(|v| v.name == m.name).unwrap().secret.clone().unwrap();
+        let key = match &v.items {
+            Some(items) => items.iter().find(|i| i.path == name).map(|i| i.key.clone()),
+            None => Some(name.to_string()),
+        };
+        (v.secret_name.unwrap(), key.unwrap_or_else(|| panic!("{file} not projected")))
+    };
+    for name in ["operator", "service"] {
+        let d: Deployment = r.get(&fullname_of(name));
+        assert_eq!(file_source(&d, "/etc/thumbup/tls/db/ca.crt"), ("thumbup-db-ca".into(), "ca.crt".into()));
+        assert_eq!(file_source(&d, "/etc/thumbup/tls/redis/ca.crt"), ("thumbup-redis-ca".into(), "bundle.pem".into()));
+    }
+    let d: Deployment = r.get(&fullname_of("service"));
+    let args = command(only_container(&d));
+    for (flag, file, key) in [
+        ("--tls-cert-file", "/etc/thumbup/tls/grpc/tls.crt", "tls.crt"),
+        ("--tls-key-file", "/etc/thumbup/tls/grpc/tls.key", "tls.key"),
+    ] {
+        let at = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} in {args:?}"));
+        assert_eq!(args[at + 1], file);
+        assert_eq!(file_source(&d, file), ("thumbup-grpc-tls".into(), key.into()));
+    }
+    // verify-identity cannot hold through db-proxy: the operator refuses it.
+    let r = render(&["--set", "tls.db.mode=verify-identity"]);
+    let cm: ConfigMap = r.get(&fullname_of("operator"));
+    let err = thumbup_operator::config::OperatorConfig::parse(&cm.data.unwrap()["operator.yaml"], "x").unwrap_err();
+    assert!(err.to_string().contains("verify-ca"), "{err}");
+    // Without TLS values nothing is mounted or passed.
+    let d: Deployment = render(&[]).get(&fullname_of("service"));
+    assert!(!command(only_container(&d)).iter().any(|a| a.starts_with("--tls")));
+    assert!(!only_container(&d).volume_mounts.iter().flatten().any(|m| m.mount_path.starts_with("/etc/thumbup/tls")));
+}

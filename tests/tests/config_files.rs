@@ -102,7 +102,8 @@ impl Service {
             ready: None,
             limits: Default::default(),
         };
-        let cf = thumbup_service::ConfigFiles { secrets_dir: Some(files.secrets.clone()), optional };
+        let cf =
+            thumbup_service::ConfigFiles { secrets_dir: Some(files.secrets.clone()), optional, ..Default::default() };
         let server = tokio::spawn(thumbup_service::run_with(opts, cf, listener, async {
             let _ = rx.await;
         }));
@@ -235,7 +236,7 @@ async fn missing_config_file_fails_the_start_unless_optional() {
         ready: None,
         limits: Default::default(),
     };
-    let cf = thumbup_service::ConfigFiles { secrets_dir: None, optional: false };
+    let cf = thumbup_service::ConfigFiles { secrets_dir: None, optional: false, ..Default::default() };
     let err = thumbup_service::run_with(opts, cf, listener, std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains(&files.config.display().to_string()), "{err}");
 

@@ -255,15 +255,13 @@ async fn tenants_are_isolated_by_tokens_acl_and_grants() {
 
     // DB: A's user is refused on B's schema.
     use sqlx::{ConnectOptions, Connection};
-    let opts: sqlx::mysql::MySqlConnectOptions = ta.db.url.parse().unwrap();
-    let mut da =
-        opts.username(&ta.db.username).password(&ta.db.password).database(&ta.schema()).connect().await.unwrap();
+    let opts = thumbup_core::db::connect_options(ta).unwrap();
+    let mut da = opts.clone().connect().await.unwrap();
     let sql = format!("SELECT COUNT(*) FROM `{}`.like_records", tb.schema());
     let e = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(&mut da).await.unwrap_err();
     let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
     assert!(matches!(code.as_deref(), Some("42000")), "A's DB user refused on B's schema: {e}");
-    let opts: sqlx::mysql::MySqlConnectOptions = ta.db.url.parse().unwrap();
-    let refused = opts.username(&ta.db.username).password(&ta.db.password).database(&tb.schema()).connect().await;
+    let refused = opts.database(&tb.schema()).connect().await;
     assert!(refused.is_err(), "A's DB user cannot even open B's schema");
     da.close().await.unwrap();
     w.stop().await;

@@ -133,6 +133,48 @@ Fails the render on datacenter values the operator would refuse at start.
 The operator config file (operator.yaml, snake_case), in the format of
 operator/src/config.rs.
 */}}
+{{- /*
+Where the CA files are in every pod that uses them (operator, service,
+jobs): one path each, which the operator config's tls.ca_file names.
+*/ -}}
+{{- define "thumbup.tlsDir" -}}/etc/thumbup/tls{{- end }}
+{{- define "thumbup.dbCaFile" -}}{{ include "thumbup.tlsDir" . }}/db/ca.crt{{- end }}
+{{- define "thumbup.redisCaFile" -}}{{ include "thumbup.tlsDir" . }}/redis/ca.crt{{- end }}
+
+{{- /*
+The CA Secrets' volume mounts and volumes (operator and service pods).
+*/ -}}
+{{- define "thumbup.caMounts" -}}
+{{- if and .Values.tls.db.mode .Values.tls.db.caSecret }}
+- name: db-ca
+  mountPath: {{ include "thumbup.tlsDir" . }}/db
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.redis.caSecret }}
+- name: redis-ca
+  mountPath: {{ include "thumbup.tlsDir" . }}/redis
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- define "thumbup.caVolumes" -}}
+{{- if and .Values.tls.db.mode .Values.tls.db.caSecret }}
+- name: db-ca
+  secret:
+    secretName: {{ .Values.tls.db.caSecret }}
+    items:
+      - key: {{ .Values.tls.db.caKey }}
+        path: ca.crt
+{{- end }}
+{{- if .Values.tls.redis.caSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.tls.redis.caSecret }}
+    items:
+      - key: {{ .Values.tls.redis.caKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+
 {{- define "thumbup.operatorConfig" -}}
 {{- include "thumbup.validateDatacenters" . }}
 {{- $secrets := printf "%s/secrets" (include "thumbup.operatorConfigDir" .) -}}
@@ -146,6 +188,16 @@ job:
   {{- with .Values.job.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if or (and .Values.tls.db.mode .Values.tls.db.caSecret) .Values.tls.redis.caSecret }}
+  # Mounted into the job pods at the datacenters' tls.ca_file paths.
+  ca_secrets:
+    {{- if and .Values.tls.db.mode .Values.tls.db.caSecret }}
+    - { secret: {{ .Values.tls.db.caSecret | quote }}, key: {{ .Values.tls.db.caKey | quote }}, file: {{ include "thumbup.dbCaFile" . | quote }} }
+    {{- end }}
+    {{- with .Values.tls.redis.caSecret }}
+    - { secret: {{ . | quote }}, key: {{ $.Values.tls.redis.caKey | quote }}, file: {{ include "thumbup.redisCaFile" $ | quote }} }
+    {{- end }}
   {{- end }}
 db_proxy:
   enabled: {{ .Values.dbProxy.enabled }}
@@ -177,10 +229,21 @@ datacenters:
       url: {{ .db.url | quote }}
       admin_username: {{ .db.adminUsername | quote }}
       admin_password_file: {{ printf "%s/%s-db-password" $secrets .name | quote }}
+      {{- with $.Values.tls.db.mode }}
+      tls:
+        mode: {{ . | quote }}
+        {{- if $.Values.tls.db.caSecret }}
+        ca_file: {{ include "thumbup.dbCaFile" $ | quote }}
+        {{- end }}
+      {{- end }}
     redis:
       url: {{ .redis.url | quote }}
       admin_username: {{ .redis.adminUsername | quote }}
       admin_password_file: {{ printf "%s/%s-redis-password" $secrets .name | quote }}
+      {{- if and (hasPrefix "rediss://" .redis.url) $.Values.tls.redis.caSecret }}
+      tls:
+        ca_file: {{ include "thumbup.redisCaFile" $ | quote }}
+      {{- end }}
 {{- end }}
 {{- end }}
 

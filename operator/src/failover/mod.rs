@@ -730,7 +730,7 @@ impl Controller {
         for dc in &self.opts.config.datacenters {
             let url = dc.redis.admin_url().map_err(|e| FailoverError::Config(e.to_string()))?;
             let con = async {
-                let client = redis::Client::open(url.as_str())?;
+                let client = thumbup_core::cache::admin_client(&url)?;
                 client.get_multiplexed_async_connection().await
             };
             // An unreachable Redis fails the replay, which is retried every

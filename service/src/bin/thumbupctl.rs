@@ -34,7 +34,7 @@ use thumbup_service::pb::thumbup_client::ThumbupClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 /// Metadata key naming the tenant (the service's `api::TENANT_HEADER`).
@@ -44,9 +44,14 @@ const TENANT_HEADER: &str = thumbup_service::api::TENANT_HEADER;
 #[derive(Parser, Debug)]
 #[command(version, about = "command-line client of the thumbup gRPC API")]
 struct Cli {
-    /// gRPC address of thumbup-service.
+    /// gRPC address of thumbup-service: http://host:port, or
+    /// https://host:port for a service started with --tls-cert-file.
     #[arg(long, env = "THUMBUP_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// PEM CA file that the service's certificate must chain to (https://
+    /// only; default: the system's roots).
+    #[arg(long, env = "THUMBUP_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Tenant sent as `x-thumbup-tenant` (omitted when unset).
     #[arg(long, env = "THUMBUP_TENANT")]
     tenant: Option<String>,
@@ -396,14 +401,8 @@ fn page_end(total: usize, next: &str) {
 /// flags.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let creds = Credentials::new(cli.tenant.as_deref(), cli.token.as_deref())?;
-    // Plain HTTP/2 only: the client is built without TLS support.
-    anyhow::ensure!(
-        cli.addr.starts_with("http://"),
-        "--addr {:?} must start with http:// (e.g. http://127.0.0.1:50051)",
-        cli.addr
-    );
-    let channel = Endpoint::from_shared(cli.addr.clone())
-        .with_context(|| format!("--addr {:?} is not a URI (e.g. http://127.0.0.1:50051)", cli.addr))?
+    let channel = thumbup_service::client_endpoint(&cli.addr, cli.ca_file.as_deref())
+        .with_context(|| format!("--addr {:?} / --ca-file", cli.addr))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(cli.timeout_secs))
         .connect_lazy();

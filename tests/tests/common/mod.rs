@@ -2,6 +2,13 @@
 //! `scripts/stack.sh`, tenants provisioned with the admin accounts, the
 //! service run in-process on port 0 and the job run as a child process (so
 //! it can be SIGKILLed).
+//!
+//! TLS mode (`THUMBUP_E2E_TLS=1`, a second pass of scripts/test.sh): the
+//! service serves TLS only with the stack's server certificate, clients
+//! trust the stack's CA, and tenants reach Redis on its TLS port
+//! (`rediss://`) and the DB with `tls: verify-identity`, as DB users created
+//! `REQUIRE SSL`; [`World::start`] checks that each tenant's DB session is
+//! encrypted and that a plaintext one is refused.
 
 #![allow(dead_code)]
 
@@ -55,6 +62,37 @@ fn redis_port() -> String {
     std::env::var("THUMBUP_REDIS_PORT").unwrap_or_else(|_| "26379".into())
 }
 
+/// The TLS port of Redis a (scripts/stack.sh: its port + 10 by default).
+pub fn redis_tls_port() -> String {
+    std::env::var("THUMBUP_REDIS_TLS_PORT")
+        .unwrap_or_else(|_| (redis_port().parse::<u16>().expect("THUMBUP_REDIS_PORT") + 10).to_string())
+}
+
+/// True in TLS mode: `THUMBUP_E2E_TLS=1`.
+pub fn tls_mode() -> bool {
+    std::env::var("THUMBUP_E2E_TLS").is_ok_and(|v| v == "1")
+}
+
+/// A file of the stack's TLS material: `THUMBUP_STACK_TLS_<var>` (from
+/// `stack.sh env`), else `<stack dir>/tls/<file>`.
+fn stack_tls(var: &str, file: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!("THUMBUP_STACK_TLS_{var}")) {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var("THUMBUP_STACK_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join(".stack"));
+    dir.join("tls").join(file)
+}
+
+/// The stack's CA certificate (signs every server's certificate).
+pub fn stack_ca() -> PathBuf {
+    stack_tls("CA", "ca.crt")
+}
+
+/// The stack's server certificate and key (for 127.0.0.1 and localhost).
+pub fn stack_server_tls() -> thumbup_service::ServerTls {
+    thumbup_service::ServerTls { cert_file: stack_tls("CERT", "server.crt"), key_file: stack_tls("KEY", "server.key") }
+}
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -67,20 +105,30 @@ pub fn stack(args: &[&str]) {
 }
 
 /// The YAML of a test tenant; `extra` is appended to the tenant's mapping.
+/// In TLS mode ([`tls_mode`]) the tenant reaches Redis and the DB over TLS.
 pub fn tenant_yaml(name: &str, businesses: &[i64], extra: &str) -> String {
     let user = name.replace('-', "_");
     let biz: Vec<String> = businesses.iter().map(|b| format!("{{ name: b{b}, id: {b} }}")).collect();
+    let (redis_url, redis_tls, db_tls) = if tls_mode() {
+        let ca = stack_ca().display().to_string();
+        (
+            format!("rediss://127.0.0.1:{}", redis_tls_port()),
+            format!(", tls: {{ ca_file: \"{ca}\" }}"),
+            format!(", tls: {{ mode: verify-identity, ca_file: \"{ca}\" }}"),
+        )
+    } else {
+        (format!("redis://127.0.0.1:{}", redis_port()), String::new(), String::new())
+    };
     format!(
         r#"  - name: {name}
     businesses: [{biz}]
     tokens: [tok-{name}-0001]
-    redis: {{ url: "redis://127.0.0.1:{rp}", username: thumbup-{name}, password: pw-{name}-redis }}
-    db: {{ url: "mysql://127.0.0.1:{dp}", username: thumbup_{user}, password: pw-{name}-db, max_connections: 24 }}
+    redis: {{ url: "{redis_url}", username: thumbup-{name}, password: pw-{name}-redis{redis_tls} }}
+    db: {{ url: "mysql://127.0.0.1:{dp}", username: thumbup_{user}, password: pw-{name}-db, max_connections: 24{db_tls} }}
     limits: {{ per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }}
     stream: {{ shards: 4, retention_secs: 3600 }}
 {extra}"#,
         biz = biz.join(", "),
-        rp = redis_port(),
         dp = db_port(),
     )
 }
@@ -103,6 +151,23 @@ pub async fn reset_tenant(t: &TenantConfig) {
     let pool = db::connect_lazy(t).unwrap();
     db::migrate(&pool).await.expect("migrate");
     db::migrate(&pool).await.expect("migrate is idempotent");
+    if t.db.tls.is_some() {
+        assert_db_tls_enforced(t).await;
+    }
+}
+
+/// The tenant's DB session is encrypted, and the server refuses the tenant's
+/// user a plaintext one (it is `REQUIRE SSL`).
+pub async fn assert_db_tls_enforced(t: &TenantConfig) {
+    let mut con = db::connect_options(t).unwrap().connect().await.expect("tenant DB session over TLS");
+    let row = sqlx::query("SHOW SESSION STATUS LIKE 'Ssl_cipher'").fetch_one(&mut con).await.unwrap();
+    let cipher: String = row.get(1);
+    assert!(!cipher.is_empty(), "tenant {}: DB session not encrypted", t.name);
+    con.close().await.unwrap();
+    let plain = db::connect_options(t).unwrap().ssl_mode(sqlx::mysql::MySqlSslMode::Disabled).connect().await;
+    let e = plain.err().unwrap_or_else(|| panic!("tenant {}: a plaintext DB session was accepted", t.name));
+    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("28000"), "tenant {}: plaintext refused as access denied: {e}", t.name);
 }
 
 /// An admin Redis connection.
@@ -146,7 +211,8 @@ impl World {
             reset_tenant(t).await;
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls_mode() { "https" } else { "http" };
+        let addr = format!("{scheme}://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let opts = thumbup_service::Options {
             config: config_path.clone(),
@@ -154,7 +220,8 @@ impl World {
             ready: None,
             limits,
         };
-        let server = tokio::spawn(thumbup_service::run(opts, listener, async {
+        let files = thumbup_service::ConfigFiles { tls: tls_mode().then(stack_server_tls), ..Default::default() };
+        let server = tokio::spawn(thumbup_service::run_with(opts, files, listener, async {
             let _ = rx.await;
         }));
         World { dir, config_path, config, addr, shutdown: Some(tx), server: Some(server) }
@@ -167,7 +234,9 @@ impl World {
 
     /// A client sending `tenant` and `token` metadata.
     pub async fn client(&self, tenant: &str, token: &str) -> Client {
-        let channel = Channel::from_shared(self.addr.clone()).unwrap().connect().await.expect("connect to service");
+        let ca = tls_mode().then(stack_ca);
+        let endpoint = thumbup_service::client_endpoint(&self.addr, ca.as_deref()).unwrap();
+        let channel = endpoint.connect().await.expect("connect to service");
         Client { inner: ThumbupClient::new(channel), tenant: tenant.to_string(), token: token.to_string() }
     }
 
