@@ -144,10 +144,10 @@ async fn a_route_offered_without_the_route_token_is_refused_and_changes_nothing(
     assert_eq!(closed.metric(&rejected("unauthenticated")).await, 1.0);
     assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
 
+    quit(conn).await;
     // The token itself is taken.
     let (status, body) = proxy.put_route(&newer).await;
     assert_eq!((status, body.starts_with("adopted")), (200, true), "{body}");
-    quit(conn).await;
 }
 
 #[tokio::test]
