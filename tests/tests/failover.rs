@@ -647,6 +647,16 @@ async fn no_flapping_below_threshold_or_grace_and_no_second_flip_inside_the_cap_
     site.wait_promoted(Duration::from_secs(15)).await;
     site.relay_a.heal();
     assert_eq!(site.route().active_datacenter, "dc-b");
+    // dc-a was still writable behind the refusing relay: once it is reachable
+    // again the controller fences it, ending every session but its own. Let
+    // that finish before the reseed opens sessions on it, or the fence ends
+    // them too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while read_only('a').await != Some(true) {
+        assert!(Instant::now() < deadline, "dc-a came back and was never fenced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(period * 3).await;
 
     // dc-a becomes a healthy standby of dc-b; then dc-b fails inside the cap window.
     stack(&["reseed", "b", "a"]);
