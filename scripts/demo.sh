@@ -11,9 +11,9 @@
 # 3. starts the failover controller (thumbup-operator failover, admin
 #    127.0.0.1:9194) with a route file, a thumbup-db-proxy following it
 #    (127.0.0.1:23336, admin 127.0.0.1:9193), and thumbup-service (gRPC
-#    127.0.0.1:50151, admin 127.0.0.1:9190) and thumbup-job for tenant demo
-#    (admin 127.0.0.1:9191) reaching the DB through the proxy; logs and the
-#    generated configs in .stack/demo/,
+#    127.0.0.1:50151, admin 127.0.0.1:9190) and a thumbup-job per tenant
+#    (demo: admin 127.0.0.1:9191, shop: 127.0.0.1:9195) reaching the DB
+#    through the proxy; logs and the generated configs in .stack/demo/,
 # 4. walks through the API with thumbupctl: likes, a double click, a switch to
 #    dislike, an unlike, the job's window, the read calls, refused requests,
 #    and the service's request metrics,
@@ -41,6 +41,7 @@ CONFIG="config/local.yaml"
 GRPC_ADDR="127.0.0.1:50151"
 SERVICE_ADMIN_PORT=9190
 JOB_ADMIN_PORT=9191
+SHOP_JOB_ADMIN_PORT=9195
 PROXY_PORT=23336
 PROXY_ADMIN_PORT=9193
 FAILOVER_ADMIN_PORT=9194
@@ -82,6 +83,7 @@ http_get() { # port path
 
 SERVICE_PID=""
 JOB_PID=""
+SHOP_JOB_PID=""
 FAILOVER_PID=""
 PROXY_PID=""
 
@@ -113,16 +115,18 @@ cleanup() {
   if ((rc != 0)); then
     [[ -z "$SERVICE_PID" ]] || show_log thumbup-service "$LOGS/service.log"
     [[ -z "$JOB_PID" ]] || show_log thumbup-job "$LOGS/job.log"
+    [[ -z "$SHOP_JOB_PID" ]] || show_log "thumbup-job (shop)" "$LOGS/job-shop.log"
   fi
   if ((rc != 0)); then
     [[ -z "$FAILOVER_PID" ]] || show_log "thumbup-operator failover" "$LOGS/failover.log"
     [[ -z "$PROXY_PID" ]] || show_log thumbup-db-proxy "$LOGS/db-proxy.log"
   fi
-  if [[ -n "$SERVICE_PID$JOB_PID$FAILOVER_PID$PROXY_PID" ]]; then
+  if [[ -n "$SERVICE_PID$JOB_PID$SHOP_JOB_PID$FAILOVER_PID$PROXY_PID" ]]; then
     echo
-    say "stopping thumbup-service, thumbup-job, the db-proxy and the failover controller (logs in ${LOGS#"$ROOT"/})"
+    say "stopping thumbup-service, the jobs, the db-proxy and the failover controller (logs in ${LOGS#"$ROOT"/})"
     stop_proc thumbup-service "$SERVICE_PID"
     stop_proc thumbup-job "$JOB_PID"
+    stop_proc "thumbup-job (shop)" "$SHOP_JOB_PID"
     stop_proc thumbup-db-proxy "$PROXY_PID"
     stop_proc "thumbup-operator failover" "$FAILOVER_PID"
   fi
@@ -144,8 +148,8 @@ eval "$(scripts/stack.sh env)"
 say "building thumbup-service, thumbup-job, thumbupctl, thumbup-db-proxy and thumbup-operator (cargo profile $PROFILE)"
 cargo build --profile "$PROFILE" -p thumbup-service -p thumbup-job -p thumbup-db-proxy -p thumbup-operator
 
-for port in "${GRPC_ADDR##*:}" "$SERVICE_ADMIN_PORT" "$JOB_ADMIN_PORT" "$PROXY_PORT" "$PROXY_ADMIN_PORT" \
-  "$FAILOVER_ADMIN_PORT"; do
+for port in "${GRPC_ADDR##*:}" "$SERVICE_ADMIN_PORT" "$JOB_ADMIN_PORT" "$SHOP_JOB_ADMIN_PORT" "$PROXY_PORT" \
+  "$PROXY_ADMIN_PORT" "$FAILOVER_ADMIN_PORT"; do
   port_open "$port" && die "port $port is in use (an earlier demo still running?)"
 done
 
@@ -180,7 +184,7 @@ write_operator_config dc-a
 rm -f "$ROUTE"
 sed "s|mysql://127.0.0.1:$THUMBUP_DB_PORT|mysql://127.0.0.1:$PROXY_PORT|" "$CONFIG" >"$TENANTS"
 
-say "starting the failover controller, the db-proxy, thumbup-service on $GRPC_ADDR and thumbup-job for tenant demo"
+say "starting the failover controller, the db-proxy, thumbup-service on $GRPC_ADDR and a thumbup-job for each tenant"
 NO_COLOR=1 "$BIN/thumbup-operator" failover --config "$OPERATOR_CONFIG" --route-file "$ROUTE" --tenants "$TENANTS" \
   --admin-listen "127.0.0.1:$FAILOVER_ADMIN_PORT" </dev/null >"$LOGS/failover.log" 2>&1 &
 FAILOVER_PID=$!
@@ -196,6 +200,12 @@ NO_COLOR=1 "$BIN/thumbup-job" --config "$TENANTS" --tenant demo --window-ms "$WI
   --admin-listen "127.0.0.1:$JOB_ADMIN_PORT" --consumer demo-job \
   </dev/null >"$LOGS/job.log" 2>&1 &
 JOB_PID=$!
+# Every tenant needs its job: without one its likes are acknowledged and
+# never counted.
+NO_COLOR=1 "$BIN/thumbup-job" --config "$TENANTS" --tenant shop --window-ms "$WINDOW_MS" \
+  --admin-listen "127.0.0.1:$SHOP_JOB_ADMIN_PORT" --consumer shop-job \
+  </dev/null >"$LOGS/job-shop.log" 2>&1 &
+SHOP_JOB_PID=$!
 
 wait_ready() { # name pid admin-port [grpc-port]
   local i
@@ -211,7 +221,8 @@ wait_ready() { # name pid admin-port [grpc-port]
 wait_ready thumbup-db-proxy "$PROXY_PID" "$PROXY_ADMIN_PORT" "$PROXY_PORT"
 wait_ready thumbup-service "$SERVICE_PID" "$SERVICE_ADMIN_PORT" "${GRPC_ADDR##*:}"
 wait_ready thumbup-job "$JOB_PID" "$JOB_ADMIN_PORT"
-say "failover controller, db-proxy, service and job are up"
+wait_ready "thumbup-job (shop)" "$SHOP_JOB_PID" "$SHOP_JOB_ADMIN_PORT"
+say "failover controller, db-proxy, service and both jobs are up"
 
 # ------------------------------------------------------------------ the demo
 
@@ -258,7 +269,19 @@ ctl received --up "$CAROL"
 
 step "7. tenants are isolated: shop's token is refused for demo; shop has its own counts"
 ctl --token shop-token-0001 counts "$VIDEO" || true
-ctl --tenant shop --token shop-token-0001 counts "$VIDEO"
+echo "   a shopper likes product $VIDEO of tenant shop (same id, another tenant):"
+shop() { ctl --tenant shop --token shop-token-0001 "$@"; }
+shop like --mid "$ALICE" --message "$VIDEO" --up "$CAROL"
+echo "   after shop's job applied its window: shop's count is 1, demo's is unchanged"
+for ((i = 0; i < 20; i++)); do
+  shop_counts="$(shop counts "$VIDEO" 2>/dev/null)" || shop_counts=""
+  grep -q "message=$VIDEO likes=1 " <<<"$shop_counts" && break
+  sleep 0.5
+done
+shop counts "$VIDEO"
+grep -q "message=$VIDEO likes=1 " <<<"$shop_counts" \
+  || die "shop's like was never counted (see ${LOGS#"$ROOT"/}/job-shop.log)"
+ctl counts "$VIDEO"
 
 step "8. refused: business 9, which tenant demo does not have"
 ctl --business 9 counts "$VIDEO" || true
