@@ -84,6 +84,11 @@ pub struct FailoverRecord {
     /// finished yet; the controller resumes it.
     #[serde(default)]
     pub promotion_pending: bool,
+    /// The id of the switchover request (`kubectl thumbup switchover`) last
+    /// acted on: a request is acted on once, so a request left in place
+    /// never undoes a later failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_request: Option<String>,
 }
 
 /// One flip of the route.

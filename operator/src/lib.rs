@@ -17,6 +17,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod ctl;
 pub mod error;
 pub mod failover;
 pub mod leader;

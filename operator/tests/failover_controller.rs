@@ -165,3 +165,108 @@ async fn a_planned_switchover_writes_the_route_config_map_then_status_and_an_eve
     controller.await.unwrap().expect("the controller stops cleanly");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The route in the fake API server's route ConfigMap, once there is one.
+fn stored_route(fake: &FakeApi) -> Option<Route> {
+    let objects = fake.objects.lock().unwrap();
+    let cm = objects.get(ROUTE_CM)?;
+    Some(Route::parse(cm["data"][ROUTE_KEY].as_str()?).unwrap())
+}
+
+async fn wait_route(fake: &FakeApi, what: &str, done: impl Fn(&Route) -> bool) -> Route {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(r) = stored_route(fake)
+            && done(&r)
+        {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: never happened; route {:?}", stored_route(fake));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_asked_for_through_the_api_runs_once_without_touching_the_config() {
+    use thumbup_operator::ctl;
+    stack(&["reseed", "a", "b"]);
+    let _restore = Restore;
+    let dir = std::env::temp_dir().join(format!("thumbup-failover-request-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("operator.yaml");
+    std::fs::write(&config_path, operator_yaml("dc-a")).unwrap();
+    let config = OperatorConfig::load(&config_path).unwrap();
+
+    let (client, fake) = FakeApi::start(Default::default());
+    let opts = failover::Options {
+        config,
+        config_path: Some(config_path.clone()),
+        store: RouteStore::ConfigMap {
+            cm: Box::new(RouteConfigMap::new(client.clone(), "thumbup", "thumbup-route")),
+            version: None,
+        },
+        tenants: TenantSource::Registry(Box::new(Api::namespaced(client.clone(), "thumbup")), "thumbup-tenants".into()),
+        publisher: Some(Publisher {
+            tenants: Api::<LikeTenant>::namespaced(client.clone(), "team"),
+            client: client.clone(),
+        }),
+        route_tx: None,
+        notices: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(failover::run(opts, async {
+        let _ = stopped.await;
+    }));
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "thumbup");
+    wait_route(&fake, "the first route", |r| r.epoch == 1).await;
+
+    // A datacenter the route does not name is refused before anything is written.
+    let err = ctl::request_switchover(&cms, "thumbup-route", "dc-x", "tester").await.unwrap_err();
+    assert!(err.to_string().contains("unknown datacenter dc-x"), "{err}");
+    assert!(!fake.objects.lock().unwrap().contains_key(&format!("{ROUTE_CM}-switchover")), "nothing written");
+
+    // dc-b, asked for through the API: the controller runs the switchover.
+    let id = ctl::request_switchover(&cms, "thumbup-route", "dc-b", "tester").await.unwrap();
+    let r = ctl::wait_switchover(&cms, "thumbup-route", &id, "dc-b", std::time::Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        (r.epoch, r.active_datacenter.as_str(), r.failover.handled_request.as_deref()),
+        (2, "dc-b", Some(id.as_str()))
+    );
+    let t = r.failover.last_transition.clone().unwrap();
+    assert!(t.reason.contains("requested by tester"), "{}", t.reason);
+    assert!(read_only(&admin_db_url()).await, "dc-a fenced");
+    assert!(!read_only(&admin_db_url_b()).await, "dc-b promoted");
+    let request = &fake.bodies("PATCH", &format!("{ROUTE_CM}-switchover"))[0];
+    assert_eq!(request["data"]["datacenter"], "dc-b");
+
+    // A request written by hand naming an unknown datacenter: recorded as
+    // acted on, nothing flips.
+    let bad = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "thumbup-route-switchover", "namespace": "thumbup", "resourceVersion": "8"},
+        "data": {"datacenter": "dc-x", "requestId": "by-hand-1"}});
+    fake.objects.lock().unwrap().insert(format!("{ROUTE_CM}-switchover"), bad);
+    let r = wait_route(&fake, "the unknown datacenter's request acted on", |r| {
+        r.failover.handled_request.as_deref() == Some("by-hand-1")
+    })
+    .await;
+    assert_eq!((r.epoch, r.active_datacenter.as_str()), (2, "dc-b"), "an unknown datacenter flipped the route");
+
+    // Back to dc-a by a new request; dc-b must be a healthy standby first.
+    stack(&["reseed", "b", "a"]);
+    let id = ctl::request_switchover(&cms, "thumbup-route", "dc-a", "tester").await.unwrap();
+    let r = ctl::wait_switchover(&cms, "thumbup-route", &id, "dc-a", std::time::Duration::from_secs(30)).await.unwrap();
+    assert_eq!((r.epoch, r.active_datacenter.as_str()), (3, "dc-a"));
+
+    // The config now names dc-b: that switchover runs, and the dc-a request
+    // still in place is not acted on again.
+    stack(&["reseed", "a", "b"]);
+    std::fs::write(&config_path, operator_yaml("dc-b")).unwrap();
+    wait_route(&fake, "the config's switchover", |r| r.epoch == 4 && !r.failover.promotion_pending).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let r = stored_route(&fake).unwrap();
+    assert_eq!((r.epoch, r.active_datacenter.as_str()), (4, "dc-b"), "an old request undid a later switchover");
+
+    stop.send(()).unwrap();
+    controller.await.unwrap().expect("the controller stops cleanly");
+    let _ = std::fs::remove_dir_all(dir);
+}

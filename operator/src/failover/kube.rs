@@ -115,6 +115,49 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// Key of the switchover request ConfigMap naming the datacenter asked for.
+pub const REQUEST_DATACENTER_KEY: &str = "datacenter";
+/// Key of the switchover request ConfigMap holding the request's id: a new
+/// id is a new request; the controller acts on each id once.
+pub const REQUEST_ID_KEY: &str = "requestId";
+/// Key of the switchover request ConfigMap saying who asked (free text).
+pub const REQUEST_BY_KEY: &str = "requestedBy";
+
+/// The name of the switchover request ConfigMap beside the route ConfigMap
+/// `route_config_map`.
+pub fn switchover_config_map(route_config_map: &str) -> String {
+    format!("{route_config_map}-switchover")
+}
+
+/// A planned switchover asked for through the API (`kubectl thumbup
+/// switchover`), without changing the operator config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchoverRequest {
+    /// The datacenter asked for.
+    pub datacenter: String,
+    /// The request's id.
+    pub id: String,
+    /// Who asked, as the request says.
+    pub requested_by: String,
+}
+
+/// The request that a switchover request ConfigMap's data holds; an error
+/// says what is missing or malformed.
+pub fn parse_switchover_request(data: &BTreeMap<String, String>) -> Result<SwitchoverRequest, String> {
+    let field = |key: &str| data.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let datacenter = field(REQUEST_DATACENTER_KEY).ok_or_else(|| format!("no key {REQUEST_DATACENTER_KEY}"))?;
+    let id = field(REQUEST_ID_KEY).ok_or_else(|| format!("no key {REQUEST_ID_KEY}"))?;
+    // Both are echoed into logs, Events and the route: short and printable.
+    for (key, value) in [(REQUEST_DATACENTER_KEY, datacenter), (REQUEST_ID_KEY, id)] {
+        if value.len() > 128 || !value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+            return Err(format!("key {key}: not a name (at most 128 of A-Z a-z 0-9 - _ . :)"));
+        }
+    }
+    let requested_by: String =
+        field(REQUEST_BY_KEY).unwrap_or("unknown").chars().filter(|c| !c.is_control()).take(128).collect();
+    Ok(SwitchoverRequest { datacenter: datacenter.into(), id: id.into(), requested_by })
+}
+
 /// The route ConfigMap: key [`ROUTE_KEY`] of a ConfigMap in the operator's
 /// namespace.
 #[derive(Clone)]
@@ -155,6 +198,21 @@ impl RouteConfigMap {
         let route = Route::parse(text).map_err(|e| self.unreadable(format!("key {ROUTE_KEY}: {e}")))?;
         let version = cm.metadata.resource_version.ok_or_else(|| self.unreadable("no resourceVersion"))?;
         Ok(Some((route, version)))
+    }
+
+    /// The switchover request in the ConfigMap [`switchover_config_map`]
+    /// beside the route's; None when there is none.
+    pub async fn switchover_request(&self) -> Result<Option<SwitchoverRequest>, FailoverKubeError> {
+        let name = switchover_config_map(&self.name);
+        let cm = self.api.get_opt(&name).await.map_err(|source| FailoverKubeError::ReadRoute {
+            namespace: self.namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+        let Some(cm) = cm else { return Ok(None) };
+        parse_switchover_request(&cm.data.unwrap_or_default())
+            .map(Some)
+            .map_err(|detail| FailoverKubeError::RouteUnreadable { namespace: self.namespace.clone(), name, detail })
     }
 
     /// Writes `route`: creates the ConfigMap when `resource_version` is None,

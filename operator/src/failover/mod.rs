@@ -136,6 +136,22 @@ pub enum RouteStore {
 }
 
 impl RouteStore {
+    /// The pending switchover request, if the store has one (the route
+    /// ConfigMap's sibling; a route file has none). An unreadable request is
+    /// logged and treated as none: it must not stop the probes.
+    async fn switchover_request(&self) -> Option<kube::SwitchoverRequest> {
+        match self {
+            RouteStore::File(_) => None,
+            RouteStore::ConfigMap { cm, .. } => match cm.switchover_request().await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "switchover request unreadable; ignored");
+                    None
+                }
+            },
+        }
+    }
+
     async fn load(&mut self) -> Result<Option<Route>, FailoverError> {
         match self {
             RouteStore::File(path) => {
@@ -487,14 +503,39 @@ impl Controller {
             self.finish_promotion().await?;
         }
 
-        // 3. A planned switchover.
+        // 3. A planned switchover: asked for by a request (acted on once),
+        // or by a new active_datacenter in the config.
+        if let Some(request) = self.opts.store.switchover_request().await
+            && self.route.failover.handled_request.as_deref() != Some(request.id.as_str())
+        {
+            self.route.failover.handled_request = Some(request.id.clone());
+            let to = request.datacenter;
+            info!(requested = %to, by = %request.requested_by, id = %request.id, "switchover request");
+            if !self.servers.contains_key(&to) {
+                warn!(requested = %to, "the switchover request names an unknown datacenter; ignored");
+                let notice = Notice {
+                    warning: true,
+                    reason: "SwitchoverRefused".into(),
+                    action: "SwitchOver".into(),
+                    message: format!("switchover request {}: unknown datacenter {to}", request.id),
+                };
+                return self.save_and_announce(Some(notice)).await;
+            } else if to != active {
+                let reason =
+                    format!("switchover to {to} requested by {} (request {})", request.requested_by, request.id);
+                return self.switch_over(&to, &probes, reason).await;
+            } else {
+                return self.save_and_announce(None).await;
+            }
+        }
         if self.route.failover.requested_datacenter.as_deref() != Some(desired.as_str()) {
             self.route.failover.requested_datacenter = Some(desired.clone());
             if !self.servers.contains_key(&desired) {
                 warn!(requested = %desired, "the config names an unknown datacenter; ignored");
                 self.save_and_announce(None).await?;
             } else if desired != active {
-                return self.switch_over(&desired, &probes).await;
+                let reason = format!("active_datacenter changed to {desired} in the operator config");
+                return self.switch_over(&desired, &probes, reason).await;
             } else {
                 self.save_and_announce(None).await?;
             }
@@ -636,6 +677,7 @@ impl Controller {
         &mut self,
         to: &str,
         probes: &BTreeMap<String, Result<db::Probe, db::DbError>>,
+        reason: String,
     ) -> Result<(), FailoverError> {
         let from = self.route.active_datacenter.clone();
         let max_lag = Duration::from_millis(self.opts.config.failover.max_lag_ms);
@@ -664,7 +706,6 @@ impl Controller {
             }
             return self.switchover_failed(to, e.to_string()).await;
         }
-        let reason = format!("active_datacenter changed to {to} in the operator config");
         self.flip(to, TransitionKind::Switchover, reason.clone()).await?;
         self.finish_promotion().await?;
         let pause = started.elapsed();
@@ -685,7 +726,8 @@ impl Controller {
 
     async fn switchover_failed(&mut self, to: &str, why: String) -> Result<(), FailoverError> {
         let message = format!(
-            "planned switchover to {to} not done, {} stays active: {why}. Set active_datacenter to {} and back to retry.",
+            "planned switchover to {to} not done, {} stays active: {why}. To retry, request it again \
+             (kubectl thumbup switchover {to}), or set active_datacenter to {} and back.",
             self.route.active_datacenter, self.route.active_datacenter
         );
         error!(%message, "switchover failed");

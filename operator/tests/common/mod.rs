@@ -111,13 +111,23 @@ impl ApiServer {
         (Client::new(service, "thumbup"), ApiServer { handle })
     }
 
-    /// The next request, which must be `method` on `path`.
+    /// The next request, which must be `method` on `path`. The failover
+    /// controller's look for a switchover request (a GET of the ConfigMap
+    /// `<route>-switchover`, every probe period) is answered 404 on the way,
+    /// unless that is what is expected.
     pub async fn expect(&mut self, method: &str, path: &str) -> Call {
-        let (req, respond) = tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
-            .expect("the client is gone");
-        let (method_got, path_got, call) = Call::of(req, respond).await;
+        let (method_got, path_got, call) = loop {
+            let (req, respond) = tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
+                .expect("the client is gone");
+            let (m, p, call) = Call::of(req, respond).await;
+            if is_switchover_poll(&m, &p) && p != path {
+                call.not_found();
+                continue;
+            }
+            break (m, p, call);
+        };
         assert_eq!((method_got.as_str(), path_got.as_str()), (method, path), "unexpected request; body {}", call.body);
         call
     }
@@ -129,12 +139,21 @@ impl ApiServer {
         Some(Call::of(req, respond).await)
     }
 
-    /// Fails when another request arrives within 300 ms.
+    /// Fails when another request (but a look for a switchover request)
+    /// arrives within 300 ms.
     pub async fn expect_no_more(&mut self) {
-        if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await {
-            panic!("an unexpected request: {} {}", req.method(), req.uri());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some((req, respond))) = tokio::time::timeout_at(deadline, self.handle.next_request()).await {
+            let (method, path, call) = Call::of(req, respond).await;
+            assert!(is_switchover_poll(&method, &path), "an unexpected request: {method} {path}");
+            call.not_found();
         }
     }
+}
+
+/// A GET of a switchover request ConfigMap (`kubectl thumbup switchover`).
+fn is_switchover_poll(method: &str, path: &str) -> bool {
+    method == "GET" && path.contains("/configmaps/") && path.ends_with("-switchover")
 }
 
 /// (API group, resource with its subresource, verb): the unit in which RBAC
