@@ -217,7 +217,8 @@ async fn a_switchover_asked_for_through_the_api_runs_once_without_touching_the_c
     let controller = tokio::spawn(failover::run(opts, async {
         let _ = stopped.await;
     }));
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "thumbup");
+    // The person's kubectl, beside the operator's client.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(fake.person_client(), "thumbup");
     wait_route(&fake, "the first route", |r| r.epoch == 1).await;
 
     // A datacenter the route does not name is refused before anything is written.

@@ -54,14 +54,17 @@ pub struct Call {
 }
 
 impl Call {
-    /// Reads a request, checking that RBAC grants it ([`permission`]).
-    async fn of(req: Request<Body>, respond: Responder) -> (String, String, Call) {
+    /// Reads a request, checking that RBAC grants it ([`permission`]) when
+    /// `operator` (the operator made it, not a person).
+    async fn of(req: Request<Body>, respond: Responder, operator: bool) -> (String, String, Call) {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or_default().to_string();
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        record_permission(&method, &path, &query);
+        if operator {
+            record_permission(&method, &path, &query);
+        }
         (method, path, Call { query, body, respond })
     }
 
@@ -121,7 +124,7 @@ impl ApiServer {
                 .await
                 .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
                 .expect("the client is gone");
-            let (m, p, call) = Call::of(req, respond).await;
+            let (m, p, call) = Call::of(req, respond, true).await;
             if is_switchover_poll(&m, &p) && p != path {
                 call.not_found();
                 continue;
@@ -136,7 +139,7 @@ impl ApiServer {
     /// client is gone.
     pub async fn next(&mut self) -> Option<(String, String, Call)> {
         let (req, respond) = self.handle.next_request().await?;
-        Some(Call::of(req, respond).await)
+        Some(Call::of(req, respond, true).await)
     }
 
     /// Fails when another request (but a look for a switchover request)
@@ -144,7 +147,7 @@ impl ApiServer {
     pub async fn expect_no_more(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
         while let Ok(Some((req, respond))) = tokio::time::timeout_at(deadline, self.handle.next_request()).await {
-            let (method, path, call) = Call::of(req, respond).await;
+            let (method, path, call) = Call::of(req, respond, true).await;
             assert!(is_switchover_poll(&method, &path), "an unexpected request: {method} {path}");
             call.not_found();
         }
@@ -236,13 +239,25 @@ pub struct FakeApi {
 impl FakeApi {
     /// A client served by a new fake API server holding `objects`.
     pub fn start(objects: BTreeMap<String, Value>) -> (Client, FakeApi) {
-        let (client, mut api) = ApiServer::client();
         let fake = FakeApi { objects: Default::default(), requests: Default::default() };
         fake.objects.lock().unwrap().extend(objects);
-        let (store, log) = (fake.objects.clone(), fake.requests.clone());
+        let client = fake.serve(true);
+        (client, fake)
+    }
+
+    /// Another client of the same server, for what a person does with
+    /// `kubectl thumbup`: its requests are not held to the operator's RBAC.
+    pub fn person_client(&self) -> Client {
+        self.serve(false)
+    }
+
+    fn serve(&self, operator: bool) -> Client {
+        let (client, mut api) = ApiServer::client();
+        let (store, log) = (self.objects.clone(), self.requests.clone());
         tokio::spawn(async move {
             let mut watches = Vec::new();
-            while let Some((method, path, call)) = api.next().await {
+            while let Some((req, respond)) = api.handle.next_request().await {
+                let (method, path, call) = Call::of(req, respond, operator).await;
                 log.lock().unwrap().push((method.clone(), path.clone(), call.body.clone()));
                 let (status, object) = Self::answer(&store, &method, &path, &call);
                 if status == 0 {
@@ -252,7 +267,7 @@ impl FakeApi {
                 }
             }
         });
-        (client, fake)
+        client
     }
 
     fn answer(
