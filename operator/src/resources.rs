@@ -228,6 +228,10 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
             port: IntOrString::Int(JOB_ADMIN_PORT),
             ..HTTPGetAction::default()
         }),
+        // The first check waits for the job's admin endpoint to listen (it
+        // binds once the job has parsed its config), so a starting job does
+        // not fail a probe.
+        initial_delay_seconds: Some(2),
         period_seconds: Some(period),
         failure_threshold: Some(3),
         ..Probe::default()

@@ -13,8 +13,10 @@
 #    3. builds the image thumbup/thumbup:e2e and loads it into the nodes;
 #    4. starts the data layer in namespace thumbup-data (tests/e2e/manifests):
 #       MariaDB and Redis per datacenter, dc-b's MariaDB a GTID replica of dc-a's;
-#    5. installs the chart charts/thumbup into namespace thumbup and waits for
-#       the operator and service Deployments;
+#    5. applies the CRD (kubectl apply --server-side -f crds/, as the README
+#       documents), installs the chart charts/thumbup into namespace thumbup
+#       (Helm skips the chart's crds/, already there) and waits for the
+#       operator and service Deployments;
 #    6. applies examples/liketenant.yaml and waits for Ready;
 #    7. checks what the operator made: job Deployment, tenant Secret, schema,
 #       DB user and Redis ACL users;
@@ -465,6 +467,10 @@ datacenters:
       adminUsername: default
       adminPassword: "$DC_B_REDIS_PASSWORD"
 EOF
+# The documented path: the CRD first, then the chart (whose crds/ copy Helm
+# then leaves alone; the install used to refuse an applied CRD).
+kc apply --server-side -f "$ROOT/crds/"
+kc_wait wait --for=condition=Established crd/liketenants.thumbup.io --timeout="${WAIT}s"
 bounded 600 helm --kube-context "$CONTEXT" install "$RELEASE" "$CHART" -n "$NS" --create-namespace \
   -f "$WORK/values.yaml" --timeout "${WAIT}s"
 kc_wait wait --for=condition=Established crd/liketenants.thumbup.io --timeout="${WAIT}s"

@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PodSpec, ResourceRequirements, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Deserialize;
@@ -37,6 +38,18 @@ const CLUSTER_WIDE: &[&str] = &[
     "operator.replicas=2",
     "--set",
     "datacenterSecret.existingSecret=thumbup-data-credentials",
+];
+
+/// Every optional monitoring object on.
+const ALL_METRICS_ON: &[&str] = &[
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "metrics.prometheusRule.enabled=true",
+    "--set",
+    "metrics.grafanaDashboard.enabled=true",
 ];
 
 // ---------------------------------------------------------------- helpers
@@ -114,8 +127,23 @@ impl Rendered {
     }
 }
 
-/// `helm template` with extra arguments; Err(stderr) when helm fails.
+/// The chart's test values (`ci/admin-credentials-values.yaml`): the default
+/// datacenters with placeholder admin passwords, which the chart requires.
+fn credentials_values() -> PathBuf {
+    chart_dir().join("ci/admin-credentials-values.yaml")
+}
+
+/// `helm template` with the test values and extra arguments; Err(stderr)
+/// when helm fails.
 fn try_render(args: &[&str]) -> Result<Rendered, String> {
+    let values = credentials_values();
+    let mut all = vec!["-f", values.to_str().expect("a UTF-8 path")];
+    all.extend_from_slice(args);
+    try_render_raw(&all)
+}
+
+/// `helm template` with exactly `args` (no test values).
+fn try_render_raw(args: &[&str]) -> Result<Rendered, String> {
     let out = Command::new(helm())
         .args(["template", RELEASE])
         .arg(chart_dir())
@@ -183,6 +211,16 @@ fn check_doc(doc: &Doc) -> Result<(), String> {
         "ClusterRole" => check_typed::<ClusterRole>(doc),
         "ClusterRoleBinding" => check_typed::<ClusterRoleBinding>(doc),
         "CustomResourceDefinition" => check_typed::<CustomResourceDefinition>(doc),
+        "PodDisruptionBudget" => check_typed::<PodDisruptionBudget>(doc),
+        // Prometheus Operator kinds: no k8s-openapi type; their fields are
+        // checked by the tests of the monitors and rules.
+        "ServiceMonitor" | "PodMonitor" | "PrometheusRule" => {
+            if doc.api_version != "monitoring.coreos.com/v1" || doc.value.get("spec").is_none() {
+                Err(format!("{} {}: not a monitoring.coreos.com/v1 object with a spec", doc.kind, doc.name))
+            } else {
+                Ok(())
+            }
+        }
         other => Err(format!("unknown kind {other:?} ({} {})", doc.api_version, doc.name)),
     }
 }
@@ -606,7 +644,7 @@ fn the_pod_security_check_flags_each_restricted_rule() {
 fn chart_passes_helm_lint_strict() {
     for strict in [false, true] {
         let mut cmd = Command::new(helm());
-        cmd.arg("lint").arg(chart_dir());
+        cmd.arg("lint").arg(chart_dir()).arg("-f").arg(credentials_values());
         if strict {
             cmd.arg("--strict");
         }
@@ -620,7 +658,7 @@ fn chart_passes_helm_lint_strict() {
 
 #[test]
 fn every_rendered_object_parses_as_its_kubernetes_type_without_unknown_fields() {
-    for args in [&[][..], CLUSTER_WIDE] {
+    for args in [&[][..], CLUSTER_WIDE, ALL_METRICS_ON] {
         let r = render(args);
         assert!(r.docs.len() >= 7, "too few objects: {:?}", r.names());
         let errors: Vec<String> = r.docs.iter().filter_map(|d| check_doc(d).err()).collect();
@@ -697,7 +735,7 @@ fn operator_config_map_carries_the_datacenters_of_the_values() {
         "--set",
         "image.tag=e2e",
         "--set-json",
-        r#"datacenters=[{"name":"east","db":{"url":"mysql://db-east:4000","adminUsername":"admin"},"redis":{"url":"rediss://redis-east:6380","adminUsername":"ops"}}]"#,
+        r#"datacenters=[{"name":"east","db":{"url":"mysql://db-east:4000","adminUsername":"admin","adminPassword":"p1"},"redis":{"url":"rediss://redis-east:6380","adminUsername":"ops","adminPassword":"p2"}}]"#,
     ]);
     let cfg = operator_yaml(&r);
     assert_eq!(cfg.active_datacenter, "east");
@@ -929,27 +967,6 @@ fn an_active_datacenter_that_is_not_listed_fails_the_render() {
 }
 
 #[test]
-fn crd_is_kept_on_uninstall_and_left_out_when_crds_install_is_false() {
-    if !chart_dir().join("templates/crd-liketenant.yaml").exists() {
-        println!("NOTE: templates/crd-liketenant.yaml is not generated yet (crdgen); skipping the CRD checks");
-        return;
-    }
-    let r = render(&[]);
-    let crd: CustomResourceDefinition = r.get("liketenants.thumbup.io");
-    let keep = crd.metadata.annotations.unwrap_or_default().get("helm.sh/resource-policy").cloned();
-    assert_eq!(keep.as_deref(), Some("keep"), "Helm must not delete the CRD (and every tenant) on uninstall");
-    assert_eq!(crd.spec.group, "thumbup.io");
-    assert_eq!(crd.spec.scope, "Namespaced");
-    assert_eq!(crd.spec.names.kind, "LikeTenant");
-    assert_eq!(crd.spec.names.plural, "liketenants");
-    assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["lt".to_string()][..]));
-    assert!(crd.spec.versions.iter().any(|v| v.name == "v1alpha1" && v.served && v.storage));
-
-    let without = render(&["--set", "crds.install=false"]);
-    assert!(without.of_kind("CustomResourceDefinition").is_empty(), "{:?}", without.names());
-}
-
-#[test]
 fn service_pods_reach_the_db_through_a_native_db_proxy_sidecar_following_the_route() {
     let r = render(&[]);
     let d: Deployment = r.get(&fullname_of("service"));
@@ -1075,7 +1092,7 @@ fn tls_values_mount_each_file_from_its_secret_and_reach_the_operator_config() {
         "--set",
         "tls.redis.caKey=bundle.pem",
         "--set-json",
-        r#"datacenters=[{"name":"dc-a","db":{"url":"mysql://db-a:3306","adminUsername":"root"},"redis":{"url":"rediss://redis-a:6380","adminUsername":"default"}}]"#,
+        r#"datacenters=[{"name":"dc-a","db":{"url":"mysql://db-a:3306","adminUsername":"root","adminPassword":"p1"},"redis":{"url":"rediss://redis-a:6380","adminUsername":"default","adminPassword":"p2"}}]"#,
     ]);
     // The operator config, as the operator reads it.
     let cm: ConfigMap = r.get(&fullname_of("operator"));
@@ -1134,4 +1151,505 @@ fn tls_values_mount_each_file_from_its_secret_and_reach_the_operator_config() {
     let d: Deployment = render(&[]).get(&fullname_of("service"));
     assert!(!command(only_container(&d)).iter().any(|a| a.starts_with("--tls")));
     assert!(!only_container(&d).volume_mounts.iter().flatten().any(|m| m.mount_path.starts_with("/etc/thumbup/tls")));
+}
+
+// ------------------------------------------------------- CRD install path
+
+/// The repository's CRD (what the README has people `kubectl apply`).
+fn repo_crd_text() -> String {
+    std::fs::read_to_string(repo_root().join("crds/liketenant.yaml")).expect("read crds/liketenant.yaml")
+}
+
+#[test]
+fn the_crd_is_in_the_charts_crds_dir_identical_to_crds_and_never_a_release_object() {
+    // One file, three places: crds/, the chart's crds/ and `crdgen`.
+    let chart_crd = std::fs::read_to_string(chart_dir().join("crds/liketenant.yaml")).expect("the chart's crds/");
+    assert_eq!(chart_crd, repo_crd_text(), "charts/thumbup/crds/liketenant.yaml is byte-identical to crds/");
+    assert_eq!(chart_crd, thumbup_operator::crdgen::crd_yaml(), "and to the crdgen output");
+
+    // `helm install` after `kubectl apply -f crds/`: no template renders the
+    // CRD, so Helm never tries to adopt (and refuse) the applied one.
+    for args in [&[][..], &["--skip-crds"][..], CLUSTER_WIDE, ALL_METRICS_ON] {
+        let r = render(args);
+        assert!(r.of_kind("CustomResourceDefinition").is_empty(), "{args:?} renders a CRD: {:?}", r.names());
+    }
+    for entry in std::fs::read_dir(chart_dir().join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("kind: CustomResourceDefinition"), "{} holds a CRD", path.display());
+    }
+
+    // `helm install` without applying first: Helm installs crds/ (what
+    // --include-crds shows), the same object as crds/liketenant.yaml.
+    let with = render(&["--include-crds"]);
+    let crds = with.of_kind("CustomResourceDefinition");
+    assert_eq!(crds.len(), 1, "{:?}", with.names());
+    check_doc(crds[0]).unwrap();
+    let repo: Value =
+        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&repo_crd_text()).unwrap()).unwrap();
+    assert_eq!(crds[0].value, repo, "Helm installs the CRD of crds/liketenant.yaml");
+    let crd: CustomResourceDefinition = with.get("liketenants.thumbup.io");
+    assert_eq!((crd.spec.group.as_str(), crd.spec.scope.as_str()), ("thumbup.io", "Namespaced"));
+    assert_eq!(crd.spec.names.kind, "LikeTenant");
+    assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["lt".to_string()][..]));
+    assert!(crd.spec.versions.iter().any(|v| v.name == "v1alpha1" && v.served && v.storage));
+    // (`helm install --skip-crds` installs no CRD; `helm template` prints
+    // crds/ only with --include-crds, which wins over --skip-crds there.)
+}
+
+// ------------------------------------------------------ admin credentials
+
+#[test]
+fn default_values_without_admin_credentials_fail_with_a_clear_message() {
+    let err = try_render_raw(&[]).expect_err("the default values hold no admin password");
+    assert!(
+        err.contains("admin credentials are required")
+            && err.contains("dc-a")
+            && err.contains("db.adminPassword")
+            && err.contains("datacenterSecret.existingSecret"),
+        "{err}"
+    );
+    // One password missing (here blank) names that one.
+    let err = try_render(&["--set", "datacenters[1].redis.adminPassword= "]).expect_err("a blank password");
+    assert!(err.contains("datacenter dc-b has an empty redis.adminPassword"), "{err}");
+    // A Secret of the user's is enough, and no chart Secret is rendered.
+    let r = try_render_raw(&["--set", "datacenterSecret.existingSecret=mine"]).expect("an existing Secret");
+    assert!(!r.has::<Secret>(&fullname_of("operator-admin")));
+    // The passwords are enough, and land in the chart's Secret.
+    let r = render(&[]);
+    let s: Secret = r.get(&fullname_of("operator-admin"));
+    let data = s.data.unwrap_or_default();
+    assert_eq!(data.get("dc-a-db-password").map(|b| b.0.as_slice()), Some(&b"test-only-dc-a-db"[..]));
+    // The lint runs the same check: without values it reports it.
+    let out = Command::new(helm()).arg("lint").arg(chart_dir()).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("admin credentials are required"), "{text}");
+}
+
+// ------------------------------------------------------------------ PDBs
+
+fn pdb_selects_its_deployment(r: &Rendered, component: &str) -> PodDisruptionBudget {
+    let name = fullname_of(component);
+    let pdb: PodDisruptionBudget = r.get(&name);
+    let d: Deployment = r.get(&name);
+    let pod_labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    let sel = pdb.spec.as_ref().unwrap().selector.clone().unwrap().match_labels.unwrap();
+    assert!(sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "{sel:?} selects {pod_labels:?}");
+    pdb
+}
+
+#[test]
+fn pod_disruption_budgets_cover_each_deployment_with_more_than_one_replica() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    // Defaults: 2 service replicas, 1 operator replica.
+    let r = render(&[]);
+    let pdb = pdb_selects_its_deployment(&r, "service");
+    let spec = pdb.spec.unwrap();
+    assert_eq!((spec.max_unavailable, spec.min_available), (Some(IntOrString::Int(1)), None));
+    assert!(!r.has::<PodDisruptionBudget>(&fullname_of("operator")), "one operator replica: no PDB blocking drains");
+
+    let r = render(&["--set", "operator.replicas=2", "--set", "podDisruptionBudget.minAvailable=50%"]);
+    for component in ["operator", "service"] {
+        let spec = pdb_selects_its_deployment(&r, component).spec.unwrap();
+        assert_eq!((spec.min_available, spec.max_unavailable), (Some(IntOrString::String("50%".into())), None));
+    }
+    let r = render(&["--set", "service.replicas=1"]);
+    assert!(r.of_kind("PodDisruptionBudget").is_empty(), "{:?}", r.names());
+    let r = render(&["--set", "operator.replicas=3", "--set", "podDisruptionBudget.enabled=false"]);
+    assert!(r.of_kind("PodDisruptionBudget").is_empty(), "{:?}", r.names());
+}
+
+// ------------------------------------------------------- metrics, monitors
+
+/// Names of a pod spec's container (and sidecar) ports.
+fn port_names(spec: &PodSpec) -> BTreeSet<String> {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| p.name.clone())
+        .collect()
+}
+
+fn labels_of(doc: &Doc) -> BTreeMap<String, String> {
+    serde_json::from_value(doc.value.pointer("/metadata/labels").cloned().unwrap_or_default()).unwrap_or_default()
+}
+
+fn doc<'a>(r: &'a Rendered, kind: &str, name: &str) -> &'a Doc {
+    r.docs.iter().find(|d| d.kind == kind && d.name == name).unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn monitors_rules_and_the_dashboard_are_off_by_default_and_the_metrics_services_on() {
+    let r = render(&[]);
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+        assert!(r.of_kind(kind).is_empty(), "{kind} is off by default");
+    }
+    assert!(!r.has::<ConfigMap>(&fullname_of("dashboard")));
+    let svc: Service = r.get(&fullname_of("service-metrics"));
+    let ports: Vec<_> = svc.spec.unwrap().ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
+    assert_eq!(ports, [("metrics".to_string(), 9190), ("proxy-metrics".to_string(), 9193)]);
+    let svc: Service = r.get(&fullname_of("operator-metrics"));
+    let ports: Vec<_> = svc.spec.unwrap().ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
+    assert_eq!(ports, [("metrics".to_string(), 9192)]);
+    let off = render(&["--set", "metrics.service.enabled=false", "--set", "dbProxy.enabled=false"]);
+    assert!(
+        !off.has::<Service>(&fullname_of("service-metrics")) && !off.has::<Service>(&fullname_of("operator-metrics"))
+    );
+    let err = try_render(&["--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"])
+        .expect_err("a ServiceMonitor without the Services it scrapes");
+    assert!(err.contains("needs metrics.service.enabled"), "{err}");
+}
+
+#[test]
+fn service_monitor_scrapes_every_metrics_port_of_the_metrics_services() {
+    let r = render(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.labels.release=prom",
+        "--set",
+        "metrics.serviceMonitor.interval=15s",
+    ]);
+    let sm = doc(&r, "ServiceMonitor", RELEASE);
+    assert_eq!(labels_of(sm).get("release").map(String::as_str), Some("prom"), "extra labels reach the monitor");
+    let sel: BTreeMap<String, String> =
+        serde_json::from_value(sm.value.pointer("/spec/selector/matchLabels").unwrap().clone()).unwrap();
+    let selected: Vec<&Doc> = r
+        .of_kind("Service")
+        .into_iter()
+        .filter(|d| {
+            let l = labels_of(d);
+            sel.iter().all(|(k, v)| l.get(k) == Some(v))
+        })
+        .collect();
+    let names: BTreeSet<&str> = selected.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["thumbup-operator-metrics", "thumbup-service-metrics"]));
+    let endpoints = sm.value.pointer("/spec/endpoints").and_then(Value::as_array).unwrap();
+    let ports: BTreeSet<&str> = endpoints.iter().map(|e| e["port"].as_str().unwrap()).collect();
+    assert_eq!(ports, BTreeSet::from(["metrics", "proxy-metrics"]));
+    assert!(endpoints.iter().all(|e| e["path"] == "/metrics" && e["interval"] == "15s"));
+    // Each Service port targets a named container port of the pods it selects.
+    for d in selected {
+        let svc: Service = r.get(&d.name);
+        let component = svc.spec.as_ref().unwrap().selector.as_ref().unwrap()["app.kubernetes.io/component"].clone();
+        let dep: Deployment = r.get(&fullname_of(&component));
+        let pod_ports = port_names(pod_spec(&dep));
+        for p in svc.spec.unwrap().ports.unwrap() {
+            let target = serde_json::to_value(p.target_port.unwrap()).unwrap();
+            assert!(pod_ports.contains(target.as_str().unwrap()), "{} -> {target} in {pod_ports:?}", d.name);
+        }
+    }
+}
+
+#[test]
+fn pod_monitors_scrape_the_charts_pods_and_the_tenants_job_pods() {
+    let r = render(&["--set", "metrics.podMonitor.enabled=true", "--set", "metrics.podMonitor.labels.team=platform"]);
+    let own = doc(&r, "PodMonitor", RELEASE);
+    assert_eq!(labels_of(own).get("team").map(String::as_str), Some("platform"));
+    let endpoint_ports = |d: &Doc| -> BTreeSet<String> {
+        d.value
+            .pointer("/spec/podMetricsEndpoints")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .map(|e| e["port"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut pod_ports = BTreeSet::new();
+    for component in ["operator", "service"] {
+        let d: Deployment = r.get(&fullname_of(component));
+        pod_ports.extend(port_names(pod_spec(&d)));
+    }
+    assert!(endpoint_ports(own).is_subset(&pod_ports), "{:?} in {pod_ports:?}", endpoint_ports(own));
+    assert_eq!(endpoint_ports(own), BTreeSet::from(["admin".to_string(), "proxy-admin".to_string()]));
+
+    // The jobs' PodMonitor selects what the operator builds.
+    let jobs = doc(&r, "PodMonitor", &format!("{RELEASE}-jobs"));
+    let sel: BTreeMap<String, String> =
+        serde_json::from_value(jobs.value.pointer("/spec/selector/matchLabels").unwrap().clone()).unwrap();
+    let spec = thumbup_operator::crd::LikeTenantSpec::with_businesses(vec![thumbup_operator::crd::Business {
+        id: 1,
+        name: "video".into(),
+    }]);
+    let lt = thumbup_operator::crd::LikeTenant::new("demo", spec);
+    let job = thumbup_operator::resources::build_job_deployment(&lt, &job_operator_config(true), NAMESPACE);
+    let job_labels = job.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    assert!(sel.iter().all(|(k, v)| job_labels.get(k) == Some(v)), "{sel:?} selects {job_labels:?}");
+    assert!(endpoint_ports(jobs).is_subset(&port_names(pod_spec(&job))), "{:?}", endpoint_ports(jobs));
+    assert_eq!(jobs.value.pointer("/spec/namespaceSelector/matchNames/0").and_then(Value::as_str), Some(NAMESPACE));
+    let wide = render(&[CLUSTER_WIDE, &["--set", "metrics.podMonitor.enabled=true"][..]].concat());
+    let jobs = doc(&wide, "PodMonitor", &format!("{RELEASE}-jobs"));
+    assert_eq!(
+        jobs.value.pointer("/spec/namespaceSelector/any"),
+        Some(&Value::Bool(true)),
+        "tenants in every namespace"
+    );
+}
+
+// ------------------------------------------------ alerts and the dashboard
+
+/// PromQL functions, aggregations and keywords (not metric names).
+const PROMQL_WORDS: &[&str] = &[
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "histogram_quantile",
+    "absent",
+    "label_values",
+    "offset",
+    "bool",
+    "topk",
+    "bottomk",
+    "clamp_min",
+    "clamp_max",
+    "time",
+    "vector",
+    "scalar",
+];
+
+/// The kube-state-metrics series that the alerts read (Deployment readiness).
+const KUBE_STATE_METRICS: &[&str] = &["kube_deployment_status_replicas_available", "kube_deployment_spec_replicas"];
+
+/// The metric names in a PromQL expression: what is left of its identifiers
+/// once label matchers, ranges, strings, grouping labels and functions go.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut text = String::new();
+    let mut depth_brace = 0;
+    let mut depth_bracket = 0;
+    let mut in_str = false;
+    for ch in expr.chars() {
+        match ch {
+            '"' if depth_brace == 0 => in_str = !in_str,
+            _ if in_str => {}
+            '{' => depth_brace += 1,
+            '}' => depth_brace -= 1,
+            '[' => depth_bracket += 1,
+            ']' => depth_bracket -= 1,
+            _ if depth_brace > 0 || depth_bracket > 0 => {}
+            c => text.push(c),
+        }
+        if ch == '}' || ch == ']' {
+            text.push(' ');
+        }
+    }
+    // Grouping labels: by (a, b), without (a), on (a), ignoring (a).
+    let mut cleaned = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = ["by", "without", "on", "ignoring", "group_left", "group_right"]
+        .iter()
+        .filter_map(|w| {
+            let re = format!("{w} (");
+            let re2 = format!("{w}(");
+            rest.find(&re).or_else(|| rest.find(&re2)).map(|i| (i, w.len()))
+        })
+        .min()
+    {
+        let (i, len) = at;
+        cleaned.push_str(&rest[..i]);
+        let after = &rest[i + len..];
+        let close = after.find(')').expect("a closing parenthesis");
+        rest = &after[close + 1..];
+    }
+    cleaned.push_str(rest);
+    let mut out = BTreeSet::new();
+    let mut word = String::new();
+    for ch in cleaned.chars().chain([' ']) {
+        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
+            word.push(ch);
+        } else {
+            if word.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && !PROMQL_WORDS.contains(&word.as_str())
+            {
+                out.insert(word.clone());
+            }
+            word.clear();
+        }
+    }
+    out
+}
+
+/// Every `.rs` file under the binaries' and the core's `src/`.
+fn source_text() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        fn walk(dir: &Path, out: &mut String) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push_str(&std::fs::read_to_string(&p).unwrap());
+                }
+            }
+        }
+        let mut text = String::new();
+        for krate in ["operator", "service", "job", "db-proxy", "core"] {
+            walk(&repo_root().join(krate).join("src"), &mut text);
+        }
+        text
+    })
+}
+
+/// Why `name` is not a metric the code (or kube-state-metrics) exports, if
+/// it is not. Histogram series name their base metric.
+fn unknown_metric(name: &str) -> Option<String> {
+    if KUBE_STATE_METRICS.contains(&name) {
+        return None;
+    }
+    let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+    let quoted = format!("\"{base}\"");
+    if base.starts_with("thumbup_") && (source_text().contains(&quoted) || source_text().contains(&format!("{base}{{")))
+    {
+        return None;
+    }
+    // db-proxy names its metrics `thumbup_db_proxy_` + a literal suffix.
+    if let Some(rest) = base.strip_prefix("thumbup_db_proxy_") {
+        let metrics = std::fs::read_to_string(repo_root().join("db-proxy/src/metrics.rs")).unwrap();
+        if metrics.contains("format!(\"thumbup_db_proxy_{what}\")") && metrics.contains(&format!("\"{rest}\"")) {
+            return None;
+        }
+    }
+    Some(format!("{name} is exported by no thumbup binary (nor kube-state-metrics)"))
+}
+
+#[test]
+fn metric_names_finds_the_metrics_of_an_expression_and_nothing_else() {
+    let names = metric_names(r#"sum by (tenant, le) (rate(foo_total{a="b",c=~"x{1}"}[5m])) > on (x) bar:rule / 3"#);
+    assert_eq!(names, BTreeSet::from(["foo_total".to_string(), "bar:rule".to_string()]));
+    assert!(unknown_metric("thumbup_service_no_such_metric").is_some());
+    assert!(unknown_metric("node_cpu_seconds_total").is_some());
+    assert!(unknown_metric("thumbup_service_request_duration_seconds_bucket").is_none());
+    assert!(unknown_metric("thumbup_db_proxy_sessions").is_none());
+    assert!(unknown_metric("thumbup_db_proxy_route_epoch").is_none());
+    assert!(unknown_metric("thumbup_db_proxy_no_such").is_some());
+}
+
+#[test]
+fn prometheus_rule_alerts_on_the_day2_conditions_with_metrics_the_code_exports() {
+    let r = render(&[
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.labels.release=prom",
+    ]);
+    let rule = doc(&r, "PrometheusRule", RELEASE);
+    assert_eq!(labels_of(rule).get("release").map(String::as_str), Some("prom"));
+    let groups = rule.value.pointer("/spec/groups").and_then(Value::as_array).unwrap();
+    let mut alerts = BTreeMap::new();
+    for g in groups {
+        for rl in g["rules"].as_array().unwrap() {
+            alerts.insert(rl["alert"].as_str().unwrap().to_string(), rl.clone());
+        }
+    }
+    // failover blocked, replication (standby), stream lag, DB path, job not ready.
+    for (alert, metric) in [
+        ("ThumbupFailoverBlocked", "thumbup_operator_failover_blocked_total"),
+        ("ThumbupStandbyUnhealthy", "thumbup_operator_failover_blocked_total"),
+        ("ThumbupStreamLag", "thumbup_job_stream_lag_events"),
+        ("ThumbupDbPathInUse", "thumbup_service_db_path_open"),
+        ("ThumbupJobNotReady", "kube_deployment_status_replicas_available"),
+    ] {
+        let a = alerts.get(alert).unwrap_or_else(|| panic!("no alert {alert} in {:?}", alerts.keys()));
+        assert!(metric_names(a["expr"].as_str().unwrap()).contains(metric), "{alert}: {}", a["expr"]);
+    }
+    let mut bad = Vec::new();
+    for (alert, a) in &alerts {
+        let expr = a["expr"].as_str().unwrap();
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{alert}: no metric in {expr}");
+        bad.extend(names.iter().filter_map(|n| unknown_metric(n)).map(|e| format!("{alert}: {e}")));
+        assert!(a.pointer("/labels/severity").is_some() && a.pointer("/annotations/summary").is_some(), "{alert}");
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn grafana_dashboard_ships_as_a_labelled_config_map_with_panels_on_real_metrics() {
+    let r = render(&[
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+        "--set",
+        "metrics.grafanaDashboard.namespace=monitoring",
+    ]);
+    let name = fullname_of("dashboard");
+    let d = doc(&r, "ConfigMap", &name);
+    assert_eq!(labels_of(d).get("grafana_dashboard").map(String::as_str), Some("1"));
+    assert_eq!(d.value.pointer("/metadata/namespace").and_then(Value::as_str), Some("monitoring"));
+    let cm: ConfigMap = r.get(&name);
+    let json = &cm.data.unwrap()["thumbup.json"];
+    let file = std::fs::read_to_string(chart_dir().join("dashboards/thumbup.json")).unwrap();
+    assert_eq!(json.trim_end(), file.trim_end(), "the ConfigMap holds dashboards/thumbup.json");
+    let dash: Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let bad: Vec<String> = exprs.iter().flat_map(|e| metric_names(e)).filter_map(|n| unknown_metric(&n)).collect();
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Every family of the binaries is on it.
+    for prefix in ["thumbup_service_", "thumbup_job_", "thumbup_operator_", "thumbup_db_proxy_"] {
+        assert!(exprs.iter().any(|e| e.contains(prefix)), "no {prefix} panel");
+    }
+}
+
+// ------------------------------------------------------- logs and probes
+
+#[test]
+fn log_format_reaches_every_container_of_the_chart() {
+    for (args, want) in [(&[][..], "text"), (&["--set", "logging.format=json"][..], "json")] {
+        let r = render(args);
+        for d in r.of_kind("Deployment") {
+            let dep: Deployment = r.get(&d.name);
+            let spec = pod_spec(&dep);
+            for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+                let v = c.env.iter().flatten().find(|e| e.name == "THUMBUP_LOG_FORMAT").and_then(|e| e.value.clone());
+                assert_eq!(v.as_deref(), Some(want), "{} container {}", d.name, c.name);
+            }
+        }
+    }
+    let err = try_render(&["--set", "logging.format=xml"]).expect_err("only text or json");
+    assert!(err.contains("logging.format") || err.contains("format"), "{err}");
+}
+
+#[test]
+fn operator_service_and_job_wait_before_their_first_probe() {
+    let r = render(&[]);
+    for component in ["operator", "service"] {
+        let d: Deployment = r.get(&fullname_of(component));
+        let c = only_container(&d);
+        let startup = c.startup_probe.as_ref().unwrap_or_else(|| panic!("{component}: a startup probe"));
+        assert!(startup.initial_delay_seconds.is_some_and(|s| s > 0), "{component}: {startup:?}");
+        let get = startup.http_get.as_ref().unwrap();
+        assert_eq!((get.path.as_deref(), serde_json::to_value(&get.port).unwrap()), (Some("/healthz"), "admin".into()));
+    }
+    let spec = thumbup_operator::crd::LikeTenantSpec::with_businesses(vec![thumbup_operator::crd::Business {
+        id: 1,
+        name: "video".into(),
+    }]);
+    let lt = thumbup_operator::crd::LikeTenant::new("demo", spec);
+    let job = thumbup_operator::resources::build_job_deployment(&lt, &job_operator_config(false), NAMESPACE);
+    let c = only_container(&job);
+    for p in [&c.readiness_probe, &c.liveness_probe] {
+        assert!(p.as_ref().and_then(|p| p.initial_delay_seconds).is_some_and(|s| s > 0), "job: {p:?}");
+    }
 }

@@ -124,8 +124,29 @@ Fails the render on datacenter values the operator would refuse at start.
 {{- fail (printf "datacenters: %s: db.adminUsername and redis.adminUsername are required" .name) }}
 {{- end }}
 {{- end }}
+{{- include "thumbup.validateAdminCredentials" . }}
 {{- if not (has .Values.activeDatacenter $names) }}
 {{- fail (printf "activeDatacenter %q is not one of datacenters (%s)" .Values.activeDatacenter (join ", " $names)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails the render unless the operator gets admin credentials: every
+datacenter's DB and Redis admin password, or a Secret of the user's that
+holds them. Empty passwords would install an operator that cannot create a
+single tenant.
+*/}}
+{{- define "thumbup.validateAdminCredentials" -}}
+{{- if not .Values.datacenterSecret.existingSecret }}
+{{- range .Values.datacenters }}
+{{- $dc := . }}
+{{- range $store := list "db" "redis" }}
+{{- $password := get (get $dc $store | default dict) "adminPassword" | default "" | toString | trim }}
+{{- if not $password }}
+{{- fail (printf "admin credentials are required: datacenter %s has an empty %s.adminPassword. Give every datacenter's db.adminPassword and redis.adminPassword (e.g. --set-file), or name a Secret of yours with the keys <dc>-db-password and <dc>-redis-password in datacenterSecret.existingSecret" (toString $dc.name) $store) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -291,6 +312,8 @@ ConfigMap of the release namespace.
   env:
     - name: RUST_LOG
       value: info
+    - name: THUMBUP_LOG_FORMAT
+      value: {{ .Values.logging.format | quote }}
   ports:
     - name: proxy-admin
       containerPort: {{ .Values.dbProxy.adminPort }}

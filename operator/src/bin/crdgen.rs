@@ -1,5 +1,5 @@
 //! `crdgen`: prints the LikeTenant CRD, or writes it to `crds/liketenant.yaml`
-//! and the Helm chart's template with `--write <repo root>`.
+//! and the Helm chart's `crds/liketenant.yaml` with `--write <repo root>`.
 
 use std::path::PathBuf;
 
