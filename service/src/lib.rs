@@ -150,6 +150,7 @@ pub async fn run_with(
     };
     set_ready(true);
     let drain = opts.limits.drain;
+    let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async {
         shutdown.await;
         // The drain: health says NOT_SERVING and /readyz 503, so that
@@ -161,6 +162,7 @@ pub async fn run_with(
         info!(?drain, "draining: health NOT_SERVING, requests still served");
         tokio::time::sleep(drain).await;
         info!("drained: finishing the requests in flight");
+        let _ = drained_tx.send(());
     };
     // Replies are small frames: without TCP_NODELAY on accepted sockets,
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
@@ -184,11 +186,18 @@ pub async fn run_with(
         .add_service(Served::new(api::Api::new(reg.clone(), l.request_timeout)));
     // With a certificate only TLS is served: a plaintext client fails its
     // handshake and is dropped. The certificate is reloaded on change.
+    // Every unary request ends within its timeout; what is open after that
+    // is long-lived streams (health watches), which would hold the process
+    // until it is killed.
+    let grace = l.request_timeout + Duration::from_secs(1);
     let served = match &files.tls {
-        Some(tls) => router.serve_with_incoming_shutdown(tls::incoming(listener, tls)?, shutdown).await,
+        Some(tls) => {
+            let serve = router.serve_with_incoming_shutdown(tls::incoming(listener, tls)?, shutdown);
+            bounded(serve, drained, grace).await
+        }
         None => {
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router.serve_with_incoming_shutdown(incoming, shutdown).await
+            bounded(router.serve_with_incoming_shutdown(incoming, shutdown), drained, grace).await
         }
     };
     watcher.abort();
@@ -197,4 +206,25 @@ pub async fn run_with(
     reg.release_all().await;
     served?;
     Ok(())
+}
+
+/// Runs the server future `serve` to its end, or to `grace` after `drained`
+/// fires (the drain is over and the server finishes what is in flight),
+/// then drops it with the streams still open.
+async fn bounded<E>(
+    serve: impl Future<Output = Result<(), E>>,
+    drained: tokio::sync::oneshot::Receiver<()>,
+    grace: Duration,
+) -> Result<(), E> {
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r,
+        Ok(()) = drained => tokio::select! {
+            r = &mut serve => r,
+            _ = tokio::time::sleep(grace) => {
+                info!(?grace, "streams still open after the drain and the request timeout: closing them");
+                Ok(())
+            }
+        },
+    }
 }
