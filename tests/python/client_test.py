@@ -246,7 +246,9 @@ def check_bad_input(c, biz, tenant):
     ]
     for rpc, req, want in cases:
         code = c.status_of(rpc, req)
-        check(code == want, f"{rpc}({' '.join(str(req).split())}) is {code}")
+        shown = " ".join(str(req).split())
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        check(code == want, f"{rpc}({shown}) is {code}")
 
     # Every RPC refuses a wrong token, another tenant and no metadata alike.
     requests = {

@@ -19,7 +19,11 @@ fn python() -> PathBuf {
     match std::env::var_os("THUMBUP_PYTHON") {
         Some(p) if !p.is_empty() => {
             let p = PathBuf::from(p);
-            assert!(p.exists(), "THUMBUP_PYTHON={} does not exist: run `scripts/python.sh` to make the venv", p.display());
+            assert!(
+                p.exists(),
+                "THUMBUP_PYTHON={} does not exist: run `scripts/python.sh` to make the venv",
+                p.display()
+            );
             p
         }
         _ => panic!(

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use thumbup_service::pb;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const TENANT: &str = "e2e-drain";
 
@@ -126,12 +126,15 @@ async fn status_of(h: &mut HealthClient<tonic::transport::Channel>, service: &st
 
 /// The services that reflection v1alpha lists.
 async fn v1alpha_services(addr: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     let channel = thumbup_service::client_endpoint(addr, None).unwrap().connect().await.expect("connect");
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut replies = ServerReflectionClient::new(channel)
         .server_reflection_info(futures::stream::iter([req]))
         .await
