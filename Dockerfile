@@ -21,6 +21,10 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 
+# The commit that the thumbup_build_info metric reports (none without it):
+#   docker build --build-arg THUMBUP_GIT_SHA="$(git rev-parse HEAD)" .
+ARG THUMBUP_GIT_SHA=
+
 # The registry and target caches make rebuilds incremental; the binaries are
 # copied out of the cached target dir within the same step, since a cache
 # mount is not part of the image.

@@ -2,7 +2,9 @@
 # Runs every test of thumbup: unit tests, the end-to-end tests against real
 # MariaDB and Redis servers that scripts/stack.sh installs (apt-get, when
 # missing) and starts on private ports, the operator's reconcile tests
-# against a mocked API server, the CRD and Helm chart checks, and shellcheck.
+# against a mocked API server, the CRD and Helm chart checks, a Python gRPC
+# client (tests/python, in a venv that scripts/python.sh makes), and the
+# shell linter.
 # The exact-counts, bad-input and isolation tests run a second time in TLS
 # mode. The kind e2e (tests/e2e/kind.sh) needs Docker and is not run here.
 # Leaves the stack running; `scripts/stack.sh down` stops it.
@@ -16,6 +18,12 @@ fi
 
 scripts/stack.sh up
 eval "$(scripts/stack.sh env)"
+
+# The Python client test's venv (grpcio, grpcio-tools, grpcio-reflection from
+# PyPI, under the stack dir): tests/tests/python_client.rs runs
+# tests/python/client_test.py with it.
+THUMBUP_PYTHON="$(scripts/python.sh install)"
+export THUMBUP_PYTHON
 
 # Install helm and kubectl (for the chart tests: helm lint, helm template)
 # and the shell linter, then lint every script, the kind e2e script included.

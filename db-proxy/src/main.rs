@@ -50,7 +50,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    admin::init_tracing();
+    admin::init_tracing()?;
     let cli = Cli::parse();
     let route = match (cli.route_file, cli.route_config_map) {
         (Some(path), _) => RouteSource::File(path),

@@ -46,6 +46,7 @@ impl Metrics {
     /// start at zero, so that a dashboard sees them before they first move.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
+        thumbup_core::admin::register_build_info(&registry, "thumbup-db-proxy", env!("CARGO_PKG_VERSION"))?;
         let gauge_vec = |what: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
             let m = IntGaugeVec::new(Opts::new(name(what), help), labels)?;
             registry.register(Box::new(m.clone()))?;
@@ -116,8 +117,16 @@ mod tests {
         m.connect_errors_total.with_label_values(&["dc-a"]);
         let text = m.render().unwrap();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert!(line.starts_with("thumbup_db_proxy_"), "{line}");
+            assert!(line.starts_with("thumbup_db_proxy_") || line.starts_with("thumbup_build_info{"), "{line}");
         }
+        let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+        assert!(
+            text.lines().any(|l| l.starts_with("thumbup_build_info{")
+                && l.contains("binary=\"thumbup-db-proxy\"")
+                && l.contains(&version)
+                && l.ends_with("} 1")),
+            "the proxy's build info: {text}"
+        );
         for want in [
             "thumbup_db_proxy_sessions{datacenter=\"dc-a\"} 0",
             "thumbup_db_proxy_sessions_total{datacenter=\"dc-a\"} 0",

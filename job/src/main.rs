@@ -46,7 +46,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    admin::init_tracing();
+    admin::init_tracing()?;
+    admin::register_build_info(prometheus::default_registry(), env!("CARGO_BIN_NAME"), env!("CARGO_PKG_VERSION"))?;
     let cli = Cli::parse();
     let tenant = Config::load_tenant(&cli.config, cli.secrets_dir.as_deref(), &cli.tenant)?;
     let consumer = cli.consumer.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "thumbup-job".to_string());

@@ -66,7 +66,12 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    thumbup_core::admin::init_tracing();
+    thumbup_core::admin::init_tracing()?;
+    thumbup_core::admin::register_build_info(
+        prometheus::default_registry(),
+        env!("CARGO_BIN_NAME"),
+        env!("CARGO_PKG_VERSION"),
+    )?;
     match Cli::parse().command {
         Command::Crd => print!("{}", thumbup_operator::crdgen::crd_yaml()),
         Command::Failover { config, route_file, tenants, admin_listen } => {

@@ -22,6 +22,13 @@ pub const MAX_BATCH: usize = 100;
 /// Metadata key naming the tenant.
 pub const TENANT_HEADER: &str = "x-thumbup-tenant";
 
+/// The `tenant` label of the request metrics for requests that did not
+/// authenticate (no tenant, an unknown one, a wrong token). A tenant name
+/// starts with a letter, so no tenant is labelled so, and whatever a caller
+/// sends adds no label value: the labels are the configured tenants and
+/// this one.
+pub const UNAUTHENTICATED_TENANT: &str = "_unauthenticated";
+
 /// The gRPC service.
 pub struct Api {
     reg: Arc<Registry>,
@@ -36,8 +43,8 @@ impl Api {
         Api { reg, write_timeout }
     }
 
-    /// Resolves and authenticates the tenant and takes its request token.
-    fn gateway<T>(&self, req: &Request<T>) -> Result<Arc<Tenant>, Error> {
+    /// Resolves and authenticates the tenant.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<Arc<Tenant>, Error> {
         let md = req.metadata();
         let name = md.get(TENANT_HEADER).and_then(|v| v.to_str().ok()).ok_or(Error::MissingTenant)?;
         // An unknown tenant answers as a wrong token does.
@@ -50,10 +57,36 @@ impl Api {
         if !tenant.accepts(token) {
             return Err(Error::Unauthenticated(name.to_string()));
         }
-        if !tenant.allow_request() {
-            return Err(Error::RateLimited { tenant: name.to_string(), limit: "per_tenant_per_sec" });
-        }
         Ok(tenant)
+    }
+
+    /// The gateway, then `body`: authenticates the tenant, takes its
+    /// request token, and runs `body` on the tenant and the message.
+    /// Counts the request and its latency under `rpc` and the tenant
+    /// ([`UNAUTHENTICATED_TENANT`] when it did not authenticate).
+    async fn serve<M, T>(
+        &self,
+        rpc: &str,
+        req: Request<M>,
+        body: impl AsyncFnOnce(Arc<Tenant>, M) -> Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let (tenant, result) = match self.authenticate(&req) {
+            Err(e) => (None, Err(e)),
+            Ok(t) if !t.allow_request() => {
+                let limited = Error::RateLimited { tenant: t.name().to_string(), limit: "per_tenant_per_sec" };
+                (Some(t), Err(limited))
+            }
+            Ok(t) => (Some(t.clone()), body(t, req.into_inner()).await),
+        };
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        let label = tenant.as_ref().map_or(UNAUTHENTICATED_TENANT, |t| t.name());
+        metrics::REQUESTS.with_label_values(&[rpc, label, &format!("{code:?}")]).inc();
+        metrics::LATENCY.with_label_values(&[rpc, label]).observe(start.elapsed().as_secs_f64());
+        result.map(Response::new).map_err(Status::from)
     }
 }
 
@@ -103,25 +136,10 @@ fn pb_counts(c: Counts) -> pb::Counts {
     pb::Counts { likes: c.likes, dislikes: c.dislikes }
 }
 
-/// Counts the request and its latency under `rpc`.
-async fn observed<T>(rpc: &str, f: impl Future<Output = Result<T, Error>>) -> Result<Response<T>, Status> {
-    let start = Instant::now();
-    let result = f.await;
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(e) => e.code(),
-    };
-    metrics::REQUESTS.with_label_values(&[rpc, &format!("{code:?}")]).inc();
-    metrics::LATENCY.with_label_values(&[rpc]).observe(start.elapsed().as_secs_f64());
-    result.map(Response::new).map_err(Status::from)
-}
-
 #[tonic::async_trait]
 impl Thumbup for Api {
     async fn like(&self, req: Request<pb::LikeRequest>) -> Result<Response<pb::LikeReply>, Status> {
-        observed("Like", async {
-            let t = self.gateway(&req)?;
-            let r = req.get_ref();
+        self.serve("Like", req, async |t, r| {
             let action = match pb::Action::try_from(r.action) {
                 Ok(pb::Action::Like) => Action::Like,
                 Ok(pb::Action::Unlike) => Action::Unlike,
@@ -167,9 +185,7 @@ impl Thumbup for Api {
     }
 
     async fn get_states(&self, req: Request<pb::GetStatesRequest>) -> Result<Response<pb::GetStatesReply>, Status> {
-        observed("GetStates", async {
-            let t = self.gateway(&req)?;
-            let r = req.get_ref();
+        self.serve("GetStates", req, async |t, r| {
             let biz = business(&t, r.business_id)?;
             let mid = positive("mid", r.mid)?;
             let ids = batch(&r.message_ids)?;
@@ -180,9 +196,7 @@ impl Thumbup for Api {
     }
 
     async fn get_counts(&self, req: Request<pb::GetCountsRequest>) -> Result<Response<pb::GetCountsReply>, Status> {
-        observed("GetCounts", async {
-            let t = self.gateway(&req)?;
-            let r = req.get_ref();
+        self.serve("GetCounts", req, async |t, r| {
             let biz = business(&t, r.business_id)?;
             let ids = batch(&r.message_ids)?;
             let counts = read::counts(&self.reg, &t, biz, &ids).await?;
@@ -196,9 +210,7 @@ impl Thumbup for Api {
         &self,
         req: Request<pb::ListUserLikesRequest>,
     ) -> Result<Response<pb::ListUserLikesReply>, Status> {
-        observed("ListUserLikes", async {
-            let t = self.gateway(&req)?;
-            let r = req.get_ref();
+        self.serve("ListUserLikes", req, async |t, r| {
             let biz = business(&t, r.business_id)?;
             let mid = positive("mid", r.mid)?;
             let size = page_size(r.page_size)?;
@@ -216,9 +228,7 @@ impl Thumbup for Api {
         &self,
         req: Request<pb::ListItemLikersRequest>,
     ) -> Result<Response<pb::ListItemLikersReply>, Status> {
-        observed("ListItemLikers", async {
-            let t = self.gateway(&req)?;
-            let r = req.get_ref();
+        self.serve("ListItemLikers", req, async |t, r| {
             let biz = business(&t, r.business_id)?;
             let msg = positive("message_id", r.message_id)?;
             let size = page_size(r.page_size)?;
@@ -236,9 +246,7 @@ impl Thumbup for Api {
         &self,
         req: Request<pb::GetReceivedLikesRequest>,
     ) -> Result<Response<pb::GetReceivedLikesReply>, Status> {
-        observed("GetReceivedLikes", async {
-            let t = self.gateway(&req)?;
-            let r = req.get_ref();
+        self.serve("GetReceivedLikes", req, async |t, r| {
             let biz = business(&t, r.business_id)?;
             let up = positive("up_mid", r.up_mid)?;
             Ok(pb::GetReceivedLikesReply { likes: read::received(&self.reg, &t, biz, up).await? })

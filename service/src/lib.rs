@@ -96,9 +96,14 @@ pub fn client_endpoint(addr: &str, ca_file: Option<&std::path::Path>) -> anyhow:
     endpoint.tls_config(tls).context("TLS settings")
 }
 
-/// Serves the gRPC API (with health and reflection) on `listener` until
-/// `shutdown` resolves, then finishes in-flight requests. Credential files
-/// resolve next to the config file, which must exist.
+/// The gRPC service of [`api::Api`].
+type Served = pb::thumbup_server::ThumbupServer<api::Api>;
+
+/// Serves the gRPC API (with health and reflection, v1 and v1alpha) on
+/// `listener` until `shutdown` resolves, drains for
+/// [`limits::ServerLimits::drain`] (health NOT_SERVING, `ready` cleared,
+/// requests still served), then finishes in-flight requests. Credential
+/// files resolve next to the config file, which must exist.
 pub async fn run(
     opts: Options,
     listener: TcpListener,
@@ -123,10 +128,19 @@ pub async fn run_with(
     let reg = tenants::Registry::open(source, opts.redis_timeout).await.map_err(anyhow::Error::msg)?;
     let watcher = tokio::spawn(reg.clone().watch());
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<pb::thumbup_server::ThumbupServer<api::Api>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    health.set_serving::<Served>().await;
+    // Reflection in both versions, each listing every service served:
+    // v1alpha is the one that grpcio-reflection's client and older tools
+    // speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     info!(addr = %listener.local_addr()?, tls = files.tls.is_some(), "serving thumbup.v1.Thumbup");
     let ready = opts.ready.clone();
     let set_ready = |v: bool| {
@@ -135,9 +149,20 @@ pub async fn run_with(
         }
     };
     set_ready(true);
+    let drain = opts.limits.drain;
+    let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async {
         shutdown.await;
+        // The drain: health says NOT_SERVING and /readyz 503, so that
+        // clients and endpoints stop sending here, while what still comes
+        // (endpoint updates take a while to reach everyone) is served.
         set_ready(false);
+        health.set_not_serving::<Served>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        info!(?drain, "draining: health NOT_SERVING, requests still served");
+        tokio::time::sleep(drain).await;
+        info!("drained: finishing the requests in flight");
+        let _ = drained_tx.send(());
     };
     // Replies are small frames: without TCP_NODELAY on accepted sockets,
     // Nagle's algorithm meets the client's delayed ACK and a reply can wait
@@ -156,15 +181,23 @@ pub async fn run_with(
         .timeout(l.request_timeout + Duration::from_millis(250))
         .layer(bounds)
         .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(pb::thumbup_server::ThumbupServer::new(api::Api::new(reg.clone(), l.request_timeout)));
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(Served::new(api::Api::new(reg.clone(), l.request_timeout)));
     // With a certificate only TLS is served: a plaintext client fails its
     // handshake and is dropped. The certificate is reloaded on change.
+    // Every unary request ends within its timeout; what is open after that
+    // is long-lived streams (health watches), which would hold the process
+    // until it is killed.
+    let grace = l.request_timeout + Duration::from_secs(1);
     let served = match &files.tls {
-        Some(tls) => router.serve_with_incoming_shutdown(tls::incoming(listener, tls)?, shutdown).await,
+        Some(tls) => {
+            let serve = router.serve_with_incoming_shutdown(tls::incoming(listener, tls)?, shutdown);
+            bounded(serve, drained, grace).await
+        }
         None => {
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router.serve_with_incoming_shutdown(incoming, shutdown).await
+            bounded(router.serve_with_incoming_shutdown(incoming, shutdown), drained, grace).await
         }
     };
     watcher.abort();
@@ -173,4 +206,25 @@ pub async fn run_with(
     reg.release_all().await;
     served?;
     Ok(())
+}
+
+/// Runs the server future `serve` to its end, or to `grace` after `drained`
+/// fires (the drain is over and the server finishes what is in flight),
+/// then drops it with the streams still open.
+async fn bounded<E>(
+    serve: impl Future<Output = Result<(), E>>,
+    drained: tokio::sync::oneshot::Receiver<()>,
+    grace: Duration,
+) -> Result<(), E> {
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r,
+        Ok(()) = drained => tokio::select! {
+            r = &mut serve => r,
+            _ = tokio::time::sleep(grace) => {
+                info!(?grace, "streams still open after the drain and the request timeout: closing them");
+                Ok(())
+            }
+        },
+    }
 }

@@ -50,6 +50,12 @@ pub struct ServerLimits {
     /// Bytes of metadata (names, values and 32 bytes each, as HTTP/2
     /// counts them) a request may carry; more is RESOURCE_EXHAUSTED.
     pub max_metadata_bytes: usize,
+    /// How long the server keeps serving once shutdown is asked for, with
+    /// its gRPC health NOT_SERVING and its readiness cleared, before it
+    /// stops taking requests and finishes those in flight. None by default
+    /// (a server in a test stops at once); the binary's `--drain-seconds`
+    /// defaults to 5.
+    pub drain: Duration,
 }
 
 impl Default for ServerLimits {
@@ -59,6 +65,7 @@ impl Default for ServerLimits {
             max_in_flight: 4096,
             max_streams_per_connection: 256,
             max_metadata_bytes: 16 << 10,
+            drain: Duration::ZERO,
         }
     }
 }

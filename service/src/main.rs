@@ -76,6 +76,12 @@ struct ServeArgs {
     #[arg(long, env = "THUMBUP_MAX_METADATA_BYTES", global = true, default_value_t = 16384,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=(1 << 20)))]
     max_metadata_bytes: usize,
+    /// Seconds the server keeps serving after SIGTERM, with its gRPC health
+    /// NOT_SERVING and /readyz answering 503, so that clients and endpoints
+    /// move away before it stops; then it finishes the requests in flight.
+    #[arg(long, env = "THUMBUP_DRAIN_SECONDS", global = true, default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    drain_seconds: u64,
     /// PEM certificate chain of the gRPC server; with --tls-key-file, only
     /// TLS is served (plaintext clients are refused). Both files are re-read
     /// every second: a rotated certificate is served to new connections.
@@ -124,13 +130,16 @@ fn selected(cli: &Cli, only: &Option<String>) -> anyhow::Result<Vec<TenantConfig
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    admin::init_tracing();
+    admin::init_tracing()?;
+    admin::register_build_info(prometheus::default_registry(), env!("CARGO_BIN_NAME"), env!("CARGO_PKG_VERSION"))?;
     let mut cli = Cli::parse();
     match cli.command.take().unwrap_or(Command::Serve) {
         Command::Serve => {
             let ready = Arc::new(AtomicBool::new(false));
+            // The admin endpoint stays up through the drain (its /readyz
+            // says 503 then) and stops with the server.
             let (admin_addr, admin_srv) =
-                admin::bind(cli.serve.admin_listen, ready.clone(), admin::shutdown_signal()).await?;
+                admin::bind(cli.serve.admin_listen, ready.clone(), std::future::pending()).await?;
             tracing::info!(%admin_addr, "admin endpoint");
             let admin_task = tokio::spawn(admin_srv);
             let listener = tokio::net::TcpListener::bind(cli.serve.listen).await?;
@@ -143,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
                     max_in_flight: cli.serve.max_in_flight,
                     max_streams_per_connection: cli.serve.max_streams_per_connection,
                     max_metadata_bytes: cli.serve.max_metadata_bytes,
+                    drain: Duration::from_secs(cli.serve.drain_seconds),
                 },
             };
             let tls = match (cli.serve.tls_cert_file, cli.serve.tls_key_file) {

@@ -7,22 +7,25 @@ use prometheus::{
     HistogramVec, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
 };
 
-/// Requests by RPC and gRPC code.
+/// Requests by RPC, tenant and gRPC code. The tenant is the one the
+/// request authenticated as, or [`crate::api::UNAUTHENTICATED_TENANT`]: never a name
+/// taken from an unauthenticated request, so that callers cannot add
+/// label values.
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "thumbup_service_requests_total",
-        "gRPC requests by RPC and status code",
-        &["rpc", "code"]
+        "gRPC requests by RPC, authenticated tenant (_unauthenticated: none) and status code",
+        &["rpc", "tenant", "code"]
     )
     .expect("metric registers once")
 });
 
-/// Request latency by RPC.
+/// Request latency by RPC and tenant (labelled as [`REQUESTS`]).
 pub static LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
         "thumbup_service_request_duration_seconds",
-        "gRPC request latency by RPC",
-        &["rpc"],
+        "gRPC request latency by RPC and authenticated tenant (_unauthenticated: none)",
+        &["rpc", "tenant"],
         vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
     )
     .expect("metric registers once")

@@ -214,3 +214,69 @@ async fn requests_over_the_in_flight_limit_are_refused_at_once_and_the_rest_are_
     assert_eq!(clients[1].counts(BIZ, &[1]).await.unwrap().len(), 1);
     w.stop().await;
 }
+
+/// The samples of `thumbup_service_requests_total` in this process's
+/// registry (the in-process service registers there): labels -> count.
+fn request_samples() -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for family in prometheus::gather().iter().filter(|f| f.name() == "thumbup_service_requests_total") {
+        for m in family.get_metric() {
+            let labels = m.get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect();
+            out.push((labels, m.get_counter().get_value()));
+        }
+    }
+    out
+}
+
+fn requests(rpc: &str, tenant: &str, code: &str) -> f64 {
+    request_samples()
+        .into_iter()
+        .filter(|(l, _)| l["rpc"] == rpc && l["tenant"] == tenant && l["code"] == code)
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metrics_carry_the_authenticated_tenant_and_callers_cannot_add_label_values() {
+    let w = World::start("gw-metrics", &tenant_yaml("e2e-gw-metrics", &[BIZ], "")).await;
+    let c = w.client_of("e2e-gw-metrics").await;
+    let unauthenticated = thumbup_service::api::UNAUTHENTICATED_TENANT;
+    let before = requests("GetCounts", unauthenticated, "Unauthenticated");
+    for msg in 1..=3 {
+        c.act(BIZ, msg, 1, 9, pb::Action::Like).await.unwrap();
+    }
+    assert_eq!(c.counts(BIZ, &[0]).await.unwrap_err().code(), Code::InvalidArgument);
+    // 20 made-up tenants, and the real one with a wrong token.
+    let made_up: Vec<String> = (0..20).map(|i| format!("e2e-gw-madeup-{i}")).collect();
+    for name in &made_up {
+        let s = w.client(name, "tok-whatever-0001").await.counts(BIZ, &[1]).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unauthenticated);
+    }
+    let s = w.client("e2e-gw-metrics", "tok-wrong-0001").await.counts(BIZ, &[1]).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+
+    // The tenant's own requests, per RPC and code, under its name.
+    assert_eq!(requests("Like", "e2e-gw-metrics", "Ok"), 3.0);
+    assert_eq!(requests("GetCounts", "e2e-gw-metrics", "InvalidArgument"), 1.0);
+    // The 21 that did not authenticate under the one fixed value (other
+    // tests of this binary may add theirs), none under a name they sent.
+    assert!(requests("GetCounts", unauthenticated, "Unauthenticated") >= before + 21.0);
+    assert_eq!(requests("GetCounts", "e2e-gw-metrics", "Unauthenticated"), 0.0, "a wrong token is not the tenant");
+    let samples = request_samples();
+    for (labels, _) in &samples {
+        assert!(!labels["tenant"].starts_with("e2e-gw-madeup-"), "a caller's tenant became a label: {labels:?}");
+    }
+    // The latency histogram is labelled alike.
+    let latency = prometheus::gather()
+        .into_iter()
+        .find(|f| f.name() == "thumbup_service_request_duration_seconds")
+        .expect("latency histogram");
+    let tenants: std::collections::BTreeSet<String> = latency
+        .get_metric()
+        .iter()
+        .flat_map(|m| m.get_label().iter().filter(|l| l.name() == "tenant").map(|l| l.value().to_string()))
+        .collect();
+    assert!(tenants.contains("e2e-gw-metrics") && tenants.contains(unauthenticated), "{tenants:?}");
+    assert!(!tenants.iter().any(|t| t.starts_with("e2e-gw-madeup-")), "{tenants:?}");
+    w.stop().await;
+}
