@@ -115,7 +115,7 @@ fn watch_until_refused<K>(
     name: &str,
     which: Which,
     contents: fn(K) -> Contents,
-) -> impl Stream<Item = Seen>
+) -> impl Stream<Item = Seen> + use<K>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
