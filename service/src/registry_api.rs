@@ -97,56 +97,57 @@ fn follow_one<K>(api: Api<K>, name: String, which: Which, contents: fn(K) -> Con
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    futures::stream::unfold(false, move |refused_before| {
-        let (api, name) = (api.clone(), name.clone());
-        async move {
-            if refused_before {
-                tokio::time::sleep(REFUSED_RETRY).await;
+    // The state: the running watcher (None: start one), and whether the
+    // last one ended on a refusal (then wait before listing again).
+    futures::stream::unfold(
+        (None::<futures::stream::BoxStream<'static, Seen>>, false),
+        move |(running, refused_before)| {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                let mut w = match running {
+                    Some(w) => w,
+                    None => {
+                        if refused_before {
+                            tokio::time::sleep(REFUSED_RETRY).await;
+                        }
+                        watch_one(api, &name, which, contents).boxed()
+                    }
+                };
+                let seen = w.next().await?;
+                if matches!(&seen, Seen::Failed(_, e) if refused(e)) {
+                    Some((seen, (None, true)))
+                } else {
+                    Some((seen, (Some(w), false)))
+                }
             }
-            Some((watch_until_refused(api, &name, which, contents), true))
-        }
-    })
-    .flatten()
+        },
+    )
 }
 
-/// One watcher of object `name`, ending after its first refusal.
-fn watch_until_refused<K>(
-    api: Api<K>,
-    name: &str,
-    which: Which,
-    contents: fn(K) -> Contents,
-) -> impl Stream<Item = Seen> + use<K>
+/// One watcher of object `name`.
+fn watch_one<K>(api: Api<K>, name: &str, which: Which, contents: fn(K) -> Contents) -> impl Stream<Item = Seen> + use<K>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut listing: Option<Contents> = None;
-    watcher(api, cfg)
-        .default_backoff()
-        .filter_map(move |event| {
-            let seen = match event {
-                Ok(watcher::Event::Init) => {
-                    listing = None;
-                    None
-                }
-                Ok(watcher::Event::InitApply(obj)) => {
-                    listing = Some(contents(obj));
-                    None
-                }
-                Ok(watcher::Event::InitDone) => Some(Seen::Now(which, listing.take())),
-                Ok(watcher::Event::Apply(obj)) => Some(Seen::Now(which, Some(contents(obj)))),
-                Ok(watcher::Event::Delete(_)) => Some(Seen::Now(which, None)),
-                Err(e) => Some(Seen::Failed(which, e)),
-            };
-            std::future::ready(seen)
-        })
-        .scan(false, |ended, seen| {
-            if *ended {
-                return std::future::ready(None);
+    watcher(api, cfg).default_backoff().filter_map(move |event| {
+        let seen = match event {
+            Ok(watcher::Event::Init) => {
+                listing = None;
+                None
             }
-            *ended = matches!(&seen, Seen::Failed(_, e) if refused(e));
-            std::future::ready(Some(seen))
-        })
+            Ok(watcher::Event::InitApply(obj)) => {
+                listing = Some(contents(obj));
+                None
+            }
+            Ok(watcher::Event::InitDone) => Some(Seen::Now(which, listing.take())),
+            Ok(watcher::Event::Apply(obj)) => Some(Seen::Now(which, Some(contents(obj)))),
+            Ok(watcher::Event::Delete(_)) => Some(Seen::Now(which, None)),
+            Err(e) => Some(Seen::Failed(which, e)),
+        };
+        std::future::ready(seen)
+    })
 }
 
 fn config_map_contents(cm: ConfigMap) -> Contents {
