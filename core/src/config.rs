@@ -39,7 +39,7 @@
 //! Loading resolves the files: every [`TenantConfig`] handed out has its
 //! `password`s and `tokens` filled in, whichever way they were given.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -355,7 +355,7 @@ impl Config {
             .into_iter()
             .find(|t| t.name == name)
             .ok_or_else(|| ConfigError::UnknownTenant { tenant: name.to_string(), path: p.clone() })?;
-        tenant.resolve_files(&secrets_dir_for(path, secrets_dir), &p)?;
+        tenant.resolve_files(Secrets::Dir(&secrets_dir_for(path, secrets_dir)), &p)?;
         tenant.validate()?;
         Ok(tenant)
     }
@@ -369,9 +369,16 @@ impl Config {
     /// Parses and validates YAML text, reading relative `*_file` paths from
     /// `secrets_dir`; `origin` names the text in errors.
     pub fn parse_with(text: &str, origin: &str, secrets_dir: &Path) -> Result<Config, ConfigError> {
+        Config::parse_resolving(text, origin, Secrets::Dir(secrets_dir))
+    }
+
+    /// Parses and validates YAML text, reading relative `*_file` references
+    /// from `secrets` (a directory, or the keys of a Kubernetes Secret);
+    /// `origin` names the text in errors.
+    pub fn parse_resolving(text: &str, origin: &str, secrets: Secrets<'_>) -> Result<Config, ConfigError> {
         let mut config = Config::from_yaml(text, origin)?;
         for t in &mut config.tenants {
-            t.resolve_files(secrets_dir, origin)?;
+            t.resolve_files(secrets, origin)?;
         }
         config.validate()?;
         Ok(config)
@@ -410,16 +417,51 @@ fn secrets_dir_for(path: &Path, secrets_dir: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Reads a credential file; the error names the file, not what is in it.
-fn read_secret(tenant: &str, field: &'static str, file: &str, dir: &Path, origin: &str) -> Result<String, ConfigError> {
-    let path = if Path::new(file).is_absolute() { PathBuf::from(file) } else { dir.join(file) };
-    std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+/// Where relative `*_file` references of a config are read from. Absolute
+/// paths are always files (the CA files the chart mounts).
+#[derive(Debug, Clone, Copy)]
+pub enum Secrets<'a> {
+    /// Files under this directory.
+    Dir(&'a Path),
+    /// The keys of a Kubernetes Secret's data; `name` names the Secret in
+    /// errors (`secret thumbup/thumbup-tenant-credentials`).
+    Keys {
+        /// What errors call the Secret.
+        name: &'a str,
+        /// Its data, key to value.
+        data: &'a BTreeMap<String, Vec<u8>>,
+    },
+}
+
+/// Reads a credential file or Secret key; the error names the file or key,
+/// not what is in it.
+fn read_secret(
+    tenant: &str,
+    field: &'static str,
+    file: &str,
+    secrets: Secrets<'_>,
+    origin: &str,
+) -> Result<String, ConfigError> {
+    let error = |path: String, source| ConfigError::SecretFile {
         origin: origin.to_string(),
         tenant: tenant.to_string(),
         field,
-        path: path.display().to_string(),
+        path,
         source,
-    })
+    };
+    let path = match secrets {
+        _ if Path::new(file).is_absolute() => PathBuf::from(file),
+        Secrets::Dir(dir) => dir.join(file),
+        Secrets::Keys { name, data } => {
+            let what = format!("key {file:?} of {name}");
+            let Some(value) = data.get(file) else {
+                return Err(error(what, std::io::Error::new(std::io::ErrorKind::NotFound, "no such key")));
+            };
+            return String::from_utf8(value.clone())
+                .map_err(|_| error(what, std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")));
+        }
+    };
+    std::fs::read_to_string(&path).map_err(|source| error(path.display().to_string(), source))
 }
 
 /// Fills `password` from `file`, requiring exactly one of them; `inline`
@@ -429,7 +471,7 @@ fn resolve_password(
     (inline, field): (&str, &'static str),
     password: &mut String,
     file: Option<&str>,
-    dir: &Path,
+    dir: Secrets<'_>,
     origin: &str,
 ) -> Result<(), ConfigError> {
     match file {
@@ -463,7 +505,7 @@ pub fn valid_tenant_name(name: &str) -> bool {
 impl TenantConfig {
     /// Reads the tenant's credential files into `password` and `tokens`
     /// (once, right after parsing).
-    fn resolve_files(&mut self, dir: &Path, origin: &str) -> Result<(), ConfigError> {
+    fn resolve_files(&mut self, dir: Secrets<'_>, origin: &str) -> Result<(), ConfigError> {
         let name = self.name.clone();
         let redis = ("redis.password", "redis.password_file");
         resolve_password(&name, redis, &mut self.redis.password, self.redis.password_file.as_deref(), dir, origin)?;
@@ -727,6 +769,33 @@ tenants:
         let err = Config::load_tenant(&path, None, "gamma").unwrap_err();
         assert!(matches!(&err, ConfigError::UnknownTenant { tenant, .. } if tenant == "gamma"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn references_resolve_from_secret_keys_and_a_missing_key_names_it_not_its_neighbours() {
+        let text = GOOD
+            .replace("tokens: [alpha-secret]", "tokens_file: alpha.tokens")
+            .replace("thumbup_alpha, password: pw", "thumbup_alpha, password_file: alpha.db-password");
+        let mut data = BTreeMap::from([
+            ("alpha.tokens".to_string(), b"tok-from-secret\n".to_vec()),
+            ("alpha.db-password".to_string(), b"db-pw-from-secret".to_vec()),
+        ]);
+        fn keys(data: &BTreeMap<String, Vec<u8>>) -> Secrets<'_> {
+            Secrets::Keys { name: "secret thumbup/creds", data }
+        }
+        let c = Config::parse_resolving(&text, "configmap thumbup/tenants", keys(&data)).unwrap();
+        let t = c.tenant("alpha").unwrap();
+        assert_eq!(
+            (t.tokens.as_slice(), t.db.password.as_str()),
+            (&["tok-from-secret".to_string()][..], "db-pw-from-secret")
+        );
+        data.remove("alpha.db-password");
+        let err = Config::parse_resolving(&text, "configmap thumbup/tenants", keys(&data)).unwrap_err().to_string();
+        assert!(
+            err.contains("db.password_file") && err.contains("\"alpha.db-password\" of secret thumbup/creds"),
+            "{err}"
+        );
+        assert!(!err.contains("tok-from-secret"), "{err}");
     }
 
     #[test]

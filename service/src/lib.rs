@@ -6,7 +6,9 @@
 //! DB transaction while Redis is down) or the read path ([`read`]: Redis,
 //! then the DB, filling the cache). Tenants come from a YAML file, with
 //! credentials inline or in files beside it, reloaded when the file or a
-//! credential file changes, or on SIGHUP ([`tenants`]). The job applies
+//! credential file changes, or on SIGHUP ([`tenants`]); or from the
+//! registry ConfigMap and Secret, followed through the Kubernetes API
+//! ([`registry_api`]). The job applies
 //! the stream to the DB.
 
 pub mod api;
@@ -17,6 +19,7 @@ pub mod limits;
 pub mod metrics;
 pub mod page;
 pub mod read;
+pub mod registry_api;
 pub mod tenants;
 pub mod tls;
 pub mod write;
@@ -71,6 +74,9 @@ pub struct ConfigFiles {
     pub optional: bool,
     /// Serve TLS only, with this certificate (None: plaintext h2c).
     pub tls: Option<ServerTls>,
+    /// Follow the registry ConfigMap and Secret through the Kubernetes API
+    /// ([`registry_api`]); the files serve until the API has answered.
+    pub registry_api: Option<registry_api::RegistryApi>,
 }
 
 /// The client side of [`ServerTls`], shared by thumbupctl, the bench and
@@ -127,6 +133,8 @@ pub async fn run_with(
     let source = ConfigSource { path: opts.config.clone(), secrets_dir: files.secrets_dir, optional: files.optional };
     let reg = tenants::Registry::open(source, opts.redis_timeout).await.map_err(anyhow::Error::msg)?;
     let watcher = tokio::spawn(reg.clone().watch());
+    let follower =
+        files.registry_api.clone().map(|api| tokio::spawn(registry_api::follow(reg.clone(), api, opts.ready.clone())));
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<Served>().await;
     // Reflection in both versions, each listing every service served:
@@ -153,6 +161,10 @@ pub async fn run_with(
     let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async {
         shutdown.await;
+        // Before readiness is cleared, so that the follower cannot set it again.
+        if let Some(f) = &follower {
+            f.abort();
+        }
         // The drain: health says NOT_SERVING and /readyz 503, so that
         // clients and endpoints stop sending here, while what still comes
         // (endpoint updates take a while to reach everyone) is served.

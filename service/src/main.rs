@@ -90,6 +90,31 @@ struct ServeArgs {
     /// PEM private key of --tls-cert-file.
     #[arg(long, env = "THUMBUP_TLS_KEY_FILE", global = true, requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
+    /// Follow the tenant registry through the Kubernetes API: watch the
+    /// registry ConfigMap (--registry-config-map, key tenants.yaml) and
+    /// Secret (--registry-secret) and serve a new tenant as soon as the
+    /// operator writes it, not when the kubelet syncs the mounted files.
+    /// The files (--config) serve until the API has answered. Needs list
+    /// and watch on the two objects.
+    #[arg(
+        long,
+        env = "THUMBUP_REGISTRY_FROM_API",
+        global = true,
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        requires_all = ["registry_config_map", "registry_secret"]
+    )]
+    registry_from_api: bool,
+    /// Namespace of the registry ConfigMap and Secret (default: the
+    /// namespace of the pod's ServiceAccount, or of the kubeconfig context).
+    #[arg(long, env = "THUMBUP_REGISTRY_NAMESPACE", global = true)]
+    registry_namespace: Option<String>,
+    /// Name of the registry ConfigMap (the operator's `registry.config_map`).
+    #[arg(long, env = "THUMBUP_REGISTRY_CONFIG_MAP", global = true)]
+    registry_config_map: Option<String>,
+    /// Name of the registry Secret (the operator's `registry.secret`).
+    #[arg(long, env = "THUMBUP_REGISTRY_SECRET", global = true)]
+    registry_secret: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,8 +184,23 @@ async fn main() -> anyhow::Result<()> {
                 (Some(cert_file), Some(key_file)) => Some(thumbup_service::ServerTls { cert_file, key_file }),
                 _ => None,
             };
-            let files =
-                thumbup_service::ConfigFiles { secrets_dir: cli.secrets_dir, optional: cli.serve.config_optional, tls };
+            let registry_api =
+                match (cli.serve.registry_from_api, cli.serve.registry_config_map, cli.serve.registry_secret) {
+                    (true, Some(config_map), Some(secret)) => {
+                        let client =
+                            kube::Client::try_default().await.context("a Kubernetes client for --registry-from-api")?;
+                        let namespace =
+                            cli.serve.registry_namespace.unwrap_or_else(|| client.default_namespace().to_string());
+                        Some(thumbup_service::registry_api::RegistryApi { client, namespace, config_map, secret })
+                    }
+                    _ => None,
+                };
+            let files = thumbup_service::ConfigFiles {
+                secrets_dir: cli.secrets_dir,
+                optional: cli.serve.config_optional,
+                tls,
+                registry_api,
+            };
             thumbup_service::run_with(opts, files, listener, admin::shutdown_signal()).await?;
             admin_task.abort();
         }

@@ -6,7 +6,10 @@
 //! references every [`POLL_INTERVAL`] and on SIGHUP, and installs the
 //! resolved config when it differs from the last one read. Comparing
 //! contents, not mtimes, follows Kubernetes' ConfigMap and Secret updates,
-//! which swap a `..data` symlink.
+//! which swap a `..data` symlink. Or it follows the registry ConfigMap and
+//! Secret through the Kubernetes API ([`crate::registry_api`]), which sees
+//! a new tenant as soon as the operator writes it, not when the kubelet
+//! syncs the files; both sources install through [`Registry::offer`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -269,6 +272,15 @@ impl ConfigSource {
     }
 }
 
+/// Logs what [`Registry::offer`] did with a read of `source`.
+pub(crate) fn report(source: &str, outcome: Option<Result<(), String>>) {
+    match outcome {
+        None => {}
+        Some(Ok(())) => info!(source, "config reloaded"),
+        Some(Err(e)) => warn!(source, error = %e, "config reload failed; keeping the old config"),
+    }
+}
+
 /// What the last read of the source gave: the resolved config, or the
 /// error. A poll acts only when this changes, so a broken file is reported
 /// once, not every poll.
@@ -282,6 +294,9 @@ pub struct Registry {
     scripts: Scripts,
     /// Held through a reload, so reloads do not interleave.
     last_read: tokio::sync::Mutex<LastRead>,
+    /// Set once the registry is followed through the Kubernetes API: the
+    /// files are no longer read.
+    followed: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -322,6 +337,7 @@ impl Registry {
             current: RwLock::new(Arc::new(HashMap::new())),
             scripts: Scripts::default(),
             last_read: tokio::sync::Mutex::new(last_read),
+            followed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -389,18 +405,37 @@ impl Registry {
     /// from the last read. `None` when nothing was done.
     async fn reload_if(&self, forced: bool) -> Option<Result<(), String>> {
         let source = self.source.as_ref()?;
-        let mut last = self.last_read.lock().await;
-        let now = source.load().map_err(|e| e.to_string());
-        if !forced && last.as_ref() == Some(&now) {
+        if self.followed.load(Ordering::Relaxed) {
+            // The registry comes through the Kubernetes API: the files,
+            // which the kubelet syncs later, would bring older contents back.
             return None;
         }
-        *last = Some(now.clone());
-        let result = match now {
+        self.offer(source.load().map_err(|e| e.to_string()), forced).await
+    }
+
+    /// Installs `read` (a resolved config, or why the source could not be
+    /// read) when `forced` or when it differs from the last read; an error
+    /// keeps the old config. The one path of every source: the files and
+    /// the Kubernetes API ([`crate::registry_api`]). `None` when nothing
+    /// was done.
+    pub(crate) async fn offer(&self, read: Result<Config, String>, forced: bool) -> Option<Result<(), String>> {
+        let mut last = self.last_read.lock().await;
+        if !forced && last.as_ref() == Some(&read) {
+            return None;
+        }
+        *last = Some(read.clone());
+        let result = match read {
             Ok(config) => self.install(config).await,
             Err(e) => Err(e),
         };
         metrics::RELOADS.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
         Some(result)
+    }
+
+    /// Stops reading the files: the registry is followed through the
+    /// Kubernetes API from now on.
+    pub(crate) fn follow_api(&self) {
+        self.followed.store(true, Ordering::Relaxed);
     }
 
     /// Reloads on SIGHUP and when the config or a credential file it names
@@ -421,13 +456,7 @@ impl Registry {
                 _ = hup_fired => true,
                 _ = tokio::time::sleep(POLL_INTERVAL) => false,
             };
-            match self.reload_if(forced).await {
-                None => {}
-                Some(Ok(())) => info!(path = %path.display(), "config reloaded"),
-                Some(Err(e)) => {
-                    warn!(path = %path.display(), error = %e, "config reload failed; keeping the old config")
-                }
-            }
+            report(&path.display().to_string(), self.reload_if(forced).await);
         }
     }
 }
