@@ -905,7 +905,12 @@ fn cluster_wide_switches_to_a_cluster_role_and_all_namespaces() {
     // Only the route reader stays a namespaced Role (the route lives in the release namespace).
     let roles: Vec<_> =
         r.of_kind("Role").iter().chain(r.of_kind("RoleBinding").iter()).map(|d| d.name.clone()).collect();
-    assert_eq!(roles, ["thumbup-route-reader", "thumbup-route-reader"], "{:?}", r.names());
+    assert_eq!(
+        roles,
+        ["thumbup-route-reader", "thumbup-registry-reader", "thumbup-route-reader", "thumbup-registry-reader"],
+        "{:?}",
+        r.names()
+    );
     let name = "thumbup-thumbup-operator";
     let role: ClusterRole = r.get(name);
     let rules = role.rules.unwrap_or_default();
@@ -1013,7 +1018,10 @@ fn service_pods_reach_the_db_through_a_native_db_proxy_sidecar_following_the_rou
     let off = render(&["--set", "dbProxy.enabled=false"]);
     let d: Deployment = off.get(&fullname_of("service"));
     assert!(pod_spec(&d).init_containers.is_none(), "no sidecar when disabled");
-    assert_eq!(pod_spec(&d).automount_service_account_token, Some(false));
+    assert_eq!(pod_spec(&d).automount_service_account_token, Some(true), "the service watches the registry");
+    let neither = render(&["--set", "dbProxy.enabled=false", "--set", "service.registryFromApi=false"]);
+    let d: Deployment = neither.get(&fullname_of("service"));
+    assert_eq!(pod_spec(&d).automount_service_account_token, Some(false), "no API token when nothing uses it");
     assert!(!off.has::<Role>("thumbup-route-reader"), "no route reader when disabled");
     assert!(!operator_yaml(&off).db_proxy.enabled);
 }
@@ -1036,13 +1044,65 @@ fn route_readers_may_read_the_route_config_map_and_nothing_else() {
     assert_eq!(
         subjects,
         [
-            ("ServiceAccount".to_string(), "default".to_string(), Some(NAMESPACE.to_string())),
+            ("ServiceAccount".to_string(), "thumbup-service".to_string(), Some(NAMESPACE.to_string())),
             ("Group".to_string(), "system:serviceaccounts".to_string(), None),
         ]
     );
     let renamed = render(&["--set", "failover.routeConfigMap=dc-route"]);
     let role: Role = renamed.get("thumbup-route-reader");
     assert_eq!(role.rules.unwrap()[0].resource_names.as_deref(), Some(&["dc-route".to_string()][..]));
+}
+
+#[test]
+fn the_service_may_list_and_watch_the_registry_objects_by_name_and_nothing_else() {
+    let r = render(&[]);
+    let role: Role = r.get("thumbup-registry-reader");
+    let rules = role.rules.unwrap_or_default();
+    assert_no_wildcards(&rules);
+    // Each rule names exactly the registry object of its resource.
+    let mut granted = BTreeSet::new();
+    for rule in &rules {
+        let names = rule.resource_names.clone().unwrap_or_default();
+        let resources = rule.resources.clone().unwrap_or_default();
+        let expected = match resources.as_slice() {
+            [r] if r == "configmaps" => "thumbup-tenants",
+            [r] if r == "secrets" => "thumbup-tenant-credentials",
+            other => panic!("unexpected resources {other:?}"),
+        };
+        assert_eq!(names, [expected], "{rule:?}");
+        for v in &rule.verbs {
+            granted.insert((rule.api_groups.clone().unwrap_or_default()[0].clone(), resources[0].clone(), v.clone()));
+        }
+    }
+    let used: BTreeSet<_> = thumbup_service::registry_api::SERVICE_API_PERMISSIONS
+        .iter()
+        .flat_map(|(g, r, verbs)| verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string())))
+        .collect();
+    assert_eq!(granted, used, "the chart grants what the service's code uses, no more and no less");
+    let binding: RoleBinding = r.get("thumbup-registry-reader");
+    let subjects: Vec<_> =
+        binding.subjects.unwrap_or_default().into_iter().map(|s| (s.kind, s.name, s.namespace)).collect();
+    assert_eq!(subjects, [("ServiceAccount".to_string(), "thumbup-service".to_string(), Some(NAMESPACE.to_string()))]);
+
+    let d: Deployment = r.get(&fullname_of("service"));
+    assert_eq!(pod_spec(&d).service_account_name.as_deref(), Some("thumbup-service"));
+    let env: BTreeMap<String, String> = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    assert_eq!(env.get("THUMBUP_REGISTRY_FROM_API").map(String::as_str), Some("true"));
+    assert_eq!(env.get("THUMBUP_REGISTRY_NAMESPACE").map(String::as_str), Some(NAMESPACE));
+    assert_eq!(env.get("THUMBUP_REGISTRY_CONFIG_MAP").map(String::as_str), Some("thumbup-tenants"));
+    assert_eq!(env.get("THUMBUP_REGISTRY_SECRET").map(String::as_str), Some("thumbup-tenant-credentials"));
+
+    let files = render(&["--set", "service.registryFromApi=false"]);
+    assert!(!files.has::<Role>("thumbup-registry-reader"), "no registry reader when the files are the source");
+    let d: Deployment = files.get(&fullname_of("service"));
+    let env = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].env.clone().unwrap_or_default();
+    assert!(env.iter().all(|e| !e.name.starts_with("THUMBUP_REGISTRY")), "{env:?}");
 }
 
 #[test]

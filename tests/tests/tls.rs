@@ -156,7 +156,7 @@ async fn a_tenant_with_db_tls_is_encrypted_and_refused_plaintext_by_the_server()
     let mut no_ca = t.clone();
     no_ca.db.tls.as_mut().unwrap().ca_pem = None;
     no_ca.db.tls.as_mut().unwrap().ca_file = None;
-    let e = db::connect_options(&no_ca).unwrap().connect().await.err().expect("unknown CA accepted");
+    let e = db::connect_options(&no_ca).unwrap().connect().await.expect_err("unknown CA accepted");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     // A tenant configured without TLS is provisioned REQUIRE NONE again.
     let mut plain = t.clone();

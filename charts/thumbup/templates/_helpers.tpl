@@ -78,6 +78,14 @@ Object names.
 {{- end }}
 {{- end }}
 
+{{- define "thumbup.serviceServiceAccountName" -}}
+{{- if .Values.service.serviceAccount.create }}
+{{- default (include "thumbup.serviceName" .) .Values.service.serviceAccount.name }}
+{{- else }}
+{{- required "service.serviceAccount.name is required when service.serviceAccount.create is false" .Values.service.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{/*
 The ClusterRole (and its binding) is cluster-scoped: the namespace in its
 name keeps two releases of the same name in different namespaces apart.
