@@ -1622,6 +1622,8 @@ fn prometheus_rule_alerts_on_the_day2_conditions_with_metrics_the_code_exports()
     for (alert, metric) in [
         ("ThumbupFailoverBlocked", "thumbup_operator_failover_blocked_total"),
         ("ThumbupStandbyUnhealthy", "thumbup_operator_failover_blocked_total"),
+        ("ThumbupReplicationLag", "thumbup_operator_standby_lag_seconds"),
+        ("ThumbupReplicationStopped", "thumbup_operator_standby_lag_seconds"),
         ("ThumbupStreamLag", "thumbup_job_stream_lag_events"),
         ("ThumbupDbPathInUse", "thumbup_service_db_path_open"),
         ("ThumbupJobNotReady", "kube_deployment_status_replicas_available"),

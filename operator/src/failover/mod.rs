@@ -41,7 +41,7 @@ use ::kube::Api;
 use ::kube::runtime::events::EventType;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ConfigMap;
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use thumbup_core::route::{Blocked, FailoverRecord, Route, Transition, TransitionKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -89,6 +89,19 @@ static PROBE_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric");
     prometheus::register(Box::new(c.clone())).expect("registered once");
     c
+});
+static STANDBY_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        prometheus::Opts::new(
+            "thumbup_operator_standby_lag_seconds",
+            "Seconds_Behind_Master of each replicating DB at its last probe; -1: not replicating (its SQL or IO \
+             thread stopped, or no lag reported)",
+        ),
+        &["datacenter"],
+    )
+    .expect("valid metric");
+    prometheus::register(Box::new(g.clone())).expect("registered once");
+    g
 });
 static REPLAYED: LazyLock<IntCounter> = LazyLock::new(|| {
     let c = IntCounter::new(
@@ -483,8 +496,18 @@ impl Controller {
         .collect();
         let active = self.route.active_datacenter.clone();
         for (dc, p) in &probes {
-            if p.is_err() {
-                PROBE_FAILURES.with_label_values(&[dc]).inc();
+            match p {
+                Err(_) => PROBE_FAILURES.with_label_values(&[dc]).inc(),
+                // The active DB replicates from no one: no lag series.
+                Ok(_) if *dc == active => {
+                    let _ = STANDBY_LAG.remove_label_values(&[dc]);
+                }
+                Ok(p) => {
+                    let lag = p.replica.as_ref().and_then(|r| {
+                        (r.io_running == "Yes" && r.sql_running == "Yes").then_some(r.lag_secs).flatten()
+                    });
+                    STANDBY_LAG.with_label_values(&[dc]).set(lag.map_or(-1, |l| l as i64));
+                }
             }
         }
 
