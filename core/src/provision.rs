@@ -235,12 +235,13 @@ async fn exec(con: &mut sqlx::MySqlConnection, tenant: &str, statement: String) 
 /// to the binlog and replicated.
 async fn control_table(con: &mut sqlx::MySqlConnection, tenant: &str) -> Result<(), ProvisionError> {
     let schema = names::CONTROL_SCHEMA;
-    let n: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'owners'")
-            .bind(schema)
-            .fetch_one(&mut *con)
-            .await
-            .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'owners'",
+    )
+    .bind(schema)
+    .fetch_one(&mut *con)
+    .await
+    .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
     if n > 0 {
         return Ok(());
     }
@@ -512,11 +513,10 @@ async fn db_statements(
     let granted = if out.iter().any(|s| s.starts_with("CREATE USER")) {
         false
     } else {
-        let grants: Vec<String> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW GRANTS FOR '{user}'@'%'")))
-                .fetch_all(&mut *con)
-                .await
-                .map_err(db)?;
+        let grants: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW GRANTS FOR '{user}'@'%'")))
+            .fetch_all(&mut *con)
+            .await
+            .map_err(db)?;
         let line = format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO ");
         grants.iter().any(|g| g.starts_with(&line))
     };
@@ -727,9 +727,9 @@ async fn library_loaded(con: &mut redis::aio::MultiplexedConnection) -> Result<b
     let name = crate::functions::library().name();
     let list: redis::Value = redis::cmd("FUNCTION").arg("LIST").arg("LIBRARYNAME").arg(&name).query_async(con).await?;
     let redis::Value::Array(libraries) = list else { return Ok(false) };
-    Ok(libraries.iter().any(|lib| {
-        fields(lib).iter().any(|(k, v)| k == "library_name" && text(v).as_deref() == Some(name.as_str()))
-    }))
+    Ok(libraries
+        .iter()
+        .any(|lib| fields(lib).iter().any(|(k, v)| k == "library_name" && text(v).as_deref() == Some(name.as_str()))))
 }
 
 /// The (field, value) pairs of a reply that RESP2 sends as a flat array
@@ -737,13 +737,13 @@ async fn library_loaded(con: &mut redis::aio::MultiplexedConnection) -> Result<b
 fn fields(v: &redis::Value) -> Vec<(String, redis::Value)> {
     match v {
         redis::Value::Map(pairs) => pairs.iter().filter_map(|(k, v)| Some((text(k)?, v.clone()))).collect(),
-        redis::Value::Array(items) => {
-            items.chunks(2).filter_map(|c| match c {
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|c| match c {
                 [k, v] => Some((text(k)?, v.clone())),
                 _ => None,
             })
-            .collect()
-        }
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -799,11 +799,7 @@ fn acl_user_matches(reply: &redis::Value, tenant: &str, password: &str) -> bool 
 pub async fn migrate(t: &TenantConfig) -> Result<(), ProvisionError> {
     let migrate_err = |source| ProvisionError::Migrate { tenant: t.name.clone(), schema: t.schema(), source };
     let pool = crate::db::connect_lazy(t).map_err(|source| ProvisionError::Db { tenant: t.name.clone(), source })?;
-    let result = if migrated(&pool).await {
-        Ok(())
-    } else {
-        crate::db::migrate(&pool).await.map_err(migrate_err)
-    };
+    let result = if migrated(&pool).await { Ok(()) } else { crate::db::migrate(&pool).await.map_err(migrate_err) };
     pool.close().await;
     result
 }

@@ -275,10 +275,7 @@ async fn an_idle_tenants_later_passes_write_no_account_or_ddl_statement_and_no_p
     let (lt, creds) = provision_all(name).await;
     let first_end = binlog_end(&mut con).await;
     let first = binlog_between(&mut con, &start, &first_end).await;
-    assert!(
-        first.iter().any(|i| mine(i) && i.contains("CREATE USER")),
-        "the first pass creates the user: {first:#?}"
-    );
+    assert!(first.iter().any(|i| mine(i) && i.contains("CREATE USER")), "the first pass creates the user: {first:#?}");
     // No event of the first pass (of any session: the password is random)
     // carries the password in clear.
     let leaked: Vec<_> = first.iter().filter(|i| i.contains(&creds.db_password)).collect();
@@ -293,7 +290,11 @@ async fn an_idle_tenants_later_passes_write_no_account_or_ddl_statement_and_no_p
     }
     let end = binlog_end(&mut con).await;
     let later: Vec<_> = binlog_between(&mut con, &first_end, &end).await.into_iter().filter(mine).collect();
-    println!("binlog events of the tenant: first pass {}, second and third passes {}", first.iter().filter(|i| mine(i)).count(), later.len());
+    println!(
+        "binlog events of the tenant: first pass {}, second and third passes {}",
+        first.iter().filter(|i| mine(i)).count(),
+        later.len()
+    );
     assert!(later.is_empty(), "the second and third passes wrote to the binlog: {later:#?}");
     forget(name).await;
 }

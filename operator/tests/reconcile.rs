@@ -431,8 +431,11 @@ async fn deleted_tenant_is_cleaned_up_and_then_its_finalizer_removed() {
         // cached object again, finalizer and all: read back, it is gone, and
         // nothing else happens (no second cleanup, no second Event).
         let call = api.expect("GET", TEAM_TENANTS).await;
-        call.reply(200, json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenantList",
-            "metadata": {"resourceVersion": "10"}, "items": []}));
+        call.reply(
+            200,
+            json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenantList",
+            "metadata": {"resourceVersion": "10"}, "items": []}),
+        );
         api.expect_no_more().await;
     });
     let lt = Arc::new(lt);
