@@ -230,9 +230,21 @@ async fn exec(con: &mut sqlx::MySqlConnection, tenant: &str, statement: String) 
 }
 
 /// The control schema and its table; only admin accounts are granted on it
-/// (tenant users are granted on their own schema alone).
+/// (tenant users are granted on their own schema alone). Created only when
+/// missing: a `CREATE ... IF NOT EXISTS` of what exists is still written
+/// to the binlog and replicated.
 async fn control_table(con: &mut sqlx::MySqlConnection, tenant: &str) -> Result<(), ProvisionError> {
     let schema = names::CONTROL_SCHEMA;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'owners'",
+    )
+    .bind(schema)
+    .fetch_one(&mut *con)
+    .await
+    .map_err(|source| ProvisionError::Db { tenant: tenant.to_string(), source })?;
+    if n > 0 {
+        return Ok(());
+    }
     exec(con, tenant, format!("CREATE DATABASE IF NOT EXISTS `{schema}`")).await?;
     let table = format!(
         "CREATE TABLE IF NOT EXISTS `{schema}`.owners (
@@ -418,19 +430,100 @@ pub async fn provision_db_as(
     let schema = t.schema();
     claim_db(admin_url, name, &schema, owner, adopt).await?;
     let mut con = admin_db(admin_url, name).await?;
-    let pw = &t.db.password;
-    let cap = max_user_connections.map(|n| format!(" WITH MAX_USER_CONNECTIONS {n}")).unwrap_or_default();
-    let statements = [
-        format!("CREATE DATABASE IF NOT EXISTS `{schema}`"),
-        format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'{cap}"),
-        format!("ALTER USER '{user}'@'%' IDENTIFIED BY '{pw}'{cap}"),
-        format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO '{user}'@'%'"),
-        format!("ALTER USER '{user}'@'%' REQUIRE {}", if t.db.tls.is_some() { "SSL" } else { "NONE" }),
-    ];
-    for s in statements {
+    let want = DbAccount {
+        auth: native_password_hash(&t.db.password),
+        max_user_connections: max_user_connections.map(i64::from),
+        ssl: t.db.tls.is_some(),
+    };
+    for s in db_statements(&mut con, name, &schema, &user, &want).await? {
         exec(&mut con, name, s).await?;
     }
     Ok(())
+}
+
+/// The `mysql_native_password` hash of `password`, as the server stores it
+/// in `mysql.user.authentication_string`: `*` and the upper-case hex of
+/// SHA1(SHA1(password)). Account statements carry this hash, never the
+/// password, so neither the binlog nor a replica ever sees it in clear.
+pub fn native_password_hash(password: &str) -> String {
+    let inner = sha1_smol::Sha1::from(password.as_bytes()).digest().bytes();
+    let outer = sha1_smol::Sha1::from(inner).digest().bytes();
+    let hex: String = outer.iter().map(|b| format!("{b:02X}")).collect();
+    format!("*{hex}")
+}
+
+/// What the tenant's DB user must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DbAccount {
+    /// The `mysql_native_password` hash ([`native_password_hash`]).
+    auth: String,
+    /// Its session cap; None leaves the server's as it is.
+    max_user_connections: Option<i64>,
+    /// `REQUIRE SSL` (else `REQUIRE NONE`).
+    ssl: bool,
+}
+
+/// The account and DDL statements that bring the schema and the user to
+/// `want`, after reading what the server holds: none when nothing differs,
+/// so an idle tenant's passes write nothing to the binlog. The password
+/// goes in as its hash, in the form the server takes: `IDENTIFIED BY
+/// PASSWORD '*...'` on MariaDB, `IDENTIFIED WITH mysql_native_password AS
+/// '*...'` on MySQL (whose 8.4 and later need the plugin enabled).
+async fn db_statements(
+    con: &mut sqlx::MySqlConnection,
+    tenant: &str,
+    schema: &str,
+    user: &str,
+    want: &DbAccount,
+) -> Result<Vec<String>, ProvisionError> {
+    let db = |source| ProvisionError::Db { tenant: tenant.to_string(), source };
+    let mut out = Vec::new();
+    if !db_exists(con, tenant, SCHEMA, schema).await? {
+        out.push(format!("CREATE DATABASE IF NOT EXISTS `{schema}`"));
+    }
+    let version: String = sqlx::query_scalar("SELECT VERSION()").fetch_one(&mut *con).await.map_err(db)?;
+    let identified = if version.to_ascii_lowercase().contains("mariadb") {
+        format!("IDENTIFIED BY PASSWORD '{}'", want.auth)
+    } else {
+        format!("IDENTIFIED WITH mysql_native_password AS '{}'", want.auth)
+    };
+    let require = if want.ssl { "SSL" } else { "NONE" };
+    let cap = want.max_user_connections.map(|n| format!(" WITH MAX_USER_CONNECTIONS {n}")).unwrap_or_default();
+    let row: Option<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT CONVERT(plugin USING utf8mb4), CONVERT(authentication_string USING utf8mb4), \
+         CONVERT(ssl_type USING utf8mb4), CAST(max_user_connections AS SIGNED) \
+         FROM mysql.user WHERE User = ? AND Host = '%'",
+    )
+    .bind(user)
+    .fetch_optional(&mut *con)
+    .await
+    .map_err(db)?;
+    match row {
+        None => out.push(format!("CREATE USER '{user}'@'%' {identified} REQUIRE {require}{cap}")),
+        Some((plugin, auth, ssl_type, max)) => {
+            let auth_ok = (plugin.is_empty() || plugin == "mysql_native_password") && auth == want.auth;
+            // REQUIRE SSL is ssl_type ANY; REQUIRE NONE is ''.
+            let ssl_ok = if want.ssl { ssl_type == "ANY" } else { ssl_type.is_empty() };
+            let cap_ok = want.max_user_connections.is_none_or(|n| n == max);
+            if !(auth_ok && ssl_ok && cap_ok) {
+                out.push(format!("ALTER USER '{user}'@'%' {identified} REQUIRE {require}{cap}"));
+            }
+        }
+    }
+    let granted = if out.iter().any(|s| s.starts_with("CREATE USER")) {
+        false
+    } else {
+        let grants: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW GRANTS FOR '{user}'@'%'")))
+            .fetch_all(&mut *con)
+            .await
+            .map_err(db)?;
+        let line = format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO ");
+        grants.iter().any(|g| g.starts_with(&line))
+    };
+    if !granted {
+        out.push(format!("GRANT ALL PRIVILEGES ON `{schema}`.* TO '{user}'@'%'"));
+    }
+    Ok(out)
 }
 
 /// The commands a tenant's Redis user may run: exactly what the service, the
@@ -478,13 +571,22 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "xlen",
 ];
 
+/// The hex SHA-256 of `password`: the form in which Redis keeps a user's
+/// password (`ACL GETUSER`) and in which [`acl_rules`] sets it (`#<hash>`),
+/// so the password itself is never sent in an ACL command.
+pub fn redis_password_hash(password: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(password.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The `ACL SETUSER` rules of a tenant user. They start with `reset`, so a
-/// re-run replaces whatever rules the user had: provisioning converges.
+/// re-run replaces whatever rules the user had: provisioning converges. The
+/// password goes in as its hash (`#<sha256>`).
 pub fn acl_rules(tenant: &str, password: &str) -> Vec<String> {
     let mut rules = vec![
         "reset".to_string(),
         "on".to_string(),
-        format!(">{password}"),
+        format!("#{}", redis_password_hash(password)),
         format!("~{}*", Keys::new(tenant, 1).prefix()),
         "resetchannels".to_string(),
         "-@all".to_string(),
@@ -601,7 +703,14 @@ pub async fn provision_redis_as(
     claim_redis(admin_url, name, owner, adopt).await?;
     let err = |source| ProvisionError::Redis { tenant: name.clone(), source };
     let mut con = redis_admin(admin_url, name).await?;
-    crate::functions::load(&mut con).await.map_err(err)?;
+    if !library_loaded(&mut con).await.map_err(err)? {
+        crate::functions::load(&mut con).await.map_err(err)?;
+    }
+    let current: redis::Value = redis::cmd("ACL").arg("GETUSER").arg(&user).query_async(&mut con).await.map_err(err)?;
+    if acl_user_matches(&current, name, &t.redis.password) {
+        // Nothing to change (and nothing to save): the ACL file holds it.
+        return Ok(true);
+    }
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&user)
@@ -612,14 +721,102 @@ pub async fn provision_redis_as(
     acl_save(&mut con).await.map_err(err)
 }
 
+/// Whether this build's function library is loaded. Its name carries the
+/// hash of its source, so a library of that name is this source.
+async fn library_loaded(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, redis::RedisError> {
+    let name = crate::functions::library().name();
+    let list: redis::Value = redis::cmd("FUNCTION").arg("LIST").arg("LIBRARYNAME").arg(&name).query_async(con).await?;
+    let redis::Value::Array(libraries) = list else { return Ok(false) };
+    Ok(libraries
+        .iter()
+        .any(|lib| fields(lib).iter().any(|(k, v)| k == "library_name" && text(v).as_deref() == Some(name.as_str()))))
+}
+
+/// The (field, value) pairs of a reply that RESP2 sends as a flat array
+/// and RESP3 as a map.
+fn fields(v: &redis::Value) -> Vec<(String, redis::Value)> {
+    match v {
+        redis::Value::Map(pairs) => pairs.iter().filter_map(|(k, v)| Some((text(k)?, v.clone()))).collect(),
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|c| match c {
+                [k, v] => Some((text(k)?, v.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn texts(v: &redis::Value) -> Vec<String> {
+    match v {
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().filter_map(text).collect(),
+        other => text(other).into_iter().collect(),
+    }
+}
+
+/// Whether an `ACL GETUSER` reply is exactly the user [`acl_rules`] makes:
+/// on, this one password, the tenant's key pattern, no channels, no
+/// selectors, and the listed commands alone (compared as a set: Redis
+/// reorders them).
+fn acl_user_matches(reply: &redis::Value, tenant: &str, password: &str) -> bool {
+    if matches!(reply, redis::Value::Nil) {
+        return false;
+    }
+    let f = fields(reply);
+    let get = |name: &str| f.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let flags = get("flags").map(|v| texts(&v)).unwrap_or_default();
+    let passwords = get("passwords").map(|v| texts(&v)).unwrap_or_default();
+    let words = |name: &str| -> std::collections::BTreeSet<String> {
+        get(name).map(|v| texts(&v).join(" ")).unwrap_or_default().split_whitespace().map(str::to_string).collect()
+    };
+    let want_commands: std::collections::BTreeSet<String> =
+        std::iter::once("-@all".to_string()).chain(TENANT_COMMANDS.iter().map(|c| format!("+{c}"))).collect();
+    let want_keys: std::collections::BTreeSet<String> = [format!("~{}*", Keys::new(tenant, 1).prefix())].into();
+    let selectors_empty = get("selectors").is_none_or(|v| matches!(&v, redis::Value::Array(a) if a.is_empty()));
+    flags.iter().any(|x| x == "on")
+        && !flags.iter().any(|x| x == "nopass" || x == "allkeys" || x == "allchannels")
+        && passwords == [redis_password_hash(password)]
+        && words("commands") == want_commands
+        && words("keys") == want_keys
+        && words("channels").is_empty()
+        && selectors_empty
+}
+
 /// Applies the schema migrations with the tenant's own credentials (so they
-/// also prove the grant works).
+/// also prove the grant works). When the schema already records every
+/// migration of this build as applied, with the same checksum, nothing is
+/// sent but that read: the migrator's own `CREATE TABLE IF NOT EXISTS` of
+/// its table would be written to the binlog on every pass.
 pub async fn migrate(t: &TenantConfig) -> Result<(), ProvisionError> {
     let migrate_err = |source| ProvisionError::Migrate { tenant: t.name.clone(), schema: t.schema(), source };
     let pool = crate::db::connect_lazy(t).map_err(|source| ProvisionError::Db { tenant: t.name.clone(), source })?;
-    let result = crate::db::migrate(&pool).await.map_err(migrate_err);
+    let result = if migrated(&pool).await { Ok(()) } else { crate::db::migrate(&pool).await.map_err(migrate_err) };
     pool.close().await;
     result
+}
+
+/// Whether every migration of this build is recorded as applied (any error,
+/// a missing table among them, says no: the migrator then runs).
+async fn migrated(pool: &sqlx::MySqlPool) -> bool {
+    let Ok(rows) = sqlx::query_as::<_, (i64, Vec<u8>)>("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+    else {
+        return false;
+    };
+    crate::db::MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .all(|m| rows.iter().any(|(v, sum)| *v == m.version && sum.as_slice() == &*m.checksum))
 }
 
 /// Drops the tenant's schema (and every record in it) and its DB user,
@@ -743,6 +940,55 @@ mod tests {
         let allowed: Vec<_> = rules.iter().filter(|r| r.starts_with('+')).collect();
         assert_eq!(allowed.len(), TENANT_COMMANDS.len());
         assert!(!rules.iter().any(|r| r.contains("flushall") || r.contains("keys") || r.starts_with("+@")));
+    }
+
+    #[test]
+    fn the_native_password_hash_is_the_servers() {
+        // SELECT PASSWORD('password') on MariaDB and MySQL 5.7.
+        assert_eq!(native_password_hash("password"), "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19");
+    }
+
+    #[test]
+    fn acl_rules_carry_the_password_hash_never_the_password() {
+        let rules = acl_rules("alpha", "s3cret");
+        assert!(rules.contains(&format!("#{}", redis_password_hash("s3cret"))));
+        assert!(!rules.iter().any(|r| r.contains("s3cret")));
+    }
+
+    fn bulk(s: &str) -> redis::Value {
+        redis::Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// An `ACL GETUSER` reply (RESP2) of the user `acl_rules` makes, with
+    /// the commands in another order, as Redis 7 answers.
+    fn getuser(passwords: &[&str], commands: &str) -> redis::Value {
+        redis::Value::Array(vec![
+            bulk("flags"),
+            redis::Value::Array(vec![bulk("on"), bulk("sanitize-payload")]),
+            bulk("passwords"),
+            redis::Value::Array(passwords.iter().map(|p| bulk(&redis_password_hash(p))).collect()),
+            bulk("commands"),
+            bulk(commands),
+            bulk("keys"),
+            bulk("~thumbup:alpha:*"),
+            bulk("channels"),
+            bulk(""),
+            bulk("selectors"),
+            redis::Value::Array(vec![]),
+        ])
+    }
+
+    #[test]
+    fn an_acl_user_matches_only_when_it_is_exactly_what_the_rules_make() {
+        let mut commands: Vec<String> = TENANT_COMMANDS.iter().map(|c| format!("+{c}")).collect();
+        commands.reverse();
+        let commands = format!("-@all {}", commands.join(" "));
+        assert!(acl_user_matches(&getuser(&["pw"], &commands), "alpha", "pw"));
+        assert!(!acl_user_matches(&getuser(&["other"], &commands), "alpha", "pw"), "another password");
+        assert!(!acl_user_matches(&getuser(&["pw", "x"], &commands), "alpha", "pw"), "a second password");
+        assert!(!acl_user_matches(&getuser(&["pw"], &format!("{commands} +keys")), "alpha", "pw"), "an extra command");
+        assert!(!acl_user_matches(&getuser(&["pw"], &commands), "beta", "pw"), "another key pattern");
+        assert!(!acl_user_matches(&redis::Value::Nil, "alpha", "pw"), "no user");
     }
 
     fn lt(uid: &str) -> Owner {

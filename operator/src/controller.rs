@@ -39,10 +39,9 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -146,22 +145,108 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// Reconciles one LikeTenant (the controller's entry point).
+/// The write parameters of every merge and JSON patch the operator sends:
+/// its field manager, so managedFields name it.
+pub fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() }
+}
+
+/// How soon a tenant is looked at again while the route's promotion of the
+/// new primary is pending (the route's completion also wakes every tenant).
+const PROMOTION_RECHECK: Duration = Duration::from_secs(2);
+
+/// Reconciles one LikeTenant (the controller's entry point): adds the
+/// finalizer to a live object, provisions one that has it, and cleans up a
+/// deleted one once before removing the finalizer.
 #[instrument(skip_all, fields(tenant = %lt.name_any(), namespace = lt.namespace().unwrap_or_default()))]
 pub async fn reconcile(lt: Arc<LikeTenant>, ctx: Arc<Context>) -> Result<Action> {
     let start = Instant::now();
     let ns = lt.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
     let api: Api<LikeTenant> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, lt, |event| async {
-        match event {
-            Finalizer::Apply(lt) => apply(&lt, &ctx).await,
-            Finalizer::Cleanup(lt) => cleanup(&lt, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = pass(&api, &lt, &ctx).await;
     ctx.metrics.observe(start.elapsed(), result.as_ref().err().map(Error::reason));
     result
+}
+
+fn has_finalizer(lt: &LikeTenant) -> bool {
+    lt.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+async fn pass(api: &Api<LikeTenant>, lt: &LikeTenant, ctx: &Context) -> Result<Action> {
+    let deleting = lt.meta().deletion_timestamp.is_some();
+    match (deleting, has_finalizer(lt)) {
+        (false, false) => {
+            // The write wakes the controller again (the finalizers trigger).
+            add_finalizer(api, lt).await?;
+            Ok(Action::await_change())
+        }
+        (false, true) => apply(lt, ctx).await,
+        (true, true) => {
+            // The object in the cache can be older than a cleanup that
+            // already ran (another trigger, the job Deployment's deletion
+            // among them, queued it again): read it back first, and clean
+            // up only while it still carries the finalizer.
+            let Some(fresh) = current(api, lt).await? else { return Ok(Action::await_change()) };
+            if fresh.meta().deletion_timestamp.is_none() || !has_finalizer(&fresh) {
+                return Ok(Action::await_change());
+            }
+            if let Some(wait) = cleanup(&fresh, ctx).await? {
+                return Ok(wait);
+            }
+            remove_finalizer(api, &fresh).await?;
+            Ok(Action::await_change())
+        }
+        (true, false) => Ok(Action::await_change()),
+    }
+}
+
+/// The object as the API server holds it now (a list by name: the
+/// operator's RBAC lists LikeTenants and does not get them); None when it
+/// is gone or is another object of the same name.
+async fn current(api: &Api<LikeTenant>, lt: &LikeTenant) -> Result<Option<LikeTenant>> {
+    let name = lt.name_any();
+    let lp = ListParams::default().fields(&format!("metadata.name={name}"));
+    let list = api.list(&lp).await.map_err(kube_err(&lt.tenant(), "reading the LikeTenant back"))?;
+    Ok(list.items.into_iter().find(|o| o.name_any() == name && o.uid() == lt.uid()))
+}
+
+fn json_patch(ops: serde_json::Value) -> json_patch::Patch {
+    serde_json::from_value(ops).expect("a JSON patch")
+}
+
+/// Adds the finalizer with a JSON patch that first tests the list as read,
+/// so a concurrent change of the finalizers fails it instead of being lost.
+async fn add_finalizer(api: &Api<LikeTenant>, lt: &LikeTenant) -> Result<()> {
+    let ops = match &lt.metadata.finalizers {
+        None => json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] },
+        ]),
+        Some(list) => json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": list },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER },
+        ]),
+    };
+    api.patch(&lt.name_any(), &patch_params(), &Patch::Json::<()>(json_patch(ops)))
+        .await
+        .map_err(|source| Error::Finalizer { tenant: lt.tenant(), step: "adding", source })?;
+    Ok(())
+}
+
+/// Removes the finalizer (tested at its index first). An object already
+/// gone is done.
+async fn remove_finalizer(api: &Api<LikeTenant>, lt: &LikeTenant) -> Result<()> {
+    let Some(i) = lt.finalizers().iter().position(|f| f == FINALIZER) else { return Ok(()) };
+    let path = format!("/metadata/finalizers/{i}");
+    let ops = json!([
+        { "op": "test", "path": path, "value": FINALIZER },
+        { "op": "remove", "path": path },
+    ]);
+    match api.patch(&lt.name_any(), &patch_params(), &Patch::Json::<()>(json_patch(ops))).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
+        Err(source) => Err(Error::Finalizer { tenant: lt.tenant(), step: "removing", source }),
+    }
 }
 
 /// Requeues a failed object with an exponential backoff (5 s doubling up to
@@ -331,25 +416,30 @@ struct Placement<'a> {
     active: String,
     /// `status.failoverEpoch`: the route's, else what the status holds.
     epoch: Option<i64>,
+    /// The route names a new primary whose promotion has not finished:
+    /// its DB is still read-only, and the old one is fenced.
+    promotion_pending: bool,
 }
 
 /// The route's active datacenter and epoch when a route is known, else the
 /// configured active datacenter. The route is read once per pass, so one
 /// pass never mixes two routes.
 fn placement<'a>(lt: &LikeTenant, ctx: &Context, cfg: &'a OperatorConfig) -> Placement<'a> {
-    let route = ctx.route.borrow().as_ref().map(|r| (r.active_datacenter.clone(), r.epoch));
+    let route =
+        ctx.route.borrow().as_ref().map(|r| (r.active_datacenter.clone(), r.epoch, r.failover.promotion_pending));
     match route {
-        Some((active, epoch)) => {
+        Some((active, epoch, promotion_pending)) => {
             let dc = cfg.datacenter(&active).unwrap_or_else(|| {
                 warn!(datacenter = %active, "the route names a datacenter the config does not list; using the config's active one");
                 cfg.active()
             });
-            Placement { dc, active, epoch: Some(i64::try_from(epoch).unwrap_or(i64::MAX)) }
+            Placement { dc, active, epoch: Some(i64::try_from(epoch).unwrap_or(i64::MAX)), promotion_pending }
         }
         None => Placement {
             dc: cfg.active(),
             active: cfg.active().name.clone(),
             epoch: lt.status.as_ref().and_then(|s| s.failover_epoch),
+            promotion_pending: false,
         },
     }
 }
@@ -419,7 +509,7 @@ async fn write_status(lt: &LikeTenant, ctx: &Context, mut status: LikeTenantStat
         }
     }
     let patch = json!({ "status": body });
-    api.patch_status(&lt.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+    api.patch_status(&lt.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await
         .map_err(kube_err(&tenant, "writing the status"))?;
     Ok(())
@@ -488,6 +578,12 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let tenant = lt.tenant();
     let cfg = ctx.config.clone();
     let place = placement(lt, ctx, &cfg);
+    if place.promotion_pending {
+        // Nothing to do on a DB that is not writable yet, and no failure to
+        // report: the pass runs again when the promotion completes.
+        info!(datacenter = %place.active, "waiting for the promotion of the new primary");
+        return Ok(Action::requeue(PROMOTION_RECHECK));
+    }
     let dc = place.dc;
     let mut conds = Conditions::new(lt);
     let mut status = LikeTenantStatus {
@@ -589,10 +685,18 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(if ready { RESYNC } else { PROGRESS_RECHECK }))
 }
 
-async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
+/// Removes the tenant's job, registry entry and access (and with Delete its
+/// data). Some(action) when it must wait (a promotion is pending: the
+/// finalizer stays), None when done.
+async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Option<Action>> {
     let tenant = lt.tenant();
     let cfg = ctx.config.clone();
     let ns = lt.namespace().unwrap_or_default();
+    let place = placement(lt, ctx, &cfg);
+    if place.promotion_pending {
+        info!(datacenter = %place.active, "cleanup waits for the promotion of the new primary");
+        return Ok(Some(Action::requeue(PROMOTION_RECHECK)));
+    }
 
     // The job first, so nothing writes while the rest goes away.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -607,7 +711,7 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     if owned && core_config::valid_tenant_name(&tenant) {
         apply_registry_secret(lt, ctx, None).await?;
         let owner = provision::owner(lt, &cfg.installation(&ctx.namespace));
-        provision::teardown(lt, &owner, &cfg, placement(lt, ctx, &cfg).dc).await?;
+        provision::teardown(lt, &owner, &cfg, place.dc).await?;
     }
     let (reason, note) = match lt.spec.deletion_policy {
         DeletionPolicy::Delete => ("Deleted", format!("tenant {tenant}: access, job and data removed")),
@@ -617,7 +721,7 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     };
     publish(lt, ctx, EventType::Normal, reason, note, "Cleanup").await;
     succeeded(lt, ctx);
-    Ok(Action::await_change())
+    Ok(None)
 }
 
 /// What wakes the controller for a LikeTenant: its generation (spec
@@ -627,14 +731,16 @@ pub fn trigger(lt: &LikeTenant) -> Option<u64> {
     predicates::generation.combine(predicates::finalizers).hash_property(lt)
 }
 
-/// The active datacenter and epoch of a route: what tenants follow.
-fn route_key(route: &Option<Route>) -> Option<(String, u64)> {
-    route.as_ref().map(|r| (r.active_datacenter.clone(), r.epoch))
+/// The active datacenter, epoch and pending promotion of a route: what
+/// tenants follow.
+fn route_key(route: &Option<Route>) -> Option<(String, u64, bool)> {
+    route.as_ref().map(|r| (r.active_datacenter.clone(), r.epoch, r.failover.promotion_pending))
 }
 
-/// Yields once for every change of the route's active datacenter or epoch
-/// (not for the failover controller's own record, which changes with every
-/// probe run); ends when the publisher is gone.
+/// Yields once for every change of the route's active datacenter or epoch,
+/// and when a promotion starts or completes (not for the failover
+/// controller's other records, which change with every probe run); ends
+/// when the publisher is gone.
 pub fn route_flips(rx: watch::Receiver<Option<Route>>) -> impl Stream<Item = ()> + Send + 'static {
     let seen = route_key(&rx.borrow());
     futures::stream::unfold((rx, seen), |(mut rx, seen)| async move {
@@ -648,33 +754,79 @@ pub fn route_flips(rx: watch::Receiver<Option<Route>>) -> impl Stream<Item = ()>
     })
 }
 
+/// The verb, code and message of a watcher error that is a refusal (401
+/// or 403): retrying cannot cure it.
+fn refused(e: &watcher::Error) -> Option<(&'static str, u16, String)> {
+    let (verb, status) = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s)) => ("list", s.as_ref()),
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) | watcher::Error::WatchFailed(kube::Error::Api(s)) => {
+            ("watch", s.as_ref())
+        }
+        watcher::Error::WatchError(s) => ("watch", s.as_ref()),
+        _ => return None,
+    };
+    [401, 403].contains(&status.code).then(|| (verb, status.code, status.message.clone()))
+}
+
 /// Runs the controller until `shutdown` resolves. `namespace` None watches
-/// every namespace.
+/// every namespace. A watch that the API server refuses (401 or 403: the
+/// RBAC does not grant it) ends the run with [`Error::WatchForbidden`],
+/// naming the resource, the scope and the verb, instead of retrying forever.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
+) -> Result<()> {
     let (tenants, deployments): (Api<LikeTenant>, Api<Deployment>) = match &namespace {
         Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
+    let scope = match &namespace {
+        Some(ns) => format!("in namespace {ns}"),
+        None => "in every namespace (cluster scope)".to_string(),
+    };
+    // Set when the tenant watch is refused, so that a refusal in the
+    // controller's output is told apart from one of the Deployment watch.
+    let tenants_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = tenants_refused.clone();
     let (reader, writer) = kube::runtime::reflector::store();
     let stream = watcher(tenants, watcher::Config::default().any_semantic())
+        .inspect(move |ev| {
+            if let Err(e) = ev
+                && refused(e).is_some()
+            {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
         .default_backoff()
         .reflect(writer)
         .applied_objects()
         .predicate_filter(trigger, Default::default());
     let jobs = watcher::Config::default().labels("app.kubernetes.io/managed-by=thumbup-operator");
     let flips = route_flips(ctx.route.clone());
-    Controller::for_stream(stream, reader)
+    let out = Controller::for_stream(stream, reader)
         .owns(deployments, jobs)
         .reconcile_all_on(flips)
         .with_config(kube::runtime::controller::Config::default().concurrency(4))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .run(reconcile, error_policy, ctx);
+    let mut out = std::pin::pin!(out);
+    while let Some(item) = out.next().await {
+        let Err(kube::runtime::controller::Error::QueueError(e)) = &item else { continue };
+        let Some((verb, code, message)) = refused(e) else {
+            warn!(error = %e, "watch failed; retrying");
+            continue;
+        };
+        let resource = if tenants_refused.load(std::sync::atomic::Ordering::Relaxed) {
+            "liketenants.thumbup.io"
+        } else {
+            "deployments.apps"
+        };
+        let e = Error::WatchForbidden { resource, scope, verb, code, message };
+        tracing::error!(error = %e, "tenant controller stopped");
+        return Err(e);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

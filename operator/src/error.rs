@@ -56,9 +56,34 @@ pub enum Error {
     /// The operator's config (admin password files) could not be read.
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
-    /// The finalizer helper failed.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Adding or removing the operator's finalizer failed.
+    #[error("tenant {tenant}: {step} the finalizer: {source}")]
+    Finalizer {
+        /// The tenant.
+        tenant: String,
+        /// `adding` or `removing`.
+        step: &'static str,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// A watch that the tenant controller needs was refused by the API
+    /// server (401 or 403): the operator's RBAC does not grant it.
+    #[error(
+        "the API server refused to {verb} {resource} {scope} ({code}: {message}); the operator's RBAC must grant \
+         list and watch on {resource} {scope} (check --all-namespaces against a namespaced Role)"
+    )]
+    WatchForbidden {
+        /// The resource (`liketenants.thumbup.io`, `deployments.apps`).
+        resource: &'static str,
+        /// `in namespace <ns>` or `in every namespace (cluster scope)`.
+        scope: String,
+        /// `list` or `watch`.
+        verb: &'static str,
+        /// 401 or 403.
+        code: u16,
+        /// The API server's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -74,12 +99,8 @@ impl Error {
             Error::Database(e) => refusal(e).unwrap_or("DatabaseFailed"),
             Error::Redis { source, .. } => refusal(source).unwrap_or("RedisFailed"),
             Error::Config(_) => "ConfigUnreadable",
-            Error::Finalizer(e) => match e.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.reason()
-                }
-                _ => "FinalizerFailed",
-            },
+            Error::Finalizer { .. } => "FinalizerFailed",
+            Error::WatchForbidden { .. } => "WatchForbidden",
         }
     }
 }

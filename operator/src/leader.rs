@@ -16,6 +16,11 @@ use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tracing::{info, warn};
 
+/// Lease writes carry the operator's field manager.
+fn post_params() -> PostParams {
+    PostParams { field_manager: Some(crate::controller::MANAGER.into()), ..PostParams::default() }
+}
+
 /// A candidate for the Lease `name`.
 pub struct Elector {
     api: Api<Lease>,
@@ -49,7 +54,7 @@ impl Elector {
                 metadata: ObjectMeta { name: Some(self.name.clone()), ..ObjectMeta::default() },
                 spec: Some(self.spec(0, None)),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
+            return match self.api.create(&post_params(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
                 Err(e) => Err(e),
@@ -67,7 +72,7 @@ impl Elector {
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
         lease.spec = Some(self.spec(transitions, if mine { spec.acquire_time } else { None }));
         // replace() sends the resourceVersion read above: a racing writer gets 409.
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self.api.replace(&self.name, &post_params(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
@@ -118,7 +123,7 @@ impl Elector {
             && spec.holder_identity.as_deref() == Some(self.identity.as_str())
         {
             spec.holder_identity = None;
-            if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            if let Err(e) = self.api.replace(&self.name, &post_params(), &lease).await {
                 warn!(error = %e, "releasing the Lease failed");
             }
         }

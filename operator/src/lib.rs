@@ -53,11 +53,27 @@ pub struct Options {
     pub lease_duration: Duration,
 }
 
+/// How long the controllers may take to finish after shutdown is asked
+/// for; then the run ends regardless (releasing the Lease), so SIGTERM is
+/// never left waiting on a reconcile or a watch that does not end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs the operator until `shutdown` resolves or leadership is lost.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let cfg = Arc::new(config::OperatorConfig::load(&opts.config)?);
     // In cluster: the service account; elsewhere: the kubeconfig.
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    run_with_client(opts, client, shutdown).await
+}
+
+/// [`run`] with a given Kubernetes client. A watch that the API server
+/// refuses (the RBAC does not grant it) ends the run with an error naming
+/// the resource, scope and verb, after the Lease is released.
+pub async fn run_with_client(
+    opts: Options,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(config::OperatorConfig::load(&opts.config)?);
     let namespace = opts.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     let metrics = metrics::Metrics;
     let ready = Arc::new(AtomicBool::new(false));
@@ -121,25 +137,37 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()> + Send + 'sta
     };
     let ctx = controller::Context::new(client, cfg, namespace.clone(), metrics.clone(), route_rx);
     info!(namespace = watched.as_deref().unwrap_or("<all>"), "tenant controller starting");
-    let lost = tokio::select! {
-        _ = controller::run(ctx, watched, stopped(stop_rx.clone())) => false,
+    // Shutdown asked for, and the grace period over.
+    let overdue = {
+        let stop = stopped(stop_rx.clone());
+        async move {
+            stop.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        }
+    };
+    let outcome: anyhow::Result<()> = tokio::select! {
+        r = controller::run(ctx, watched, stopped(stop_rx.clone())) => r.map_err(anyhow::Error::from),
         r = failover => {
             // It returns early only when it cannot start (config or route
             // unusable): leave the Lease to a replica that can.
-            if let Err(e) = r {
-                let _ = stop_tx.send(true);
-                anyhow::bail!("failover controller stopped: {e}");
-            }
-            false
+            r.map_err(|e| anyhow::anyhow!("failover controller stopped: {e}"))
         }
-        _ = elector.hold() => true,
+        _ = elector.hold() => {
+            metrics.set_leader(false);
+            let _ = stop_tx.send(true);
+            anyhow::bail!("lost the leader Lease; exiting so that the new leader reconciles alone");
+        }
+        _ = overdue => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "the controllers did not stop in time; exiting");
+            Ok(())
+        }
     };
     metrics.set_leader(false);
     let _ = stop_tx.send(true);
-    if lost {
-        anyhow::bail!("lost the leader Lease; exiting so that the new leader reconciles alone");
+    // Whatever ended the run, a successor takes the Lease at once.
+    if tokio::time::timeout(SHUTDOWN_GRACE, elector.release()).await.is_err() {
+        tracing::warn!("releasing the Lease timed out");
     }
-    elector.release().await;
-    let _ = admin.await;
-    Ok(())
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, admin).await;
+    outcome
 }

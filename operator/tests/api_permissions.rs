@@ -62,7 +62,9 @@ async fn the_operators_code_paths_issue_every_permission_its_rbac_grants() {
     assert!(elector.try_acquire().await.unwrap());
     elector.release().await;
     // The controller's watches of LikeTenants and their job Deployments.
-    controller::run(ctx.clone(), Some("team".into()), tokio::time::sleep(Duration::from_secs(2))).await;
+    controller::run(ctx.clone(), Some("team".into()), tokio::time::sleep(Duration::from_secs(2)))
+        .await
+        .expect("the watches are granted");
     // Deletion with Delete: the job goes, then the finalizer.
     lt.spec.deletion_policy = DeletionPolicy::Delete;
     lt.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));

@@ -227,3 +227,74 @@ async fn the_db_server_refuses_sessions_beyond_the_like_tenants_connection_cap()
     assert_eq!(cap, 5);
     forget(name).await;
 }
+
+/// The end of the binlog: (file, position).
+async fn binlog_end(con: &mut sqlx::MySqlConnection) -> (String, u64) {
+    use sqlx::Row;
+    let row = sqlx::query("SHOW MASTER STATUS").fetch_one(&mut *con).await.expect("the binlog is on");
+    (row.try_get::<String, _>(0).unwrap(), row.try_get::<u64, _>(1).unwrap())
+}
+
+/// The `Info` of every binlog event between `from` and `to`.
+async fn binlog_between(con: &mut sqlx::MySqlConnection, from: &(String, u64), to: &(String, u64)) -> Vec<String> {
+    use sqlx::Row;
+    let logs: Vec<String> = sqlx::query("SHOW BINARY LOGS")
+        .fetch_all(&mut *con)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String, _>(0).unwrap())
+        .filter(|f| *f >= from.0 && *f <= to.0)
+        .collect();
+    let mut out = Vec::new();
+    for log in logs {
+        let sql = if log == from.0 {
+            format!("SHOW BINLOG EVENTS IN '{log}' FROM {}", from.1)
+        } else {
+            format!("SHOW BINLOG EVENTS IN '{log}'")
+        };
+        for row in sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *con).await.unwrap() {
+            let end: u64 = row.try_get("End_log_pos").unwrap();
+            if log == to.0 && end > to.1 {
+                break;
+            }
+            out.push(row.try_get::<String, _>("Info").unwrap_or_default());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_idle_tenants_later_passes_write_no_account_or_ddl_statement_and_no_pass_logs_the_password() {
+    let name = "prov-idle";
+    forget(name).await;
+    let (schema, user) = (names::schema_for(name), names::db_user(name));
+    let mine = |info: &String| info.contains(&schema) || info.contains(&user);
+    let mut con = admin_db().await;
+    let start = binlog_end(&mut con).await;
+    let (lt, creds) = provision_all(name).await;
+    let first_end = binlog_end(&mut con).await;
+    let first = binlog_between(&mut con, &start, &first_end).await;
+    assert!(first.iter().any(|i| mine(i) && i.contains("CREATE USER")), "the first pass creates the user: {first:#?}");
+    // No event of the first pass (of any session: the password is random)
+    // carries the password in clear.
+    let leaked: Vec<_> = first.iter().filter(|i| i.contains(&creds.db_password)).collect();
+    assert!(leaked.is_empty(), "the binlog holds the tenant's password: {leaked:#?}");
+
+    let cfg = operator_config(None);
+    let owner = owner_of(&lt);
+    for _ in 0..2 {
+        provision::admit(&lt, &owner, &cfg, cfg.active()).await.unwrap();
+        provision::database(&lt, &owner, &creds, cfg.active()).await.unwrap();
+        provision::redis(&lt, &owner, &creds, &cfg).await.unwrap();
+    }
+    let end = binlog_end(&mut con).await;
+    let later: Vec<_> = binlog_between(&mut con, &first_end, &end).await.into_iter().filter(mine).collect();
+    println!(
+        "binlog events of the tenant: first pass {}, second and third passes {}",
+        first.iter().filter(|i| mine(i)).count(),
+        later.len()
+    );
+    assert!(later.is_empty(), "the second and third passes wrote to the binlog: {later:#?}");
+    forget(name).await;
+}

@@ -390,7 +390,14 @@ async fn deleted_tenant_is_cleaned_up_and_then_its_finalizer_removed() {
     let tenants = format!("tenants:\n- name: rec-del\n  businesses: []\n{other_entry}");
     let (ctx, mut api) = context(cfg);
     let obj = serde_json::to_value(&lt).unwrap();
+    let listed = json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenantList",
+        "metadata": {"resourceVersion": "9"}, "items": [obj.clone()]});
+    let errors_before = Metrics.errors("FinalizerFailed");
     let server = tokio::spawn(async move {
+        // The object is read back before cleanup: it still carries the finalizer.
+        let call = api.expect("GET", TEAM_TENANTS).await;
+        assert!(call.query.contains("fieldSelector=metadata.name%3Drec-del"), "{}", call.query);
+        call.reply(200, listed);
         let call = api.expect("DELETE", &deployment_path(name)).await;
         call.reply(200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
         let owners = json!({"thumbup.io/tenant.rec-del": "team/uid-rec-del", "thumbup.io/tenant.other": "x/uid-other"});
@@ -420,10 +427,24 @@ async fn deleted_tenant_is_cleaned_up_and_then_its_finalizer_removed() {
         let mut done = obj;
         done["metadata"]["finalizers"] = json!([]);
         call.reply(200, done);
+        // A second trigger (the job Deployment's deletion) queues the same
+        // cached object again, finalizer and all: read back, it is gone, and
+        // nothing else happens (no second cleanup, no second Event).
+        let call = api.expect("GET", TEAM_TENANTS).await;
+        call.reply(
+            200,
+            json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenantList",
+            "metadata": {"resourceVersion": "10"}, "items": []}),
+        );
+        api.expect_no_more().await;
     });
-    let action = controller::reconcile(Arc::new(lt), ctx).await.expect("cleanup succeeds");
-    server.await.unwrap();
+    let lt = Arc::new(lt);
+    let action = controller::reconcile(lt.clone(), ctx.clone()).await.expect("cleanup succeeds");
     assert_eq!(action, Action::await_change());
+    let again = controller::reconcile(lt, ctx).await.expect("a second trigger is no error");
+    assert_eq!(again, Action::await_change());
+    server.await.unwrap();
+    assert_eq!(Metrics.errors("FinalizerFailed"), errors_before, "no finalizer error counted");
     assert!(!schema_exists("thumbup_rec_del").await);
     assert!(!db_user_exists("thumbup_rec_del").await);
     for url in [admin_redis_url(), admin_redis_url_b()] {
@@ -489,4 +510,97 @@ async fn a_second_replica_neither_leads_while_the_lease_is_fresh_nor_wins_a_race
     assert!(!b.try_acquire().await.unwrap(), "losing the write race means not leading");
     assert!(b.try_acquire().await.unwrap(), "a missing Lease is created");
     server.await.unwrap();
+}
+
+#[tokio::test]
+async fn while_the_promotion_is_pending_a_pass_touches_neither_the_db_nor_the_status_and_comes_back_soon() {
+    // A DB that refuses every session: any statement would fail the pass
+    // with DatabaseFailed.
+    let cfg = operator_config(Some("mysql://127.0.0.1:1"));
+    let mut route = failed_over();
+    route.active_datacenter = "dc-a".into();
+    route.failover.promotion_pending = true;
+    let (ctx, mut api) = context_with_route(cfg, Some(route));
+    let mut lt = with_finalizer(tenant("rec-promo"));
+    lt.status = Some(ready_status("2026-01-01T00:00:00Z"));
+    let errors_before = Metrics.errors("DatabaseFailed");
+    let server = tokio::spawn(async move {
+        // No request at all: no status write, no Warning Event.
+        api.expect_no_more().await;
+    });
+    let action = controller::reconcile(Arc::new(lt), ctx).await.expect("waiting is no failure");
+    server.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(Metrics.errors("DatabaseFailed"), errors_before);
+}
+
+#[tokio::test]
+async fn a_watch_refused_by_rbac_ends_the_run_with_an_error_naming_it_and_releases_the_lease() {
+    let dir = std::env::temp_dir().join(format!("thumbup-op-403-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("operator.yaml");
+    std::fs::write(&config, operator_config_text(None)).unwrap();
+    let opts = thumbup_operator::Options {
+        config,
+        namespace: Some("thumbup".into()),
+        all_namespaces: true,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        identity: "op-1".into(),
+        lease_name: "thumbup-operator".into(),
+        lease_duration: Duration::from_secs(15),
+    };
+    let (client, mut api) = ApiServer::client();
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/thumbup/leases/thumbup-operator";
+    let server = tokio::spawn(async move {
+        let mut lease: Option<Value> = None;
+        let mut released = false;
+        let mut refused = 0;
+        let mut watches = Vec::new();
+        while let Some((method, path, call)) = api.next().await {
+            match (method.as_str(), path.as_str()) {
+                ("GET", LEASE) => match &lease {
+                    Some(l) => call.reply(200, l.clone()),
+                    None => call.not_found(),
+                },
+                ("POST", "/apis/coordination.k8s.io/v1/namespaces/thumbup/leases") | ("PUT", LEASE) => {
+                    let mut body = call.body.clone();
+                    body["metadata"]["resourceVersion"] = json!("3");
+                    released |= method == "PUT" && body["spec"]["holderIdentity"].is_null();
+                    lease = Some(body);
+                    call.echo();
+                }
+                ("GET", "/apis/thumbup.io/v1alpha1/liketenants") => {
+                    refused += 1;
+                    call.reply(
+                        403,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                            "code": 403, "message": "liketenants.thumbup.io is forbidden: User \"system:serviceaccount:thumbup:thumbup-operator\" cannot list resource \"liketenants\" in API group \"thumbup.io\" at the cluster scope"}),
+                    );
+                }
+                ("GET", "/apis/apps/v1/deployments") if call.query.contains("watch=") => watches.push(call),
+                ("GET", "/apis/apps/v1/deployments") => call.reply(
+                    200,
+                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}),
+                ),
+                // The failover controller's route and registry reads.
+                _ => call.not_found(),
+            }
+        }
+        (released, refused)
+    });
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        thumbup_operator::run_with_client(opts, client, std::future::pending()),
+    )
+    .await
+    .expect("the run ends on the refusal")
+    .expect_err("a refused watch is an error");
+    let message = format!("{err:#}");
+    println!("the run ended with: {message}");
+    for part in ["liketenants.thumbup.io", "every namespace", "list", "403"] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+    let (released, refused) = server.await.unwrap();
+    assert!(released, "the Lease was released (holder cleared) before the run ended");
+    assert!(refused >= 1);
 }

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PostParams};
 pub use kube::runtime::events::EventType;
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -367,7 +367,7 @@ pub async fn publish(
         let (namespace, name) = (lt.namespace().unwrap_or_default(), lt.name_any());
         if !want.matches(lt.status.as_ref()) {
             let tenants_here = api.clone().constrain(&namespace);
-            match tenants_here.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            match tenants_here.patch_status(&name, &crate::controller::patch_params(), &Patch::Merge(&patch)).await {
                 Ok(_) => patched += 1,
                 Err(e) if is_status(&e, 404) => continue,
                 Err(source) => {

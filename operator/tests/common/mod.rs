@@ -64,6 +64,7 @@ impl Call {
         let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
         if operator {
             record_permission(&method, &path, &query);
+            assert_field_manager(&method, &path, &query);
         }
         (method, path, Call { query, body, respond })
     }
@@ -157,6 +158,23 @@ impl ApiServer {
 /// A GET of a switchover request ConfigMap (`kubectl thumbup switchover`).
 fn is_switchover_poll(method: &str, path: &str) -> bool {
     method == "GET" && path.contains("/configmaps/") && path.ends_with("-switchover")
+}
+
+/// Every write must name the operator's field manager (`thumbup-operator`,
+/// or `thumbup-operator.<tenant>` for a tenant's keys of the registry
+/// Secret), so managedFields never say "unknown". Events are the exception:
+/// kube's `Recorder` sends them with default parameters and offers no way to
+/// set one.
+fn assert_field_manager(method: &str, path: &str, query: &str) {
+    if !["POST", "PUT", "PATCH"].contains(&method) || path.starts_with("/apis/events.k8s.io/") {
+        return;
+    }
+    let manager = query.split('&').find_map(|p| p.strip_prefix("fieldManager="));
+    let ours = thumbup_operator::controller::MANAGER;
+    assert!(
+        manager.is_some_and(|m| m == ours || m.starts_with(&format!("{ours}."))),
+        "{method} {path}?{query} carries no fieldManager={ours}"
+    );
 }
 
 /// (API group, resource with its subresource, verb): the unit in which RBAC
@@ -376,11 +394,16 @@ pub fn split(url: &str) -> (String, String, String) {
 /// its DB is dc-a's MariaDB too, since the standby DB is not needed here).
 /// `db_url` overrides dc-a's DB address (an unreachable one, for failures).
 pub fn operator_config(db_url: Option<&str>) -> OperatorConfig {
+    OperatorConfig::parse(&operator_config_text(db_url), "test").unwrap()
+}
+
+/// The text of [`operator_config`].
+pub fn operator_config_text(db_url: Option<&str>) -> String {
     let (db, db_user, db_pw) = split(&admin_db_url());
     let (ra, ra_user, ra_pw) = split(&admin_redis_url());
     let (rb, rb_user, rb_pw) = split(&admin_redis_url_b());
     let db_a = db_url.unwrap_or(&db);
-    let text = format!(
+    format!(
         r#"
 active_datacenter: dc-a
 registry: {{ config_map: thumbup-tenants, secret: thumbup-tenant-credentials }}
@@ -393,8 +416,7 @@ datacenters:
     db: {{ url: "{db}", admin_username: "{db_user}", admin_password: "{db_pw}" }}
     redis: {{ url: "{rb}", admin_username: "{rb_user}", admin_password: "{rb_pw}" }}
 "#
-    );
-    OperatorConfig::parse(&text, "test").unwrap()
+    )
 }
 
 /// A LikeTenant `name` in namespace `team`, with a uid, generation 1 and two
