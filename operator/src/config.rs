@@ -228,6 +228,8 @@ pub struct JobTemplate {
     /// each tenant's namespace (the release namespace unless the operator
     /// watches every namespace).
     pub ca_secrets: Vec<CaSecret>,
+    /// The job pods' log format (`THUMBUP_LOG_FORMAT`): `text` or `json`.
+    pub log_format: String,
 }
 
 /// A Secret key holding a CA file, and where the file appears in a pod.
@@ -263,6 +265,7 @@ impl Default for JobTemplate {
             image_pull_policy: "IfNotPresent".into(),
             resources: None,
             ca_secrets: Vec::new(),
+            log_format: "text".into(),
         }
     }
 }
@@ -304,6 +307,12 @@ impl OperatorConfig {
         {
             return Err(ConfigError::Invalid(format!(
                 "installation_id {id:?} may hold only letters, digits, '-', '_', '.' and '/' (at most 128)"
+            )));
+        }
+        if !["text", "json"].contains(&c.job.log_format.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "job.log_format {:?}: must be text or json",
+                c.job.log_format
             )));
         }
         let mut dirs: Vec<&str> = Vec::new();

@@ -176,7 +176,10 @@ pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str) -> Co
             format!("--admin-listen=0.0.0.0:{}", p.admin_port),
             format!("--route-config-map={route_namespace}/{}", cfg.failover.route_config_map),
         ]),
-        env: Some(vec![EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() }]),
+        env: Some(vec![
+            EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
+            log_format(cfg),
+        ]),
         ports: Some(vec![ContainerPort {
             name: Some("proxy-admin".into()),
             container_port: p.admin_port as i32,
@@ -212,6 +215,11 @@ fn restricted() -> SecurityContext {
 /// The container runtime's default seccomp profile.
 fn runtime_default() -> SeccompProfile {
     SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }
+}
+
+/// `THUMBUP_LOG_FORMAT` of the job pods' containers (`job.log_format`).
+fn log_format(cfg: &OperatorConfig) -> EnvVar {
+    EnvVar { name: "THUMBUP_LOG_FORMAT".into(), value: Some(cfg.job.log_format.clone()), ..EnvVar::default() }
 }
 
 /// The job Deployment of the tenant, owned by the LikeTenant. With db-proxy
@@ -283,6 +291,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
                 ..EnvVar::default()
             },
             EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
+            log_format(cfg),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("admin".into()),
@@ -624,6 +633,31 @@ datacenters:
         assert_eq!(proxy.image.as_deref(), Some("thumbup/db-proxy:1"));
         assert!(proxy.args.as_ref().unwrap().contains(&"--route-config-map=ops/thumbup-route".to_string()));
         assert_eq!(registry_entry(&lt, &own, "dc-a").db.url, "mysql://127.0.0.1:13306");
+    }
+
+    #[test]
+    fn job_pods_log_in_the_configured_format_and_a_bad_format_is_refused() {
+        let formats = |cfg: &OperatorConfig| -> Vec<Option<String>> {
+            let d = build_job_deployment(&tenant(), cfg, "thumbup");
+            let pod = d.spec.unwrap().template.spec.unwrap();
+            pod.containers
+                .iter()
+                .chain(pod.init_containers.iter().flatten())
+                .map(|c| {
+                    c.env.iter().flatten().find(|e| e.name == "THUMBUP_LOG_FORMAT").and_then(|e| e.value.clone())
+                })
+                .collect()
+        };
+        let text = formats(&config());
+        assert!(text.len() >= 2 && text.iter().all(|f| f.as_deref() == Some("text")), "{text:?}");
+        let mut json = config();
+        json.job.log_format = "json".into();
+        assert!(formats(&json).iter().all(|f| f.as_deref() == Some("json")));
+        let bad = OperatorConfig::parse(
+            "active_datacenter: dc-a\njob: { log_format: xml }\ndatacenters:\n  - name: dc-a\n    db: { url: \"mysql://a:3306\", admin_username: r, admin_password: p }\n    redis: { url: \"redis://a:6379\", admin_username: d, admin_password: p }\n",
+            "test",
+        );
+        assert!(bad.unwrap_err().to_string().contains("job.log_format \"xml\""));
     }
 
     #[test]

@@ -1688,6 +1688,8 @@ fn log_format_reaches_every_container_of_the_chart() {
                 assert_eq!(v.as_deref(), Some(want), "{} container {}", d.name, c.name);
             }
         }
+        // And the job pods, which the operator builds from its config.
+        assert_eq!(operator_yaml(&r).job.log_format, want, "job.log_format in the operator config");
     }
     let err = try_render(&["--set", "logging.format=xml"]).expect_err("only text or json");
     assert!(err.contains("logging.format") || err.contains("format"), "{err}");

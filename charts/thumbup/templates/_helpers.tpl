@@ -214,6 +214,7 @@ registry:
 job:
   image: {{ include "thumbup.image" . | quote }}
   image_pull_policy: {{ .Values.image.pullPolicy | quote }}
+  log_format: {{ .Values.logging.format | quote }}
   {{- with .Values.job.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
