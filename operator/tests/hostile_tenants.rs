@@ -208,6 +208,11 @@ async fn legacy_accounts(password: &str) {
     }
 }
 
+
+/// One hostile input: its name, the LikeTenant, the refusal expected, the
+/// tenant Secret's data, and the message the CRD's CEL rule gives (if any).
+type Row<'a> = (String, LikeTenant, Refusal, BTreeMap<String, Value>, Option<&'a str>);
+
 #[tokio::test]
 async fn every_hostile_attempt_is_refused_by_the_owner_of_the_resource_and_changes_nothing() {
     for t in [VICTIM, EVIL, LEGACY, EVIL_DELETED] {
@@ -236,7 +241,7 @@ async fn every_hostile_attempt_is_refused_by_the_owner_of_the_resource_and_chang
     legacy_accounts("legacy-pw-1").await;
 
     let apiserver = Apiserver::new();
-    let mut rows: Vec<(String, LikeTenant, Refusal, BTreeMap<String, Value>, Option<&str>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let crd_message = "schemaName names a system schema or the thumbup control schema";
     for schema in RESERVED {
         let why = format!("schema {schema} is reserved");

@@ -1696,6 +1696,19 @@ fn log_format_reaches_every_container_of_the_chart() {
 }
 
 #[test]
+fn service_pods_get_a_grace_period_that_covers_the_drain_and_the_request_timeout() {
+    let r = render(&["--set", "service.drainSeconds=12"]);
+    let d: Deployment = r.get(&fullname_of("service"));
+    let spec = pod_spec(&d);
+    assert_eq!(spec.termination_grace_period_seconds, Some(30));
+    let env = only_container(&d).env.clone().unwrap_or_default();
+    let drain = env.iter().find(|e| e.name == "THUMBUP_DRAIN_SECONDS").and_then(|e| e.value.clone());
+    assert_eq!(drain.as_deref(), Some("12"));
+    let err = try_render(&["--set", "service.drainSeconds=25"]).expect_err("25 + 5 + 1 > 30");
+    assert!(err.contains("must exceed service.drainSeconds (25)"), "{err}");
+}
+
+#[test]
 fn operator_service_and_job_wait_before_their_first_probe() {
     let r = render(&[]);
     for component in ["operator", "service"] {
