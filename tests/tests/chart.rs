@@ -376,6 +376,7 @@ struct RegistryYaml {
 struct JobYaml {
     image: String,
     image_pull_policy: String,
+    log_format: String,
     resources: Option<ResourceRequirements>,
 }
 
