@@ -194,7 +194,7 @@ pub enum Outcome {
     /// is still running.
     Pending,
     /// The route names `datacenter`, promoted.
-    Done(Route),
+    Done(Box<Route>),
     /// The controller acted on the request and `datacenter` is not active:
     /// the route's blocked record says why.
     Failed(String),
@@ -206,7 +206,7 @@ pub fn outcome(route: &Route, id: &str, datacenter: &str) -> Outcome {
         return Outcome::Pending;
     }
     if route.active_datacenter == datacenter {
-        return if route.failover.promotion_pending { Outcome::Pending } else { Outcome::Done(route.clone()) };
+        return if route.failover.promotion_pending { Outcome::Pending } else { Outcome::Done(Box::new(route.clone())) };
     }
     Outcome::Failed(match &route.failover.blocked {
         Some(b) => format!("{}: {}", b.reason, b.message),
@@ -226,7 +226,7 @@ pub async fn wait_switchover(
     loop {
         let route = load_route(configmaps, route_cm).await?;
         match outcome(&route, id, datacenter) {
-            Outcome::Done(r) => return Ok(r),
+            Outcome::Done(r) => return Ok(*r),
             Outcome::Failed(why) => {
                 return Err(CtlError::Switchover(format!("switchover to {datacenter} failed: {why}")));
             }
