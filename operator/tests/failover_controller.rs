@@ -32,6 +32,9 @@ fn stack(args: &[&str]) {
     assert!(ok, "scripts/stack.sh {args:?} failed");
 }
 
+/// One scenario at a time: each fences, promotes and reseeds the same two DBs.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Puts the stack back as every test expects it (dc-a primary, dc-b its
 /// replica), even when the test fails half way.
 struct Restore;
@@ -80,6 +83,7 @@ async fn read_only(url: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_writes_the_route_config_map_then_status_and_an_event_on_every_tenant() {
+    let _serial = SERIAL.lock().await;
     stack(&["reseed", "a", "b"]);
     let _restore = Restore;
     let dir = std::env::temp_dir().join(format!("thumbup-failover-controller-{}", std::process::id()));
@@ -188,6 +192,7 @@ async fn wait_route(fake: &FakeApi, what: &str, done: impl Fn(&Route) -> bool) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_asked_for_through_the_api_runs_once_without_touching_the_config() {
+    let _serial = SERIAL.lock().await;
     use thumbup_operator::ctl;
     stack(&["reseed", "a", "b"]);
     let _restore = Restore;
