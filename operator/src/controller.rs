@@ -433,7 +433,7 @@ fn placement<'a>(lt: &LikeTenant, ctx: &Context, cfg: &'a OperatorConfig) -> Pla
                 warn!(datacenter = %active, "the route names a datacenter the config does not list; using the config's active one");
                 cfg.active()
             });
-            Placement { dc, active, epoch: Some(i64::try_from(epoch).unwrap_or(i64::MAX)), promotion_pending }
+            Placement { dc, active, epoch: Some(crate::crd::epoch(epoch)), promotion_pending }
         }
         None => Placement {
             dc: cfg.active(),
@@ -484,32 +484,23 @@ impl Conditions {
     }
 }
 
-/// Status fields that only the failover controller writes. They are left
-/// out of this controller's patches (a merge patch keeps what it does not
-/// name), so a pass that read an older status cannot undo a newer record.
-const FAILOVER_OWNED: [&str; 3] = ["failingSince", "lastTransition", "failoverBlocked"];
-
-/// Writes the status when it differs from the object's, leaving the
-/// failover controller's fields as they are.
-async fn write_status(lt: &LikeTenant, ctx: &Context, mut status: LikeTenantStatus) -> Result<()> {
-    if let Some(old) = &lt.status {
-        status.failing_since.clone_from(&old.failing_since);
-        status.last_transition.clone_from(&old.last_transition);
-        status.failover_blocked.clone_from(&old.failover_blocked);
-    }
-    if lt.status.as_ref() == Some(&status) {
+/// Applies this controller's status fields
+/// ([`LikeTenantStatus::tenant_part`]) when they differ from the object's,
+/// with server-side apply under [`MANAGER`]: the failover controller's
+/// fields are its own and are neither sent nor touched.
+async fn write_status(lt: &LikeTenant, ctx: &Context, status: LikeTenantStatus) -> Result<()> {
+    let status = status.tenant_part();
+    if lt.status.as_ref().map(LikeTenantStatus::tenant_part) == Some(status.clone()) {
         return Ok(());
     }
     let tenant = lt.tenant();
     let api: Api<LikeTenant> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
-    let mut body = serde_json::to_value(&status).expect("a status serializes");
-    if let Some(fields) = body.as_object_mut() {
-        for field in FAILOVER_OWNED {
-            fields.remove(field);
-        }
-    }
-    let patch = json!({ "status": body });
-    api.patch_status(&lt.name_any(), &patch_params(), &Patch::Merge(&patch))
+    let apply = json!({
+        "apiVersion": LikeTenant::api_version(&()),
+        "kind": LikeTenant::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&lt.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&apply))
         .await
         .map_err(kube_err(&tenant, "writing the status"))?;
     Ok(())
@@ -594,7 +585,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
         secret_name: Some(resources::secret_name(&tenant)),
         active_datacenter: Some(place.active),
         failover_epoch: place.epoch,
-        // Kept as the object has them by write_status.
+        // The failover controller's.
         failing_since: None,
         last_transition: None,
         failover_blocked: None,

@@ -11,6 +11,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use thumbup_core::names;
+use thumbup_core::route::{self, FailoverRecord};
 
 /// The finalizer that holds a LikeTenant until its cleanup has run.
 pub const FINALIZER: &str = "thumbup.io/tenant-cleanup";
@@ -234,7 +235,7 @@ pub enum DeletionPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct LikeTenantStatus {
     /// Ready, DatabaseReady, RedisReady and JobReady.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// The DB schema in use.
@@ -272,6 +273,65 @@ pub struct LikeTenantStatus {
     /// The generation of the spec that the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Which controller owns which status field. Each applies its own fields
+/// with server-side apply under its own field manager, so neither names,
+/// strips or overwrites the other's, and a pass that read an older object
+/// cannot undo the other controller's newer record.
+impl LikeTenantStatus {
+    /// The fields the tenant controller owns (field manager
+    /// [`crate::controller::MANAGER`]): what it provisioned and where.
+    /// `activeDatacenter` and `failoverEpoch` say where the tenant is
+    /// provisioned and served, so they move when a pass has acted on a new
+    /// route (after the promotion of the new primary).
+    pub fn tenant_part(&self) -> LikeTenantStatus {
+        LikeTenantStatus { failing_since: None, last_transition: None, failover_blocked: None, ..self.clone() }
+    }
+
+    /// The fields the failover controller owns (field manager
+    /// [`crate::failover::kube::FAILOVER_MANAGER`]): the route's failover record.
+    pub fn failover_part(&self) -> LikeTenantStatus {
+        LikeTenantStatus {
+            failing_since: self.failing_since.clone(),
+            last_transition: self.last_transition.clone(),
+            failover_blocked: self.failover_blocked.clone(),
+            ..LikeTenantStatus::default()
+        }
+    }
+
+    /// The failover controller's fields as the route's record says them:
+    /// the one mapping from the route (core's types: jiff times, u64
+    /// epochs, the route ConfigMap's format that db-proxies of every
+    /// version read) to the status (the API's RFC 3339 strings and int64).
+    pub fn of_failover(f: &FailoverRecord) -> LikeTenantStatus {
+        LikeTenantStatus {
+            failing_since: f.failing_since.map(rfc3339),
+            last_transition: f.last_transition.as_ref().map(|t| LastTransition {
+                time: rfc3339(t.at),
+                kind: match t.kind {
+                    route::TransitionKind::Failover => TransitionKind::Failover,
+                    route::TransitionKind::Switchover => TransitionKind::Switchover,
+                },
+                from: t.from.clone(),
+                to: t.to.clone(),
+                epoch: epoch(t.epoch),
+                reason: t.reason.clone(),
+            }),
+            failover_blocked: f.blocked.as_ref().map(|b| FailoverBlocked {
+                reason: b.reason.clone(),
+                message: b.message.clone(),
+                since: rfc3339(b.since),
+            }),
+            ..LikeTenantStatus::default()
+        }
+    }
+}
+
+/// A route epoch as the status holds it: Kubernetes integers are int64, and
+/// an epoch never comes near the limit.
+pub fn epoch(e: u64) -> i64 {
+    i64::try_from(e).unwrap_or(i64::MAX)
 }
 
 /// One flip of the route from a datacenter to another.

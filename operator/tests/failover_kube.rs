@@ -181,16 +181,18 @@ async fn publish_patches_only_the_tenant_whose_status_differs_and_puts_the_event
         assert_eq!(call.body["action"], "Failover");
         assert_eq!(call.body["note"], "flipped from dc-a to dc-b at epoch 4");
         call.echo();
-        // b: one status merge patch with every failover field (a null clears
-        // failingSince), nothing else of the status, then its Event.
+        // b: one server-side apply of the failover record under the failover
+        // controller's own field manager, nothing else of the status (the
+        // stale failingSince is left out, which removes it), then its Event.
         let call = api.expect("PATCH", &format!("{}/status", lt_path("b"))).await;
+        assert!(call.content_type.starts_with("application/apply-patch"), "{}", call.content_type);
+        assert!(call.query.contains("fieldManager=thumbup-operator-failover"), "{}", call.query);
+        assert!(call.query.contains("force=true"), "{}", call.query);
         assert_eq!(
             call.body,
-            json!({"status": {
-                "activeDatacenter": "dc-b", "failoverEpoch": 4, "failingSince": null,
+            json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenant", "status": {
                 "lastTransition": {"time": "2026-11-22T20:00:00Z", "kind": "Failover", "from": "dc-a", "to": "dc-b",
                     "epoch": 4, "reason": "3 probes failed over 6s"},
-                "failoverBlocked": null,
             }})
         );
         call.reply_status(&tenant("b"));
@@ -235,7 +237,7 @@ async fn a_failover_blocked_by_an_unhealthy_standby_shows_in_the_status_of_every
             json!({"reason": "StandbyUnhealthy", "since": "2026-11-23T08:00:06Z",
                 "message": "the active DB is failing, but the standby cannot take over: replication stopped"})
         );
-        assert_eq!((status["activeDatacenter"].as_str(), status["failoverEpoch"].as_i64()), (Some("dc-b"), Some(4)));
+        assert!(status.get("activeDatacenter").is_none(), "the tenant controller's field: {status}");
         call.reply_status(&tenant("a"));
         let call = api.expect("POST", EVENTS).await;
         assert_event(&call.body, "a", "Warning", "FailoverBlocked");
@@ -268,4 +270,58 @@ async fn a_failed_status_patch_does_not_stop_the_others_and_a_deleted_tenant_is_
     assert!(matches!(&e, FailoverKubeError::PatchStatus { name, .. } if name == "a"), "{e:?}");
     assert_eq!(e.reason(), "TenantStatusFailed");
     server.await.unwrap();
+}
+
+#[tokio::test]
+async fn each_controller_owns_its_status_fields_and_a_field_an_older_operator_merged_in_is_cleared() {
+    // A tenant whose status an older operator wrote with merge patches: every
+    // field, the failover ones included, belongs to its Update.
+    let mut stored = serde_json::to_value(tenant_with(
+        "own",
+        Some(LikeTenantStatus {
+            schema: Some("thumbup_own".into()),
+            active_datacenter: Some("dc-a".into()),
+            failover_epoch: Some(3),
+            failing_since: Some("2026-11-22T19:59:54Z".into()),
+            ..LikeTenantStatus::default()
+        }),
+    ))
+    .unwrap();
+    stored["metadata"]["managedFields"] = json!([{"manager": "thumbup-operator", "operation": "Update",
+        "subresource": "status", "fieldsV1": {"f:status": {"f:schema": {}, "f:activeDatacenter": {},
+        "f:failoverEpoch": {}, "f:failingSince": {}}}}]);
+    let path = lt_path("own");
+    let (client, fake) = FakeApi::start([(path.clone(), stored)].into());
+    let tenants: Api<LikeTenant> = Api::namespaced(client.clone(), "team");
+    let read = |fake: &FakeApi| -> LikeTenantStatus {
+        serde_json::from_value(fake.objects.lock().unwrap()[&path]["status"].clone()).unwrap()
+    };
+
+    // The route after the flip: no failing run any more.
+    assert_eq!(publish(&tenants, &client, &failed_over(), None).await.unwrap(), 1);
+    let s = read(&fake);
+    assert_eq!(s.failover_part(), failed_over_status().failover_part(), "{s:?}");
+    assert_eq!(s.failing_since, None, "the older operator's failingSince outlived the record");
+    assert_eq!(
+        (s.schema.as_deref(), s.active_datacenter.as_deref(), s.failover_epoch),
+        (Some("thumbup_own"), Some("dc-a"), Some(3)),
+        "the failover controller touched the tenant controller's fields"
+    );
+
+    // The tenant controller applies its own part from an object it read
+    // before the flip was recorded: the failover record stays.
+    let older = LikeTenantStatus {
+        schema: Some("thumbup_own".into()),
+        active_datacenter: Some("dc-b".into()),
+        failover_epoch: Some(4),
+        ..LikeTenantStatus::default()
+    };
+    let apply = json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenant", "status": older.tenant_part()});
+    let params = kube::api::PatchParams::apply(thumbup_operator::controller::MANAGER).force();
+    tenants.patch_status("own", &params, &kube::api::Patch::Apply(&apply)).await.unwrap();
+    let s = read(&fake);
+    assert_eq!(s.last_transition, failed_over_status().last_transition, "a tenant pass undid the record");
+    assert_eq!((s.active_datacenter.as_deref(), s.failover_epoch), (Some("dc-b"), Some(4)));
+    // Nothing left to write for either.
+    assert_eq!(publish(&tenants, &client, &failed_over(), None).await.unwrap(), 0);
 }

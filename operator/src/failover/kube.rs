@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 pub use kube::runtime::events::EventType;
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -24,7 +24,7 @@ use thumbup_core::route::{self, ROUTE_KEY, Route};
 use tracing::warn;
 
 use crate::controller::MANAGER;
-use crate::crd::{FailoverBlocked, LastTransition, LikeTenant, LikeTenantStatus, TransitionKind, rfc3339};
+use crate::crd::{LikeTenant, LikeTenantStatus};
 
 /// A step of the failover controller's Kubernetes side that failed.
 #[derive(Debug, thiserror::Error)]
@@ -269,67 +269,38 @@ pub struct FailoverNotice {
     pub message: String,
 }
 
-/// The failover fields of a LikeTenant's status, as the route says them.
-#[derive(Debug, Clone, PartialEq)]
-struct RouteStatus {
-    active_datacenter: String,
-    failover_epoch: i64,
-    failing_since: Option<String>,
-    last_transition: Option<LastTransition>,
-    failover_blocked: Option<FailoverBlocked>,
+/// The field manager of the failover controller's status writes: its
+/// fields ([`LikeTenantStatus::failover_part`]) are its own, apart from the
+/// tenant controller's.
+pub const FAILOVER_MANAGER: &str = "thumbup-operator-failover";
+
+/// The server-side apply of the failover controller's status fields: a field
+/// it no longer sets (failingSince once the DB answers) is removed.
+fn failover_apply(status: &LikeTenantStatus) -> Value {
+    json!({
+        "apiVersion": LikeTenant::api_version(&()),
+        "kind": LikeTenant::kind(&()),
+        "status": status,
+    })
 }
 
-impl RouteStatus {
-    fn of(route: &Route) -> RouteStatus {
-        let f = &route.failover;
-        RouteStatus {
-            active_datacenter: route.active_datacenter.clone(),
-            failover_epoch: epoch(route.epoch),
-            failing_since: f.failing_since.map(rfc3339),
-            last_transition: f.last_transition.as_ref().map(|t| LastTransition {
-                time: rfc3339(t.at),
-                kind: match t.kind {
-                    route::TransitionKind::Failover => TransitionKind::Failover,
-                    route::TransitionKind::Switchover => TransitionKind::Switchover,
-                },
-                from: t.from.clone(),
-                to: t.to.clone(),
-                epoch: epoch(t.epoch),
-                reason: t.reason.clone(),
-            }),
-            failover_blocked: f.blocked.as_ref().map(|b| FailoverBlocked {
-                reason: b.reason.clone(),
-                message: b.message.clone(),
-                since: rfc3339(b.since),
-            }),
-        }
+/// A merge patch that removes the failover fields that `want` leaves out and
+/// that `got` still has: fields that an older operator wrote with merge
+/// patches are owned by that writer, so an apply that leaves them out does
+/// not remove them. Null when nothing is left over.
+fn leftovers(want: &LikeTenantStatus, got: Option<&LikeTenantStatus>) -> Option<Value> {
+    let got = got?.failover_part();
+    let mut remove = serde_json::Map::new();
+    if want.failing_since.is_none() && got.failing_since.is_some() {
+        remove.insert("failingSince".into(), Value::Null);
     }
-
-    fn matches(&self, status: Option<&LikeTenantStatus>) -> bool {
-        status.is_some_and(|s| {
-            s.active_datacenter.as_ref() == Some(&self.active_datacenter)
-                && s.failover_epoch == Some(self.failover_epoch)
-                && s.failing_since == self.failing_since
-                && s.last_transition == self.last_transition
-                && s.failover_blocked == self.failover_blocked
-        })
+    if want.last_transition.is_none() && got.last_transition.is_some() {
+        remove.insert("lastTransition".into(), Value::Null);
     }
-
-    /// A merge patch: an explicit null removes a field that no longer applies.
-    fn patch(&self) -> Value {
-        json!({ "status": {
-            "activeDatacenter": self.active_datacenter,
-            "failoverEpoch": self.failover_epoch,
-            "failingSince": self.failing_since,
-            "lastTransition": self.last_transition,
-            "failoverBlocked": self.failover_blocked,
-        }})
+    if want.failover_blocked.is_none() && got.failover_blocked.is_some() {
+        remove.insert("failoverBlocked".into(), Value::Null);
     }
-}
-
-/// Kubernetes integers are int64; an epoch never comes near the limit.
-fn epoch(e: u64) -> i64 {
-    i64::try_from(e).unwrap_or(i64::MAX)
+    (!remove.is_empty()).then(|| json!({ "status": remove }))
 }
 
 /// Writes the route's failover fields into the status of every LikeTenant
@@ -348,8 +319,9 @@ pub async fn publish(
     notice: Option<&FailoverNotice>,
 ) -> Result<usize, FailoverKubeError> {
     let tenants = api.list(&ListParams::default()).await.map_err(FailoverKubeError::ListTenants)?;
-    let want = RouteStatus::of(route);
-    let patch = want.patch();
+    let want = LikeTenantStatus::of_failover(&route.failover);
+    let apply = failover_apply(&want);
+    let params = PatchParams::apply(FAILOVER_MANAGER).force();
     let announce = notice.map(|n| {
         let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let event = Event {
@@ -365,9 +337,16 @@ pub async fn publish(
     let mut first_error = None;
     for lt in &tenants {
         let (namespace, name) = (lt.namespace().unwrap_or_default(), lt.name_any());
-        if !want.matches(lt.status.as_ref()) {
+        if lt.status.as_ref().map(LikeTenantStatus::failover_part).unwrap_or_default() != want {
             let tenants_here = api.clone().constrain(&namespace);
-            match tenants_here.patch_status(&name, &crate::controller::patch_params(), &Patch::Merge(&patch)).await {
+            let mut written = tenants_here.patch_status(&name, &params, &Patch::Apply(&apply)).await;
+            if let Ok(obj) = &written
+                && let Some(patch) = leftovers(&want, obj.status.as_ref())
+            {
+                let params = PatchParams { field_manager: Some(FAILOVER_MANAGER.into()), ..PatchParams::default() };
+                written = tenants_here.patch_status(&name, &params, &Patch::Merge(&patch)).await;
+            }
+            match written {
                 Ok(_) => patched += 1,
                 Err(e) if is_status(&e, 404) => continue,
                 Err(source) => {
@@ -422,11 +401,13 @@ mod tests {
             message: "lag".into(),
             since: "2026-11-22T21:00:00Z".parse().unwrap(),
         });
-        let patch = RouteStatus::of(&r).patch();
+        let apply = failover_apply(&LikeTenantStatus::of_failover(&r.failover));
+        // Only the failover record, under its own apply: no activeDatacenter
+        // or failoverEpoch (the tenant controller's), and a field that no
+        // longer applies (failingSince) left out, which removes it.
         assert_eq!(
-            patch,
-            json!({"status": {
-                "activeDatacenter": "dc-b", "failoverEpoch": 4, "failingSince": null,
+            apply,
+            json!({"apiVersion": "thumbup.io/v1alpha1", "kind": "LikeTenant", "status": {
                 "lastTransition": {"time": "2026-11-22T20:00:00Z", "kind": "Switchover", "from": "dc-a",
                     "to": "dc-b", "epoch": 4, "reason": "planned"},
                 "failoverBlocked": {"reason": "StandbyUnhealthy", "message": "lag", "since": "2026-11-22T21:00:00Z"},
@@ -435,20 +416,19 @@ mod tests {
     }
 
     #[test]
-    fn a_status_matches_only_when_every_route_field_agrees() {
-        let want = RouteStatus::of(&route());
-        assert!(!want.matches(None));
+    fn fields_an_older_writer_left_are_removed_only_when_the_record_no_longer_has_them() {
+        let want = LikeTenantStatus::of_failover(&route().failover);
+        assert_eq!(leftovers(&want, None), None);
         let mut s = LikeTenantStatus {
             active_datacenter: Some("dc-b".into()),
             failover_epoch: Some(4),
             schema: Some("unrelated".into()),
             ..LikeTenantStatus::default()
         };
-        assert!(want.matches(Some(&s)));
+        assert_eq!(s.failover_part(), want, "the tenant controller's fields are not the failover controller's");
+        assert_eq!(leftovers(&want, Some(&s)), None);
         s.failing_since = Some("2026-11-22T20:00:00Z".into());
-        assert!(!want.matches(Some(&s)), "a stale failingSince must be cleared");
-        s.failing_since = None;
-        s.failover_epoch = Some(3);
-        assert!(!want.matches(Some(&s)));
+        assert_ne!(s.failover_part(), want, "a stale failingSince must be cleared");
+        assert_eq!(leftovers(&want, Some(&s)), Some(json!({"status": {"failingSince": null}})));
     }
 }

@@ -50,6 +50,8 @@ pub struct Call {
     pub query: String,
     /// The JSON body (Null when empty).
     pub body: Value,
+    /// The Content-Type (`application/apply-patch+yaml` for a server-side apply).
+    pub content_type: String,
     respond: Responder,
 }
 
@@ -60,13 +62,15 @@ impl Call {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or_default().to_string();
+        let content_type =
+            req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
         if operator {
             record_permission(&method, &path, &query);
             assert_field_manager(&method, &path, &query);
         }
-        (method, path, Call { query, body, respond })
+        (method, path, Call { query, body, content_type, respond })
     }
 
     /// Answers with `code` and `body`.
@@ -161,8 +165,8 @@ fn is_switchover_poll(method: &str, path: &str) -> bool {
 }
 
 /// Every write must name the operator's field manager (`thumbup-operator`,
-/// or `thumbup-operator.<tenant>` for a tenant's keys of the registry
-/// Secret), so managedFields never say "unknown". Events are the exception:
+/// `thumbup-operator.<tenant>` for a tenant's keys of the registry Secret,
+/// or `thumbup-operator-failover` for the failover controller's status fields), so managedFields never say "unknown". Events are the exception:
 /// kube's `Recorder` sends them with default parameters and offers no way to
 /// set one.
 fn assert_field_manager(method: &str, path: &str, query: &str) {
@@ -171,8 +175,9 @@ fn assert_field_manager(method: &str, path: &str, query: &str) {
     }
     let manager = query.split('&').find_map(|p| p.strip_prefix("fieldManager="));
     let ours = thumbup_operator::controller::MANAGER;
+    let failover = thumbup_operator::failover::kube::FAILOVER_MANAGER;
     assert!(
-        manager.is_some_and(|m| m == ours || m.starts_with(&format!("{ours}."))),
+        manager.is_some_and(|m| m == ours || m == failover || m.starts_with(&format!("{ours}."))),
         "{method} {path}?{query} carries no fieldManager={ours}"
     );
 }
@@ -246,7 +251,8 @@ fn record_permission(method: &str, path: &str, query: &str) {
 /// An in-memory API server for tests that care about what is stored, not
 /// about the order of the requests: objects written (POST, PUT, PATCH) are
 /// kept by path and served back (GET), collections are listed, watches are
-/// held open, DELETE removes. Status patches merge into the object.
+/// held open, DELETE removes. Status writes follow the API server's
+/// field ownership ([`patch_status`]).
 pub struct FakeApi {
     /// Objects by path (`/api/v1/namespaces/team/secrets/x`).
     pub objects: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Value>>>,
@@ -334,7 +340,9 @@ impl FakeApi {
             "PATCH" if path.ends_with("/status") => {
                 let object = path.trim_end_matches("/status").to_string();
                 let Some(mut v) = store.get(&object).cloned() else { return (404, not_found) };
-                v["status"] = call.body["status"].clone();
+                let manager = call.query.split('&').find_map(|p| p.strip_prefix("fieldManager=")).unwrap_or("");
+                let apply = call.content_type.starts_with("application/apply-patch");
+                patch_status(&mut v, manager, apply, &call.body["status"]);
                 store.insert(object, v.clone());
                 (200, v)
             }
@@ -363,6 +371,69 @@ impl FakeApi {
         let log = self.requests.lock().unwrap();
         log.iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
     }
+}
+
+/// A status write as the API server does it, at the granularity of the
+/// status's top-level fields. The object's `metadata.managedFields` records
+/// which manager owns which field (`fieldsV1` `f:status` `f:<field>`),
+/// with `operation` Apply or Update.
+/// - A server-side apply (forced, as the operator sends them) sets the
+///   fields it names and takes them from their other owners; a field that
+///   this manager applied before and leaves out now is removed, unless
+///   another manager owns it too.
+/// - A merge patch sets what it names, removes what it sets to null, and
+///   leaves the rest as it is; its fields belong to the manager's Update.
+fn patch_status(object: &mut Value, manager: &str, apply: bool, body: &Value) {
+    let operation = if apply { "Apply" } else { "Update" };
+    let mut entries: Vec<Value> = object["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+    let owned = |e: &Value| -> Vec<String> {
+        e["fieldsV1"]["f:status"]
+            .as_object()
+            .map(|m| m.keys().map(|k| k[2..].to_string()).collect())
+            .unwrap_or_default()
+    };
+    let is_mine = |e: &Value| e["manager"] == manager && e["operation"] == operation && e["subresource"] == "status";
+    let named: Vec<String> = body.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let before: Vec<String> = entries.iter().filter(|e| is_mine(e)).flat_map(owned).collect();
+    if !object["status"].is_object() {
+        object["status"] = json!({});
+    }
+    let status = object["status"].as_object_mut().unwrap();
+    for (k, val) in body.as_object().into_iter().flatten() {
+        if val.is_null() {
+            status.remove(k);
+        } else {
+            status.insert(k.clone(), val.clone());
+        }
+    }
+    if apply {
+        for gone in before.iter().filter(|f| !named.contains(f)) {
+            let elsewhere = entries.iter().filter(|e| !is_mine(e)).any(|e| owned(e).contains(gone));
+            if !elsewhere {
+                status.remove(gone);
+            }
+        }
+    }
+    let kept: Vec<String> = if apply {
+        named.clone()
+    } else {
+        before.iter().chain(&named).filter(|f| status.contains_key(*f)).cloned().collect()
+    };
+    for e in entries.iter_mut().filter(|e| !is_mine(e)) {
+        let left: serde_json::Map<String, Value> = owned(e)
+            .into_iter()
+            .filter(|f| !named.contains(f) && status.contains_key(f))
+            .map(|f| (format!("f:{f}"), json!({})))
+            .collect();
+        if e["subresource"] == "status" {
+            e["fieldsV1"]["f:status"] = Value::Object(left);
+        }
+    }
+    entries.retain(|e| !is_mine(e));
+    let mine: serde_json::Map<String, Value> = kept.into_iter().map(|f| (format!("f:{f}"), json!({}))).collect();
+    entries.push(json!({"manager": manager, "operation": operation, "subresource": "status",
+        "fieldsV1": {"f:status": mine}}));
+    object["metadata"]["managedFields"] = Value::Array(entries);
 }
 
 /// Admin URL of MariaDB (dc-a).
