@@ -3,8 +3,8 @@
 # MariaDB and Redis servers that scripts/stack.sh installs (apt-get, when
 # missing) and starts on private ports, the operator's reconcile tests
 # against a mocked API server, the CRD and Helm chart checks, a Python gRPC
-# client (tests/python, in a venv that scripts/python.sh makes), and the
-# shell linter.
+# client (tests/python, in a venv that scripts/python.sh makes), clippy
+# and the shell linter.
 # The exact-counts, bad-input and isolation tests run a second time in TLS
 # mode. The kind e2e (tests/e2e/kind.sh) needs Docker and is not run here.
 # Leaves the stack running; `scripts/stack.sh down` stops it.
@@ -29,6 +29,10 @@ export THUMBUP_PYTHON
 # and the shell linter, then lint every script, the kind e2e script included.
 scripts/tools.sh install
 scripts/lint.sh
+
+# Clippy's default lints on every target, as errors (the workspace's
+# [workspace.lints] already make every compiler warning an error).
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # The e2e tests start the job binary as a child process.
 cargo build --locked --workspace --bins

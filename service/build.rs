@@ -1,3 +1,6 @@
+//! Compiles the gRPC API in proto/ (tonic server and client, and the file
+//! descriptor set that gRPC reflection serves).
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
