@@ -310,10 +310,7 @@ impl OperatorConfig {
             )));
         }
         if !["text", "json"].contains(&c.job.log_format.as_str()) {
-            return Err(ConfigError::Invalid(format!(
-                "job.log_format {:?}: must be text or json",
-                c.job.log_format
-            )));
+            return Err(ConfigError::Invalid(format!("job.log_format {:?}: must be text or json", c.job.log_format)));
         }
         let mut dirs: Vec<&str> = Vec::new();
         for ca in &c.job.ca_secrets {

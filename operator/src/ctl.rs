@@ -206,7 +206,11 @@ pub fn outcome(route: &Route, id: &str, datacenter: &str) -> Outcome {
         return Outcome::Pending;
     }
     if route.active_datacenter == datacenter {
-        return if route.failover.promotion_pending { Outcome::Pending } else { Outcome::Done(Box::new(route.clone())) };
+        return if route.failover.promotion_pending {
+            Outcome::Pending
+        } else {
+            Outcome::Done(Box::new(route.clone()))
+        };
     }
     Outcome::Failed(match &route.failover.blocked {
         Some(b) => format!("{}: {}", b.reason, b.message),

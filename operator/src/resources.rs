@@ -643,9 +643,7 @@ datacenters:
             pod.containers
                 .iter()
                 .chain(pod.init_containers.iter().flatten())
-                .map(|c| {
-                    c.env.iter().flatten().find(|e| e.name == "THUMBUP_LOG_FORMAT").and_then(|e| e.value.clone())
-                })
+                .map(|c| c.env.iter().flatten().find(|e| e.name == "THUMBUP_LOG_FORMAT").and_then(|e| e.value.clone()))
                 .collect()
         };
         let text = formats(&config());

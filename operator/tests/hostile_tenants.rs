@@ -208,7 +208,6 @@ async fn legacy_accounts(password: &str) {
     }
 }
 
-
 /// One hostile input: its name, the LikeTenant, the refusal expected, the
 /// tenant Secret's data, and the message the CRD's CEL rule gives (if any).
 type Row<'a> = (String, LikeTenant, Refusal, BTreeMap<String, Value>, Option<&'a str>);
