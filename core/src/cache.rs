@@ -2,7 +2,6 @@
 //! project's Redis functions ([`crate::functions`]: the atomic transition,
 //! versioned cache writes, the applied watermark), and reading entries back.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -282,11 +281,6 @@ pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Op
         pipe.get(k);
     }
     pipe.query_async(con).await
-}
-
-/// Converts a stream entry's field map to strings.
-pub fn entry_fields(map: &HashMap<String, redis::Value>) -> HashMap<String, String> {
-    map.iter().filter_map(|(k, v)| redis::from_redis_value_ref::<String>(v).ok().map(|s| (k.clone(), s))).collect()
 }
 
 /// Deletes keys (used when invalidating after the DB path ran).

@@ -5,7 +5,7 @@
 //! - [`config`]: the tenant YAML config.
 //! - [`keys`]: the Redis key layout under `thumbup:<tenant>:`.
 //! - [`names`]: the schema and account names derived from a tenant name, and the reserved schemas.
-//! - [`event`]: the stream event codec.
+//! - [`stream`]: the tenant event stream: its wire formats (the event codec is [`event`]), the job's group reads, claims and acks, ranges, downstream and dead-letter entries, and the failover replay.
 //! - [`cache`]: Redis connection, calls of the project's Redis functions (the atomic transition, versioned cache writes).
 //! - [`functions`]: the Redis Functions library (the only Redis code tenants run), its versioned names and loading.
 //! - [`db`]: migrations, reads, the job's batched apply, the DB fallback transition.
@@ -21,11 +21,14 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod domain;
-pub mod event;
 pub mod fence;
 pub mod functions;
 pub mod keys;
 pub mod names;
 pub mod provision;
 pub mod route;
+pub mod stream;
 pub mod version;
+
+/// The event codec, at its old path (the service and the DB code name it so).
+pub use stream::event;

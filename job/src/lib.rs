@@ -25,14 +25,13 @@ use prometheus::{
     Histogram, IntCounterVec, IntGaugeVec, register_histogram, register_int_counter_vec, register_int_gauge_vec,
 };
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimReply, StreamReadReply};
 use sqlx::MySqlPool;
 use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::TenantConfig;
 use thumbup_core::db::{self, Applied};
-use thumbup_core::event::LikeEvent;
 use thumbup_core::fence;
 use thumbup_core::keys::{JOB_GROUP, Keys};
+use thumbup_core::stream::{self, Batch, Downstream};
 use thumbup_core::version::now_ms;
 use tracing::{debug, error, info, instrument, warn};
 
@@ -83,19 +82,6 @@ static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Downstream entries kept (approximately).
-const DOWNSTREAM_MAXLEN: usize = 1_000_000;
-
-/// An entry that did not decode: (shard, id, its fields).
-type Malformed = (u32, String, HashMap<String, String>);
-
-/// One read entry.
-struct Entry {
-    shard: u32,
-    id: String,
-    event: LikeEvent,
-}
-
 /// The consumer of one tenant.
 pub struct Job {
     tenant: TenantConfig,
@@ -131,111 +117,21 @@ impl Job {
     }
 
     async fn ensure_groups(&self) -> Result<(), redis::RedisError> {
-        let mut con = self.redis.clone();
-        for shard in 0..self.keys.shards() {
-            let r: Result<(), _> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(self.keys.stream(shard))
-                .arg(JOB_GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut con)
-                .await;
-            match r {
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                other => other?,
-            }
-        }
-        Ok(())
-    }
-
-    fn decode(
-        &self,
-        shard: u32,
-        id: String,
-        map: &HashMap<String, redis::Value>,
-        out: &mut Vec<Entry>,
-        bad: &mut Vec<Malformed>,
-    ) {
-        let fields = cache::entry_fields(map);
-        match LikeEvent::decode(&fields) {
-            Ok(event) => out.push(Entry { shard, id, event }),
-            Err(e) => {
-                error!(tenant = %self.tenant.name, shard, id = %id, error = %e, "malformed stream entry: moved to the dead-letter stream");
-                bad.push((shard, id, fields));
-            }
-        }
+        stream::ensure_groups(&mut self.redis.clone(), &self.keys).await
     }
 
     /// Reads from every shard starting at `from` (`">"` for new entries,
     /// an id for this consumer's pending ones). Returns entries read.
-    async fn read(
-        &self,
-        from: &str,
-        out: &mut Vec<Entry>,
-        bad: &mut Vec<Malformed>,
-    ) -> Result<usize, redis::RedisError> {
-        let mut con = self.redis.clone();
-        let mut n = 0;
-        for shard in 0..self.keys.shards() {
-            let mut cursor = from.to_string();
-            loop {
-                let reply: StreamReadReply = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(JOB_GROUP)
-                    .arg(&self.opts.consumer)
-                    .arg("COUNT")
-                    .arg(self.opts.read_count)
-                    .arg("STREAMS")
-                    .arg(self.keys.stream(shard))
-                    .arg(&cursor)
-                    .query_async(&mut con)
-                    .await?;
-                let ids: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
-                let got = ids.len();
-                n += got;
-                for sid in ids {
-                    if cursor != ">" {
-                        cursor = sid.id.clone();
-                    }
-                    self.decode(shard, sid.id, &sid.map, out, bad);
-                }
-                // New entries: one call per shard per pass keeps shards fair.
-                if cursor == ">" || got < self.opts.read_count {
-                    break;
-                }
-            }
-        }
-        Ok(n)
+    async fn read(&self, from: &str, out: &mut Batch) -> Result<usize, redis::RedisError> {
+        let (consumer, count) = (&self.opts.consumer, self.opts.read_count);
+        stream::read_group(&mut self.redis.clone(), &self.keys, consumer, from, count, out).await
     }
 
     /// Claims entries pending on other (dead) consumers for longer than `claim_idle`.
-    async fn claim(&self, out: &mut Vec<Entry>, bad: &mut Vec<Malformed>) -> Result<usize, redis::RedisError> {
-        let mut con = self.redis.clone();
-        let mut n = 0;
-        for shard in 0..self.keys.shards() {
-            let mut start = "0-0".to_string();
-            loop {
-                let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                    .arg(self.keys.stream(shard))
-                    .arg(JOB_GROUP)
-                    .arg(&self.opts.consumer)
-                    .arg(self.opts.claim_idle.as_millis() as u64)
-                    .arg(&start)
-                    .arg("COUNT")
-                    .arg(self.opts.read_count)
-                    .query_async(&mut con)
-                    .await?;
-                n += reply.claimed.len();
-                for sid in reply.claimed {
-                    self.decode(shard, sid.id, &sid.map, out, bad);
-                }
-                if reply.next_stream_id == "0-0" {
-                    break;
-                }
-                start = reply.next_stream_id;
-            }
-        }
+    async fn claim(&self, out: &mut Batch) -> Result<usize, redis::RedisError> {
+        let idle_ms = self.opts.claim_idle.as_millis() as u64;
+        let (consumer, count) = (&self.opts.consumer, self.opts.read_count);
+        let n = stream::claim_stale(&mut self.redis.clone(), &self.keys, consumer, idle_ms, count, out).await?;
         if n > 0 {
             info!(tenant = %self.tenant.name, claimed = n, "claimed entries left pending by another consumer");
         }
@@ -243,50 +139,26 @@ impl Job {
     }
 
     /// Applies, publishes, refreshes and acknowledges one batch.
-    #[instrument(skip_all, fields(tenant = %self.tenant.name, events = entries.len()))]
-    async fn flush_once(&self, entries: &[Entry], bad: &[Malformed]) -> anyhow::Result<Applied> {
-        let events: Vec<LikeEvent> = entries.iter().map(|e| e.event.clone()).collect();
+    #[instrument(skip_all, fields(tenant = %self.tenant.name, events = batch.entries.len()))]
+    async fn flush_once(&self, batch: &Batch) -> anyhow::Result<Applied> {
+        let events: Vec<_> = batch.entries.iter().map(|e| e.event.clone()).collect();
         let applied = db::apply_events(&self.db, &events).await.inspect_err(|_| self.err("apply"))?;
         let mut con = self.redis.clone();
         // Downstream first: a crash before the ack replays the batch, which
         // republishes (consumers deduplicate by version).
-        if !applied.transitions.is_empty() || !applied.already_applied.is_empty() {
-            let mut pipe = redis::pipe();
-            let republished = applied.already_applied.iter().map(|e| (e, e.prev));
-            for (e, from) in applied.transitions.iter().map(|(e, from)| (e, *from)).chain(republished) {
-                pipe.cmd("XADD")
-                    .arg(self.keys.downstream())
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(DOWNSTREAM_MAXLEN)
-                    .arg("*")
-                    .arg(&[("mid", e.mid), ("biz", e.business_id), ("msg", e.message_id), ("up", e.up_mid)])
-                    .arg(&[("from", from.code() as i64), ("to", e.state.code() as i64)])
-                    .arg(&[("ver", e.version), ("mt", e.mtime_ms)])
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut con).await.inspect_err(|_| self.err("downstream"))?;
-        }
+        let republished = applied.already_applied.iter().map(|e| Downstream { event: e.clone(), from: e.prev });
+        let published: Vec<Downstream> = applied
+            .transitions
+            .iter()
+            .map(|(e, from)| Downstream { event: e.clone(), from: *from })
+            .chain(republished)
+            .collect();
+        stream::publish_downstream(&mut con, &self.keys, &published).await.inspect_err(|_| self.err("downstream"))?;
         self.refresh(&applied).await.inspect_err(|_| self.err("refresh"))?;
-        let mut by_shard: HashMap<u32, Vec<&str>> = HashMap::new();
-        for e in entries {
-            by_shard.entry(e.shard).or_default().push(&e.id);
-        }
-        for (shard, id, fields) in bad {
-            // The original fields, plus where the entry came from.
-            let mut xadd = redis::cmd("XADD");
-            xadd.arg(format!("{}deadletter", self.keys.prefix())).arg("*").arg("_shard").arg(*shard).arg("_id").arg(id);
-            for (k, v) in fields {
-                xadd.arg(k).arg(v);
-            }
-            let _: String = xadd.query_async(&mut con).await?;
-            by_shard.entry(*shard).or_default().push(id);
-        }
-        let mut pipe = redis::pipe();
-        for (shard, ids) in &by_shard {
-            pipe.cmd("XACK").arg(self.keys.stream(*shard)).arg(JOB_GROUP).arg(ids).ignore();
-        }
-        pipe.query_async::<()>(&mut con).await.inspect_err(|_| self.err("ack"))?;
+        stream::dead_letter(&mut con, &self.keys, &batch.malformed).await?;
+        let ids = batch.entries.iter().map(|e| (e.shard, e.id.as_str()));
+        let ids = ids.chain(batch.malformed.iter().map(|l| (l.shard, l.id.as_str())));
+        stream::ack(&mut con, &self.keys, ids).await.inspect_err(|_| self.err("ack"))?;
         Ok(applied)
     }
 
@@ -320,14 +192,15 @@ impl Job {
 
     /// Flushes until it succeeds; gives up only after `give_up` (shutdown),
     /// leaving the entries pending for the next run.
-    async fn flush(&self, entries: &[Entry], bad: &[Malformed], give_up: Option<Instant>) -> bool {
-        if entries.is_empty() && bad.is_empty() {
+    async fn flush(&self, batch: &Batch, give_up: Option<Instant>) -> bool {
+        let entries = &batch.entries;
+        if batch.is_empty() {
             return true;
         }
         let start = Instant::now();
         let mut attempt = 0;
         loop {
-            match self.flush_once(entries, bad).await {
+            match self.flush_once(batch).await {
                 Ok(applied) => {
                     BATCH.observe(entries.len() as f64);
                     FLUSH.observe(start.elapsed().as_secs_f64());
@@ -419,20 +292,19 @@ impl Job {
         let mut stopping = false;
         while !stopping {
             let deadline = Instant::now() + self.opts.window;
-            let mut entries = Vec::new();
-            let mut bad = Vec::new();
+            let mut batch = Batch::default();
             let mut attempt = 0;
             loop {
                 let step = async {
                     let mut n = 0;
                     if own_pending {
-                        n += self.read("0", &mut entries, &mut bad).await?;
-                        n += self.claim(&mut entries, &mut bad).await?;
+                        n += self.read("0", &mut batch).await?;
+                        n += self.claim(&mut batch).await?;
                     } else if last_claim.elapsed() >= self.opts.claim_idle {
-                        n += self.claim(&mut entries, &mut bad).await?;
+                        n += self.claim(&mut batch).await?;
                         last_claim = Instant::now();
                     }
-                    n += self.read(">", &mut entries, &mut bad).await?;
+                    n += self.read(">", &mut batch).await?;
                     Ok::<usize, redis::RedisError>(n)
                 };
                 let pause = match step.await {
@@ -449,7 +321,7 @@ impl Job {
                     }
                 };
                 let now = Instant::now();
-                if entries.len() + bad.len() >= self.opts.max_batch || now >= deadline {
+                if batch.len() >= self.opts.max_batch || now >= deadline {
                     break;
                 }
                 let pause = pause.min(deadline - now);
@@ -459,7 +331,7 @@ impl Job {
                 }
             }
             let give_up = stopping.then(|| Instant::now() + Duration::from_secs(10));
-            self.flush(&entries, &bad, give_up).await;
+            self.flush(&batch, give_up).await;
             if let Err(e) = self.record_watermarks().await {
                 self.err("watermark");
                 debug!(tenant = %self.tenant.name, error = %e, "recording the applied watermarks failed");

@@ -1,0 +1,170 @@
+//! Replaying the recent stream window onto a promoted DB.
+//!
+//! Replication to the standby is asynchronous: when the active DB dies, the
+//! job may have committed (and acknowledged) windows there that never
+//! reached the standby. Those events are still in the tenant's stream shards
+//! (the job trims only past the stream retention), so the controller reads
+//! every entry newer than the replay window and applies it to the new
+//! primary with the job's own [`db::apply_events`]. Records carry versions:
+//! what did replicate is skipped, what did not is applied with its count
+//! deltas, so the replay recovers the lost windows and changes nothing else.
+//!
+//! Items whose counts the replay changed have their cached counts and
+//! received likes deleted (the next read or job window refills them from the
+//! new primary): the cached versions came from the old primary, and a
+//! version-checked refresh would never replace them.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use sqlx::MySqlPool;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+
+use super::{Batch, range};
+use crate::db;
+use crate::keys::Keys;
+
+/// Entries read per XRANGE call.
+const PAGE: usize = 1_000;
+/// Events per apply transaction.
+const CHUNK: usize = 2_000;
+/// Tries per chunk (a deadlock with the job's own window is retried).
+const TRIES: u32 = 5;
+
+/// A replay that failed; the text names the tenant and step.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Reading a stream failed.
+    #[error("tenant {tenant}: reading {key}: {source}")]
+    Read {
+        /// Tenant.
+        tenant: String,
+        /// Stream key.
+        key: String,
+        /// Redis error.
+        source: redis::RedisError,
+    },
+    /// Applying to the new primary failed.
+    #[error("tenant {tenant}: applying to the new primary: {source}")]
+    Apply {
+        /// Tenant.
+        tenant: String,
+        /// DB error.
+        source: sqlx::Error,
+    },
+    /// Deleting cached values failed.
+    #[error("tenant {tenant}: dropping cached counts: {source}")]
+    Invalidate {
+        /// Tenant.
+        tenant: String,
+        /// Redis error.
+        source: redis::RedisError,
+    },
+}
+
+/// What the replay needs of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayTenant {
+    /// Tenant name.
+    pub name: String,
+    /// Stream shards.
+    pub shards: u32,
+    /// DB schema.
+    pub schema: String,
+}
+
+/// What one tenant's replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Entries read from the streams.
+    pub events: usize,
+    /// Entries that did not decode (skipped; the job dead-letters them).
+    pub malformed: usize,
+    /// Transitions the new primary took: writes that had not replicated.
+    pub applied: usize,
+    /// Cached keys deleted.
+    pub invalidated: usize,
+    /// The cached keys of what the replay changed (deleted once already;
+    /// the caller deletes them again a moment later, see [`invalidate`]).
+    pub stale: Vec<String>,
+}
+
+/// Replays `tenant`'s stream entries newer than `since_ms` from `redis` (an
+/// admin connection to a Redis holding the tenant's streams) onto the DB at
+/// `db_admin_url`.
+pub async fn replay(
+    tenant: &ReplayTenant,
+    redis: &mut MultiplexedConnection,
+    db_admin_url: &str,
+    since_ms: i64,
+) -> Result<Replayed, ReplayError> {
+    let keys = Keys::new(&tenant.name, tenant.shards);
+    let mut out = Replayed::default();
+    let mut batch = Batch::default();
+    for shard in 0..tenant.shards {
+        out.events += range(redis, &keys, shard, since_ms, PAGE, &mut batch)
+            .await
+            .map_err(|source| ReplayError::Read { tenant: tenant.name.clone(), key: keys.stream(shard), source })?;
+    }
+    out.malformed = batch.malformed.len();
+    let events: Vec<_> = batch.entries.into_iter().map(|e| e.event).collect();
+    if events.is_empty() {
+        return Ok(out);
+    }
+    let apply_err = |source| ReplayError::Apply { tenant: tenant.name.clone(), source };
+    let opts = MySqlConnectOptions::from_str(db_admin_url).map_err(apply_err)?.database(&tenant.schema);
+    let pool: MySqlPool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(opts)
+        .await
+        .map_err(apply_err)?;
+    let mut stale = BTreeSet::new();
+    for chunk in events.chunks(CHUNK) {
+        let mut attempt = 0;
+        let applied = loop {
+            match db::apply_events(&pool, chunk).await {
+                Ok(a) => break a,
+                Err(e) if attempt + 1 < TRIES => {
+                    tracing::warn!(tenant = %tenant.name, error = %e, attempt, "replay chunk failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => return Err(apply_err(e)),
+            }
+        };
+        out.applied += applied.transitions.len();
+        for (e, _) in &applied.transitions {
+            stale.insert(keys.counts(e.business_id, e.message_id));
+            stale.insert(keys.received(e.business_id, e.up_mid));
+        }
+    }
+    pool.close().await;
+    out.stale = stale.into_iter().collect();
+    out.invalidated = invalidate(&tenant.name, redis, &out.stale).await?;
+    Ok(out)
+}
+
+/// Deletes cached keys. The controller calls it right after the replay and
+/// again a moment later: a job window or a read that loaded counts from the
+/// new primary before the replay committed may still write them back
+/// (their versions come from the new primary, so a later refresh would not
+/// replace them).
+pub async fn invalidate(
+    tenant: &str,
+    redis: &mut MultiplexedConnection,
+    keys: &[String],
+) -> Result<usize, ReplayError> {
+    let mut n = 0;
+    for chunk in keys.chunks(500) {
+        let deleted: usize = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(redis)
+            .await
+            .map_err(|source| ReplayError::Invalidate { tenant: tenant.to_string(), source })?;
+        n += deleted;
+    }
+    Ok(n)
+}
