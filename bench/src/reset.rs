@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::mysql::MySqlPool;
-use thumbup_core::config::schema_for;
+use thumbup_core::names::schema_for;
 use thumbup_core::provision;
 
 use crate::Args;

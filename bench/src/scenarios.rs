@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use thumbup_core::config::schema_for;
+use thumbup_core::names::schema_for;
 use thumbup_core::keys::{JOB_GROUP, Keys};
 use thumbup_service::pb;
 use thumbup_service::pb::thumbup_client::ThumbupClient;

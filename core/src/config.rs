@@ -44,8 +44,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The default schema of a tenant; its home is [`crate::names`].
-pub use crate::names::schema_for;
+use crate::names::schema_for;
 
 /// A config that could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +98,12 @@ pub enum ConfigError {
     },
 }
 
-/// The whole file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// The whole file. It serializes as it parses: the operator renders the
+/// registry and the job's config file from these types. Serialize only a
+/// config built with file references (`password_file`, `tokens_file`): a
+/// loaded config holds the resolved passwords and tokens, which serialize
+/// too.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The tenants served (may be empty).
@@ -108,7 +111,7 @@ pub struct Config {
 }
 
 /// One product team's tenant.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Lower-case name: `[a-z][a-z0-9-]{0,30}`; names the Redis prefix and DB schema.
@@ -117,13 +120,13 @@ pub struct TenantConfig {
     pub businesses: Vec<Business>,
     /// API tokens accepted for this tenant (several, so tokens can rotate).
     /// After loading, also those read from `tokens_file`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<String>,
     /// A file of more API tokens, one per line (blank lines and surrounding
     /// whitespace ignored), added to `tokens`. A relative path resolves
     /// against the secrets dir. Re-read on reload, so tokens rotate by
     /// rewriting the file.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_file: Option<String>,
     /// The tenant's Redis, reached with its ACL user.
     pub redis: RedisConfig,
@@ -141,7 +144,7 @@ pub struct TenantConfig {
 }
 
 /// A business: a kind of item that can be liked.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Business {
     /// Human name, e.g. `video`.
@@ -151,7 +154,7 @@ pub struct Business {
 }
 
 /// Redis endpoint and credentials.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port`.
@@ -160,15 +163,15 @@ pub struct RedisConfig {
     pub username: String,
     /// ACL password; give it or `password_file`, not both. After loading,
     /// the password in use however it was given.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password: String,
     /// File holding the ACL password (trailing whitespace and newline
     /// dropped); relative paths resolve against the secrets dir.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<String>,
     /// TLS settings of a `rediss://` URL (the CA); without them a
     /// `rediss://` URL trusts the system's roots.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RedisTls>,
 }
 
@@ -226,7 +229,7 @@ pub enum DbTlsMode {
 }
 
 /// Database endpoint and credentials.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DbConfig {
     /// `mysql://host:port` (TiDB, MySQL 8 or MariaDB; through db-proxy in a cluster).
@@ -235,21 +238,21 @@ pub struct DbConfig {
     pub username: String,
     /// DB password; give it or `password_file`, not both. After loading,
     /// the password in use however it was given.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password: String,
     /// File holding the DB password (trailing whitespace and newline
     /// dropped); relative paths resolve against the secrets dir.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<String>,
     /// Schema; defaults to `thumbup_<name>` with `-` as `_`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
     /// Connections per process (default 16).
     #[serde(default = "default_pool")]
     pub max_connections: u32,
     /// TLS to the DB. When set, the tenant's DB user is also created
     /// `REQUIRE SSL`, so the server refuses it a plaintext session.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<DbTls>,
 }
 
@@ -258,7 +261,7 @@ fn default_pool() -> u32 {
 }
 
 /// Rate limits, applied per service process.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Write actions per user per second (burst of the same size).
@@ -276,7 +279,7 @@ impl Default for Limits {
 }
 
 /// Cache sizes and lifetimes.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
     /// Entries kept in a user's liked list in Redis; older pages come from the DB.
@@ -312,7 +315,7 @@ impl Default for CacheSettings {
 }
 
 /// Event stream layout.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamSettings {
     /// Stream shards. A user's state, liked list and events share a shard (one
@@ -328,6 +331,15 @@ impl Default for StreamSettings {
         StreamSettings { shards: 8, retention_secs: 3_600 }
     }
 }
+
+/// Milliseconds the job gathers events before one DB transaction applies
+/// them, unless told otherwise (its `--window-ms`, a LikeTenant's
+/// `spec.job.windowMs`).
+pub const DEFAULT_WINDOW_MS: u64 = 10_000;
+
+/// Events that close the job's window early, unless told otherwise (its
+/// `--max-batch`, a LikeTenant's `spec.job.maxBatch`).
+pub const DEFAULT_MAX_BATCH: usize = 20_000;
 
 impl Config {
     /// Reads and validates a config file, reading credential files relative

@@ -21,7 +21,7 @@ impl Keys {
 
     /// The prefix every key of the tenant starts with.
     pub fn prefix(&self) -> String {
-        format!("thumbup:{}:", self.tenant)
+        crate::names::key_prefix(&self.tenant)
     }
 
     /// The number of stream shards.
@@ -35,7 +35,7 @@ impl Keys {
     }
 
     fn tagged(&self, shard: u32) -> String {
-        format!("thumbup:{t}:{{{t}.{shard}}}", t = self.tenant)
+        format!("{}{{{}.{shard}}}", self.prefix(), self.tenant)
     }
 
     /// State of (user, item): `"<state>:<version>"`.
@@ -61,17 +61,17 @@ impl Keys {
 
     /// Cached counts of an item: `"<likes>:<dislikes>:<version>"`.
     pub fn counts(&self, business: i64, message: i64) -> String {
-        format!("thumbup:{}:cnt:{business}:{message}", self.tenant)
+        format!("{}cnt:{business}:{message}", self.prefix())
     }
 
     /// Cached received likes of an owner: `"<likes>:0:<version>"`.
     pub fn received(&self, business: i64, up_mid: i64) -> String {
-        format!("thumbup:{}:rcv:{business}:{up_mid}", self.tenant)
+        format!("{}rcv:{business}:{up_mid}", self.prefix())
     }
 
     /// Downstream events for other systems: one per applied transition.
     pub fn downstream(&self) -> String {
-        format!("thumbup:{}:downstream", self.tenant)
+        format!("{}downstream", self.prefix())
     }
 }
 

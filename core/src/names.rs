@@ -1,5 +1,6 @@
 //! The one home of every name derived from a tenant name: its DB schema, its
-//! DB user and its Redis ACL user, and the schema names no tenant may use.
+//! DB user, its Redis ACL user and key prefix, the Kubernetes objects the
+//! operator makes for it, and the schema names no tenant may use.
 //!
 //! Account names come from here only, never from anything a tenant can
 //! write (its spec or its Secret): the service, the job, the provisioning
@@ -38,6 +39,34 @@ pub fn schema_for(tenant: &str) -> String {
     format!("thumbup_{}", tenant.replace('-', "_"))
 }
 
+/// The prefix of every Redis key of the tenant: `thumbup:<name>:`.
+pub fn key_prefix(tenant: &str) -> String {
+    format!("thumbup:{tenant}:")
+}
+
+/// The pattern of every Redis key of the tenant (`thumbup:<name>:*`): the
+/// key pattern of its ACL user, and what deletion scans for.
+pub fn key_pattern(tenant: &str) -> String {
+    format!("{}*", key_prefix(tenant))
+}
+
+/// The tenant's own Secret (credentials, API token, the job's config file).
+pub fn tenant_secret(tenant: &str) -> String {
+    format!("thumbup-tenant-{tenant}")
+}
+
+/// The tenant's job Deployment.
+pub fn job_deployment(tenant: &str) -> String {
+    format!("thumbup-job-{tenant}")
+}
+
+/// The keys of the shared registry Secret for a tenant: DB password, Redis
+/// password, tokens. The same names are what the job pod's Secret volume
+/// projects, so one config file resolves in both pods.
+pub fn registry_secret_keys(tenant: &str) -> [String; 3] {
+    [format!("{tenant}.db-password"), format!("{tenant}.redis-password"), format!("{tenant}.tokens")]
+}
+
 /// True when `schema` names a system schema or the control schema, compared
 /// case-insensitively (TiDB, and MySQL on some platforms, fold case).
 pub fn reserved_schema(schema: &str) -> bool {
@@ -51,7 +80,7 @@ pub fn reserved_schema(schema: &str) -> bool {
 /// The long form holds `-`, which the short form never does, so the two
 /// forms cannot name the same user.
 pub fn db_user(tenant: &str) -> String {
-    let short = format!("thumbup_{}", tenant.replace('-', "_"));
+    let short = schema_for(tenant);
     if short.len() <= MAX_DB_USER_LEN {
         return short;
     }

@@ -25,7 +25,6 @@ use sqlx::ConnectOptions;
 use sqlx::mysql::MySqlConnectOptions;
 
 use crate::config::TenantConfig;
-use crate::keys::Keys;
 use crate::names;
 
 /// A provisioning step that failed.
@@ -587,7 +586,7 @@ pub fn acl_rules(tenant: &str, password: &str) -> Vec<String> {
         "reset".to_string(),
         "on".to_string(),
         format!("#{}", redis_password_hash(password)),
-        format!("~{}*", Keys::new(tenant, 1).prefix()),
+        format!("~{}", names::key_pattern(tenant)),
         "resetchannels".to_string(),
         "-@all".to_string(),
     ];
@@ -780,7 +779,7 @@ fn acl_user_matches(reply: &redis::Value, tenant: &str, password: &str) -> bool 
     };
     let want_commands: std::collections::BTreeSet<String> =
         std::iter::once("-@all".to_string()).chain(TENANT_COMMANDS.iter().map(|c| format!("+{c}"))).collect();
-    let want_keys: std::collections::BTreeSet<String> = [format!("~{}*", Keys::new(tenant, 1).prefix())].into();
+    let want_keys: std::collections::BTreeSet<String> = [format!("~{}", names::key_pattern(tenant))].into();
     let selectors_empty = get("selectors").is_none_or(|v| matches!(&v, redis::Value::Array(a) if a.is_empty()));
     flags.iter().any(|x| x == "on")
         && !flags.iter().any(|x| x == "nopass" || x == "allkeys" || x == "allchannels")
@@ -903,7 +902,7 @@ const DELETE_BATCH: usize = 500;
 pub async fn delete_keys(admin_url: &str, tenant: &str) -> Result<u64, ProvisionError> {
     let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
     let mut con = redis_admin(admin_url, tenant).await?;
-    let pattern = format!("{}*", Keys::new(tenant, 1).prefix());
+    let pattern = names::key_pattern(tenant);
     let mut cursor: u64 = 0;
     let mut removed = 0u64;
     loop {

@@ -25,10 +25,10 @@ struct Cli {
     #[arg(long, env = "THUMBUP_TENANT")]
     tenant: String,
     /// Milliseconds events are gathered before one DB transaction applies them.
-    #[arg(long, env = "THUMBUP_WINDOW_MS", default_value_t = 10_000)]
+    #[arg(long, env = "THUMBUP_WINDOW_MS", default_value_t = thumbup_core::config::DEFAULT_WINDOW_MS)]
     window_ms: u64,
     /// Events that close a window early.
-    #[arg(long, env = "THUMBUP_MAX_BATCH", default_value_t = 20_000)]
+    #[arg(long, env = "THUMBUP_MAX_BATCH", default_value_t = thumbup_core::config::DEFAULT_MAX_BATCH)]
     max_batch: usize,
     /// Entries read per shard per call.
     #[arg(long, env = "THUMBUP_READ_COUNT", default_value_t = 1_000)]

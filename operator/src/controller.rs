@@ -286,7 +286,7 @@ enum RegistryChange<'a> {
     /// Claim the name only; the file stays as it is.
     Claim,
     /// Claim the name and put the tenant's entry.
-    Put(&'a resources::RegistryEntry),
+    Put(&'a core_config::TenantConfig),
     /// Remove the entry and the claim (only when the claim is ours).
     Remove,
 }
@@ -390,7 +390,7 @@ async fn credentials(lt: &LikeTenant, ctx: &Context) -> Result<Credentials> {
     let tenant = lt.tenant();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
     let existing =
-        api.get_opt(&resources::secret_name(&tenant)).await.map_err(kube_err(&tenant, "reading the tenant Secret"))?;
+        api.get_opt(&names::tenant_secret(&tenant)).await.map_err(kube_err(&tenant, "reading the tenant Secret"))?;
     Ok(Credentials::kept_or_generated(existing.as_ref(), &tenant))
 }
 
@@ -401,7 +401,7 @@ async fn apply_tenant_secret(lt: &LikeTenant, ctx: &Context, creds: &Credentials
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &lt.namespace().unwrap_or_default());
     let entry = resources::registry_entry(lt, &ctx.config, &dc.name);
     let secret = resources::build_tenant_secret(lt, creds, &entry);
-    api.patch(&resources::secret_name(&tenant), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
+    api.patch(&names::tenant_secret(&tenant), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
         .await
         .map_err(kube_err(&tenant, "applying the tenant Secret"))?;
     Ok(())
@@ -580,9 +580,9 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let mut status = LikeTenantStatus {
         conditions: Vec::new(),
         schema: Some(lt.schema()),
-        redis_prefix: Some(format!("thumbup:{tenant}:")),
+        redis_prefix: Some(names::key_prefix(&tenant)),
         businesses: Some(lt.spec.businesses.len() as i32),
-        secret_name: Some(resources::secret_name(&tenant)),
+        secret_name: Some(names::tenant_secret(&tenant)),
         active_datacenter: Some(place.active),
         failover_epoch: place.epoch,
         // The failover controller's.
@@ -637,7 +637,7 @@ async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
     let ns = lt.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let deployment = resources::build_job_deployment(lt, &cfg, &ctx.namespace);
-    let name = resources::job_name(&tenant);
+    let name = names::job_deployment(&tenant);
     let applied = deployments
         .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&deployment))
         .await
@@ -691,7 +691,7 @@ async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Option<Action>> {
 
     // The job first, so nothing writes while the rest goes away.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    match deployments.delete(&resources::job_name(&tenant), &DeleteParams::foreground()).await {
+    match deployments.delete(&names::job_deployment(&tenant), &DeleteParams::foreground()).await {
         Ok(_) => {}
         Err(e) if is_status(&e, 404) => {}
         Err(e) => return Err(kube_err(&tenant, "deleting the job Deployment")(e)),

@@ -173,7 +173,8 @@ pub struct CacheSpec {
     #[schemars(range(min = 1, max = 100000))]
     pub liked_list_max: i32,
     /// Milliseconds a hot item's counts are served from a service process's
-    /// memory (default 1000).
+    /// memory, at most that much behind (default 0: off, every read exact
+    /// as of Redis; 1000 suits items read far more often than liked).
     #[schemars(range(min = 0, max = 60000))]
     pub hot_cache_ttl_ms: i64,
     /// Seconds a cached count lives in Redis (default 86400).
@@ -190,7 +191,7 @@ impl Default for CacheSpec {
         let d = thumbup_core::config::CacheSettings::default();
         CacheSpec {
             liked_list_max: d.liked_list_max as i32,
-            hot_cache_ttl_ms: 1000,
+            hot_cache_ttl_ms: d.hot_ttl_ms as i64,
             counts_ttl_secs: d.counts_ttl_secs as i64,
             state_ttl_secs: d.state_ttl_secs as i64,
         }
@@ -216,7 +217,8 @@ pub struct JobSpec {
 
 impl Default for JobSpec {
     fn default() -> Self {
-        JobSpec { replicas: 1, max_batch: 20_000, window_ms: 10_000 }
+        use thumbup_core::config::{DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS};
+        JobSpec { replicas: 1, max_batch: DEFAULT_MAX_BATCH as i32, window_ms: DEFAULT_WINDOW_MS as i64 }
     }
 }
 
@@ -418,7 +420,7 @@ impl LikeTenant {
 
     /// The DB schema: `spec.schemaName`, else `thumbup_<name>`.
     pub fn schema(&self) -> String {
-        self.spec.schema_name.clone().unwrap_or_else(|| thumbup_core::config::schema_for(&self.tenant()))
+        self.spec.schema_name.clone().unwrap_or_else(|| thumbup_core::names::schema_for(&self.tenant()))
     }
 
     /// The object's generation.

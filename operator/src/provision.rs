@@ -7,15 +7,14 @@
 //! LikeTenant holds, so no LikeTenant can take over, reset or drop an
 //! account or schema that thumbup did not create for it.
 
-use thumbup_core::config::{Business, DbConfig, RedisConfig, TenantConfig};
-use thumbup_core::names;
+use thumbup_core::config::TenantConfig;
 use thumbup_core::provision::{self, Adopt, Owner};
 use tracing::{info, warn};
 
 use crate::config::{Datacenter, OperatorConfig};
 use crate::crd::{DeletionPolicy, LikeTenant};
 use crate::error::{Error, Result};
-use crate::resources::Credentials;
+use crate::resources::{self, Credentials};
 
 /// The owner recorded for what this LikeTenant's provisioning creates: the
 /// installation, the LikeTenant's namespace/name and its uid.
@@ -32,38 +31,21 @@ fn adopt(lt: &LikeTenant) -> Adopt {
     if lt.spec.adopt_existing { Adopt::Unowned } else { Adopt::Never }
 }
 
-/// The core tenant config the provisioning functions take, with the
-/// addresses the operator itself reaches (`admin_url` when set). Only the
-/// name, schema, endpoints and credentials matter to provisioning; the
-/// provisioning functions check every value they put into a statement.
+/// The core tenant config the provisioning functions take: the
+/// LikeTenant's config ([`resources::tenant_config`]) with its credentials
+/// and the addresses the operator itself reaches (`admin_url` when set).
+/// Only the name, schema, endpoints and credentials matter to
+/// provisioning; the provisioning functions check every value they put
+/// into a statement.
 pub fn tenant_config(lt: &LikeTenant, creds: &Credentials, dc: &Datacenter) -> TenantConfig {
-    let tenant = lt.tenant();
-    TenantConfig {
-        businesses: lt.spec.businesses.iter().map(|b| Business { name: b.name.clone(), id: b.id }).collect(),
-        tokens: vec![creds.token.clone()],
-        tokens_file: None,
-        redis: RedisConfig {
-            url: dc.redis.admin_url.clone().unwrap_or_else(|| dc.redis.url.clone()),
-            username: names::redis_user(&tenant),
-            password: creds.redis_password.clone(),
-            password_file: None,
-            tls: dc.redis.tls.clone(),
-        },
-        db: DbConfig {
-            url: dc.db.admin_url.clone().unwrap_or_else(|| dc.db.url.clone()),
-            username: names::db_user(&tenant),
-            password: creds.db_password.clone(),
-            password_file: None,
-            schema: Some(lt.schema()),
-            // Migrations run one statement at a time.
-            max_connections: 2,
-            tls: dc.db.tls.clone(),
-        },
-        name: tenant,
-        limits: Default::default(),
-        cache: Default::default(),
-        stream: Default::default(),
-    }
+    let mut t = resources::tenant_config(lt, dc, dc.db.admin_url.clone().unwrap_or_else(|| dc.db.url.clone()));
+    t.tokens = vec![creds.token.clone()];
+    t.redis.url = dc.redis.admin_url.clone().unwrap_or_else(|| dc.redis.url.clone());
+    t.redis.password = creds.redis_password.clone();
+    t.db.password = creds.db_password.clone();
+    // Migrations run one statement at a time.
+    t.db.max_connections = 2;
+    t
 }
 
 /// The admission of a LikeTenant to the data layer: claims its schema and

@@ -18,11 +18,11 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::Serialize;
 
+use thumbup_core::config::{Business, CacheSettings, DbConfig, Limits, RedisConfig, StreamSettings, TenantConfig};
 use thumbup_core::names;
 
-use crate::config::OperatorConfig;
+use crate::config::{Datacenter, OperatorConfig};
 use crate::crd::{LikeTenant, tenant_labels};
-use thumbup_core::config::{DbTls, RedisTls};
 
 /// Where the job mounts its tenant Secret (config file and credentials).
 pub const JOB_CONFIG_DIR: &str = "/etc/thumbup/tenant";
@@ -33,22 +33,6 @@ pub const JOB_ADMIN_PORT: i32 = 9191;
 /// Name of the db-proxy sidecar container.
 pub const DB_PROXY_CONTAINER: &str = "db-proxy";
 
-/// Name of the tenant's own Secret (credentials and API token).
-pub fn secret_name(tenant: &str) -> String {
-    format!("thumbup-tenant-{tenant}")
-}
-
-/// Name of the tenant's job Deployment.
-pub fn job_name(tenant: &str) -> String {
-    format!("thumbup-job-{tenant}")
-}
-
-/// The keys of the shared registry Secret for a tenant: DB password, Redis
-/// password, tokens. The same names are what the job pod's Secret volume
-/// projects, so one config file resolves in both pods.
-pub fn registry_secret_keys(tenant: &str) -> [String; 3] {
-    [format!("{tenant}.db-password"), format!("{tenant}.redis-password"), format!("{tenant}.tokens")]
-}
 
 /// A tenant's secrets, kept in its Secret. Generated once and then read
 /// back on every reconcile, so re-runs do not rotate them. The account
@@ -131,7 +115,7 @@ fn bytes(s: &str) -> ByteString {
 /// it): the credentials and API token, and `tenants.yaml`, the one-tenant
 /// config file of the job. The job mounts only this Secret, so it works in
 /// any namespace and never sees another tenant's credentials.
-pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &RegistryEntry) -> Secret {
+pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &TenantConfig) -> Secret {
     let config = render_registry(&BTreeMap::from([(entry.name.clone(), entry.clone())]));
     let t = lt.tenant();
     let data = BTreeMap::from([
@@ -143,7 +127,7 @@ pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &RegistryEnt
         ("token".to_string(), bytes(&c.token)),
     ]);
     Secret {
-        metadata: owned_meta(lt, secret_name(&lt.tenant())),
+        metadata: owned_meta(lt, names::tenant_secret(&lt.tenant())),
         data: Some(data),
         type_: Some("Opaque".into()),
         ..Secret::default()
@@ -228,7 +212,7 @@ fn log_format(cfg: &OperatorConfig) -> EnvVar {
 pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespace: &str) -> Deployment {
     let t = lt.tenant();
     let labels = tenant_labels(&t);
-    let [db_key, redis_key, tokens_key] = registry_secret_keys(&t);
+    let [db_key, redis_key, tokens_key] = names::registry_secret_keys(&t);
     let spec = &lt.spec.job;
     let probe = |path: &str, period| Probe {
         http_get: Some(HTTPGetAction {
@@ -325,7 +309,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
     let volumes = vec![Volume {
         name: "tenant".into(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(secret_name(&t)),
+            secret_name: Some(names::tenant_secret(&t)),
             items: Some(vec![
                 item(REGISTRY_KEY, REGISTRY_KEY),
                 item("db-password", &db_key),
@@ -338,7 +322,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
     }];
     let volumes = volumes.into_iter().chain(ca_volumes.into_iter().map(|(v, _)| v)).collect();
     Deployment {
-        metadata: owned_meta(lt, job_name(&t)),
+        metadata: owned_meta(lt, names::job_deployment(&t)),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
@@ -373,134 +357,69 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
     }
 }
 
-/// One tenant's entry of the registry file (`tenants.yaml`), in the format
-/// of `thumbup_core::config`; passwords and tokens are file references
-/// resolved against the mounted Secret.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryEntry {
-    /// Tenant name.
-    pub name: String,
-    /// Businesses.
-    pub businesses: Vec<RegistryBusiness>,
-    /// File with the tokens.
-    pub tokens_file: String,
-    /// Redis endpoint.
-    pub redis: RegistryEndpoint,
-    /// DB endpoint.
-    pub db: RegistryDb,
-    /// Limits.
-    pub limits: RegistryLimits,
-    /// Cache settings.
-    pub cache: RegistryCache,
-}
-
-/// A business in the registry file.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryBusiness {
-    /// Name.
-    pub name: String,
-    /// Id.
-    pub id: i64,
-}
-
-/// Redis in the registry file.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryEndpoint {
-    /// URL.
-    pub url: String,
-    /// ACL user.
-    pub username: String,
-    /// Password file.
-    pub password_file: String,
-    /// TLS (the datacenter's).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<RedisTls>,
-}
-
-/// The DB in the registry file.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryDb {
-    /// URL.
-    pub url: String,
-    /// DB user.
-    pub username: String,
-    /// Password file.
-    pub password_file: String,
-    /// Schema.
-    pub schema: String,
-    /// DB pool of each process: below the DB user's session cap
-    /// (`spec.limits.maxDbConnections`).
-    pub max_connections: u32,
-    /// TLS (the datacenter's).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<DbTls>,
-}
-
-/// Limits in the registry file.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryLimits {
-    /// Per user.
-    pub per_mid_per_sec: u32,
-    /// Per tenant.
-    pub per_tenant_per_sec: u32,
-    /// DB fallback.
-    pub db_fallback_per_sec: u32,
-}
-
-/// Cache settings in the registry file.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegistryCache {
-    /// Liked-list length.
-    pub liked_list_max: u32,
-    /// State TTL.
-    pub state_ttl_secs: u64,
-    /// Counts TTL.
-    pub counts_ttl_secs: u64,
-    /// Lifetime of a hot item's counts in the service's memory (0: off).
-    pub hot_ttl_ms: u64,
-}
-
-/// The registry entry of a tenant, pointing at the datacenter `dc`: its
-/// Redis, and its DB unless db-proxy is on (then the DB is the sidecar on
-/// the pod's loopback, which follows the route: a flip changes no entry).
-pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> RegistryEntry {
+/// The core tenant config of a LikeTenant on the datacenter `dc`, without
+/// credentials: its businesses, account names, schema, limits and cache
+/// settings, and `dc`'s endpoints (the DB at `db_url`). The one mapping of
+/// a spec to [`TenantConfig`]: the registry entry and the provisioning
+/// config both start from it.
+pub fn tenant_config(lt: &LikeTenant, dc: &Datacenter, db_url: String) -> TenantConfig {
     let t = lt.tenant();
-    let dc = cfg.datacenter(dc).unwrap_or_else(|| cfg.active());
-    let [db_key, redis_key, tokens_key] = registry_secret_keys(&t);
     let s = &lt.spec;
-    RegistryEntry {
+    TenantConfig {
         name: t.clone(),
-        businesses: s.businesses.iter().map(|b| RegistryBusiness { name: b.name.clone(), id: b.id }).collect(),
-        tokens_file: tokens_key,
-        redis: RegistryEndpoint {
+        businesses: s.businesses.iter().map(|b| Business { name: b.name.clone(), id: b.id }).collect(),
+        tokens: Vec::new(),
+        tokens_file: None,
+        redis: RedisConfig {
             url: dc.redis.url.clone(),
             username: names::redis_user(&t),
-            password_file: redis_key,
+            password: String::new(),
+            password_file: None,
             tls: dc.redis.tls.clone(),
         },
-        db: RegistryDb {
-            url: if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() },
+        db: DbConfig {
+            url: db_url,
             username: names::db_user(&t),
-            password_file: db_key,
-            schema: lt.schema(),
+            password: String::new(),
+            password_file: None,
+            schema: Some(lt.schema()),
             max_connections: s.limits.db_pool_size(),
             // Through db-proxy the session may reach either datacenter's
             // DB: its CA file must hold the CAs of both.
             tls: dc.db.tls.clone(),
         },
-        limits: RegistryLimits {
-            // The CRD's minimums keep these positive.
+        // The CRD's minimums keep these positive.
+        limits: Limits {
             per_mid_per_sec: s.limits.per_mid_per_sec.max(1) as u32,
             per_tenant_per_sec: s.limits.per_tenant_per_sec.max(1) as u32,
             db_fallback_per_sec: s.limits.db_fallback_per_sec.max(1) as u32,
         },
-        cache: RegistryCache {
+        cache: CacheSettings {
             liked_list_max: s.cache.liked_list_max.max(1) as u32,
             state_ttl_secs: s.cache.state_ttl_secs.max(1) as u64,
             counts_ttl_secs: s.cache.counts_ttl_secs.max(1) as u64,
             hot_ttl_ms: s.cache.hot_cache_ttl_ms.max(0) as u64,
+            ..CacheSettings::default()
         },
+        stream: StreamSettings::default(),
     }
+}
+
+/// The registry entry of a tenant (its part of `tenants.yaml`, also the
+/// job's one-tenant config), pointing at the datacenter `dc`: its Redis,
+/// and its DB unless db-proxy is on (then the DB is the sidecar on the
+/// pod's loopback, which follows the route: a flip changes no entry).
+/// Passwords and tokens are file references resolved against the mounted
+/// Secret.
+pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> TenantConfig {
+    let dc = cfg.datacenter(dc).unwrap_or_else(|| cfg.active());
+    let db_url = if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() };
+    let mut entry = tenant_config(lt, dc, db_url);
+    let [db_key, redis_key, tokens_key] = names::registry_secret_keys(&entry.name);
+    entry.tokens_file = Some(tokens_key);
+    entry.redis.password_file = Some(redis_key);
+    entry.db.password_file = Some(db_key);
+    entry
 }
 
 #[derive(Serialize)]
@@ -510,7 +429,7 @@ struct RegistryFile<'a, E> {
 
 /// Renders the registry file from its entries (sorted by tenant name, so the
 /// same set renders the same bytes and a no-op reconcile writes nothing).
-/// Entries are [`RegistryEntry`]s, or YAML values read back with
+/// Entries are [`TenantConfig`]s, or YAML values read back with
 /// [`parse_registry`] (other tenants' entries are carried over as read).
 pub fn render_registry<E: Serialize>(entries: &BTreeMap<String, E>) -> String {
     let header = "# Written by thumbup-operator from the LikeTenants; edits are overwritten.\n";
@@ -532,7 +451,7 @@ pub fn parse_registry(text: &str) -> Result<BTreeMap<String, serde_yaml::Value>,
 
 /// The registry Secret's data for a tenant.
 pub fn registry_secret_data(tenant: &str, c: &Credentials) -> BTreeMap<String, ByteString> {
-    let [db_key, redis_key, tokens_key] = registry_secret_keys(tenant);
+    let [db_key, redis_key, tokens_key] = names::registry_secret_keys(tenant);
     BTreeMap::from([
         (db_key, bytes(&c.db_password)),
         (redis_key, bytes(&c.redis_password)),
@@ -785,9 +704,40 @@ datacenters:
         assert!(err.contains("absolute path"), "{err}");
     }
 
+    /// What a LikeTenant that sets nothing gets is what a hand-written
+    /// config that sets nothing gets: the defaults of the CRD's schema (the
+    /// API server writes them into the object) and of its Rust types are
+    /// core's.
+    #[test]
+    fn crd_defaults_are_the_core_config_defaults() {
+        use kube::CustomResourceExt;
+        use thumbup_core::config::{DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS};
+        let core = |spec: LikeTenantSpec| {
+            let lt = LikeTenant::new("defaults", spec);
+            registry_entry(&lt, &config(), "dc-a")
+        };
+        let crd = serde_json::to_value(LikeTenant::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let mut from_schema = LikeTenantSpec::with_businesses(vec![Business { id: 1, name: "video".into() }]);
+        from_schema.limits = serde_json::from_value(spec["limits"]["default"].clone()).expect("spec.limits default");
+        from_schema.cache = serde_json::from_value(spec["cache"]["default"].clone()).expect("spec.cache default");
+        from_schema.job = serde_json::from_value(spec["job"]["default"].clone()).expect("spec.job default");
+        let from_types = LikeTenantSpec::with_businesses(vec![Business { id: 1, name: "video".into() }]);
+        for (what, spec) in [("the CRD schema", from_schema), ("the spec types", from_types)] {
+            assert_eq!(spec.job.window_ms as u64, DEFAULT_WINDOW_MS, "{what}: job window");
+            assert_eq!(spec.job.max_batch as usize, DEFAULT_MAX_BATCH, "{what}: job batch");
+            let t = core(spec);
+            assert_eq!(t.limits, Limits::default(), "{what}: limits");
+            assert_eq!(t.cache, CacheSettings::default(), "{what}: cache");
+            assert_eq!(t.stream, StreamSettings::default(), "{what}: stream");
+            assert_eq!(t.schema(), names::schema_for("defaults"), "{what}: schema");
+        }
+    }
+
     #[test]
     fn rendered_registry_is_a_valid_service_config() {
-        let lt = tenant();
+        let mut lt = tenant();
+        lt.spec.cache.hot_cache_ttl_ms = 1000;
         let cfg = config();
         let entries = BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &cfg, "dc-b"))]);
         let text = render_registry(&entries);

@@ -22,7 +22,7 @@ async fn schema_exists(con: &mut MySqlConnection, schema: &str) -> bool {
 
 async fn keys_of(tenant: &str) -> usize {
     let mut r = admin_redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("thumbup:{tenant}:*")).query_async(&mut r).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(thumbup_core::names::key_pattern(tenant)).query_async(&mut r).await.unwrap();
     keys.len()
 }
 

@@ -218,7 +218,7 @@ async fn client(addr: &str, name: &str, token: &str) -> common::Client {
 
 /// The API token the operator generated for `lt` (its tenant Secret's).
 fn token_of(fake: &FakeApi, lt: &LikeTenant) -> String {
-    let path = format!("/api/v1/namespaces/team/secrets/{}", thumbup_operator::resources::secret_name(&lt.tenant()));
+    let path = format!("/api/v1/namespaces/team/secrets/{}", thumbup_core::names::tenant_secret(&lt.tenant()));
     let secret = fake.objects.lock().unwrap().get(&path).cloned().expect("the tenant Secret is written");
     let token: k8s_openapi::ByteString = serde_json::from_value(secret["data"]["token"].clone()).unwrap();
     String::from_utf8(token.0).unwrap()

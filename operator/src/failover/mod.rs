@@ -42,6 +42,7 @@ use ::kube::runtime::events::EventType;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ConfigMap;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use thumbup_core::config::TenantConfig;
 use thumbup_core::route::{Blocked, FailoverRecord, Route, Transition, TransitionKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -233,19 +234,17 @@ pub fn replay_tenants(text: &str) -> Result<Vec<ReplayTenant>, FailoverError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
+    // The entries as the service reads them (core's defaults for what an
+    // entry leaves out); their credential files are not read here.
     let entries = parse_registry(text).map_err(|e| FailoverError::Tenants(e.to_string()))?;
-    Ok(entries
+    entries
         .into_iter()
         .map(|(name, v)| {
-            let shards = v.get("stream").and_then(|s| s.get("shards")).and_then(|n| n.as_u64()).unwrap_or(8) as u32;
-            let schema = v
-                .get("db")
-                .and_then(|d| d.get("schema"))
-                .and_then(|s| s.as_str())
-                .map_or_else(|| thumbup_core::config::schema_for(&name), str::to_string);
-            ReplayTenant { name, shards, schema }
+            let t: TenantConfig =
+                serde_yaml::from_value(v).map_err(|e| FailoverError::Tenants(format!("tenant {name}: {e}")))?;
+            Ok(ReplayTenant { shards: t.stream.shards, schema: t.schema(), name: t.name })
         })
-        .collect())
+        .collect()
 }
 
 /// Where status goes in a cluster: every LikeTenant, and Events.

@@ -142,7 +142,7 @@ pub async fn reset_tenant(t: &TenantConfig) {
         .await
         .expect("drop schema");
     let mut r = admin_redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("thumbup:{}:*", t.name)).query_async(&mut r).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(thumbup_core::names::key_pattern(&t.name)).query_async(&mut r).await.unwrap();
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut r).await.unwrap();
     }
@@ -603,7 +603,7 @@ pub async fn check_exact_at(url: &str, t: &TenantConfig) -> Exactness {
 /// prove that a request changed nothing in Redis.
 pub async fn redis_snapshot(tenant: &str) -> BTreeMap<String, Vec<u8>> {
     let mut r = admin_redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("thumbup:{tenant}:*")).query_async(&mut r).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(thumbup_core::names::key_pattern(tenant)).query_async(&mut r).await.unwrap();
     let mut out = BTreeMap::new();
     for k in keys {
         let v: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut r).await.unwrap();
