@@ -26,6 +26,7 @@ pub mod functions;
 pub mod keys;
 pub mod names;
 pub mod provision;
+pub mod retry;
 pub mod route;
 pub mod stream;
 pub mod version;

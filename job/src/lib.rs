@@ -32,6 +32,7 @@ use thumbup_core::db::{self, Applied};
 use thumbup_core::fence;
 use thumbup_core::keys::{JOB_GROUP, Keys};
 use thumbup_core::stream::{self, Batch, Downstream};
+use thumbup_core::retry::Backoff;
 use thumbup_core::version::now_ms;
 use tracing::{debug, error, info, instrument, warn};
 
@@ -96,7 +97,8 @@ pub struct Job {
 /// other datacenter) lasts seconds; entries wait in the stream meanwhile, so
 /// a short cap resumes applying soon after the new primary takes writes.
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((50u64 << attempt.min(6)).min(2_000))
+    const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    RETRY.delay(attempt)
 }
 
 impl Job {

@@ -47,6 +47,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thumbup_core::config as core_config;
 use thumbup_core::names;
+use thumbup_core::retry::Backoff;
 use thumbup_core::route::Route;
 use tokio::sync::watch;
 use tracing::{info, instrument, warn};
@@ -265,7 +266,8 @@ pub fn error_policy(lt: Arc<LikeTenant>, error: &Error, ctx: Arc<Context>) -> Ac
 
 /// Delay before retry number `n` (1-based).
 pub fn backoff(n: u32) -> Duration {
-    Duration::from_secs(5u64.saturating_mul(1 << n.saturating_sub(1).min(6))).min(Duration::from_secs(300))
+    const REQUEUE: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+    REQUEUE.delay(n.saturating_sub(1))
 }
 
 fn succeeded(lt: &LikeTenant, ctx: &Context) {

@@ -11,6 +11,7 @@ use thumbup_core::domain::{Action, Delta, State};
 use thumbup_core::event::LikeEvent;
 use thumbup_core::fence::Shut;
 use thumbup_core::functions;
+use thumbup_core::retry::Backoff;
 use thumbup_core::version::now_ms;
 use tracing::instrument;
 
@@ -260,7 +261,7 @@ async fn via_db(t: &Tenant, w: Write, epoch: i64) -> Result<Written, Error> {
             // nothing committed are retried; a session lost mid-transaction
             // is UNAVAILABLE at once (the write may or may not have landed).
             Err(FallbackError::Db(e)) if is_flipping(&e) && started.elapsed() < FLIP_RETRY_BUDGET => {
-                tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                tokio::time::sleep(FLIP_RETRY.delay(attempt)).await;
                 attempt += 1;
             }
             Err(FallbackError::Db(e)) => return Err(db_err(t, e)),
@@ -270,6 +271,8 @@ async fn via_db(t: &Tenant, w: Write, epoch: i64) -> Result<Written, Error> {
 
 /// How long a write retries across a DB flip before UNAVAILABLE.
 const FLIP_RETRY_BUDGET: Duration = Duration::from_secs(2);
+/// The delays between those retries.
+const FLIP_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(800));
 
 fn mysql_number(e: &sqlx::Error) -> Option<u16> {
     e.as_database_error().and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()).map(|m| m.number())

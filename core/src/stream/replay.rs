@@ -25,6 +25,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use super::{Batch, range};
 use crate::db;
 use crate::keys::Keys;
+use crate::retry::Backoff;
 
 /// Entries read per XRANGE call.
 const PAGE: usize = 1_000;
@@ -32,6 +33,8 @@ const PAGE: usize = 1_000;
 const CHUNK: usize = 2_000;
 /// Tries per chunk (a deadlock with the job's own window is retried).
 const TRIES: u32 = 5;
+/// The delays between those tries.
+const CHUNK_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(1_600));
 
 /// A replay that failed; the text names the tenant and step.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +133,7 @@ pub async fn replay(
                 Err(e) if attempt + 1 < TRIES => {
                     tracing::warn!(tenant = %tenant.name, error = %e, attempt, "replay chunk failed; retrying");
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    tokio::time::sleep(CHUNK_RETRY.delay(attempt - 1)).await;
                 }
                 Err(e) => return Err(apply_err(e)),
             }
