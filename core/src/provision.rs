@@ -349,18 +349,17 @@ pub async fn claim_db(
     loop {
         attempt += 1;
         match claim_db_once(&mut con, tenant, [(SCHEMA, schema), (DB_USER, user.as_str())], owner, adopt).await {
-            Err(ProvisionError::Db { source, .. }) if attempt < 5 && is_deadlock(&source) => {
-                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+            Err(ProvisionError::Db { source, .. }) if attempt < 5 && crate::db::is_deadlock(&source) => {
+                tokio::time::sleep(CLAIM_RETRY.delay(attempt - 1)).await;
             }
             result => return result,
         }
     }
 }
 
-/// True for a transaction the DB aborted to break a deadlock (SQLSTATE 40001).
-fn is_deadlock(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("40001")
-}
+/// The delays between tries of a claim that deadlocked.
+const CLAIM_RETRY: crate::retry::Backoff =
+    crate::retry::Backoff::new(std::time::Duration::from_millis(20), std::time::Duration::from_millis(160));
 
 /// One transaction of [`claim_db`].
 async fn claim_db_once(

@@ -41,8 +41,8 @@ pub enum Error {
     Db {
         /// Tenant.
         tenant: String,
-        /// Cause.
-        source: sqlx::Error,
+        /// Cause (shared: readers waiting for one load get its error).
+        source: std::sync::Arc<sqlx::Error>,
     },
     /// The DB failed moments ago and is skipped for now.
     #[error("tenant {0:?}: database unavailable (recent connection failure; retry shortly)")]

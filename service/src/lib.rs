@@ -14,6 +14,7 @@
 pub mod api;
 pub mod error;
 pub mod fence;
+pub mod flight;
 pub mod hot;
 pub mod limits;
 pub mod metrics;

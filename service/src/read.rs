@@ -1,24 +1,27 @@
 //! The read path: counts of hot items from this process's memory
-//! ([`crate::hot`], where concurrent misses of a hot key wait for one load),
-//! then Redis (falling back to the DB while Redis is down),
-//! the DB on a miss, filling the cache with versioned values; concurrent
-//! misses of one key make one DB query.
+//! ([`crate::hot`], where concurrent first reads of a hot key wait for one
+//! load), then Redis (falling back to the DB while Redis is
+//! down), the DB on a miss, filling the cache with versioned values;
+//! concurrent misses of one key make one DB query ([`crate::flight`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{LazyLock, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use thumbup_core::cache;
 use thumbup_core::db::{self, Counts, ListEntry};
 use thumbup_core::domain::State;
-use tokio::sync::watch;
 
 use crate::error::Error;
+use crate::flight::{Flights, Join};
 use crate::hot::Lookup;
 use crate::metrics;
 use crate::tenants::{Registry, Tenant};
 
-fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
+/// A DB failure of `t`'s request, noted (a connection failure makes the
+/// tenant skip the DB for a moment).
+pub(crate) fn db_err(t: &Tenant, source: impl Into<Arc<sqlx::Error>>) -> Error {
+    let source = source.into();
     t.db_failed(&source);
     Error::Db { tenant: t.name().to_string(), source }
 }
@@ -92,11 +95,16 @@ pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Re
     Ok(out)
 }
 
-type Flight = watch::Receiver<Option<Result<Counts, String>>>;
-
 /// In-flight DB loads of counts, keyed by cache key: the first miss of a key
-/// queries, later misses of the same key wait for its answer.
-static FLIGHTS: LazyLock<Mutex<HashMap<String, Flight>>> = LazyLock::new(Default::default);
+/// queries, later misses of the same key wait for its answer (the one
+/// single flight of the DB loads; a key that just turned hot has its first
+/// Redis read made once by [`crate::hot`]).
+static FLIGHTS: LazyLock<Flights<Result<Counts, Arc<sqlx::Error>>>> =
+    LazyLock::new(|| Flights::new(FLIGHT_PATIENCE));
+
+/// How long followers wait for a DB load of counts before loading for
+/// themselves (a session stuck on a dead DB).
+const FLIGHT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Counts of items.
 pub async fn counts(
@@ -204,44 +212,29 @@ async fn counts_shared(
         return Ok(out);
     }
     // Lead the keys nobody is loading; follow the others.
+    let now = Instant::now();
     let mut lead = Vec::new();
     let mut follow = Vec::new();
-    {
-        let mut flights = FLIGHTS.lock().expect("flights lock");
-        for (m, key) in missing {
-            match flights.get(&key) {
-                // A leader cancelled mid-load leaves a closed channel: replace it.
-                Some(rx) if rx.has_changed().is_ok() => follow.push((m, rx.clone())),
-                _ => {
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(key.clone(), rx);
-                    lead.push((m, key, tx));
-                }
-            }
+    for (m, key) in missing {
+        match FLIGHTS.join(&key, now) {
+            Join::Lead(leader) => lead.push((m, key, leader)),
+            Join::Follow(rx) => follow.push((m, rx)),
         }
     }
     if !lead.is_empty() {
-        if let Err(e) = db_ready(t) {
-            let mut flights = FLIGHTS.lock().expect("flights lock");
-            for (_, key, _) in &lead {
-                flights.remove(key);
-            }
-            return Err(e);
-        }
+        // Leaders dropped unfinished (here or on an error) let their
+        // followers load for themselves.
+        db_ready(t)?;
         let ids: Vec<i64> = lead.iter().map(|(m, _, _)| *m).collect();
-        let loaded = db::load_counts(&t.db, business, &ids).await;
-        {
-            let mut flights = FLIGHTS.lock().expect("flights lock");
-            for (m, key, tx) in &lead {
-                flights.remove(key);
-                let _ = tx.send(Some(match &loaded {
-                    Ok(found) => Ok(found.get(m).copied().unwrap_or_default()),
-                    Err(e) => Err(e.to_string()),
-                }));
-            }
+        let loaded = db::load_counts(&t.db, business, &ids).await.map_err(Arc::new);
+        let mut filled = Vec::with_capacity(lead.len());
+        for (m, key, leader) in lead {
+            let answer = loaded.as_ref().map(|found| found.get(&m).copied().unwrap_or_default());
+            leader.finish(answer.map_err(Arc::clone));
+            filled.push((m, key));
         }
         let found = loaded.map_err(|e| db_err(t, e))?;
-        for (m, key, _) in &lead {
+        for (m, key) in &filled {
             let c = found.get(m).copied().unwrap_or_default();
             // A failed fill only costs a later miss.
             let _ = reg
@@ -251,11 +244,11 @@ async fn counts_shared(
             out.insert(*m, c);
         }
     }
-    for (m, mut rx) in follow {
-        let answer = rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone());
-        let c = match answer {
+    for (m, rx) in follow {
+        let c = match Flights::answer(rx).await {
             Some(Ok(c)) => c,
-            Some(Err(e)) => return Err(Error::Db { tenant: t.name().to_string(), source: sqlx::Error::Protocol(e) }),
+            // The leader's error, as it got it (it noted the outage).
+            Some(Err(source)) => return Err(Error::Db { tenant: t.name().to_string(), source }),
             // The leader was cancelled: load it ourselves.
             None => db::load_counts(&t.db, business, &[m])
                 .await

@@ -162,7 +162,7 @@ impl Tenant {
 
     /// Notes a DB error; a connection failure skips the DB for [`DB_BREAK`].
     pub fn db_failed(&self, e: &sqlx::Error) {
-        if matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) {
+        if db::is_down(e) {
             let until = (self.born.elapsed() + DB_BREAK).as_millis() as u64;
             if self.db_available() {
                 warn!(tenant = %self.cfg.name, error = %e, "database unreachable: failing fast for {DB_BREAK:?}");

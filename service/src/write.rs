@@ -47,10 +47,6 @@ pub struct Written {
     pub version: i64,
 }
 
-fn db_err(t: &Tenant, source: sqlx::Error) -> Error {
-    t.db_failed(&source);
-    Error::Db { tenant: t.name().to_string(), source }
-}
 
 /// Applies one write: through Redis while the fence lets this process
 /// write there, else on the DB path once it is open; UNAVAILABLE when the
@@ -254,17 +250,17 @@ async fn via_db(t: &Tenant, w: Write, epoch: i64) -> Result<Written, Error> {
                 return Err(refused(t, reason, s.to_string()));
             }
             // Deadlocks with the job's batch are retried.
-            Err(FallbackError::Db(e)) if attempt < 3 && is_retryable(&e) => attempt += 1,
+            Err(FallbackError::Db(e)) if attempt < 3 && db::is_retryable(&e) => attempt += 1,
             // A DB flip (no session to be had; the new primary is not
             // writable yet) passes within seconds: retry inside the budget,
             // then fail fast with UNAVAILABLE. Only errors that prove
             // nothing committed are retried; a session lost mid-transaction
             // is UNAVAILABLE at once (the write may or may not have landed).
-            Err(FallbackError::Db(e)) if is_flipping(&e) && started.elapsed() < FLIP_RETRY_BUDGET => {
+            Err(FallbackError::Db(e)) if db::is_nothing_written(&e) && started.elapsed() < FLIP_RETRY_BUDGET => {
                 tokio::time::sleep(FLIP_RETRY.delay(attempt)).await;
                 attempt += 1;
             }
-            Err(FallbackError::Db(e)) => return Err(db_err(t, e)),
+            Err(FallbackError::Db(e)) => return Err(read::db_err(t, e)),
         }
     }
 }
@@ -273,18 +269,3 @@ async fn via_db(t: &Tenant, w: Write, epoch: i64) -> Result<Written, Error> {
 const FLIP_RETRY_BUDGET: Duration = Duration::from_secs(2);
 /// The delays between those retries.
 const FLIP_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(800));
-
-fn mysql_number(e: &sqlx::Error) -> Option<u16> {
-    e.as_database_error().and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()).map(|m| m.number())
-}
-
-/// MySQL deadlock (1213) and lock wait timeout (1205).
-fn is_retryable(e: &sqlx::Error) -> bool {
-    matches!(mysql_number(e), Some(1213 | 1205))
-}
-
-/// What a DB flip looks like before anything is written: no session could
-/// be had, or the server refused the statement as read-only (1290).
-fn is_flipping(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::PoolTimedOut) || mysql_number(e) == Some(1290)
-}
