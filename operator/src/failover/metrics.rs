@@ -3,59 +3,51 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec,
+};
 
 pub(super) static EPOCH: LazyLock<IntGauge> = LazyLock::new(|| {
-    let g = IntGauge::new("thumbup_operator_failover_epoch", "epoch of the DB route").expect("valid metric");
-    prometheus::register(Box::new(g.clone())).expect("registered once");
-    g
+    register_int_gauge!("thumbup_operator_failover_epoch", "epoch of the DB route").expect("metric registers once")
 });
 pub(super) static FLIPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        prometheus::Opts::new("thumbup_operator_failovers_total", "route flips by kind (Failover, Switchover)"),
-        &["kind"],
+    register_int_counter_vec!(
+        "thumbup_operator_failovers_total",
+        "route flips by kind (Failover, Switchover)",
+        &["kind"]
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("registered once");
-    c
+    .expect("metric registers once")
 });
 pub(super) static BLOCKED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        prometheus::Opts::new("thumbup_operator_failover_blocked_total", "failovers due but not done, by reason"),
-        &["reason"],
+    register_int_counter_vec!(
+        "thumbup_operator_failover_blocked_total",
+        "failovers due but not done, by reason",
+        &["reason"]
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("registered once");
-    c
+    .expect("metric registers once")
 });
 pub(super) static PROBE_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        prometheus::Opts::new("thumbup_operator_db_probe_failures_total", "failed DB probes by datacenter"),
-        &["datacenter"],
+    register_int_counter_vec!(
+        "thumbup_operator_db_probe_failures_total",
+        "failed DB probes by datacenter",
+        &["datacenter"]
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("registered once");
-    c
+    .expect("metric registers once")
 });
 pub(super) static STANDBY_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    let g = IntGaugeVec::new(
-        prometheus::Opts::new(
-            "thumbup_operator_standby_lag_seconds",
-            "Seconds_Behind_Master of each replicating DB at its last probe; -1: not replicating (its SQL or IO \
-             thread stopped, or no lag reported)",
-        ),
-        &["datacenter"],
+    register_int_gauge_vec!(
+        "thumbup_operator_standby_lag_seconds",
+        "Seconds_Behind_Master of each replicating DB at its last probe; -1: not replicating (its SQL or IO \
+         thread stopped, or no lag reported)",
+        &["datacenter"]
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(g.clone())).expect("registered once");
-    g
+    .expect("metric registers once")
 });
 pub(super) static REPLAYED: LazyLock<IntCounter> = LazyLock::new(|| {
-    let c = IntCounter::new(
+    register_int_counter!(
         "thumbup_operator_failover_replayed_transitions_total",
-        "writes that a replay applied to a promoted DB (they had not replicated)",
+        "writes that a replay applied to a promoted DB (they had not replicated)"
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("registered once");
-    c
+    .expect("metric registers once")
 });
