@@ -1,7 +1,10 @@
 //! The proxy's Prometheus metrics, in a registry of their own (so that
 //! several proxies can live in one test process).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry, register_int_gauge_with_registry,
+};
 
 /// `direction` of bytes read from a client and written to the DB.
 pub const CLIENT_TO_DB: &str = "client_to_db";
@@ -37,45 +40,63 @@ pub struct Metrics {
     pub refused_total: IntCounterVec,
 }
 
-fn name(what: &str) -> String {
-    format!("thumbup_db_proxy_{what}")
-}
-
 impl Metrics {
     /// Creates and registers the metrics; the label values known in advance
     /// start at zero, so that a dashboard sees them before they first move.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         thumbup_core::admin::register_build_info(&registry, "thumbup-db-proxy", env!("CARGO_PKG_VERSION"))?;
-        let gauge_vec = |what: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-            let m = IntGaugeVec::new(Opts::new(name(what), help), labels)?;
-            registry.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let counter_vec = |what: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let m = IntCounterVec::new(Opts::new(name(what), help), labels)?;
-            registry.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
-        let sessions = gauge_vec("sessions", "Open client sessions, by datacenter.", &["datacenter"])?;
-        let sessions_total = counter_vec("sessions_total", "Client sessions opened, by datacenter.", &["datacenter"])?;
-        let bytes_total = counter_vec("bytes_total", "Bytes forwarded, by direction.", &["direction"])?;
-        let route_epoch = IntGauge::with_opts(Opts::new(name("route_epoch"), "Epoch of the held route (0: none)."))?;
-        registry.register(Box::new(route_epoch.clone()))?;
-        let flips_total =
-            IntCounter::with_opts(Opts::new(name("flips_total"), "Newer routes adopted over a held one."))?;
-        registry.register(Box::new(flips_total.clone()))?;
-        let sessions_killed_total = IntCounter::with_opts(Opts::new(
-            name("sessions_killed_total"),
+        let sessions = register_int_gauge_vec_with_registry!(
+            "thumbup_db_proxy_sessions",
+            "Open client sessions, by datacenter.",
+            &["datacenter"],
+            registry
+        )?;
+        let sessions_total = register_int_counter_vec_with_registry!(
+            "thumbup_db_proxy_sessions_total",
+            "Client sessions opened, by datacenter.",
+            &["datacenter"],
+            registry
+        )?;
+        let bytes_total = register_int_counter_vec_with_registry!(
+            "thumbup_db_proxy_bytes_total",
+            "Bytes forwarded, by direction.",
+            &["direction"],
+            registry
+        )?;
+        let route_epoch = register_int_gauge_with_registry!(
+            "thumbup_db_proxy_route_epoch",
+            "Epoch of the held route (0: none).",
+            registry
+        )?;
+        let flips_total = register_int_counter_with_registry!(
+            "thumbup_db_proxy_flips_total",
+            "Newer routes adopted over a held one.",
+            registry
+        )?;
+        let sessions_killed_total = register_int_counter_with_registry!(
+            "thumbup_db_proxy_sessions_killed_total",
             "Sessions closed because a newer epoch was adopted.",
-        ))?;
-        registry.register(Box::new(sessions_killed_total.clone()))?;
-        let route_rejected_total =
-            counter_vec("route_rejected_total", "Offered routes refused, by reason.", &["reason"])?;
-        let connect_errors_total =
-            counter_vec("connect_errors_total", "Failed dials of a datacenter's DB.", &["datacenter"])?;
-        let refused_total =
-            counter_vec("refused_total", "Client connections closed on arrival, by reason.", &["reason"])?;
+            registry
+        )?;
+        let route_rejected_total = register_int_counter_vec_with_registry!(
+            "thumbup_db_proxy_route_rejected_total",
+            "Offered routes refused, by reason.",
+            &["reason"],
+            registry
+        )?;
+        let connect_errors_total = register_int_counter_vec_with_registry!(
+            "thumbup_db_proxy_connect_errors_total",
+            "Failed dials of a datacenter's DB.",
+            &["datacenter"],
+            registry
+        )?;
+        let refused_total = register_int_counter_vec_with_registry!(
+            "thumbup_db_proxy_refused_total",
+            "Client connections closed on arrival, by reason.",
+            &["reason"],
+            registry
+        )?;
         for direction in [CLIENT_TO_DB, DB_TO_CLIENT] {
             bytes_total.with_label_values(&[direction]);
         }

@@ -1,43 +1,40 @@
 //! Prometheus metrics of the operator (`thumbup_operator_*`), registered in
-//! the default registry that the admin endpoint serves.
+//! the default registry that the admin endpoint serves. The failover
+//! controller's are in `failover::metrics`, registered the same way.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use prometheus::{
+    Histogram, IntCounterVec, IntGauge, register_histogram, register_int_counter_vec, register_int_gauge,
+};
 
 static RECONCILES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c =
-        IntCounterVec::new(Opts::new("thumbup_operator_reconciles_total", "Reconcile passes by result."), &["result"])
-            .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("registered once");
-    c
+    register_int_counter_vec!("thumbup_operator_reconciles_total", "Reconcile passes by result.", &["result"])
+        .expect("metric registers once")
 });
 
 static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        Opts::new("thumbup_operator_reconcile_errors_total", "Failed reconcile passes by reason."),
-        &["reason"],
+    register_int_counter_vec!(
+        "thumbup_operator_reconcile_errors_total",
+        "Failed reconcile passes by reason.",
+        &["reason"]
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("registered once");
-    c
+    .expect("metric registers once")
 });
 
 static DURATION: LazyLock<Histogram> = LazyLock::new(|| {
-    let h = Histogram::with_opts(
-        HistogramOpts::new("thumbup_operator_reconcile_duration_seconds", "Duration of a reconcile pass.")
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+    register_histogram!(
+        "thumbup_operator_reconcile_duration_seconds",
+        "Duration of a reconcile pass.",
+        vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(h.clone())).expect("registered once");
-    h
+    .expect("metric registers once")
 });
 
 static LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
-    let g = IntGauge::new("thumbup_operator_leader", "1 while this replica holds the leader Lease.").expect("valid");
-    prometheus::register(Box::new(g.clone())).expect("registered once");
-    g
+    register_int_gauge!("thumbup_operator_leader", "1 while this replica holds the leader Lease.")
+        .expect("metric registers once")
 });
 
 /// Handle to the operator's metrics.
