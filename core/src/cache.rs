@@ -283,6 +283,44 @@ pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Op
     pipe.query_async(con).await
 }
 
+/// Up to `count` entries of a liked list (`Keys::liked_list`), newest
+/// first, skipping `offset`, with like times at most `max_ms` (all when
+/// `None`): (Unix ms, message id).
+pub async fn liked_newest(
+    con: &mut ConnectionManager,
+    key: &str,
+    max_ms: Option<i64>,
+    offset: usize,
+    count: usize,
+) -> Result<Vec<(i64, i64)>, RedisError> {
+    let max = max_ms.map_or("+inf".to_string(), |ms| ms.to_string());
+    let chunk: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+        .arg(key)
+        .arg(&max)
+        .arg("-inf")
+        .arg("WITHSCORES")
+        .arg("LIMIT")
+        .arg(offset)
+        .arg(count)
+        .query_async(con)
+        .await?;
+    Ok(chunk.into_iter().filter_map(|(m, s)| Some((s as i64, m.parse().ok()?))).collect())
+}
+
+/// Whether each of `messages` is in a liked list: its like time if it is.
+pub async fn liked_times(
+    con: &mut ConnectionManager,
+    key: &str,
+    messages: &[i64],
+) -> Result<Vec<Option<f64>>, RedisError> {
+    redis::cmd("ZMSCORE").arg(key).arg(messages).query_async(con).await
+}
+
+/// True when Redis answers a PING.
+pub async fn ping(con: &mut ConnectionManager) -> bool {
+    redis::cmd("PING").query_async::<String>(con).await.is_ok()
+}
+
 /// Deletes keys (used when invalidating after the DB path ran).
 pub async fn delete(con: &mut ConnectionManager, keys: &[String]) -> Result<(), RedisError> {
     if keys.is_empty() {

@@ -24,6 +24,11 @@ impl Keys {
         crate::names::key_prefix(&self.tenant)
     }
 
+    /// The tenant the keys belong to.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
     /// The number of stream shards.
     pub fn shards(&self) -> u32 {
         self.shards

@@ -233,28 +233,13 @@ impl Job {
         let keep_from = now_ms() - (self.tenant.stream.retention_secs as i64) * 1000;
         for shard in 0..self.keys.shards() {
             let key = self.keys.stream(shard);
-            let groups: Vec<HashMap<String, redis::Value>> =
-                redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut con).await?;
-            let Some(g) = groups.iter().find(|g| {
-                g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP)
-            }) else {
-                continue;
-            };
-            let int = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
-            let text = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
-            if let Some(lag) = int("lag") {
+            let Some(g) = stream::group_progress(&mut con, &key).await? else { continue };
+            if let Some(lag) = g.lag {
                 LAG.with_label_values(&[&self.tenant.name, &shard.to_string()]).set(lag);
             }
-            let delivered_ms =
-                text("last-delivered-id").and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(0);
-            let pending: (i64, Option<String>, Option<String>, redis::Value) =
-                redis::cmd("XPENDING").arg(&key).arg(JOB_GROUP).query_async(&mut con).await?;
-            let oldest_pending_ms =
-                pending.1.and_then(|id| id.split('-').next()?.parse::<i64>().ok()).unwrap_or(i64::MAX);
-            let min_ms = keep_from.min(delivered_ms).min(oldest_pending_ms);
+            let min_ms = keep_from.min(g.delivered_ms).min(g.oldest_pending_ms.unwrap_or(i64::MAX));
             if min_ms > 0 {
-                let _: i64 =
-                    redis::cmd("XTRIM").arg(&key).arg("MINID").arg("~").arg(min_ms).query_async(&mut con).await?;
+                stream::trim_before(&mut con, &key, min_ms).await?;
             }
         }
         Ok(())

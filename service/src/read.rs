@@ -298,23 +298,13 @@ pub async fn user_likes(
     let list_key = t.keys.liked_list(mid, business);
     let mut con = t.redis.clone();
     let redis_side = try_redis(t, async {
-        let max = after.map_or("+inf".to_string(), |(ms, _)| ms.to_string());
         let mut newest: Vec<(i64, i64)> = Vec::new();
         let mut offset = 0;
         // Ties on the time are resolved by id below, so read past them.
         loop {
-            let chunk: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
-                .arg(&list_key)
-                .arg(&max)
-                .arg("-inf")
-                .arg("WITHSCORES")
-                .arg("LIMIT")
-                .arg(offset)
-                .arg(want)
-                .query_async(&mut con)
-                .await?;
+            let chunk = cache::liked_newest(&mut con, &list_key, after.map(|(ms, _)| ms), offset, want).await?;
             let n = chunk.len();
-            newest.extend(chunk.into_iter().filter_map(|(m, s)| Some((s as i64, m.parse().ok()?))));
+            newest.extend(chunk);
             offset += n;
             let beyond = newest.iter().filter(|e| after.is_none_or(|a| **e < a)).count();
             if n < want || beyond >= want {
@@ -325,7 +315,7 @@ pub async fn user_likes(
         let mut in_list = Vec::new();
         let mut states = Vec::new();
         if !ids.is_empty() {
-            in_list = redis::cmd("ZMSCORE").arg(&list_key).arg(&ids).query_async::<Vec<Option<f64>>>(&mut con).await?;
+            in_list = cache::liked_times(&mut con, &list_key, &ids).await?;
             let keys: Vec<String> = ids.iter().map(|m| t.keys.state(mid, business, *m)).collect();
             states = cache::mget(&mut con, &keys).await?;
         }

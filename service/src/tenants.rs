@@ -205,7 +205,7 @@ impl Tenant {
 
     async fn ping(&self) -> bool {
         let mut con = self.redis.clone();
-        redis::cmd("PING").query_async::<String>(&mut con).await.is_ok()
+        cache::ping(&mut con).await
     }
 
     /// One pass of the fence loop.

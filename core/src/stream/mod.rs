@@ -59,12 +59,12 @@ impl Batch {
         self.len() == 0
     }
 
-    fn push(&mut self, shard: u32, sid: StreamId) {
+    fn push(&mut self, keys: &Keys, shard: u32, sid: StreamId) {
         let fields = entry_fields(&sid.map);
         match LikeEvent::decode(&fields) {
             Ok(event) => self.entries.push(Entry { shard, id: sid.id, event }),
             Err(e) => {
-                tracing::error!(shard, id = %sid.id, error = %e, "malformed stream entry: moved to the dead-letter stream");
+                tracing::error!(tenant = %keys.tenant(), shard, id = %sid.id, error = %e, "malformed stream entry: moved to the dead-letter stream");
                 self.malformed.push(DeadLetter { shard, id: sid.id, fields });
             }
         }
@@ -148,6 +148,45 @@ impl DeadLetter {
     }
 }
 
+/// How far the job's group is on a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupProgress {
+    /// Entries not yet delivered to the group (None when Redis cannot tell).
+    pub lag: Option<i64>,
+    /// The Unix ms of the last delivered entry (0 when none).
+    pub delivered_ms: i64,
+    /// The Unix ms of the oldest entry delivered and not acknowledged.
+    pub oldest_pending_ms: Option<i64>,
+}
+
+/// The job group's progress on the shard `key`; `None` when the group does
+/// not exist (yet).
+pub async fn group_progress<C: ConnectionLike + Send>(
+    con: &mut C,
+    key: &str,
+) -> Result<Option<GroupProgress>, RedisError> {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO").arg("GROUPS").arg(key).query_async(con).await?;
+    let Some(g) = groups.iter().find(|g| {
+        g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP)
+    }) else {
+        return Ok(None);
+    };
+    let int = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
+    let text = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+    let id_ms = |id: String| id.split('-').next()?.parse::<i64>().ok();
+    let delivered_ms = text("last-delivered-id").and_then(id_ms).unwrap_or(0);
+    let pending: (i64, Option<String>, Option<String>, redis::Value) =
+        redis::cmd("XPENDING").arg(key).arg(JOB_GROUP).query_async(con).await?;
+    Ok(Some(GroupProgress { lag: int("lag"), delivered_ms, oldest_pending_ms: pending.1.and_then(id_ms) }))
+}
+
+/// Drops the entries of shard `key` older than `min_ms` (Unix ms;
+/// approximately: whole internal nodes only, never a newer entry).
+pub async fn trim_before<C: ConnectionLike + Send>(con: &mut C, key: &str, min_ms: i64) -> Result<(), RedisError> {
+    let _: i64 = redis::cmd("XTRIM").arg(key).arg("MINID").arg("~").arg(min_ms).query_async(con).await?;
+    Ok(())
+}
+
 /// The dead-letter stream of a tenant.
 pub fn dead_letter_key(keys: &Keys) -> String {
     format!("{}deadletter", keys.prefix())
@@ -205,7 +244,7 @@ pub async fn read_group<C: ConnectionLike + Send>(
                 if cursor != ">" {
                     cursor = sid.id.clone();
                 }
-                out.push(shard, sid);
+                out.push(keys, shard, sid);
             }
             if cursor == ">" || got < count {
                 break;
@@ -241,7 +280,7 @@ pub async fn claim_stale<C: ConnectionLike + Send>(
                 .await?;
             n += reply.claimed.len();
             for sid in reply.claimed {
-                out.push(shard, sid);
+                out.push(keys, shard, sid);
             }
             if reply.next_stream_id == "0-0" {
                 break;
@@ -272,7 +311,7 @@ pub async fn range<C: ConnectionLike + Send>(
         n += got;
         for sid in reply.ids {
             start = format!("({}", sid.id);
-            out.push(shard, sid);
+            out.push(keys, shard, sid);
         }
         if got < page {
             return Ok(n);
