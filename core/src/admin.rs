@@ -47,6 +47,57 @@ pub async fn bind(
     Ok((local, async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))
 }
 
+/// A running admin endpoint and the stop signal of the process around it:
+/// stopped when the given shutdown future completes or when [`Admin::stop`]
+/// is called, whichever is first. What the binaries that run controllers
+/// beside the endpoint share.
+pub struct Admin {
+    /// The bound address.
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Admin {
+    /// Binds the endpoint on `addr` ([`bind`]) and serves it until stopped.
+    pub async fn start(
+        addr: SocketAddr,
+        ready: Arc<AtomicBool>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<Admin> {
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let stopped = Admin::wait(stop.subscribe());
+        let (addr, server) = bind(addr, ready, stopped).await?;
+        let server = tokio::spawn(server);
+        let forward = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = forward.send(true);
+        });
+        Ok(Admin { addr, stop, server })
+    }
+
+    async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Completes once the process is asked to stop.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        Admin::wait(self.stop.subscribe())
+    }
+
+    /// Asks the process (and the endpoint) to stop.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops the endpoint and waits for it to finish.
+    pub async fn join(self) {
+        self.stop();
+        let _ = self.server.await;
+    }
+}
+
 /// The environment variable choosing the log format ([`LogFormat`]).
 pub const LOG_FORMAT_ENV: &str = "THUMBUP_LOG_FORMAT";
 

@@ -78,18 +78,8 @@ pub async fn run_with_client(
     let metrics = metrics::Metrics;
     let ready = Arc::new(AtomicBool::new(false));
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let (addr, admin) = thumbup_core::admin::bind(opts.admin_listen, ready.clone(), stopped(stop_rx.clone())).await?;
-    info!(%addr, "admin endpoint");
-    let admin = tokio::spawn(admin);
-    let stop = stop_tx.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    });
+    let admin = thumbup_core::admin::Admin::start(opts.admin_listen, ready.clone(), shutdown).await?;
+    info!(addr = %admin.addr, "admin endpoint");
 
     let elector =
         leader::Elector::new(client.clone(), &namespace, &opts.lease_name, &opts.identity, opts.lease_duration);
@@ -97,7 +87,7 @@ pub async fn run_with_client(
     ready.store(true, Ordering::Relaxed);
     tokio::select! {
         _ = elector.acquire() => {}
-        _ = stopped(stop_rx.clone()) => { let _ = admin.await; return Ok(()); }
+        _ = admin.stopped() => { admin.join().await; return Ok(()); }
     }
     metrics.set_leader(true);
     // The failover controller publishes every route here; the tenant
@@ -129,7 +119,7 @@ pub async fn run_with_client(
             notices: None,
         };
         info!(route = %cfg.failover.route_config_map, "failover controller starting");
-        futures::future::Either::Left(failover::run(fo, stopped(stop_rx.clone())))
+        futures::future::Either::Left(failover::run(fo, admin.stopped()))
     } else {
         info!("failover controller disabled (failover.enabled: false)");
         drop(route_tx);
@@ -139,14 +129,14 @@ pub async fn run_with_client(
     info!(namespace = watched.as_deref().unwrap_or("<all>"), "tenant controller starting");
     // Shutdown asked for, and the grace period over.
     let overdue = {
-        let stop = stopped(stop_rx.clone());
+        let stop = admin.stopped();
         async move {
             stop.await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
     };
     let outcome: anyhow::Result<()> = tokio::select! {
-        r = controller::run(ctx, watched, stopped(stop_rx.clone())) => r.map_err(anyhow::Error::from),
+        r = controller::run(ctx, watched, admin.stopped()) => r.map_err(anyhow::Error::from),
         r = failover => {
             // It returns early only when it cannot start (config or route
             // unusable): leave the Lease to a replica that can.
@@ -154,7 +144,7 @@ pub async fn run_with_client(
         }
         _ = elector.hold() => {
             metrics.set_leader(false);
-            let _ = stop_tx.send(true);
+            admin.stop();
             anyhow::bail!("lost the leader Lease; exiting so that the new leader reconciles alone");
         }
         _ = overdue => {
@@ -163,11 +153,11 @@ pub async fn run_with_client(
         }
     };
     metrics.set_leader(false);
-    let _ = stop_tx.send(true);
+    admin.stop();
     // Whatever ended the run, a successor takes the Lease at once.
     if tokio::time::timeout(SHUTDOWN_GRACE, elector.release()).await.is_err() {
         tracing::warn!("releasing the Lease timed out");
     }
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, admin).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, admin.join()).await;
     outcome
 }

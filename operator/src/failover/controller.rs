@@ -8,7 +8,6 @@ use std::time::Duration;
 use ::kube::runtime::events::EventType;
 use jiff::Timestamp;
 use thumbup_core::route::{FailoverRecord, Route};
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::decide::{self, Failing, Settings, Verdict};
@@ -45,21 +44,10 @@ pub async fn run_with_admin(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let (addr, server) = thumbup_core::admin::bind(admin, ready, stopped(stop_rx.clone())).await?;
-    info!(%addr, "admin endpoint");
-    let server = tokio::spawn(server);
-    let stop = stop_tx.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    });
-    let result = run(opts, stopped(stop_rx)).await;
-    let _ = stop_tx.send(true);
-    let _ = server.await;
+    let admin = thumbup_core::admin::Admin::start(admin, ready, shutdown).await?;
+    info!(addr = %admin.addr, "admin endpoint");
+    let result = run(opts, admin.stopped()).await;
+    admin.join().await;
     Ok(result?)
 }
 
