@@ -87,19 +87,18 @@ pub struct Downstream {
 }
 
 impl Downstream {
-    /// The field list of the entry.
+    /// The field list of the entry: the event's ([`LikeEvent::encode`]),
+    /// its state called `to` and the DB's state before it `from`.
     pub fn encode(&self) -> Vec<(&'static str, String)> {
-        let e = &self.event;
-        vec![
-            ("mid", e.mid.to_string()),
-            ("biz", e.business_id.to_string()),
-            ("msg", e.message_id.to_string()),
-            ("up", e.up_mid.to_string()),
-            ("from", self.from.code().to_string()),
-            ("to", e.state.code().to_string()),
-            ("ver", e.version.to_string()),
-            ("mt", e.mtime_ms.to_string()),
-        ]
+        let mut fields = LikeEvent { prev: self.from, ..self.event.clone() }.encode();
+        for (name, _) in &mut fields {
+            *name = match *name {
+                "st" => "to",
+                "prev" => "from",
+                other => other,
+            };
+        }
+        fields
     }
 
     /// Decodes the field map of a downstream entry.
