@@ -38,7 +38,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins
 cargo test --locked --workspace --no-fail-fast
 
-# TLS mode (tests/tests/common/mod.rs): the exact-counts, bad-input and
+# TLS mode (tests/src/lib.rs): the exact-counts, bad-input and
 # isolation tests again, with the service serving TLS only (the stack's
 # certificate), clients trusting the stack's CA, and tenants on Redis's TLS
 # port and on the DB with verify-identity as DB users created REQUIRE SSL.

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use thumbup_test_support::stack::{admin_db_url, admin_db_url_b};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -36,7 +37,7 @@ async fn a_session_reaches_the_active_datacenter_and_moves_the_session_and_byte_
     assert_eq!(proxy.http("GET", "/readyz", "").await.0, 200);
     assert_eq!(proxy.http("GET", "/healthz", "").await.0, 200);
     let mut conn = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&admin_db_url()));
     assert_eq!(proxy.metric(SESSIONS_A).await, 1.0);
     assert_eq!(proxy.metric("thumbup_db_proxy_sessions_total{datacenter=\"dc-a\"}").await, 1.0);
     assert_eq!(proxy.metric("thumbup_db_proxy_route_epoch").await, 1.0);
@@ -58,7 +59,7 @@ async fn a_newer_epoch_sends_new_sessions_to_dc_b_and_kills_an_idle_session_open
     require_dc_b().await;
     let proxy = Proxy::following("flip", 1, "dc-a", &[]).await;
     let mut before = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut before).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut before).await.unwrap(), port(&admin_db_url()));
 
     proxy.write_route(&stack_route(2, "dc-b"));
     proxy.wait_epoch(2).await;
@@ -70,7 +71,7 @@ async fn a_newer_epoch_sends_new_sessions_to_dc_b_and_kills_an_idle_session_open
     let next = tokio::time::timeout(Duration::from_secs(2), server_port(&mut before)).await;
     assert!(matches!(next, Ok(Err(_))), "a query on a pre-flip session gave {next:?}");
     let mut after = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut after).await.unwrap(), port(&db_url_b()));
+    assert_eq!(server_port(&mut after).await.unwrap(), port(&admin_db_url_b()));
 
     assert_eq!(proxy.metric("thumbup_db_proxy_flips_total").await, 1.0);
     assert_eq!(proxy.metric("thumbup_db_proxy_sessions_killed_total").await, 1.0);
@@ -97,9 +98,9 @@ async fn a_stale_epoch_from_the_file_or_put_is_refused_and_changes_nothing() {
     let held = proxy.route().await.unwrap();
     assert_eq!((held["epoch"].as_u64(), held["activeDatacenter"].as_str()), (Some(2), Some("dc-a")));
     assert_eq!(proxy.metric("thumbup_db_proxy_route_epoch").await, 2.0);
-    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&admin_db_url()));
     let mut fresh = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut fresh).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut fresh).await.unwrap(), port(&admin_db_url()));
     assert_eq!(proxy.metric("thumbup_db_proxy_flips_total").await, 0.0);
     assert_eq!(proxy.metric("thumbup_db_proxy_sessions_killed_total").await, 0.0);
     // The stale file is counted once, not once per poll.
@@ -137,12 +138,12 @@ async fn a_route_offered_without_the_route_token_is_refused_and_changes_nothing(
         assert_eq!(p.metric("thumbup_db_proxy_flips_total").await, 0.0);
         assert_eq!(p.metric("thumbup_db_proxy_sessions_killed_total").await, 0.0);
         let mut fresh = p.connect().await.unwrap();
-        assert_eq!(server_port(&mut fresh).await.unwrap(), port(&db_url_a()));
+        assert_eq!(server_port(&mut fresh).await.unwrap(), port(&admin_db_url()));
         quit(fresh).await;
     }
     assert_eq!(proxy.metric(&rejected("unauthenticated")).await, 4.0);
     assert_eq!(closed.metric(&rejected("unauthenticated")).await, 1.0);
-    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&admin_db_url()));
 
     quit(conn).await;
     // The token itself is taken.
@@ -170,7 +171,7 @@ async fn the_same_epoch_naming_another_datacenter_is_refused_as_a_conflict() {
     assert_eq!(proxy.metric(&rejected("invalid")).await, 1.0);
 
     assert_eq!(proxy.route().await.unwrap()["activeDatacenter"], "dc-a");
-    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&admin_db_url()));
     assert_eq!(proxy.metric("thumbup_db_proxy_sessions_killed_total").await, 0.0);
     quit(conn).await;
 }
@@ -189,15 +190,15 @@ async fn before_any_route_connections_are_closed_at_once_and_readyz_is_503() {
     // JSON is YAML: the admin endpoint takes either.
     let json = format!(
         r#"{{"epoch": 1, "activeDatacenter": "dc-a", "datacenters": {{"dc-a": "{}", "dc-b": "{}"}}}}"#,
-        address(&db_url_a()),
-        address(&db_url_b())
+        address(&admin_db_url()),
+        address(&admin_db_url_b())
     );
     let (status, body) = proxy.put_route(&json).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("adopted"), "{body}");
     assert_eq!(proxy.http("GET", "/readyz", "").await.0, 200);
     let mut conn = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&admin_db_url()));
     assert_eq!(proxy.metric(&refused("no_route")).await, 2.0);
     quit(conn).await;
 }
@@ -211,13 +212,13 @@ async fn no_more_than_max_sessions_are_open_at_once() {
     assert!(proxy.connect().await.is_err(), "a third session was served");
     assert_eq!(proxy.metric(&refused("max_sessions")).await, 2.0);
     assert_eq!(proxy.metric(SESSIONS_A).await, 2.0);
-    assert_eq!(server_port(&mut one).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut one).await.unwrap(), port(&admin_db_url()));
 
     // A closed session frees its place.
     quit(two).await;
     proxy.wait_metric(SESSIONS_A, 1.0).await;
     two = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut two).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut two).await.unwrap(), port(&admin_db_url()));
     quit(one).await;
     quit(two).await;
 }
@@ -226,7 +227,7 @@ async fn no_more_than_max_sessions_are_open_at_once() {
 async fn a_datacenter_that_is_down_closes_the_client_and_counts_a_connect_error() {
     // A port that nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let route = route_yaml(1, "dc-a", &closed.to_string(), &address(&db_url_b()));
+    let route = route_yaml(1, "dc-a", &closed.to_string(), &address(&admin_db_url_b()));
     let proxy = Proxy::start("down", Some(&route), &["--connect-timeout-ms", "500"]);
     proxy.wait_epoch(1).await;
     assert!(closed_at_once(&proxy).await, "the client stayed open with its DB down");
@@ -241,7 +242,7 @@ async fn a_datacenter_that_is_down_closes_the_client_and_counts_a_connect_error(
 async fn sigterm_stops_the_proxy_and_closes_its_sessions() {
     let mut proxy = Proxy::following("sigterm", 1, "dc-a", &[]).await;
     let mut conn = proxy.connect().await.unwrap();
-    assert_eq!(server_port(&mut conn).await.unwrap(), port(&db_url_a()));
+    assert_eq!(server_port(&mut conn).await.unwrap(), port(&admin_db_url()));
     let kill = std::process::Command::new("kill").args(["-TERM", &proxy.pid().to_string()]).status().unwrap();
     assert!(kill.success());
     let status = proxy.wait_exit(Duration::from_secs(10));

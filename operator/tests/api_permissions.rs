@@ -8,17 +8,16 @@
 //! every permission of the table. A permission the code stops using, or one
 //! added to the table without code, fails here.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use thumbup_operator::controller::{self, Context};
 use thumbup_operator::crd::{DeletionPolicy, FINALIZER};
 use thumbup_operator::metrics::Metrics;
+use thumbup_test_support::api::{FakeApi, USED, declared_permissions, lt_path};
+use thumbup_test_support::operator::{failed_over, forget, operator_config, tenant};
 
 #[tokio::test]
 async fn the_operators_code_paths_issue_every_permission_its_rbac_grants() {

@@ -1,11 +1,12 @@
 //! The generated `LikeTenant` CRD: the committed files match `crdgen`, the
 //! schema is structural and described, and the API server's validation would
-//! reject bad specs (checked with the stand-in of `common::apiserver`).
+//! reject bad specs (checked with `common`, the validation half of an API
+//! server).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::apiserver::{Apiserver, Layer, Rejection, open_api_schema};
+use common::{Apiserver, Layer, Rejection, open_api_schema};
 use serde_json::{Value, json};
 use thumbup_operator::crdgen;
 

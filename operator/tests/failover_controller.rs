@@ -5,11 +5,6 @@
 //! primary, dc-b its replica). The scenario is a planned switchover, which
 //! the controller runs when the operator config names another datacenter.
 
-mod common;
-
-use std::path::PathBuf;
-
-use common::*;
 use kube::Api;
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -18,19 +13,11 @@ use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::crd::LikeTenant;
 use thumbup_operator::failover::kube::RouteConfigMap;
 use thumbup_operator::failover::{self, Publisher, RouteStore, TenantSource};
+use thumbup_test_support::api::{ApiServer, EVENTS, FakeApi, TEAM_TENANTS, lt_path};
+use thumbup_test_support::operator::{datacenters_yaml, tenant};
+use thumbup_test_support::stack::{admin_db_url, admin_db_url_b, split, stack};
 
 const ROUTE_CM: &str = "/api/v1/namespaces/thumbup/configmaps/thumbup-route";
-
-fn admin_db_url_b() -> String {
-    std::env::var("THUMBUP_ADMIN_DB_URL_B")
-        .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23307".into())
-}
-
-fn stack(args: &[&str]) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack.sh");
-    let ok = std::process::Command::new("bash").arg(script).args(args).status().unwrap().success();
-    assert!(ok, "scripts/stack.sh {args:?} failed");
-}
 
 /// One scenario at a time: each fences, promotes and reseeds the same two DBs.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -46,21 +33,11 @@ impl Drop for Restore {
 }
 
 fn operator_yaml(active: &str) -> String {
-    let (a, user, pw) = split(&admin_db_url());
+    let (a, _, _) = split(&admin_db_url());
     let (b, _, _) = split(&admin_db_url_b());
-    let (ra, ruser, rpw) = split(&admin_redis_url());
-    let (rb, _, _) = split(&admin_redis_url_b());
+    let datacenters = datacenters_yaml(&a, &b);
     format!(
-        r#"active_datacenter: {active}
-datacenters:
-  - name: dc-a
-    db: {{ url: "{a}", admin_username: "{user}", admin_password: "{pw}" }}
-    redis: {{ url: "{ra}", admin_username: "{ruser}", admin_password: "{rpw}" }}
-  - name: dc-b
-    db: {{ url: "{b}", admin_username: "{user}", admin_password: "{pw}" }}
-    redis: {{ url: "{rb}", admin_username: "{ruser}", admin_password: "{rpw}" }}
-failover: {{ probe_period_ms: 200, catch_up_timeout_ms: 10000 }}
-"#
+        "active_datacenter: {active}\n{datacenters}failover: {{ probe_period_ms: 200, catch_up_timeout_ms: 10000 }}\n"
     )
 }
 

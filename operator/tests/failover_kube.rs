@@ -4,14 +4,13 @@
 //! published to the LikeTenants' status and Events. Each scenario asserts
 //! the requests made, in order, and what they carry.
 
-mod common;
-
-use common::*;
 use kube::Api;
 use serde_json::{Value, json};
 use thumbup_core::route::{Blocked, ROUTE_KEY, Route};
 use thumbup_operator::crd::{LikeTenant, LikeTenantStatus};
 use thumbup_operator::failover::kube::{EventType, FailoverKubeError, FailoverNotice, RouteConfigMap, publish};
+use thumbup_test_support::api::{ApiServer, CMS, EVENTS, FakeApi, TEAM_TENANTS, lt_path};
+use thumbup_test_support::operator::{failed_over, tenant};
 
 const ROUTE_CM: &str = "/api/v1/namespaces/thumbup/configmaps/thumbup-route";
 const ALL_TENANTS: &str = "/apis/thumbup.io/v1alpha1/liketenants";

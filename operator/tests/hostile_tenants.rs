@@ -13,8 +13,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::apiserver::{Apiserver, Layer};
-use common::*;
+use common::{Apiserver, Layer};
 use serde_json::{Value, json};
 use thumbup_core::names;
 use thumbup_core::provision::{self as core_provision, Adopt, Owner};
@@ -23,6 +22,9 @@ use thumbup_operator::crd::{DeletionPolicy, FINALIZER, LikeTenant};
 use thumbup_operator::metrics::Metrics;
 use thumbup_operator::provision;
 use thumbup_operator::resources::{self, Credentials};
+use thumbup_test_support::api::{CMS, FakeApi, lt_path};
+use thumbup_test_support::operator::{db_as, forget, operator_config, owner_of, tenant};
+use thumbup_test_support::stack::{admin_db, admin_db_url, admin_redis_at, admin_redis_url, admin_redis_url_b};
 
 /// The tenant whose data the others go after.
 const VICTIM: &str = "ha-victim";
@@ -89,7 +91,7 @@ async fn snapshot() -> Vec<String> {
     .unwrap();
     out.extend(owners);
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut r = redis_admin(&url).await;
+        let mut r = admin_redis_at(&url).await;
         let acl: Vec<String> = redis::cmd("ACL").arg("LIST").query_async(&mut r).await.unwrap();
         out.extend(acl.into_iter().filter(|u| u.starts_with("user default ") || u.contains("thumbup-ha-")));
         let key: Option<String> = redis::cmd("GET").arg("thumbup:ha-victim:k").query_async(&mut r).await.unwrap();
@@ -196,7 +198,7 @@ async fn legacy_accounts(password: &str) {
         sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await.unwrap();
     }
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut r = redis_admin(&url).await;
+        let mut r = admin_redis_at(&url).await;
         let rules = ["reset", "on", &format!(">{password}"), "~thumbup:ha-legacy:*", "+get"];
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
@@ -228,7 +230,7 @@ async fn every_hostile_attempt_is_refused_by_the_owner_of_the_resource_and_chang
         let _: () = redis::cmd("SET")
             .arg("thumbup:ha-victim:k")
             .arg("v")
-            .query_async(&mut redis_admin(&url).await)
+            .query_async(&mut admin_redis_at(&url).await)
             .await
             .unwrap();
     }

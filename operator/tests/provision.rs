@@ -1,13 +1,14 @@
 //! Tenant provisioning against the real MariaDB and Redis servers of
 //! `scripts/stack.sh` (dc-a: MariaDB + Redis a; dc-b: Redis b).
 
-mod common;
-
-use common::*;
 use thumbup_core::names;
 use thumbup_operator::crd::DeletionPolicy;
 use thumbup_operator::provision;
 use thumbup_operator::resources::Credentials;
+use thumbup_test_support::operator::{
+    acl_user, db_as, db_user_exists, forget, keys_under, operator_config, owner_of, schema_exists, tenant,
+};
+use thumbup_test_support::stack::{admin_db, admin_redis_url, admin_redis_url_b};
 
 async fn provision_all(name: &str) -> (thumbup_operator::crd::LikeTenant, Credentials) {
     let cfg = operator_config(None);

@@ -3,12 +3,9 @@
 //! MariaDB and Redis of `scripts/stack.sh`. Each scenario asserts the
 //! requests the operator makes, in order, and what they carry.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
@@ -18,6 +15,12 @@ use thumbup_operator::controller::{self, Context};
 use thumbup_operator::crd::{Condition, DeletionPolicy, FINALIZER, LikeTenant, LikeTenantStatus};
 use thumbup_operator::metrics::Metrics;
 use thumbup_operator::resources::{self, Credentials};
+use thumbup_test_support::api::{ApiServer, CMS, EVENTS, TEAM_TENANTS, lt_path};
+use thumbup_test_support::operator::{
+    acl_user, db_as, db_user_exists, failed_over, forget, keys_under, operator_config, operator_config_text, owner_of,
+    schema_exists, tenant,
+};
+use thumbup_test_support::stack::{admin_redis_at, admin_redis_url, admin_redis_url_b};
 
 fn context(cfg: OperatorConfig) -> (Arc<Context>, ApiServer) {
     context_with_route(cfg, None)
@@ -383,7 +386,7 @@ async fn deleted_tenant_is_cleaned_up_and_then_its_finalizer_removed() {
     thumbup_operator::provision::database(&lt, &owner, &creds, cfg.active()).await.unwrap();
     thumbup_operator::provision::redis(&lt, &owner, &creds, &cfg).await.unwrap();
     for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut con = redis_admin(&url).await;
+        let mut con = admin_redis_at(&url).await;
         let _: () = redis::cmd("SET").arg("thumbup:rec-del:x").arg(1).query_async(&mut con).await.unwrap();
     }
     let other_entry = "- name: other\n  businesses: []\n";

@@ -3,13 +3,12 @@
 //! other tenant. Its own test binary, because it drops the naive schema that
 //! the bench smoke test uses.
 
-mod common;
-
 use clap::Parser;
-use common::*;
 use sqlx::Connection;
 use sqlx::mysql::MySqlConnection;
+use thumbup_e2e::*;
 use thumbup_service::pb;
+use thumbup_test_support::stack::{admin_db_url, admin_redis, admin_redis_url};
 
 async fn schema_exists(con: &mut MySqlConnection, schema: &str) -> bool {
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = ?")
@@ -22,7 +21,8 @@ async fn schema_exists(con: &mut MySqlConnection, schema: &str) -> bool {
 
 async fn keys_of(tenant: &str) -> usize {
     let mut r = admin_redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(thumbup_core::names::key_pattern(tenant)).query_async(&mut r).await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(thumbup_core::names::key_pattern(tenant)).query_async(&mut r).await.unwrap();
     keys.len()
 }
 

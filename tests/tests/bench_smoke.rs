@@ -4,11 +4,10 @@
 //! request failed, that the counts-row UPDATEs were counted, and that the
 //! report and the chart were written. Speed is not asserted here.
 
-mod common;
-
 use clap::Parser;
-use common::*;
 use thumbup_bench::report::Section;
+use thumbup_e2e::*;
+use thumbup_test_support::stack::{admin_db_url, admin_redis_url};
 
 fn metric(section: &Section, starts: &str) -> f64 {
     section

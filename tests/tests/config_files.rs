@@ -4,15 +4,13 @@
 //! its config exists, tenants appearing when the files are written, and
 //! tokens rotated by rewriting the tokens file alone.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::keys::Keys;
+use thumbup_e2e::*;
 use thumbup_service::pb;
 use thumbup_service::pb::thumbup_client::ThumbupClient;
 use thumbup_service::tenants::POLL_INTERVAL;

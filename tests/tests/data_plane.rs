@@ -2,13 +2,12 @@
 //! `scripts/stack.sh`: exact counts under concurrent load, job crashes,
 //! bad input, tenant isolation, graceful shutdown, paging and reload.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use thumbup_core::keys::Keys;
+use thumbup_e2e::*;
 use thumbup_service::pb;
+use thumbup_test_support::stack::admin_redis;
 use tonic::Code;
 
 const BIZ: i64 = 1;

@@ -13,8 +13,6 @@
 //! dc-b a fresh replica) and ends with it, so the scenarios run one at a
 //! time (a lock) in any order.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,14 +20,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use common::*;
 use rand::Rng;
 use sqlx::{Connection, MySqlConnection};
 use thumbup_core::config::TenantConfig;
 use thumbup_core::keys::Keys;
 use thumbup_core::route::{Route, TransitionKind};
+use thumbup_e2e::*;
 use thumbup_operator::failover::{self, Notice};
 use thumbup_service::pb;
+use thumbup_test_support::stack::stack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};

@@ -4,11 +4,9 @@
 //! server's own bounds (metadata size, request time, requests in flight),
 //! each checked per reply.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use thumbup_e2e::*;
 use thumbup_service::limits::ServerLimits;
 use thumbup_service::pb;
 use tonic::Code;

@@ -10,18 +10,17 @@
 //! [`Hostile::attempt`], a [`Refuser`] if no existing one fits, and rows in
 //! [`rows`]; the runner, the snapshots and the report stay as they are.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
 use redis::aio::ConnectionManager;
 use sqlx::{ConnectOptions, MySqlConnection, Row as _};
 use thumbup_core::cache::{self, Scripts, Seed, Transition, TransitionArgs};
 use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::domain::{Action, State};
 use thumbup_core::keys::{JOB_GROUP, Keys};
+use thumbup_e2e::*;
+use thumbup_test_support::stack::{admin_db_url, admin_redis};
 
 const BIZ: i64 = 1;
 const ATTACKER: &str = "hb-attacker";

@@ -6,12 +6,11 @@
 //! come at once (single flight). Alone in its test binary, so the Redis
 //! command counters it reads see its own reads only.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use thumbup_core::keys::Keys;
+use thumbup_e2e::*;
+use thumbup_test_support::stack::admin_redis;
 
 const HOT: i64 = 7;
 const COLD: i64 = 8;

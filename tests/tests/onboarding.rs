@@ -9,11 +9,6 @@
 //! when an object changes). A second service reads only the registry files,
 //! which the kubelet has not synced yet: it does not serve the tenant.
 
-mod common;
-#[path = "../../operator/tests/common/mod.rs"]
-#[allow(unused_imports, clippy::all)]
-mod operator_common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,9 +22,9 @@ use thumbup_operator::crd::{FINALIZER, LikeTenant};
 use thumbup_operator::metrics::Metrics;
 use thumbup_service::pb;
 use thumbup_service::registry_api::{REGISTRY_KEY, RegistryApi, SERVICE_API_PERMISSIONS};
+use thumbup_test_support::api::{FakeApi, lt_path, permission};
+use thumbup_test_support::operator::{forget, operator_config, tenant};
 use tonic::Code;
-
-use operator_common::{FakeApi, forget, lt_path, operator_config, permission, tenant};
 
 /// The operator's namespace, where the registry is.
 const NS: &str = "thumbup";
@@ -184,7 +179,7 @@ async fn service(
     api: Option<kube::Client>,
     ready: Option<Arc<AtomicBool>>,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let dir = common::world_dir(test);
+    let dir = thumbup_e2e::world_dir(test);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -210,10 +205,14 @@ async fn service(
 }
 
 /// A client of the service at `addr` for tenant `name` with `token`.
-async fn client(addr: &str, name: &str, token: &str) -> common::Client {
+async fn client(addr: &str, name: &str, token: &str) -> thumbup_e2e::Client {
     let endpoint = thumbup_service::client_endpoint(addr, None).unwrap();
     let channel = endpoint.connect().await.expect("connect to service");
-    common::Client { inner: pb::thumbup_client::ThumbupClient::new(channel), tenant: name.into(), token: token.into() }
+    thumbup_e2e::Client {
+        inner: pb::thumbup_client::ThumbupClient::new(channel),
+        tenant: name.into(),
+        token: token.into(),
+    }
 }
 
 /// The API token the operator generated for `lt` (its tenant Secret's).
@@ -250,7 +249,7 @@ async fn apply(fake: &FakeApi, ctx: &Arc<Context>, name: &str) -> LikeTenant {
 
 /// Sends Like until one succeeds; every refusal before must be the service
 /// not knowing the tenant (UNAUTHENTICATED). Returns the reply and the tries.
-async fn like_until_served(c: &common::Client, within: Duration) -> Option<(pb::LikeReply, u32)> {
+async fn like_until_served(c: &thumbup_e2e::Client, within: Duration) -> Option<(pb::LikeReply, u32)> {
     let deadline = Instant::now() + within;
     let mut tries = 0;
     while Instant::now() < deadline {

@@ -4,13 +4,12 @@
 //! fence opens it). These stop the shared local servers, so they run one at
 //! a time.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use thumbup_core::keys::Keys;
+use thumbup_e2e::*;
 use thumbup_service::pb;
+use thumbup_test_support::stack::{admin_redis, stack};
 use tokio::sync::Mutex;
 
 const BIZ: i64 = 1;

@@ -6,11 +6,10 @@
 //! `THUMBUP_PYTHON`, the venv that `scripts/python.sh` makes and
 //! `scripts/test.sh` exports.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use thumbup_e2e::*;
+use thumbup_test_support::stack::{root, stack_ca};
 
 const TENANT: &str = "e2e-python";
 

@@ -5,18 +5,16 @@
 //! two releases' libraries live side by side, and provisioning one leaves
 //! the other alone.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use redis::aio::MultiplexedConnection;
 use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::functions::{self, Function};
 use thumbup_core::provision;
+use thumbup_e2e::*;
 use thumbup_service::pb;
 use tonic::Code;
 

@@ -5,13 +5,11 @@
 //! `THUMBUP_LOG_FORMAT=json` and shows its build info on /metrics; every
 //! binary refuses an unknown log format at start.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use thumbup_e2e::*;
 use thumbup_service::pb;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tonic_health::pb::HealthCheckRequest;

@@ -13,21 +13,20 @@
 //! Stops and kills the shared local servers: it is the only test of its
 //! binary. `THUMBUP_SEED=<n>` replays a seed (timing still varies).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::Row;
 use thumbup_core::domain::{Action, State, transition};
 use thumbup_core::keys::Keys;
+use thumbup_e2e::*;
 use thumbup_service::pb;
+use thumbup_test_support::stack::{admin_redis, root, stack};
 use tonic::Code;
 
 const BIZ: i64 = 1;

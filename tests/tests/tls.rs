@@ -5,15 +5,14 @@
 //! plaintext by the server itself. scripts/test.sh also runs the exact-counts,
 //! bad-input and isolation tests of data_plane.rs in TLS mode.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use sqlx::{ConnectOptions, Connection, Row};
 use thumbup_core::config::{Config, RedisTls};
 use thumbup_core::{cache, db, provision};
+use thumbup_e2e::*;
 use thumbup_service::pb;
+use thumbup_test_support::stack::{admin_db_url, admin_redis_url, redis_tls_port, stack_ca};
 
 /// A tenant reaching Redis (TLS port, the stack's CA) and the DB
 /// (verify-identity, the stack's CA) over TLS, whatever the test mode.

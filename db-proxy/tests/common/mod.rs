@@ -1,32 +1,21 @@
-//! Shared by the proxy's tests: the built `thumbup-db-proxy` as a child
+//! The proxy's test harness: the built `thumbup-db-proxy` as a child
 //! process (ports learned from its ready file), its admin endpoint over a
 //! bare HTTP/1.1 exchange, its metrics, and sqlx sessions through it to the
 //! local stack's MariaDB servers (dc-a on 23306, dc-b on 23307 by default).
-
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::{ConnectOptions, Connection};
+use thumbup_test_support::dirs::fresh_test_dir;
+use thumbup_test_support::stack::{admin_db_url, admin_db_url_b};
+use thumbup_test_support::wait::{wait_until, wait_until_blocking};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Admin URL of dc-a's MariaDB.
-pub fn db_url_a() -> String {
-    std::env::var("THUMBUP_ADMIN_DB_URL")
-        .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306".into())
-}
-
-/// Admin URL of dc-b's MariaDB.
-pub fn db_url_b() -> String {
-    std::env::var("THUMBUP_ADMIN_DB_URL_B")
-        .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23307".into())
-}
 
 /// `host:port` of a DB URL.
 pub fn address(url: &str) -> String {
@@ -46,7 +35,7 @@ pub fn route_yaml(epoch: u64, active: &str, dc_a: &str, dc_b: &str) -> String {
 
 /// A route document naming the stack's two MariaDB servers.
 pub fn stack_route(epoch: u64, active: &str) -> String {
-    route_yaml(epoch, active, &address(&db_url_a()), &address(&db_url_b()))
+    route_yaml(epoch, active, &address(&admin_db_url()), &address(&admin_db_url_b()))
 }
 
 /// A `thumbup-db-proxy` child process; killed on drop.
@@ -71,9 +60,7 @@ impl Proxy {
     /// [`ROUTE_TOKEN`] (see [`Proxy::put_route`]) unless `extra` holds
     /// `--no-route-token` (dropped from the arguments).
     pub fn start(test: &str, route: Option<&str>, extra: &[&str]) -> Proxy {
-        let dir = std::env::temp_dir().join(format!("thumbup-db-proxy-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_test_dir(&format!("db-proxy-{test}"));
         let ready = dir.join("ready");
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_thumbup-db-proxy"));
@@ -95,14 +82,10 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .expect("spawn thumbup-db-proxy");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let text = loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                break text;
-            }
-            assert!(Instant::now() < deadline, "no ready file from the proxy; see {}", dir.join("proxy.log").display());
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let text = wait_until_blocking(Duration::from_secs(20), Duration::from_millis(20), || {
+            std::fs::read_to_string(&ready)
+                .map_err(|_| format!("no ready file from the proxy; see {}", dir.join("proxy.log").display()))
+        });
         let addr = |key: &str| -> SocketAddr {
             text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.parse().ok()).expect(&text)
         };
@@ -129,14 +112,9 @@ impl Proxy {
 
     /// Waits for the process to exit; its status.
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the proxy did not exit within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_blocking(within, Duration::from_millis(20), || {
+            self.child.try_wait().unwrap().ok_or_else(|| format!("the proxy did not exit within {within:?}"))
+        })
     }
 
     /// `PUT /route` with the route token: (status, body).
@@ -179,15 +157,11 @@ impl Proxy {
 
     /// Waits until `sample` reaches `want`.
     pub async fn wait_metric(&self, sample: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || async {
             let got = self.metric(sample).await;
-            if got == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{sample} is {got}, not {want}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            if got == want { Ok(()) } else { Err(format!("{sample} is {got}, not {want}")) }
+        })
+        .await
     }
 
     /// The held route as JSON (None before one).
@@ -202,20 +176,16 @@ impl Proxy {
 
     /// Waits until the held route has `epoch`.
     pub async fn wait_epoch(&self, epoch: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        wait_until(Duration::from_secs(5), Duration::from_millis(20), || async {
             let held = self.route().await.and_then(|r| r["epoch"].as_u64());
-            if held == Some(epoch) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the proxy holds epoch {held:?}, not {epoch}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            if held == Some(epoch) { Ok(()) } else { Err(format!("the proxy holds epoch {held:?}, not {epoch}")) }
+        })
+        .await
     }
 
     /// A DB session through the proxy, as the stack's admin user.
     pub async fn connect(&self) -> Result<MySqlConnection, sqlx::Error> {
-        let opts = MySqlConnectOptions::from_str(&db_url_a()).unwrap().host("127.0.0.1").port(self.listen.port());
+        let opts = MySqlConnectOptions::from_str(&admin_db_url()).unwrap().host("127.0.0.1").port(self.listen.port());
         tokio::time::timeout(Duration::from_secs(10), opts.connect()).await.expect("connecting through the proxy hung")
     }
 }
@@ -249,6 +219,6 @@ pub async fn quit(conn: MySqlConnection) {
 
 /// Fails the test with the way out when MariaDB b of the stack is down.
 pub async fn require_dc_b() {
-    let b = address(&db_url_b());
+    let b = address(&admin_db_url_b());
     assert!(TcpStream::connect(&b).await.is_ok(), "MariaDB b ({b}) is down: `bash scripts/stack.sh start mariadb b`");
 }

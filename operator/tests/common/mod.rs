@@ -1,633 +1,189 @@
-//! Shared by the operator's tests: the local stack's admin URLs (from
-//! `scripts/stack.sh env`, with its defaults), an operator config for two
-//! datacenters on it, LikeTenant fixtures, probes of the real servers, and
-//! the scripted Kubernetes API server (a tower-test service whose requests a
-//! test takes one at a time, asserts and answers).
+//! The validation half of an API server for the LikeTenant CRD.
+//!
+//! No API server runs in these tests. [`Apiserver`] stands in for the three
+//! checks a real one applies to a custom resource, each reporting as its own
+//! layer so that every test can assert which check rejected an object and
+//! why: the OpenAPI keywords (the `jsonschema` crate, after translating the
+//! Kubernetes-only keys), `x-kubernetes-list-type` uniqueness (our own walk,
+//! since JSON Schema has no such keyword) and the CEL rules of
+//! `x-kubernetes-validations` (kube's CEL validator, given the old object on
+//! updates so that transition rules run). Defaulting and pruning are left out.
 
-#![allow(dead_code)]
+use std::collections::BTreeSet;
 
-pub mod apiserver;
+use kube::CustomResourceExt;
+use kube::core::cel::Validator as CelValidator;
+use serde_json::{Map, Value, json};
+use thumbup_operator::crd::LikeTenant;
 
-use std::collections::BTreeMap;
-use std::str::FromStr;
-use std::time::Duration;
-
-use http::{Request, Response};
-use kube::Client;
-use kube::client::Body;
-use serde_json::{Value, json};
-use sqlx::ConnectOptions;
-use sqlx::mysql::MySqlConnectOptions;
-use thumbup_core::names;
-use thumbup_core::route::{FailoverRecord, Route, Transition, TransitionKind};
-use thumbup_operator::config::OperatorConfig;
-use thumbup_operator::crd::{Business, LikeTenant, LikeTenantSpec};
-
-/// ConfigMaps of the operator's namespace, `thumbup`.
-pub const CMS: &str = "/api/v1/namespaces/thumbup/configmaps";
-/// Events of the tenants' namespace, `team`.
-pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team/events";
-/// LikeTenants of namespace `team`.
-pub const TEAM_TENANTS: &str = "/apis/thumbup.io/v1alpha1/namespaces/team/liketenants";
-
-/// The LikeTenant `name` of namespace `team`.
-pub fn lt_path(name: &str) -> String {
-    format!("{TEAM_TENANTS}/{name}")
+/// The `openAPIV3Schema` of the one version of the CRD, as JSON.
+pub fn open_api_schema() -> Value {
+    let crd = LikeTenant::crd();
+    assert_eq!(crd.spec.versions.len(), 1, "one served version");
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("the CRD has an openAPIV3Schema");
+    serde_json::to_value(schema).expect("the schema serializes")
 }
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Responder = tower_test::mock::SendResponse<Response<Body>>;
-
-/// The scripted API server.
-pub struct ApiServer {
-    /// The server end of the client's connection.
-    pub handle: Handle,
+/// Which of the API server's checks rejected an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Layer {
+    /// An OpenAPI keyword (type, required, minimum, enum, ...).
+    OpenApi,
+    /// `x-kubernetes-list-type: map` / `set` uniqueness.
+    ListType,
+    /// A CEL rule of `x-kubernetes-validations`.
+    Cel,
 }
 
-/// One request the operator made.
-pub struct Call {
-    /// The query string (`fieldManager=...`).
-    pub query: String,
-    /// The JSON body (Null when empty).
-    pub body: Value,
-    /// The Content-Type (`application/apply-patch+yaml` for a server-side apply).
-    pub content_type: String,
-    respond: Responder,
+/// One rejection: the layer, the field path (`spec.businesses[0].id`) and
+/// what failed (the OpenAPI keyword, `duplicate` for list types, the CEL
+/// rule's message).
+pub type Rejection = (Layer, String, String);
+
+/// The validation half of an API server for the LikeTenant CRD.
+pub struct Apiserver {
+    schema: Value,
+    openapi: jsonschema::Validator,
+    cel: CelValidator,
 }
 
-impl Call {
-    /// Reads a request, checking that RBAC grants it ([`permission`]) when
-    /// `operator` (the operator made it, not a person).
-    async fn of(req: Request<Body>, respond: Responder, operator: bool) -> (String, String, Call) {
-        let method = req.method().to_string();
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        let content_type =
-            req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        if operator {
-            record_permission(&method, &path, &query);
-            assert_field_manager(&method, &path, &query);
+impl Apiserver {
+    pub fn new() -> Self {
+        let schema = open_api_schema();
+        let openapi = jsonschema::draft4::options()
+            .should_validate_formats(false)
+            .build(&to_json_schema(&schema))
+            .expect("the translated schema compiles");
+        Apiserver { schema, openapi, cel: CelValidator::new() }
+    }
+
+    /// Every rejection of `object`, created (`old` None) or updated from `old`.
+    pub fn validate(&self, object: &Value, old: Option<&Value>) -> BTreeSet<Rejection> {
+        let mut out = BTreeSet::new();
+        for e in self.openapi.iter_errors(object) {
+            let keyword = e.schema_path().as_str().rsplit('/').next().unwrap_or_default().to_string();
+            out.insert((Layer::OpenApi, pointer_to_path(e.instance_path().as_str()), keyword));
         }
-        (method, path, Call { query, body, content_type, respond })
-    }
-
-    /// Answers with `code` and `body`.
-    pub fn reply(self, code: u16, body: Value) {
-        let response = Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap();
-        self.respond.send_response(response);
-    }
-
-    /// Answers a status patch with the object carrying the patched status.
-    pub fn reply_status(self, lt: &LikeTenant) {
-        let mut obj = serde_json::to_value(lt).unwrap();
-        obj["status"] = self.body["status"].clone();
-        self.reply(200, obj);
-    }
-
-    /// Answers with a failure Status of `code` and `reason`.
-    pub fn fail(self, code: u16, reason: &str) {
-        self.reply(
-            code,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": reason, "reason": reason, "code": code}),
-        );
-    }
-
-    /// Answers 404 NotFound.
-    pub fn not_found(self) {
-        self.fail(404, "NotFound");
-    }
-
-    /// Answers with the object sent, as the API server would after a write.
-    pub fn echo(self) {
-        let mut body = self.body.clone();
-        body["metadata"]["resourceVersion"] = json!("2");
-        self.reply(200, body);
+        list_type_rejections(&self.schema, object, String::new(), &mut out);
+        // The API server hands CEL no null-valued fields ("null valued fields
+        // are treated as absent"); kube's validator would see them as set.
+        let (object, old) = (without_nulls(object), old.map(without_nulls));
+        if let Err(errors) = self.cel.validate(&self.schema, &object, old.as_ref()) {
+            for e in errors {
+                out.insert((Layer::Cel, e.field_path.clone(), e.message.clone()));
+            }
+        }
+        out
     }
 }
 
-impl ApiServer {
-    /// A client whose every request goes to the returned server.
-    pub fn client() -> (Client, ApiServer) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        (Client::new(service, "thumbup"), ApiServer { handle })
-    }
-
-    /// The next request, which must be `method` on `path`. The failover
-    /// controller's look for a switchover request (a GET of the ConfigMap
-    /// `<route>-switchover`, every probe period) is answered 404 on the way,
-    /// unless that is what is expected.
-    pub async fn expect(&mut self, method: &str, path: &str) -> Call {
-        let (method_got, path_got, call) = loop {
-            let (req, respond) = tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
-                .expect("the client is gone");
-            let (m, p, call) = Call::of(req, respond, true).await;
-            if is_switchover_poll(&m, &p) && p != path {
-                call.not_found();
-                continue;
-            }
-            break (m, p, call);
+/// The CRD schema as plain JSON Schema (draft 4, which OpenAPI v3.0 follows):
+/// `nullable: true` admits null, the `x-kubernetes-*` keys go (list types and
+/// CEL rules are checked by their own layers), int-or-string becomes a type.
+fn to_json_schema(schema: &Value) -> Value {
+    let Some(obj) = schema.as_object() else { return schema.clone() };
+    let mut out = Map::new();
+    for (key, value) in obj {
+        let value = match key.as_str() {
+            k if k.starts_with("x-kubernetes-") || k == "nullable" => continue,
+            "properties" => Value::Object(
+                value
+                    .as_object()
+                    .expect("properties is an object")
+                    .iter()
+                    .map(|(name, child)| (name.clone(), to_json_schema(child)))
+                    .collect(),
+            ),
+            "items" | "additionalProperties" => to_json_schema(value),
+            _ => value.clone(),
         };
-        assert_eq!((method_got.as_str(), path_got.as_str()), (method, path), "unexpected request; body {}", call.body);
-        call
+        out.insert(key.clone(), value);
     }
-
-    /// The next request, whatever it is: (method, path, call); None when the
-    /// client is gone.
-    pub async fn next(&mut self) -> Option<(String, String, Call)> {
-        let (req, respond) = self.handle.next_request().await?;
-        Some(Call::of(req, respond, true).await)
+    if obj.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true) {
+        out.insert("type".into(), json!(["integer", "string"]));
     }
-
-    /// Fails when another request (but a look for a switchover request)
-    /// arrives within 300 ms.
-    pub async fn expect_no_more(&mut self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Some((req, respond))) = tokio::time::timeout_at(deadline, self.handle.next_request()).await {
-            let (method, path, call) = Call::of(req, respond, true).await;
-            assert!(is_switchover_poll(&method, &path), "an unexpected request: {method} {path}");
-            call.not_found();
+    if obj.get("nullable").and_then(Value::as_bool) == Some(true) {
+        if let Some(Value::String(ty)) = out.get("type") {
+            let ty = ty.clone();
+            out.insert("type".into(), json!([ty, "null"]));
+        }
+        if let Some(Value::Array(values)) = out.get_mut("enum") {
+            values.push(Value::Null);
         }
     }
+    Value::Object(out)
 }
 
-/// A GET of a switchover request ConfigMap (`kubectl thumbup switchover`).
-fn is_switchover_poll(method: &str, path: &str) -> bool {
-    method == "GET" && path.contains("/configmaps/") && path.ends_with("-switchover")
-}
-
-/// Every write must name the operator's field manager (`thumbup-operator`,
-/// `thumbup-operator.<tenant>` for a tenant's keys of the registry Secret,
-/// or `thumbup-operator-failover` for the failover controller's status fields), so managedFields never say "unknown". Events are the exception:
-/// kube's `Recorder` sends them with default parameters and offers no way to
-/// set one.
-fn assert_field_manager(method: &str, path: &str, query: &str) {
-    if !["POST", "PUT", "PATCH"].contains(&method) || path.starts_with("/apis/events.k8s.io/") {
-        return;
-    }
-    let manager = query.split('&').find_map(|p| p.strip_prefix("fieldManager="));
-    let ours = thumbup_operator::controller::MANAGER;
-    let failover = thumbup_operator::failover::kube::FAILOVER_MANAGER;
-    assert!(
-        manager.is_some_and(|m| m == ours || m == failover || m.starts_with(&format!("{ours}."))),
-        "{method} {path}?{query} carries no fieldManager={ours}"
-    );
-}
-
-/// (API group, resource with its subresource, verb): the unit in which RBAC
-/// grants.
-pub type Permission = (String, String, String);
-
-/// The permission a request needs, as the API server's authorizer derives
-/// it from the method, the path and the `watch` parameter.
-pub fn permission(method: &str, path: &str, query: &str) -> Permission {
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, rest) = match parts.as_slice() {
-        ["api", _version, rest @ ..] => (String::new(), rest),
-        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
-        _ => panic!("not a resource path: {path}"),
-    };
-    let rest = match rest {
-        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
-        rest => rest,
-    };
-    let (resource, named) = match rest {
-        [resource] => (resource.to_string(), false),
-        [resource, _name] => (resource.to_string(), true),
-        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
-        _ => panic!("not a resource path: {path}"),
-    };
-    let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
-    let verb = match (method, named) {
-        ("GET", _) if watch => "watch",
-        ("GET", true) => "get",
-        ("GET", false) => "list",
-        ("POST", _) => "create",
-        ("PUT", _) => "update",
-        ("PATCH", _) => "patch",
-        ("DELETE", true) => "delete",
-        ("DELETE", false) => "deletecollection",
-        _ => panic!("unknown method {method} on {path}"),
-    };
-    (group, resource, verb.to_string())
-}
-
-/// Every permission that the operator's code used in this test process.
-pub static USED: std::sync::Mutex<std::collections::BTreeSet<Permission>> =
-    std::sync::Mutex::new(std::collections::BTreeSet::new());
-
-/// The permissions `thumbup_operator::controller::API_PERMISSIONS` declares
-/// (and the chart's RBAC grants).
-pub fn declared_permissions() -> std::collections::BTreeSet<Permission> {
-    let mut out = std::collections::BTreeSet::new();
-    for (group, resource, verbs) in thumbup_operator::controller::API_PERMISSIONS {
-        for verb in *verbs {
-            out.insert((group.to_string(), resource.to_string(), verb.to_string()));
-        }
-    }
-    out
-}
-
-/// Records a request's permission; a request that RBAC would not grant
-/// fails the test that made it.
-fn record_permission(method: &str, path: &str, query: &str) {
-    let p = permission(method, path, query);
-    assert!(
-        declared_permissions().contains(&p),
-        "the operator issued {method} {path} ({p:?}), which controller::API_PERMISSIONS and so the chart's RBAC do \
-         not grant"
-    );
-    USED.lock().unwrap().insert(p);
-}
-
-/// An in-memory API server for tests that care about what is stored, not
-/// about the order of the requests: objects written (POST, PUT, PATCH) are
-/// kept by path and served back (GET), collections are listed, watches are
-/// held open, DELETE removes. Status writes follow the API server's
-/// field ownership ([`patch_status`]).
-pub struct FakeApi {
-    /// Objects by path (`/api/v1/namespaces/team/secrets/x`).
-    pub objects: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Value>>>,
-    /// Every request: (method, path, body).
-    pub requests: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
-}
-
-impl FakeApi {
-    /// A client served by a new fake API server holding `objects`.
-    pub fn start(objects: BTreeMap<String, Value>) -> (Client, FakeApi) {
-        let fake = FakeApi { objects: Default::default(), requests: Default::default() };
-        fake.objects.lock().unwrap().extend(objects);
-        let client = fake.serve(true);
-        (client, fake)
-    }
-
-    /// Another client of the same server, for what a person does with
-    /// `kubectl thumbup`: its requests are not held to the operator's RBAC.
-    pub fn person_client(&self) -> Client {
-        self.serve(false)
-    }
-
-    fn serve(&self, operator: bool) -> Client {
-        let (client, mut api) = ApiServer::client();
-        let (store, log) = (self.objects.clone(), self.requests.clone());
-        tokio::spawn(async move {
-            let mut watches = Vec::new();
-            while let Some((req, respond)) = api.handle.next_request().await {
-                let (method, path, call) = Call::of(req, respond, operator).await;
-                log.lock().unwrap().push((method.clone(), path.clone(), call.body.clone()));
-                let (status, object) = Self::answer(&store, &method, &path, &call);
-                if status == 0 {
-                    watches.push(call);
-                } else {
-                    call.reply(status, object);
-                }
-            }
-        });
-        client
-    }
-
-    fn answer(
-        store: &std::sync::Mutex<BTreeMap<String, Value>>,
-        method: &str,
-        path: &str,
-        call: &Call,
-    ) -> (u16, Value) {
-        let mut store = store.lock().unwrap();
-        let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
-            "message": "not found", "code": 404});
-        let named = |body: &Value| format!("{path}/{}", body["metadata"]["name"].as_str().unwrap_or_default());
-        let with_version = |mut v: Value| {
-            v["metadata"]["resourceVersion"] = json!("5");
-            v
-        };
-        match method {
-            "GET" if call.query.contains("watch=") => (0, Value::Null),
-            "GET" => match store.get(path) {
-                Some(v) => (200, v.clone()),
-                None if permission("GET", path, "").2 == "list" => {
-                    // A collection: what is stored right under it.
-                    let depth = path.matches('/').count() + 1;
-                    let items: Vec<Value> = store
-                        .iter()
-                        .filter(|(k, _)| k.starts_with(&format!("{path}/")) && k.matches('/').count() == depth)
-                        .map(|(_, v)| v.clone())
-                        .collect();
-                    (
-                        200,
-                        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "5"}, "items": items}),
-                    )
-                }
-                None => (404, not_found),
-            },
-            "POST" => {
-                let v = with_version(call.body.clone());
-                store.insert(named(&call.body), v.clone());
-                (201, v)
-            }
-            "PUT" => {
-                let v = with_version(call.body.clone());
-                store.insert(path.to_string(), v.clone());
-                (200, v)
-            }
-            "PATCH" if path.ends_with("/status") => {
-                let object = path.trim_end_matches("/status").to_string();
-                let Some(mut v) = store.get(&object).cloned() else { return (404, not_found) };
-                let manager = call.query.split('&').find_map(|p| p.strip_prefix("fieldManager=")).unwrap_or("");
-                let apply = call.content_type.starts_with("application/apply-patch");
-                patch_status(&mut v, manager, apply, &call.body["status"]);
-                store.insert(object, v.clone());
-                (200, v)
-            }
-            "PATCH" if call.body.is_array() => {
-                // A JSON patch (the finalizer helper): answer with the object as it is.
-                match store.get(path) {
-                    Some(v) => (200, v.clone()),
-                    None => (404, not_found),
-                }
-            }
-            "PATCH" => {
-                let v = with_version(call.body.clone());
-                store.insert(path.to_string(), v.clone());
-                (200, v)
-            }
-            "DELETE" => {
-                store.remove(path);
-                (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
-            }
-            _ => (405, not_found),
-        }
-    }
-
-    /// The bodies of the requests `method path` made so far.
-    pub fn bodies(&self, method: &str, path: &str) -> Vec<Value> {
-        let log = self.requests.lock().unwrap();
-        log.iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
+/// `value` without the object fields whose value is null, at any depth.
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(obj) => Value::Object(
+            obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), without_nulls(v))).collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_nulls).collect()),
+        other => other.clone(),
     }
 }
 
-/// A status write as the API server does it, at the granularity of the
-/// status's top-level fields. The object's `metadata.managedFields` records
-/// which manager owns which field (`fieldsV1` `f:status` `f:<field>`),
-/// with `operation` Apply or Update.
-/// - A server-side apply (forced, as the operator sends them) sets the
-///   fields it names and takes them from their other owners; a field that
-///   this manager applied before and leaves out now is removed, unless
-///   another manager owns it too.
-/// - A merge patch sets what it names, removes what it sets to null, and
-///   leaves the rest as it is; its fields belong to the manager's Update.
-fn patch_status(object: &mut Value, manager: &str, apply: bool, body: &Value) {
-    let operation = if apply { "Apply" } else { "Update" };
-    let mut entries: Vec<Value> = object["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
-    let owned = |e: &Value| -> Vec<String> {
-        e["fieldsV1"]["f:status"]
-            .as_object()
-            .map(|m| m.keys().map(|k| k[2..].to_string()).collect())
-            .unwrap_or_default()
-    };
-    let is_mine = |e: &Value| e["manager"] == manager && e["operation"] == operation && e["subresource"] == "status";
-    let named: Vec<String> = body.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
-    let before: Vec<String> = entries.iter().filter(|e| is_mine(e)).flat_map(owned).collect();
-    if !object["status"].is_object() {
-        object["status"] = json!({});
-    }
-    let status = object["status"].as_object_mut().unwrap();
-    for (k, val) in body.as_object().into_iter().flatten() {
-        if val.is_null() {
-            status.remove(k);
+/// `/spec/businesses/0/id` -> `spec.businesses[0].id`, the API server's form.
+fn pointer_to_path(pointer: &str) -> String {
+    let mut path = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if segment.parse::<usize>().is_ok() {
+            path.push_str(&format!("[{segment}]"));
         } else {
-            status.insert(k.clone(), val.clone());
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&segment);
         }
     }
-    if apply {
-        for gone in before.iter().filter(|f| !named.contains(f)) {
-            let elsewhere = entries.iter().filter(|e| !is_mine(e)).any(|e| owned(e).contains(gone));
-            if !elsewhere {
-                status.remove(gone);
+    path
+}
+
+/// Rejects repeated keys in `x-kubernetes-list-type: map` lists and repeated
+/// items in `set` lists, as the API server does: JSON Schema has no such
+/// keyword, so the `jsonschema` layer cannot see them.
+fn list_type_rejections(schema: &Value, value: &Value, path: String, out: &mut BTreeSet<Rejection>) {
+    let join = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}.{name}") };
+    if let (Some(props), Some(obj)) = (schema.get("properties").and_then(Value::as_object), value.as_object()) {
+        for (name, child) in obj {
+            if let Some(child_schema) = props.get(name) {
+                list_type_rejections(child_schema, child, join(name), out);
             }
         }
-    }
-    let kept: Vec<String> = if apply {
-        named.clone()
-    } else {
-        before.iter().chain(&named).filter(|f| status.contains_key(*f)).cloned().collect()
-    };
-    for e in entries.iter_mut().filter(|e| !is_mine(e)) {
-        let left: serde_json::Map<String, Value> = owned(e)
-            .into_iter()
-            .filter(|f| !named.contains(f) && status.contains_key(f))
-            .map(|f| (format!("f:{f}"), json!({})))
-            .collect();
-        if e["subresource"] == "status" {
-            e["fieldsV1"]["f:status"] = Value::Object(left);
+    } else if let (Some(additional), Some(obj)) = (schema.get("additionalProperties"), value.as_object()) {
+        for (name, child) in obj {
+            list_type_rejections(additional, child, join(name), out);
         }
     }
-    entries.retain(|e| !is_mine(e));
-    let mine: serde_json::Map<String, Value> = kept.into_iter().map(|f| (format!("f:{f}"), json!({}))).collect();
-    entries.push(json!({"manager": manager, "operation": operation, "subresource": "status",
-        "fieldsV1": {"f:status": mine}}));
-    object["metadata"]["managedFields"] = Value::Array(entries);
-}
-
-/// Admin URL of MariaDB (dc-a).
-pub fn admin_db_url() -> String {
-    std::env::var("THUMBUP_ADMIN_DB_URL")
-        .unwrap_or_else(|_| "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306".into())
-}
-
-/// Admin URL of dc-a's Redis.
-pub fn admin_redis_url() -> String {
-    std::env::var("THUMBUP_ADMIN_REDIS_URL").unwrap_or_else(|_| "redis://default:thumbup-admin@127.0.0.1:26379".into())
-}
-
-/// Admin URL of dc-b's Redis.
-pub fn admin_redis_url_b() -> String {
-    std::env::var("THUMBUP_ADMIN_REDIS_URL_B")
-        .unwrap_or_else(|_| "redis://default:thumbup-admin@127.0.0.1:26380".into())
-}
-
-/// `scheme://user:password@host:port` -> (`scheme://host:port`, user, password).
-pub fn split(url: &str) -> (String, String, String) {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (auth, host) = rest.rsplit_once('@').unwrap();
-    let (user, pw) = auth.split_once(':').unwrap();
-    (format!("{scheme}://{host}"), user.into(), pw.into())
-}
-
-/// An operator config with dc-a (MariaDB + Redis a) active and dc-b (Redis b;
-/// its DB is dc-a's MariaDB too, since the standby DB is not needed here).
-/// `db_url` overrides dc-a's DB address (an unreachable one, for failures).
-pub fn operator_config(db_url: Option<&str>) -> OperatorConfig {
-    OperatorConfig::parse(&operator_config_text(db_url), "test").unwrap()
-}
-
-/// The text of [`operator_config`].
-pub fn operator_config_text(db_url: Option<&str>) -> String {
-    let (db, db_user, db_pw) = split(&admin_db_url());
-    let (ra, ra_user, ra_pw) = split(&admin_redis_url());
-    let (rb, rb_user, rb_pw) = split(&admin_redis_url_b());
-    let db_a = db_url.unwrap_or(&db);
-    format!(
-        r#"
-active_datacenter: dc-a
-registry: {{ config_map: thumbup-tenants, secret: thumbup-tenant-credentials }}
-job: {{ image: "thumbup/thumbup:test", image_pull_policy: IfNotPresent }}
-datacenters:
-  - name: dc-a
-    db: {{ url: "{db_a}", admin_username: "{db_user}", admin_password: "{db_pw}" }}
-    redis: {{ url: "{ra}", admin_username: "{ra_user}", admin_password: "{ra_pw}" }}
-  - name: dc-b
-    db: {{ url: "{db}", admin_username: "{db_user}", admin_password: "{db_pw}" }}
-    redis: {{ url: "{rb}", admin_username: "{rb_user}", admin_password: "{rb_pw}" }}
-"#
-    )
-}
-
-/// A LikeTenant `name` in namespace `team`, with a uid, generation 1 and two
-/// businesses.
-pub fn tenant(name: &str) -> LikeTenant {
-    let mut lt = LikeTenant::new(
-        name,
-        LikeTenantSpec::with_businesses(vec![
-            Business { id: 1, name: "video".into() },
-            Business { id: 2, name: "article".into() },
-        ]),
-    );
-    lt.metadata.namespace = Some("team".into());
-    lt.metadata.uid = Some(format!("uid-{name}"));
-    lt.metadata.generation = Some(1);
-    lt.metadata.resource_version = Some("1".into());
-    lt
-}
-
-/// The route after a failover from dc-a to dc-b at epoch 4.
-pub fn failed_over() -> Route {
-    Route {
-        epoch: 4,
-        active_datacenter: "dc-b".into(),
-        datacenters: [
-            ("dc-a".to_string(), "mariadb-dc-a:3306".to_string()),
-            ("dc-b".into(), "mariadb-dc-b:3306".into()),
-        ]
-        .into(),
-        failover: FailoverRecord {
-            last_transition: Some(Transition {
-                at: "2026-11-22T20:00:00Z".parse().unwrap(),
-                kind: TransitionKind::Failover,
-                from: "dc-a".into(),
-                to: "dc-b".into(),
-                epoch: 4,
-                reason: "3 probes failed over 6s".into(),
-            }),
-            flips: vec!["2026-11-22T20:00:00Z".parse().unwrap()],
-            ..FailoverRecord::default()
-        },
+    let (Some(items), Some(list)) = (schema.get("items"), value.as_array()) else { return };
+    let list_type = schema.get("x-kubernetes-list-type").and_then(Value::as_str);
+    let map_keys: Vec<&str> = schema
+        .get("x-kubernetes-list-map-keys")
+        .and_then(Value::as_array)
+        .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut seen = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let identity = match list_type {
+            Some("map") => {
+                Some(Value::Array(map_keys.iter().map(|k| item.get(k).cloned().unwrap_or(Value::Null)).collect()))
+            }
+            Some("set") => Some(item.clone()),
+            _ => None,
+        };
+        if let Some(identity) = identity {
+            if seen.contains(&identity) {
+                out.insert((Layer::ListType, format!("{path}[{i}]"), "duplicate".into()));
+            }
+            seen.push(identity);
+        }
+        list_type_rejections(items, item, format!("{path}[{i}]"), out);
     }
-}
-
-/// An admin connection to MariaDB.
-pub async fn admin_db() -> sqlx::MySqlConnection {
-    MySqlConnectOptions::from_str(&admin_db_url()).unwrap().connect().await.unwrap()
-}
-
-/// A connection as `user` (optionally to `schema`).
-pub async fn db_as(user: &str, password: &str, schema: Option<&str>) -> Result<sqlx::MySqlConnection, sqlx::Error> {
-    let (base, _, _) = split(&admin_db_url());
-    let mut o = MySqlConnectOptions::from_str(&base)?.username(user).password(password);
-    if let Some(s) = schema {
-        o = o.database(s);
-    }
-    o.connect().await
-}
-
-/// True when `schema` exists.
-pub async fn schema_exists(schema: &str) -> bool {
-    let mut con = admin_db().await;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?")
-        .bind(schema)
-        .fetch_one(&mut con)
-        .await
-        .unwrap();
-    n == 1
-}
-
-/// True when the DB user exists.
-pub async fn db_user_exists(user: &str) -> bool {
-    let mut con = admin_db().await;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mysql.user WHERE User = ?")
-        .bind(user)
-        .fetch_one(&mut con)
-        .await
-        .unwrap();
-    n >= 1
-}
-
-/// An admin Redis connection.
-pub async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {
-    // Not the client's default 500 ms: a loaded test machine stalls longer.
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(10)));
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.unwrap()
-}
-
-/// `ACL GETUSER user` rendered as text (empty when the user does not exist).
-pub async fn acl_user(url: &str, user: &str) -> String {
-    let mut con = redis_admin(url).await;
-    let v: redis::Value = redis::cmd("ACL").arg("GETUSER").arg(user).query_async(&mut con).await.unwrap();
-    match v {
-        redis::Value::Nil => String::new(),
-        v => format!("{v:?}"),
-    }
-}
-
-/// Keys under `prefix` on the Redis at `url`.
-pub async fn keys_under(url: &str, prefix: &str) -> Vec<String> {
-    let mut con = redis_admin(url).await;
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut con).await.unwrap();
-    keys.sort();
-    keys
-}
-
-/// Removes whatever an earlier run left of tenant `name` (schema, users,
-/// keys and their ownership records), whoever holds them.
-pub async fn forget(name: &str) {
-    forget_schema(&names::schema_for(name)).await;
-    let user = names::db_user(name);
-    let mut con = admin_db().await;
-    for s in [
-        format!("DROP USER IF EXISTS '{user}'@'%'"),
-        format!("DELETE FROM `{}`.owners WHERE kind = 'db_user' AND name = '{user}'", names::CONTROL_SCHEMA),
-    ] {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await;
-    }
-    for url in [admin_redis_url(), admin_redis_url_b()] {
-        let mut r = redis_admin(&url).await;
-        let user = names::redis_user(name);
-        let _: () = redis::cmd("ACL").arg("DELUSER").arg(&user).query_async(&mut r).await.unwrap();
-        let _: () = redis::cmd("HDEL").arg(names::CONTROL_KEY).arg(&user).query_async(&mut r).await.unwrap();
-        thumbup_core::provision::delete_keys(&url, name).await.unwrap();
-    }
-}
-
-/// Drops `schema` and its ownership record, whoever holds it.
-pub async fn forget_schema(schema: &str) {
-    let mut con = admin_db().await;
-    for s in [
-        format!("DROP DATABASE IF EXISTS `{schema}`"),
-        format!("DELETE FROM `{}`.owners WHERE kind = 'schema' AND name = '{schema}'", names::CONTROL_SCHEMA),
-    ] {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(s)).execute(&mut con).await;
-    }
-}
-
-/// The owner the operator records for `lt` with the test config (no
-/// `installation_id`: the operator's namespace, `thumbup`).
-pub fn owner_of(lt: &LikeTenant) -> thumbup_core::provision::Owner {
-    thumbup_operator::provision::owner(lt, "thumbup")
 }

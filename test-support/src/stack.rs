@@ -1,0 +1,113 @@
+//! The local stack of `scripts/stack.sh`: what `stack.sh env` exports (admin
+//! URLs, ports, TLS files), with the script's own defaults when a variable
+//! is not set, admin connections to its servers, and the script itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use sqlx::ConnectOptions;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.into())
+}
+
+/// Admin URL of dc-a's MariaDB (the primary).
+pub fn admin_db_url() -> String {
+    env_or("THUMBUP_ADMIN_DB_URL", "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23306")
+}
+
+/// Admin URL of dc-b's MariaDB (dc-a's replica).
+pub fn admin_db_url_b() -> String {
+    env_or("THUMBUP_ADMIN_DB_URL_B", "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23307")
+}
+
+/// Admin URL of dc-a's Redis.
+pub fn admin_redis_url() -> String {
+    env_or("THUMBUP_ADMIN_REDIS_URL", "redis://default:thumbup-admin@127.0.0.1:26379")
+}
+
+/// Admin URL of dc-b's Redis.
+pub fn admin_redis_url_b() -> String {
+    env_or("THUMBUP_ADMIN_REDIS_URL_B", "redis://default:thumbup-admin@127.0.0.1:26380")
+}
+
+/// The port of dc-a's MariaDB.
+pub fn db_port() -> String {
+    env_or("THUMBUP_DB_PORT", "23306")
+}
+
+/// The port of dc-a's Redis.
+pub fn redis_port() -> String {
+    env_or("THUMBUP_REDIS_PORT", "26379")
+}
+
+/// The TLS port of dc-a's Redis (scripts/stack.sh: its port + 10 by default).
+pub fn redis_tls_port() -> String {
+    std::env::var("THUMBUP_REDIS_TLS_PORT")
+        .unwrap_or_else(|_| (redis_port().parse::<u16>().expect("THUMBUP_REDIS_PORT") + 10).to_string())
+}
+
+/// A file of the stack's TLS material: `THUMBUP_STACK_TLS_<var>` (from
+/// `stack.sh env`), else `<stack dir>/tls/<file>`.
+fn tls_file(var: &str, file: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!("THUMBUP_STACK_TLS_{var}")) {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var("THUMBUP_STACK_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join(".stack"));
+    dir.join("tls").join(file)
+}
+
+/// The stack's CA certificate (signs every server's certificate).
+pub fn stack_ca() -> PathBuf {
+    tls_file("CA", "ca.crt")
+}
+
+/// The stack's server certificate (for 127.0.0.1 and localhost).
+pub fn server_cert_file() -> PathBuf {
+    tls_file("CERT", "server.crt")
+}
+
+/// The key of [`server_cert_file`].
+pub fn server_key_file() -> PathBuf {
+    tls_file("KEY", "server.key")
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("test-support/ has a parent").to_path_buf()
+}
+
+/// Runs `scripts/stack.sh <args>` and fails the test if it fails.
+pub fn stack(args: &[&str]) {
+    let status = Command::new("bash").arg(root().join("scripts/stack.sh")).args(args).status().expect("run stack.sh");
+    assert!(status.success(), "scripts/stack.sh {args:?} failed");
+}
+
+/// `scheme://user:password@host:port` -> (`scheme://host:port`, user, password).
+pub fn split(url: &str) -> (String, String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (auth, host) = rest.rsplit_once('@').unwrap();
+    let (user, pw) = auth.split_once(':').unwrap();
+    (format!("{scheme}://{host}"), user.into(), pw.into())
+}
+
+/// An admin connection to dc-a's MariaDB, in no schema.
+pub async fn admin_db() -> MySqlConnection {
+    MySqlConnectOptions::from_str(&admin_db_url()).unwrap().connect().await.expect("admin DB connection")
+}
+
+/// An admin connection to dc-a's Redis.
+pub async fn admin_redis() -> MultiplexedConnection {
+    admin_redis_at(&admin_redis_url()).await
+}
+
+/// An admin connection to the Redis at admin URL `url`.
+pub async fn admin_redis_at(url: &str) -> MultiplexedConnection {
+    // Not the client's default 500 ms: a loaded test machine stalls longer.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.expect("admin Redis")
+}
