@@ -11,9 +11,10 @@
 //! expires, the first reader refreshes it and concurrent readers get the
 //! expired value meanwhile: one Redis query per hot key per TTL, however
 //! many readers (single flight). The first load of a key that just turned
-//! hot is single flight too: readers that come while it runs wait for its
-//! answer (at most a TTL, then they read for themselves). Counts served from
-//! here are at most `ttl` plus one refresh old.
+//! hot is single flight too, by the read path's one mechanism
+//! ([`crate::flight`], one table per shard): readers that come while it runs
+//! wait for its answer (at most a TTL, then they read for themselves).
+//! Counts served from here are at most `ttl` plus one refresh old.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -24,6 +25,8 @@ use std::time::{Duration, Instant};
 use thumbup_core::config::CacheSettings;
 use thumbup_core::db::Counts;
 use tokio::sync::watch;
+
+use crate::flight::Flights;
 
 /// Shards of the key space (one lock each).
 const SHARDS: usize = 16;
@@ -98,8 +101,8 @@ struct Shard {
     opened: Instant,
     hot: HashSet<String>,
     values: HashMap<String, Entry>,
-    /// First loads of hot keys under way: since when, and where the answer goes.
-    loading: HashMap<String, (Instant, watch::Sender<Option<Counts>>)>,
+    /// First loads of hot keys under way (a loader is replaced after `ttl`).
+    loading: Flights<Counts>,
 }
 
 /// The hot-key cache of one tenant.
@@ -127,7 +130,7 @@ impl HotKeys {
                     opened: now,
                     hot: HashSet::new(),
                     values: HashMap::new(),
-                    loading: HashMap::new(),
+                    loading: Flights::new(settings.ttl),
                 })
             })
             .collect();
@@ -157,7 +160,7 @@ impl HotKeys {
         ranked.truncate(self.settings.top_k.div_ceil(SHARDS));
         let hot: HashSet<String> = ranked.into_iter().map(|(k, _)| k.clone()).collect();
         s.values.retain(|k, _| hot.contains(k));
-        s.loading.retain(|k, _| hot.contains(k));
+        s.loading.retain(|k| hot.contains(k));
         s.hot = hot;
     }
 
@@ -184,12 +187,9 @@ impl HotKeys {
             // The first reader since the key turned hot loads it; the others
             // wait for its answer. A loader that never comes back (its
             // request was cancelled) is replaced after `ttl`.
-            None => match s.loading.get(key) {
-                Some((since, tx)) if now < *since + ttl => Lookup::Loading(tx.subscribe()),
-                _ => {
-                    s.loading.insert(key.to_string(), (now, watch::channel(None).0));
-                    Lookup::Miss { refresh: true }
-                }
+            None => match s.loading.join_detached(key, now) {
+                Some(rx) => Lookup::Loading(rx),
+                None => Lookup::Miss { refresh: true },
             },
         }
     }
@@ -197,9 +197,7 @@ impl HotKeys {
     /// Keeps the counts just read for `key` if it is hot.
     pub fn fill(&self, key: &str, counts: Counts, now: Instant) {
         let mut s = self.shard(key).lock().expect("hot cache lock");
-        if let Some((_, tx)) = s.loading.remove(key) {
-            tx.send_replace(Some(counts));
-        }
+        s.loading.settle(key, Some(counts));
         if s.hot.contains(key) {
             let fresh_until = now + self.settings.ttl;
             s.values.insert(key.to_string(), Entry { counts, fresh_until, refreshing: None });
@@ -209,8 +207,8 @@ impl HotKeys {
     /// Gives up a refresh (the read failed): the next reader tries again.
     pub fn abandon(&self, key: &str) {
         let mut s = self.shard(key).lock().expect("hot cache lock");
-        // Dropping the sender tells the waiters to read for themselves.
-        s.loading.remove(key);
+        // No answer: the waiters read for themselves.
+        s.loading.settle(key, None);
         if let Some(e) = s.values.get_mut(key) {
             e.refreshing = None;
         }

@@ -1,8 +1,10 @@
 //! The read path: counts of hot items from this process's memory
-//! ([`crate::hot`], where concurrent first reads of a hot key wait for one
-//! load), then Redis (falling back to the DB while Redis is
-//! down), the DB on a miss, filling the cache with versioned values;
-//! concurrent misses of one key make one DB query ([`crate::flight`]).
+//! ([`crate::hot`]), then Redis (falling back to the DB while Redis is
+//! down), the DB on a miss, filling the cache with versioned values.
+//! Concurrent loads of one key make one load, by one mechanism
+//! ([`crate::flight`]): a key that just turned hot has its first load (Redis,
+//! then the DB) made by one reader of this process, and concurrent Redis
+//! misses of any other key make one DB query.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
@@ -96,9 +98,9 @@ pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Re
 }
 
 /// In-flight DB loads of counts, keyed by cache key: the first miss of a key
-/// queries, later misses of the same key wait for its answer (the one
-/// single flight of the DB loads; a key that just turned hot has its first
-/// Redis read made once by [`crate::hot`]).
+/// queries, later misses of the same key wait for its answer. (A hot key's
+/// readers already wait for its one loader in [`crate::hot`]'s flights, so
+/// its DB load has no followers from this process.)
 static FLIGHTS: LazyLock<Flights<Result<Counts, Arc<sqlx::Error>>>> =
     LazyLock::new(|| Flights::new(FLIGHT_PATIENCE));
 
@@ -140,11 +142,8 @@ pub async fn counts(
             }
             // Another reader is loading these: take its answer, or read for
             // ourselves if it failed or takes longer than a TTL.
-            for (m, key, mut rx) in waiting {
-                let answer = match tokio::time::timeout(hot.ttl(), rx.wait_for(Option::is_some)).await {
-                    Ok(Ok(c)) => *c,
-                    _ => None,
-                };
+            for (m, key, rx) in waiting {
+                let answer = tokio::time::timeout(hot.ttl(), Flights::answer(rx)).await.ok().flatten();
                 match answer {
                     Some(c) => {
                         out.insert(m, c);
