@@ -14,6 +14,15 @@
 //! - `mixed`: 95% GetCounts / 5% Like; the mix's maximum throughput (closed
 //!   loop), then latency per class at a fixed offered rate (open loop) of half
 //!   that maximum.
+//! - `fresh-write` (d): every like by a user never seen, against the naive
+//!   design.
+//! - `redis-only` (e): b's workload against a Redis-only like (one script:
+//!   state check and counter, no stream, no DB), the ceiling of a
+//!   Redis-backed write.
+//! - `freshness` (g): time from an acknowledged like to GetCounts and
+//!   ListItemLikers showing it.
+//! - `memory` (f): Redis bytes per cached like (stream apart) and DB bytes
+//!   per record over a million likes, run once.
 //!
 //! Output: `<out>/report.md` and `<out>/latency.svg`. `--reset` instead
 //! empties the bench tenants ([`reset`]).
@@ -46,7 +55,15 @@ pub enum Scenario {
     HotWrite,
     /// c: 95% reads / 5% writes at a fixed rate.
     Mixed,
-    /// All three, in that order.
+    /// d: fresh users' likes against the naive DB design.
+    FreshWrite,
+    /// e: hot-item likes against a Redis-only like.
+    RedisOnly,
+    /// g: freshness of counts and likers after a like.
+    Freshness,
+    /// f: memory per like in Redis and the DB (a million likes, one run).
+    Memory,
+    /// All of them: a, b, c, d, e, g, then f.
     All,
 }
 
@@ -127,7 +144,7 @@ pub struct Args {
     pub db_url: String,
     /// Window of the running thumbup-job in ms: after the hot-write scenario
     /// the bench waits a window and a bit for the job to apply it.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = thumbup_core::config::DEFAULT_WINDOW_MS)]
     pub job_window_ms: u64,
     /// TTL of the service's local hot-key cache in ms (0 = off), as the
     /// tenant is configured; the report names it and picks the read target.
@@ -138,6 +155,20 @@ pub struct Args {
     /// each run just before.
     #[arg(long, default_value_t = 0.0)]
     pub mixed_rate: f64,
+    /// Likes per run of the freshness scenario (g), started evenly over a
+    /// job window and a second.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub fresh_samples: u64,
+    /// Likes of the memory scenario (f).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub memory_likes: u64,
+    /// Users of the memory scenario (f): each likes `--memory-likes /
+    /// --memory-users` distinct items.
+    #[arg(long, default_value_t = 100_000)]
+    pub memory_users: u64,
+    /// Items of the memory scenario (f).
+    #[arg(long, default_value_t = 100_000)]
+    pub memory_items: u64,
     /// Output folder of report.md and latency.svg.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -228,6 +259,22 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         let (section, lat) = scenarios::mixed(&ctx, &args).await?;
         report.sections.push(section);
         report.latencies.extend(lat);
+    }
+    if all || args.scenario == Scenario::FreshWrite {
+        let (section, lat) = scenarios::fresh_writes(&ctx, &args).await?;
+        report.sections.push(section);
+        report.latencies.extend(lat);
+    }
+    if all || args.scenario == Scenario::RedisOnly {
+        let (section, lat) = scenarios::redis_only(&ctx, &args).await?;
+        report.sections.push(section);
+        report.latencies.extend(lat);
+    }
+    if all || args.scenario == Scenario::Freshness {
+        report.sections.push(scenarios::freshness(&ctx, &args).await?);
+    }
+    if all || args.scenario == Scenario::Memory {
+        report.sections.push(scenarios::memory(&ctx, &args).await?);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let md = args.out.join("report.md");

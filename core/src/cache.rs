@@ -95,8 +95,17 @@ pub fn entry_ms(id: &str) -> Option<i64> {
 /// Outcome of the transition function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transition {
-    /// The state is not cached: load it from the DB and call again with a seed.
-    NeedSeed,
+    /// The user is not cached: load the user from the DB ([`Warm`]) and call
+    /// again with it (or with a seed of the record).
+    NeedWarm,
+    /// The user's cache is partial and does not hold the record: load the
+    /// record's state from the DB once the job has applied the user's stream
+    /// shard past `trimmed_ms` (Redis clock: the newest entry the cache
+    /// trimmed), and call again with a seed.
+    NeedSeed {
+        /// The newest time of an entry trimmed from the user's cache.
+        trimmed_ms: i64,
+    },
     /// The table forbids the action in the current state.
     Refused(State),
     /// The call started after its deadline and did nothing.
@@ -148,6 +157,24 @@ pub enum Seed {
     Loaded(State, i64),
 }
 
+/// Scores of NONE members of a user's cache start here (2^50): a record
+/// that went to NONE at Unix ms `t` scores `NONE_BASE + t`; likes score
+/// their time (below it), dislikes minus theirs.
+pub const NONE_BASE: i64 = 1 << 50;
+
+/// A user's likes and dislikes of a business as the DB holds them, to warm
+/// the user's cache with: what one DB read gives ([`crate::db::load_user`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Warm {
+    /// The newest version of any of the user's records (NONE ones too).
+    pub floor: i64,
+    /// True when `entries` are all of the user's LIKE and DISLIKE records.
+    pub complete: bool,
+    /// (message, state, mtime in Unix ms) of LIKE and DISLIKE records, and
+    /// of NONE records when not complete (a partial cache keeps them).
+    pub entries: Vec<(i64, State, i64)>,
+}
+
 /// Arguments of one transition.
 #[derive(Debug, Clone, Copy)]
 pub struct TransitionArgs {
@@ -177,9 +204,14 @@ impl Scripts {
         keys: &[&str],
         args: impl redis::ToRedisArgs,
     ) -> Result<T, RedisError> {
+        Self::cmd(f, name, keys, args).query_async(con).await.map_err(functions::explain)
+    }
+
+    /// The command that calls `f` (registered as `name`) on `keys`.
+    fn cmd(f: Function, name: &str, keys: &[&str], args: impl redis::ToRedisArgs) -> redis::Cmd {
         let mut cmd = redis::cmd(f.command());
         cmd.arg(name).arg(keys.len()).arg(keys).arg(args);
-        cmd.query_async(con).await.map_err(functions::explain)
+        cmd
     }
 
     /// Runs the atomic transition for one record.
@@ -190,15 +222,39 @@ impl Scripts {
         tenant: &TenantConfig,
         a: TransitionArgs,
     ) -> Result<Transition, RedisError> {
+        let reply: Vec<String> =
+            self.transition_cmd(keys, tenant, a, None).query_async(con).await.map_err(functions::explain)?;
+        parse_transition(&reply)
+    }
+
+    /// Runs the atomic transition (warming a user that is not cached with
+    /// `warm`) and reads the cached counts of the item (`Keys::counts`,
+    /// `None` when not cached) in the same round trip: one pipeline, so the
+    /// reply's counts cost no second wait. The counts are read by a separate
+    /// command (the key lies in another hash slot than the user's), just
+    /// after the transition.
+    pub async fn transition_and_counts(
+        &self,
+        con: &mut ConnectionManager,
+        keys: &Keys,
+        tenant: &TenantConfig,
+        a: TransitionArgs,
+        warm: Option<&Warm>,
+    ) -> Result<(Transition, Option<String>), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.transition_cmd(keys, tenant, a, warm)).get(keys.counts(a.business_id, a.message_id));
+        let (reply, counts): (Vec<String>, Option<String>) =
+            pipe.query_async(con).await.map_err(|e| functions::explain(first_failure(e)))?;
+        Ok((parse_transition(&reply)?, counts))
+    }
+
+    /// The FCALL of the transition for `a`.
+    fn transition_cmd(&self, keys: &Keys, tenant: &TenantConfig, a: TransitionArgs, warm: Option<&Warm>) -> redis::Cmd {
         let seed = match a.seed {
             Seed::NotLoaded => String::new(),
             Seed::Loaded(s, v) => format!("{}:{v}", s.code()),
         };
-        let keys = [
-            keys.state(a.mid, a.business_id, a.message_id),
-            keys.liked_list(a.mid, a.business_id),
-            keys.stream_of(a.mid),
-        ];
+        let keys = [keys.user(a.mid, a.business_id), keys.stream_of(a.mid)];
         let c = &tenant.cache;
         let args = (
             a.action.code(),
@@ -211,27 +267,23 @@ impl Scripts {
             seed,
             a.deadline_ms,
         );
-        let keys = keys.each_ref().map(String::as_str);
-        let reply: Vec<String> = Self::call(con, Function::Transition, &self.transition, &keys, args).await?;
-        let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "transition function reply"));
-        let int = |i: usize| reply.get(i).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
-        let state = |i: usize| int(i).and_then(|c| State::from_code(c).ok_or_else(bad));
-        match reply.first().map(String::as_str) {
-            Some("SEED") => Ok(Transition::NeedSeed),
-            Some("EXPIRED") => Ok(Transition::Expired),
-            Some("REFUSED") => Ok(Transition::Refused(state(1)?)),
-            Some("OK") => {
-                let stream_ms = reply.get(5).and_then(|id| entry_ms(id)).ok_or_else(bad)?;
-                Ok(Transition::Applied {
-                    state: state(1)?,
-                    version: int(2)?,
-                    mtime_ms: int(3)?,
-                    prev: state(4)?,
-                    stream_ms,
-                })
+        let mut cmd = Self::cmd(Function::Transition, &self.transition, &keys.each_ref().map(String::as_str), args);
+        match warm {
+            None => {
+                cmd.arg("");
             }
-            _ => Err(bad()),
+            Some(w) => {
+                cmd.arg(format!("{}:{}", w.floor, u8::from(w.complete)));
+                for (m, s, ms) in &w.entries {
+                    cmd.arg(*m).arg(match s {
+                        State::Like => *ms,
+                        State::Dislike => -ms,
+                        State::None => NONE_BASE + ms,
+                    });
+                }
+            }
         }
+        cmd
     }
 
     /// The applied watermark of stream shard `stream` for consumer group
@@ -257,10 +309,91 @@ impl Scripts {
     }
 }
 
-/// Parses a cached state `"<state>:<version>"`.
-pub fn parse_state(value: &str) -> Option<(State, i64)> {
-    let (s, v) = value.split_once(':')?;
-    Some((State::from_code(s.parse().ok()?)?, v.parse().ok()?))
+/// The error of the first failed command of a pipeline, as the command
+/// alone would have failed; other errors unchanged.
+fn first_failure(e: RedisError) -> RedisError {
+    match e.clone().into_server_errors().and_then(|items| items.first().map(|(_, se)| se.clone())) {
+        Some(se) => RedisError::from(se),
+        None => e,
+    }
+}
+
+/// Parses the transition function's reply.
+fn parse_transition(reply: &[String]) -> Result<Transition, RedisError> {
+    let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "transition function reply"));
+    let int = |i: usize| reply.get(i).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
+    let state = |i: usize| int(i).and_then(|c| State::from_code(c).ok_or_else(bad));
+    match reply.first().map(String::as_str) {
+        Some("WARM") => Ok(Transition::NeedWarm),
+        Some("SEED") => Ok(Transition::NeedSeed { trimmed_ms: int(1)? }),
+        Some("EXPIRED") => Ok(Transition::Expired),
+        Some("REFUSED") => Ok(Transition::Refused(state(1)?)),
+        Some("OK") => {
+            let stream_ms = reply.get(5).and_then(|id| entry_ms(id)).ok_or_else(bad)?;
+            Ok(Transition::Applied {
+                state: state(1)?,
+                version: int(2)?,
+                mtime_ms: int(3)?,
+                prev: state(4)?,
+                stream_ms,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// What a user's cache (`Keys::user`) says of some records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserView {
+    /// True when the cache holds every LIKE and DISLIKE of the user, so a
+    /// record it does not hold is NONE.
+    pub complete: bool,
+    /// Per record asked for: the score (like time, or minus the dislike
+    /// time), `None` when the cache does not hold it.
+    pub scores: Vec<Option<f64>>,
+}
+
+impl UserView {
+    /// The state of record `i`, when the cache knows it.
+    pub fn state(&self, i: usize) -> Option<State> {
+        match self.scores.get(i).copied().flatten() {
+            Some(s) if s >= NONE_BASE as f64 => Some(State::None),
+            Some(s) if s > 0.0 => Some(State::Like),
+            Some(_) => Some(State::Dislike),
+            None if self.complete => Some(State::None),
+            None => None,
+        }
+    }
+}
+
+/// Reads what the user's cache `key` holds of `messages` (one round trip);
+/// `None` when the user is not cached.
+pub async fn user_view(
+    con: &mut ConnectionManager,
+    key: &str,
+    messages: &[i64],
+) -> Result<Option<UserView>, RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZRANGEBYSCORE").arg(key).arg(0).arg(0);
+    let (meta, scores): (Vec<String>, Vec<Option<f64>>) = if messages.is_empty() {
+        let (meta,): (Vec<String>,) = pipe.query_async(con).await?;
+        (meta, Vec::new())
+    } else {
+        pipe.cmd("ZMSCORE").arg(key).arg(messages);
+        pipe.query_async(con).await?
+    };
+    let Some(meta) = meta.first() else { return Ok(None) };
+    let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "malformed state cache", meta.clone()));
+    let rest = meta.strip_prefix('v').ok_or_else(bad)?;
+    let (floor, trimmed) = match rest.split_once('p') {
+        Some((f, t)) => (f, Some(t)),
+        None => (rest, None),
+    };
+    floor.parse::<u64>().map_err(|_| bad())?;
+    if let Some(t) = trimmed {
+        t.parse::<u64>().map_err(|_| bad())?;
+    }
+    Ok(Some(UserView { complete: trimmed.is_none(), scores }))
 }
 
 /// Parses a cached pair `"<a>:<b>:<version>"`.
@@ -283,7 +416,7 @@ pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Op
     pipe.query_async(con).await
 }
 
-/// Up to `count` entries of a liked list (`Keys::liked_list`), newest
+/// Up to `count` liked items of a user's cache (`Keys::user`), newest
 /// first, skipping `offset`, with like times at most `max_ms` (all when
 /// `None`): (Unix ms, message id).
 pub async fn liked_newest(
@@ -293,11 +426,11 @@ pub async fn liked_newest(
     offset: usize,
     count: usize,
 ) -> Result<Vec<(i64, i64)>, RedisError> {
-    let max = max_ms.map_or("+inf".to_string(), |ms| ms.to_string());
+    let max = max_ms.map_or(format!("({NONE_BASE}"), |ms| ms.to_string());
     let chunk: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
         .arg(key)
         .arg(&max)
-        .arg("-inf")
+        .arg("(0")
         .arg("WITHSCORES")
         .arg("LIMIT")
         .arg(offset)
@@ -305,15 +438,6 @@ pub async fn liked_newest(
         .query_async(con)
         .await?;
     Ok(chunk.into_iter().filter_map(|(m, s)| Some((s as i64, m.parse().ok()?))).collect())
-}
-
-/// Whether each of `messages` is in a liked list: its like time if it is.
-pub async fn liked_times(
-    con: &mut ConnectionManager,
-    key: &str,
-    messages: &[i64],
-) -> Result<Vec<Option<f64>>, RedisError> {
-    redis::cmd("ZMSCORE").arg(key).arg(messages).query_async(con).await
 }
 
 /// True when Redis answers a PING.
@@ -339,8 +463,14 @@ mod tests {
 
     #[test]
     fn cached_values_parse_and_garbage_is_rejected() {
-        assert_eq!(parse_state("1:42"), Some((State::Like, 42)));
-        assert_eq!(parse_state("7:42"), None);
+        let view = UserView { complete: true, scores: vec![Some(1.0e12), Some(-1.0e12), None] };
+        assert_eq!(
+            [view.state(0), view.state(1), view.state(2)],
+            [Some(State::Like), Some(State::Dislike), Some(State::None)]
+        );
+        assert_eq!(UserView { complete: false, ..view.clone() }.state(2), None, "a partial cache does not know");
+        let none = UserView { complete: false, scores: vec![Some((NONE_BASE + 1_000) as f64)] };
+        assert_eq!(none.state(0), Some(State::None), "a partial cache keeps NONE members");
         assert_eq!(parse_pair("3:4:99"), Some((3, 4, 99)));
         assert_eq!(parse_pair("3:x:99"), None);
     }

@@ -12,50 +12,148 @@
 -- slot (Redis Cluster), and every redis.call is checked against the calling
 -- tenant's ACL.
 
--- The transition. KEYS: state, liked list, stream shard. ARGV: action, mid,
--- business, message, up_mid, state ttl, liked list max, seed
--- ("<state>:<version>" from the DB, or empty when not loaded), deadline
--- (Unix ms).
+-- A user's cache (per business): one sorted set, `Keys::user`. Member: a
+-- message id; score: the like time in Unix ms for LIKE, minus the dislike
+-- time for DISLIKE, and __NONE_BASE__ (2^50) plus the time for NONE. One
+-- more member, at score 0, holds the user's version floor: 'v<floor>' when
+-- the set holds every LIKE and DISLIKE of the user (complete: a missing
+-- member is NONE, so NONE members are not kept), 'v<floor>p<trimmed>' when
+-- older ones were trimmed or never loaded (partial: a missing member is
+-- unknown, and a record that goes to NONE keeps a member). <trimmed> is the
+-- newest time (Unix ms) of a trimmed entry: the DB holds the state of a
+-- record missing from a partial cache once the job has applied the stream
+-- past it. The floor is at least every version any of the user's records
+-- has, so a new version above it is newer for every record.
+
+-- The meta member of a user's cache: floor, partial, trimmed, the member
+-- itself; nil when the user is not cached.
+local function user_meta(key)
+  local m = redis.call('ZRANGEBYSCORE', key, 0, 0)
+  if #m == 0 then return nil end
+  local floor, p, trimmed = string.match(m[1], '^v(%d+)(p?)(%d*)$')
+  if not floor or (p == 'p') ~= (trimmed ~= '') then error('malformed state cache ' .. m[1]) end
+  return tonumber(floor), p == 'p', tonumber(trimmed) or 0, m[1]
+end
+
+-- The transition. KEYS: the user's cache, stream shard. ARGV: action, mid,
+-- business, message, up_mid, ttl, liked list max, seed ("<state>:<version>"
+-- of the record from the DB, or empty), deadline (Unix ms), warm ("" or
+-- "<floor>:<complete 0|1>" of the user from the DB), then the warm entries
+-- as message, signed ms pairs.
 --
 -- A call that starts after its deadline does nothing and replies
--- {'EXPIRED'}. Replies {'SEED'} when the state is not cached and no seed was
--- given, {'REFUSED', state} for a transition the table forbids, or
--- {'OK', new, version, mtime_ms, prev, stream_id} after it set the state,
--- updated the liked list and appended the event, all in one atomic step.
+-- {'EXPIRED'}. Replies {'WARM'} when the user is not cached and neither a
+-- warm nor a seed was given, {'SEED', trimmed} when the user's cache is
+-- partial, the record is not in it and no seed was given, {'REFUSED', state} for a
+-- transition the table forbids, or {'OK', new, version, mtime_ms, prev,
+-- stream_id} after it updated the user's cache and appended the event, all
+-- in one atomic step.
 local function transition(keys, args)
   local t = redis.call('TIME')
   local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if ms > tonumber(args[9]) then return {'EXPIRED'} end
-  local cur = redis.call('GET', keys[1])
-  if not cur then
-    if args[8] == '' then return {'SEED'} end
-    cur = args[8]
+  local ok, floor, partial, trimmed, meta = pcall(user_meta, keys[1])
+  local warmed = false
+  if not ok then return redis.error_reply('ERR ' .. tostring(floor)) end
+  if not floor then
+    trimmed = 0
+    if args[10] ~= '' then
+      local f, c = string.match(args[10], '^(%d+):([01])$')
+      if not f then return redis.error_reply('ERR malformed warm ' .. args[10]) end
+      floor = tonumber(f)
+      partial = c == '0'
+      for i = 11, #args - 1, 2 do
+        redis.call('ZADD', keys[1], args[i + 1], args[i])
+      end
+      warmed = true
+    elseif args[8] ~= '' then
+      -- A seed of one record: the user's other records are unknown, and
+      -- as the user's cache expired (or never was), none was written here
+      -- for a TTL.
+      floor = 0
+      partial = true
+      trimmed = ms - tonumber(args[6]) * 1000
+    else
+      return {'WARM'}
+    end
+  end
+  local st
+  local score = redis.call('ZSCORE', keys[1], args[4])
+  if score then
+    score = tonumber(score)
+    if score >= __NONE_BASE__ then st = 0 elseif score > 0 then st = 1 else st = 2 end
+  elseif not partial then
+    st = 0
+  elseif args[8] ~= '' then
+    local s, v = string.match(args[8], '^(%d+):(%d+)$')
+    if not s then return redis.error_reply('ERR malformed seed ' .. args[8]) end
+    st = tonumber(s)
+    if tonumber(v) > floor then floor = tonumber(v) end
+  else
+    -- Asked again with the seed (and the same warm): leave nothing behind.
+    if warmed then redis.call('DEL', keys[1]) end
+    return {'SEED', string.format('%.0f', trimmed)}
   end
   local a = tonumber(args[1])
-  local st, ver = string.match(cur, '^(%d+):(%d+)$')
-  if not st then return redis.error_reply('ERR malformed state ' .. cur) end
-  st = tonumber(st)
-  ver = tonumber(ver)
   local new
   if a == 1 and (st == 0 or st == 2) then new = 1
   elseif a == 3 and (st == 0 or st == 1) then new = 2
   elseif (a == 2 and st == 1) or (a == 4 and st == 2) then new = 0
   else
+    -- A refused call changes nothing: not even the warm it brought.
+    if warmed then redis.call('DEL', keys[1]) end
     return {'REFUSED', tostring(st)}
   end
   local v = (ms - __EPOCH_MS__) * 4096
-  if v <= ver then v = ver + 1 end
+  if v <= floor then v = floor + 1 end
   local vs = string.format('%.0f', v)
   local mss = string.format('%.0f', ms)
-  redis.call('SET', keys[1], new .. ':' .. vs, 'EX', args[6])
   if new == 1 then
-    redis.call('ZADD', keys[2], ms, args[4])
-    redis.call('ZREMRANGEBYRANK', keys[2], 0, -(tonumber(args[7]) + 1))
-    redis.call('EXPIRE', keys[2], args[6])
+    redis.call('ZADD', keys[1], mss, args[4])
+  elseif new == 2 then
+    redis.call('ZADD', keys[1], '-' .. mss, args[4])
+  elseif partial then
+    redis.call('ZADD', keys[1], string.format('%.0f', __NONE_BASE__ + ms), args[4])
   else
-    redis.call('ZREM', keys[2], args[4])
+    redis.call('ZREM', keys[1], args[4])
   end
-  local id = redis.call('XADD', keys[3], '*', 'mid', args[2], 'biz', args[3], 'msg', args[4], 'up', args[5],
+  -- Trim to the newest entries: the oldest NONE members go first, then the
+  -- oldest likes, then the oldest dislikes; the cache is partial from then
+  -- on and remembers the newest time it trimmed.
+  local extra = redis.call('ZCARD', keys[1]) - (meta and 1 or 0) - tonumber(args[7])
+  if extra > 0 then
+    local ranges = {
+      {'(__NONE_BASE__', '+inf', false, function(s) return s - __NONE_BASE__ end},
+      {'(0', '(__NONE_BASE__', false, function(s) return s end},
+      {'(0', '-inf', true, function(s) return -s end},
+    }
+    for _, r in ipairs(ranges) do
+      if extra > 0 then
+        local old
+        if r[3] then
+          old = redis.call('ZREVRANGEBYSCORE', keys[1], r[1], r[2], 'WITHSCORES', 'LIMIT', 0, extra)
+        else
+          old = redis.call('ZRANGEBYSCORE', keys[1], r[1], r[2], 'WITHSCORES', 'LIMIT', 0, extra)
+        end
+        for i = 1, #old, 2 do
+          redis.call('ZREM', keys[1], old[i])
+          local at = r[4](tonumber(old[i + 1]))
+          if at > trimmed then trimmed = at end
+        end
+        extra = extra - #old / 2
+      end
+    end
+    -- A complete cache dropped its NONE members as they came (at this
+    -- call's time at the latest): turning partial, it covers them too.
+    if not partial and ms > trimmed then trimmed = ms end
+    partial = true
+  end
+  if meta then redis.call('ZREM', keys[1], meta) end
+  local tag = ''
+  if partial then tag = 'p' .. string.format('%.0f', trimmed) end
+  redis.call('ZADD', keys[1], 0, 'v' .. vs .. tag)
+  redis.call('EXPIRE', keys[1], args[6])
+  local id = redis.call('XADD', keys[2], '*', 'mid', args[2], 'biz', args[3], 'msg', args[4], 'up', args[5],
     'st', new, 'prev', st, 'ver', vs, 'mt', mss)
   return {'OK', tostring(new), vs, mss, tostring(st), id}
 end

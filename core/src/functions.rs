@@ -75,7 +75,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 impl Library {
     fn build(template: &str) -> Library {
-        let code = template.replace("__EPOCH_MS__", &EPOCH_MS.to_string());
+        let code = template
+            .replace("__EPOCH_MS__", &EPOCH_MS.to_string())
+            .replace("__NONE_BASE__", &crate::cache::NONE_BASE.to_string());
         let version = format!("{:016x}", fnv1a(code.as_bytes()));
         let source = code.replace("__VERSION__", &version);
         Library { version, source }

@@ -1,10 +1,10 @@
 //! Redis key layout of a tenant. Every key starts with `thumbup:<tenant>:`,
 //! which the tenant's ACL user is limited to.
 //!
-//! A user's state keys, liked list and the stream shard their events go to
-//! carry the hash tag `{<tenant>.<shard>}` after the prefix, so the transition
-//! script touches one hash slot (Redis Cluster), while the tenant as a whole
-//! spreads over `shards` slots.
+//! A user's cache and the stream shard their events go to carry the hash
+//! tag `{<tenant>.<shard>}` after the prefix, so the transition script
+//! touches one hash slot (Redis Cluster), while the tenant as a whole spreads
+//! over `shards` slots.
 
 /// Key builder for one tenant.
 #[derive(Debug, Clone)]
@@ -43,15 +43,12 @@ impl Keys {
         format!("{}{{{}.{shard}}}", self.prefix(), self.tenant)
     }
 
-    /// State of (user, item): `"<state>:<version>"`.
-    pub fn state(&self, mid: i64, business: i64, message: i64) -> String {
-        format!("{}:st:{mid}:{business}:{message}", self.tagged(self.shard_of(mid)))
-    }
-
-    /// The user's liked items of a business: sorted set, member message id,
-    /// score the like time in Unix milliseconds.
-    pub fn liked_list(&self, mid: i64, business: i64) -> String {
-        format!("{}:ul:{business}:{mid}", self.tagged(self.shard_of(mid)))
+    /// The user's cache of a business: one sorted set holding the user's
+    /// states and liked list (member a message id, score the like time in
+    /// Unix ms, or minus the dislike time; a record in NONE has no member)
+    /// and, at score 0, the user's version floor (see `functions.lua`).
+    pub fn user(&self, mid: i64, business: i64) -> String {
+        format!("{}:u:{business}:{mid}", self.tagged(self.shard_of(mid)))
     }
 
     /// Event stream shard `shard`.
@@ -90,7 +87,7 @@ mod tests {
     #[test]
     fn every_key_is_under_the_tenant_prefix_and_user_keys_share_a_tag() {
         let k = Keys::new("alpha", 4);
-        let user = [k.state(7, 1, 9), k.liked_list(7, 1), k.stream_of(7)];
+        let user = [k.user(7, 1), k.stream_of(7)];
         for key in user.iter().chain([k.counts(1, 9), k.received(1, 3), k.downstream()].iter()) {
             assert!(key.starts_with("thumbup:alpha:"), "{key}");
             assert!(!k.prefix().contains('{'));

@@ -540,15 +540,17 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "ping",
     "select",
     "client|setname",
-    // Cached states, counts and liked lists.
+    // Cached counts, and the users' caches (states and liked lists).
     "get",
     "set",
     "del",
     "expire",
     "zadd",
     "zrem",
-    "zremrangebyrank",
+    "zcard",
+    "zscore",
     "zmscore",
+    "zrangebyscore",
     "zrevrangebyscore",
     // The project's functions (FCALL_RO for those that only read), and
     // the Redis clock they read.

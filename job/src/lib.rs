@@ -1,6 +1,6 @@
 //! thumbup-job: the per-tenant consumer of the event stream.
 //!
-//! Each window (10 s in production, milliseconds in tests) it reads the
+//! Each window (500 ms by default, closed early by size) it reads the
 //! tenant's stream shards through the consumer group (its own pending
 //! entries first, then entries that dead consumers left pending, then new
 //! ones), applies them to the DB in ONE transaction ([`db::apply_events`]:
@@ -31,8 +31,8 @@ use thumbup_core::config::TenantConfig;
 use thumbup_core::db::{self, Applied};
 use thumbup_core::fence;
 use thumbup_core::keys::{JOB_GROUP, Keys};
-use thumbup_core::stream::{self, Batch, Downstream};
 use thumbup_core::retry::Backoff;
+use thumbup_core::stream::{self, Batch, Downstream};
 use thumbup_core::version::now_ms;
 use tracing::{debug, error, info, instrument, warn};
 

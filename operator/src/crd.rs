@@ -210,7 +210,7 @@ pub struct JobSpec {
     #[schemars(range(min = 1, max = 1000000))]
     pub max_batch: i32,
     /// Milliseconds events are gathered before one DB transaction applies
-    /// them (default 10000).
+    /// them (default 500).
     #[schemars(range(min = 10, max = 600000))]
     pub window_ms: i64,
 }

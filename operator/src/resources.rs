@@ -510,7 +510,8 @@ datacenters:
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("thumbup/thumbup:test"));
         let args = c.args.as_ref().unwrap();
-        assert!(args.contains(&"--tenant=video-site".to_string()) && args.contains(&"--window-ms=10000".to_string()));
+        let window = format!("--window-ms={}", thumbup_core::config::DEFAULT_WINDOW_MS);
+        assert!(args.contains(&"--tenant=video-site".to_string()) && args.contains(&window), "{args:?}");
         assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
         // The Secret's keys are projected under the names its config file references.
         let items = pod.volumes.unwrap()[0].secret.clone().unwrap().items.unwrap();

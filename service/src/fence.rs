@@ -361,6 +361,13 @@ impl Fence {
         v.watermark(shard) > now_ms().saturating_sub(ttl_ms).saturating_add(CLOCK_SKEW_MS)
     }
 
+    /// True when the job has provably applied every entry of `shard` up to
+    /// Unix ms `at` (Redis clock, with the clock-skew margin).
+    pub fn applied_past(&self, shard: u32, at: i64) -> bool {
+        let view = self.view.lock().expect("view lock");
+        view.as_ref().is_some_and(|v| v.watermark(shard) > at.saturating_add(CLOCK_SKEW_MS))
+    }
+
     /// One step of the fence loop; `ping` tells whether Redis answers.
     pub(crate) async fn step<P, D>(&self, pool: &sqlx::MySqlPool, ping: P, drain: D)
     where

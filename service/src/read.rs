@@ -68,16 +68,16 @@ fn hit(cache: &str, hits: usize, misses: usize) {
 
 /// States of a user on items.
 pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Result<HashMap<i64, State>, Error> {
-    let keys: Vec<String> = messages.iter().map(|m| t.keys.state(mid, business, *m)).collect();
+    let key = t.keys.user(mid, business);
     let mut con = t.redis.clone();
-    let cached = try_redis(t, cache::mget(&mut con, &keys)).await?;
+    let cached = try_redis(t, cache::user_view(&mut con, &key, messages)).await?;
     let mut out = HashMap::new();
     let mut missing = Vec::new();
-    match cached {
-        Some(values) => {
-            for (m, v) in messages.iter().zip(values) {
-                match v.as_deref().and_then(cache::parse_state) {
-                    Some((s, _)) => {
+    match cached.flatten() {
+        Some(view) => {
+            for (i, m) in messages.iter().enumerate() {
+                match view.state(i) {
+                    Some(s) => {
                         out.insert(*m, s);
                     }
                     None => missing.push(*m),
@@ -101,8 +101,7 @@ pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Re
 /// queries, later misses of the same key wait for its answer. (A hot key's
 /// readers already wait for its one loader in [`crate::hot`]'s flights, so
 /// its DB load has no followers from this process.)
-static FLIGHTS: LazyLock<Flights<Result<Counts, Arc<sqlx::Error>>>> =
-    LazyLock::new(|| Flights::new(FLIGHT_PATIENCE));
+static FLIGHTS: LazyLock<Flights<Result<Counts, Arc<sqlx::Error>>>> = LazyLock::new(|| Flights::new(FLIGHT_PATIENCE));
 
 /// How long followers wait for a DB load of counts before loading for
 /// themselves (a session stuck on a dead DB).
@@ -294,7 +293,7 @@ pub async fn user_likes(
     let want = page as usize + 1;
     db_ready(t)?;
     let from_db = db::list_user_likes(&t.db, mid, business, after, want as u32).await.map_err(|e| db_err(t, e))?;
-    let list_key = t.keys.liked_list(mid, business);
+    let list_key = t.keys.user(mid, business);
     let mut con = t.redis.clone();
     let redis_side = try_redis(t, async {
         let mut newest: Vec<(i64, i64)> = Vec::new();
@@ -311,29 +310,19 @@ pub async fn user_likes(
             }
         }
         let ids: Vec<i64> = from_db.iter().map(|(_, m)| *m).collect();
-        let mut in_list = Vec::new();
-        let mut states = Vec::new();
-        if !ids.is_empty() {
-            in_list = cache::liked_times(&mut con, &list_key, &ids).await?;
-            let keys: Vec<String> = ids.iter().map(|m| t.keys.state(mid, business, *m)).collect();
-            states = cache::mget(&mut con, &keys).await?;
-        }
-        Ok((newest, in_list, states))
+        let view = cache::user_view(&mut con, &list_key, &ids).await?;
+        Ok((newest, view))
     })
     .await?;
     let mut merged: Vec<ListEntry> = match redis_side {
         None => from_db,
-        Some((newest, in_list, states)) => {
+        Some((newest, view)) => {
             let listed: HashSet<i64> = newest.iter().map(|(_, m)| *m).collect();
             let mut v: Vec<ListEntry> = newest.into_iter().filter(|e| after.is_none_or(|a| *e < a)).collect();
             for (i, e) in from_db.into_iter().enumerate() {
-                let stale = in_list.get(i).is_some_and(Option::is_some)
-                    || listed.contains(&e.1)
-                    || states
-                        .get(i)
-                        .and_then(|s| s.as_deref())
-                        .and_then(cache::parse_state)
-                        .is_some_and(|(s, _)| s != State::Like);
+                // Redis knows better whenever the user's cache knows the
+                // record: LIKE shows from its list, any other state drops it.
+                let stale = listed.contains(&e.1) || view.as_ref().and_then(|v| v.state(i)).is_some();
                 if !stale {
                     v.push(e);
                 }

@@ -191,8 +191,7 @@ impl Tenant {
             let Some(max_id) = batch.iter().map(|r| r.0).max() else { return Ok(total) };
             let mut keys = Vec::with_capacity(batch.len() * 5);
             for &(_, mid, biz, msg, up) in &batch {
-                keys.push(self.keys.state(mid, biz, msg));
-                keys.push(self.keys.liked_list(mid, biz));
+                keys.push(self.keys.user(mid, biz));
                 keys.push(self.keys.counts(biz, msg));
                 keys.push(self.keys.received(biz, up));
             }

@@ -1,11 +1,12 @@
 //! The write path: an atomic transition in Redis that appends the event to
-//! the tenant stream; the synchronous DB transaction while Redis is down and
+//! the tenant stream, pipelined with the read of the item's cached counts for
+//! the reply (one round trip); the synchronous DB transaction while Redis is down and
 //! the write fence ([`crate::fence`]) has opened the DB path; UNAVAILABLE
 //! whenever the record's newest acknowledged state cannot be known.
 
 use std::time::{Duration, Instant};
 
-use thumbup_core::cache::{self, Seed, Transition, TransitionArgs};
+use thumbup_core::cache::{self, Seed, Transition, TransitionArgs, Warm};
 use thumbup_core::db::{self, Counts, FallbackError};
 use thumbup_core::domain::{Action, Delta, State};
 use thumbup_core::event::LikeEvent;
@@ -46,7 +47,6 @@ pub struct Written {
     /// Record version.
     pub version: i64,
 }
-
 
 /// Applies one write: through Redis while the fence lets this process
 /// write there, else on the DB path once it is open; UNAVAILABLE when the
@@ -133,13 +133,19 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
         seed: Seed::NotLoaded,
         deadline_ms: 0,
     };
+    let mut warm: Option<Warm> = None;
     loop {
         let Some(permit) = t.fence.redis_permit().await else { return Ok(Attempt::NotPermitted) };
         // Half the client-side timeout: a transition that Redis starts later
         // than this (a stall) must not act, as its caller may have given
         // up; and never after this process's write lease.
         args.deadline_ms = (now_ms() + (reg.redis_timeout().as_millis() / 2) as i64).min(permit.lease_until);
-        let outcome = reg.scripts().transition(&mut con, &t.keys, &t.cfg, args).await;
+        // The item's cached counts come in the same round trip, for the reply.
+        let outcome = reg.scripts().transition_and_counts(&mut con, &t.keys, &t.cfg, args, warm.as_ref()).await;
+        let (outcome, cached) = match outcome {
+            Ok((o, cached)) => (Ok(o), cached),
+            Err(e) => (Err(e), None),
+        };
         match outcome {
             Err(source) if functions::is_not_loaded(&source) => {
                 // Redis has no such function (this release's library is not
@@ -169,11 +175,16 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 return Err(Error::Redis { tenant: t.name().to_string(), source });
             }
             Ok(Transition::Expired) => return Ok(Attempt::Late),
-            Ok(Transition::NeedSeed) if args.seed == Seed::NotLoaded => {
+            Ok(Transition::NeedWarm) if warm.is_none() => {
                 drop(permit);
-                args.seed = seed(t, w, shard).await?;
+                warm = Some(load_user(t, w, shard).await?);
             }
-            Ok(Transition::NeedSeed) => unreachable!("the transition never asks for a seed it was given"),
+            Ok(Transition::NeedWarm) => unreachable!("the transition never asks for a warm it was given"),
+            Ok(Transition::NeedSeed { trimmed_ms }) if args.seed == Seed::NotLoaded => {
+                drop(permit);
+                args.seed = seed(t, w, shard, trimmed_ms).await?;
+            }
+            Ok(Transition::NeedSeed { .. }) => unreachable!("the transition never asks for a seed it was given"),
             Ok(Transition::Refused(state)) => {
                 return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into());
             }
@@ -191,12 +202,16 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 t.fence.acknowledged(shard, stream_ms, event);
                 drop(permit);
                 // The counts as applied so far plus this write: the job applies
-                // it within one window.
-                let before = read::counts(reg, t, w.business_id, &[w.message_id])
-                    .await
-                    .ok()
-                    .and_then(|m| m.get(&w.message_id).copied())
-                    .unwrap_or_default();
+                // it within one window. They came with the transition; only a
+                // counts key that is not cached costs a read (from the DB).
+                let before = match cached.as_deref().and_then(cache::parse_pair) {
+                    Some((likes, dislikes, version)) => Counts { likes, dislikes, version },
+                    None => read::counts(reg, t, w.business_id, &[w.message_id])
+                        .await
+                        .ok()
+                        .and_then(|m| m.get(&w.message_id).copied())
+                        .unwrap_or_default(),
+                };
                 let d = Delta::between(prev, state);
                 let counts = Counts {
                     likes: (before.likes + d.likes).max(0),
@@ -209,19 +224,62 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
     }
 }
 
-/// The state of a record that Redis does not cache, from the DB, when the
-/// DB provably holds its newest acknowledged state; else UNAVAILABLE.
-async fn seed(t: &Tenant, w: Write, shard: u32) -> Result<Seed, Error> {
+/// UNAVAILABLE for a state Redis does not know that the DB cannot be shown
+/// to hold as the newest acknowledged one.
+fn unprovable(t: &Tenant) -> Error {
+    refused(
+        t,
+        "seed_unprovable",
+        "the state is not cached and the job has not yet applied everything that could be newer in the database",
+    )
+}
+
+/// Refuses a read of the DB when the DB is known to be down.
+fn db_ready(t: &Tenant) -> Result<(), Error> {
+    if t.db_available() {
+        Ok(())
+    } else {
+        Err(refused(t, "db_unavailable", "the state is not cached and the database is unreachable"))
+    }
+}
+
+/// The user's records from the DB, to warm the user's cache with (one
+/// query, at most `liked_list_max` records), when the DB provably holds
+/// their newest acknowledged states (the user's cache expired after its
+/// TTL: the job has applied everything that old); else UNAVAILABLE.
+async fn load_user(t: &Tenant, w: Write, shard: u32) -> Result<Warm, Error> {
     if !t.fence.seed_provable(shard, t.cfg.cache.state_ttl_secs) {
-        return Err(refused(
-            t,
-            "seed_unprovable",
-            "the state is not cached and the job has not yet applied everything that could be newer in the database",
-        ));
+        return Err(unprovable(t));
     }
-    if !t.db_available() {
-        return Err(refused(t, "db_unavailable", "the state is not cached and the database is unreachable"));
+    db_ready(t)?;
+    match db::load_user(&t.db, w.mid, w.business_id, t.cfg.cache.liked_list_max).await {
+        Ok(warm) => Ok(warm),
+        Err(e) => {
+            t.db_failed(&e);
+            Err(refused(t, "db_unavailable", format!("the user is not cached and the database failed: {e}")))
+        }
     }
+}
+
+/// How long a write waits for the job to apply past the entries its user's
+/// cache trimmed (a user who liked more than `liked_list_max` items within
+/// the last moments) before UNAVAILABLE.
+const SEED_WAIT: Duration = Duration::from_secs(3);
+
+/// The state of a record that the user's partial cache does not hold, from
+/// the DB, once the DB provably holds its newest acknowledged state: it was
+/// in the DB when the user was warmed and every later change to it was
+/// cached, unless the cache trimmed it, at `trimmed_ms` at the latest, so
+/// the job must have applied the shard past that. Else UNAVAILABLE.
+async fn seed(t: &Tenant, w: Write, shard: u32, trimmed_ms: i64) -> Result<Seed, Error> {
+    let until = Instant::now() + SEED_WAIT;
+    while !t.fence.applied_past(shard, trimmed_ms) {
+        if Instant::now() >= until {
+            return Err(unprovable(t));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    db_ready(t)?;
     match db::load_states(&t.db, w.mid, w.business_id, &[w.message_id]).await {
         Ok(found) => {
             Ok(found.values().next().map_or(Seed::Loaded(State::None, 0), |r| Seed::Loaded(r.state, r.version)))

@@ -1,18 +1,25 @@
-//! The three scenarios of issue 5 and their baselines. Each function runs its
+//! The scenarios (a, b, c of issue 5; d to g of issue 16) and their baselines. Each function runs its
 //! measurements `--runs` times and returns the report section and the latency
 //! series (medians over the runs).
 //!
 //! This module holds what every scenario shares: the service client, the
 //! connections and the cache prefill; `reads` (scenario a), `writes`
-//! (scenario b), `mixed` (scenario c), `naive` (the DB-only baseline of b)
-//! and `measure` (figures across runs) hold the rest.
+//! (scenario b), `mixed` (scenario c), `fresh` (d, fresh users, and e, the
+//! Redis-only like), `memory` (f), `freshness` (g), `naive` (the DB-only
+//! baseline of b and d) and `measure` (figures across runs) hold the rest.
 
+mod fresh;
+mod freshness;
 mod measure;
+mod memory;
 mod mixed;
 mod naive;
 mod reads;
 mod writes;
 
+pub use fresh::{fresh_writes, redis_only};
+pub use freshness::freshness;
+pub use memory::{memory, memory_item};
 pub use mixed::{mixed, mixed_write};
 pub use naive::NAIVE_SCHEMA;
 pub use reads::reads;
@@ -67,6 +74,26 @@ impl Service {
         let n = ids.len();
         let req = self.request(pb::GetCountsRequest { business_id: self.business, message_ids: ids });
         self.client.clone().get_counts(req).await.map(|_| n).map_err(|s| format!("GetCounts: {s}"))
+    }
+
+    /// The likes of `message` as GetCounts answers now.
+    pub async fn likes_of(&self, message: i64) -> Result<i64, String> {
+        let req = self.request(pb::GetCountsRequest { business_id: self.business, message_ids: vec![message] });
+        let reply = self.client.clone().get_counts(req).await.map_err(|s| format!("GetCounts: {s}"))?;
+        Ok(reply.into_inner().counts.get(&message).map_or(0, |c| c.likes))
+    }
+
+    /// The newest likers of `message` (one page of 100), as ListItemLikers
+    /// answers now.
+    pub async fn likers_of(&self, message: i64) -> Result<Vec<i64>, String> {
+        let req = self.request(pb::ListItemLikersRequest {
+            business_id: self.business,
+            message_id: message,
+            page_size: 100,
+            page_token: String::new(),
+        });
+        let reply = self.client.clone().list_item_likers(req).await.map_err(|s| format!("ListItemLikers: {s}"))?;
+        Ok(reply.into_inner().likers.into_iter().map(|l| l.mid).collect())
     }
 
     /// One action of `mid` on `message`.

@@ -19,8 +19,12 @@ mod read;
 
 pub use apply::{Applied, apply_events};
 pub use error::{is_deadlock, is_down, is_nothing_written, is_read_only, is_retryable};
-pub use fallback::{FallbackError, FallbackOutcome, Invalidation, clear_invalidations, fallback_transition, pending_invalidations};
-pub use read::{list_item_likers, list_user_likes, load_counts, load_received, load_received_many, load_states};
+pub use fallback::{
+    FallbackError, FallbackOutcome, Invalidation, clear_invalidations, fallback_transition, pending_invalidations,
+};
+pub use read::{
+    list_item_likers, list_user_likes, load_counts, load_received, load_received_many, load_states, load_user,
+};
 
 use crate::config::{DbTls, DbTlsMode, TenantConfig};
 use crate::domain::State;

@@ -6,6 +6,36 @@ use sqlx::mysql::MySqlPool;
 use sqlx::{MySql, QueryBuilder, Row};
 
 use super::{CHUNK, Counts, ListEntry, Record, push_key_join, state_of};
+use crate::cache::Warm;
+use crate::domain::State;
+
+/// A user's records of a business, to warm the user's cache with: at most
+/// `limit` of them, newest version first, in one query. The floor is the
+/// newest version of all the user's records (the first row); the entries
+/// are complete when the user has no more records than `limit` (then NONE
+/// records are left out: a complete cache holds no NONE members).
+pub async fn load_user(pool: &MySqlPool, mid: i64, business: i64, limit: u32) -> Result<Warm, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT message_id, state, mtime, version FROM like_records WHERE mid = ? AND business_id = ? \
+         ORDER BY version DESC LIMIT ?",
+    )
+    .bind(mid)
+    .bind(business)
+    .bind(u64::from(limit) + 1)
+    .fetch_all(pool)
+    .await?;
+    let complete = rows.len() <= limit as usize;
+    let mut warm = Warm { floor: 0, complete, entries: Vec::new() };
+    for row in rows.iter().take(limit as usize) {
+        let version: i64 = row.try_get("version")?;
+        warm.floor = warm.floor.max(version);
+        let state = state_of(row, "state")?;
+        if state != State::None || !complete {
+            warm.entries.push((row.try_get("message_id")?, state, row.try_get("mtime")?));
+        }
+    }
+    Ok(warm)
+}
 
 /// States of one user on several items of a business.
 pub async fn load_states(
