@@ -46,13 +46,18 @@ async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
         "--runs=1".into(),
         "--items=200".into(),
         "--users=400".into(),
+        "--fresh-samples=4".into(),
+        "--memory-likes=2000".into(),
+        "--memory-users=200".into(),
+        "--memory-items=200".into(),
         format!("--out={}", out.display()),
     ]);
     let report = thumbup_bench::run(args).await.expect("thumbup-bench run");
     let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
-    assert_eq!(titles.len(), 3, "{titles:?}");
+    let order: Vec<&str> = titles.iter().map(|t| &t[..2]).collect();
+    assert_eq!(order, ["a.", "b.", "c.", "d.", "e.", "g.", "f."], "{titles:?}");
     let (a, b, c) = (&report.sections[0], &report.sections[1], &report.sections[2]);
-    assert!(a.title.starts_with("a.") && b.title.starts_with("b.") && c.title.starts_with("c."), "{titles:?}");
+    let (d, e, g, f) = (&report.sections[3], &report.sections[4], &report.sections[5], &report.sections[6]);
 
     // a: both tenants, the gRPC floor, both Redis commands, CPU of the bench and of Redis.
     for m in [
@@ -90,6 +95,20 @@ async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
     assert!(max > 0.0 && (offered - max / 2.0).abs() < 1e-6 * max, "max {max}, offered {offered}");
     assert!(metric(c, "reads done") > 0.0 && metric(c, "writes done") > 0.0);
     assert_eq!(metric(c, "failed requests"), 0.0);
+
+    // d and e: both sides measured, nothing failed.
+    assert!(metric(d, "service likes/s") > 0.0 && metric(d, "naive DB likes/s") > 0.0);
+    assert_eq!(metric(d, "failed requests"), 0.0);
+    assert!(metric(e, "service likes/s") > 0.0 && metric(e, "Redis-only likes/s") > 0.0);
+    assert_eq!(metric(e, "failed requests"), 0.0);
+    // g: every sample's like showed in both reads.
+    assert!(metric(g, "GetCounts shows it, p99") > 0.0 && metric(g, "ListItemLikers shows it, p99") > 0.0);
+    assert_eq!(metric(g, "reads that never showed it"), 0.0);
+    // f: every like acknowledged, and Redis and the DB grew by something.
+    assert_eq!(metric(f, "likes acknowledged"), 2000.0);
+    assert_eq!(metric(f, "failed likes"), 0.0);
+    assert!(metric(f, "MEMORY USAGE of the scenario's keys per like") > 0.0);
+    assert!(metric(f, "DB like_records bytes per record") > 0.0);
 
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     assert!(md.contains("| target | measured (median) | goal | verdict |"), "{md}");
