@@ -32,11 +32,14 @@ async fn used_memory(con: &mut MultiplexedConnection) -> anyhow::Result<i64> {
         .context("INFO memory has no used_memory")
 }
 
-/// Bytes and entries of the tenant's stream shards now.
-async fn stream_bytes(con: &mut MultiplexedConnection, keys: &Keys) -> anyhow::Result<(i64, i64)> {
+/// Bytes and entries of the tenant's streams now: the event stream's shards
+/// and the downstream stream (one entry per applied transition, kept up to
+/// its cap), which are not cache structures.
+/// (`downstream`: with the downstream stream.)
+async fn stream_bytes(con: &mut MultiplexedConnection, keys: &Keys, downstream: bool) -> anyhow::Result<(i64, i64)> {
     let (mut bytes, mut entries) = (0, 0);
-    for shard in 0..keys.shards() {
-        let key = keys.stream(shard);
+    let extra = downstream.then(|| keys.downstream());
+    for key in (0..keys.shards()).map(|s| keys.stream(s)).chain(extra) {
         let b: Option<i64> = redis::cmd("MEMORY").arg("USAGE").arg(&key).arg("SAMPLES").arg(0).query_async(con).await?;
         let n: i64 = redis::cmd("XLEN").arg(&key).query_async(con).await?;
         bytes += b.unwrap_or(0);
@@ -125,7 +128,7 @@ pub async fn memory(ctx: &Context, args: &Args) -> anyhow::Result<Section> {
     let drain = Duration::from_secs(600);
     wait_drained(ctx, args, drain).await?;
     let used_before = used_memory(&mut con).await?;
-    let (stream_before, _) = stream_bytes(&mut con, &keys).await?;
+    let (stream_before, _) = stream_bytes(&mut con, &keys, true).await?;
 
     let next = Arc::new(AtomicU64::new(0));
     let (acked, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -159,8 +162,9 @@ pub async fn memory(ctx: &Context, args: &Args) -> anyhow::Result<Section> {
     }
     let load_secs = started.elapsed().as_secs_f64();
     let (acked, failed) = (acked.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    // The stream while it holds the newest window: bytes per retained entry.
-    let (stream_peak, entries_peak) = stream_bytes(&mut con, &keys).await?;
+    // The event stream while it holds the newest entries: bytes per
+    // retained entry (the downstream stream is filled by the job later).
+    let (stream_peak, entries_peak) = stream_bytes(&mut con, &keys, false).await?;
     eprintln!(
         "thumbup-bench: f: {acked} likes acknowledged ({failed} failed{}) in {load_secs:.0} s; the stream holds \
          {entries_peak} entries in {stream_peak} bytes",
@@ -168,7 +172,7 @@ pub async fn memory(ctx: &Context, args: &Args) -> anyhow::Result<Section> {
     );
     wait_drained(ctx, args, drain).await?;
     let used_after = used_memory(&mut con).await?;
-    let (stream_after, _) = stream_bytes(&mut con, &keys).await?;
+    let (stream_after, _) = stream_bytes(&mut con, &keys, true).await?;
     let growth = (used_after - stream_after) - (used_before - stream_before);
     let per_like = growth as f64 / acked.max(1) as f64;
     let mids = mid_base..mid_base + users as i64;
@@ -210,8 +214,8 @@ pub async fn memory(ctx: &Context, args: &Args) -> anyhow::Result<Section> {
         about: format!(
             "One run: {likes} likes by {users} new users ({per_user} each, on distinct items) over {items} new \
              items, {c} clients, through the service; then the job applies them. Redis growth is INFO \
-             `used_memory` after the job applied everything minus before, with the tenant's stream shards \
-             (MEMORY USAGE) taken out, per acknowledged like; beside it the MEMORY USAGE sum of the scenario's \
+             `used_memory` after the job applied everything minus before, with the tenant's streams \
+             (the event stream's shards and the downstream stream, MEMORY USAGE) taken out, per acknowledged like; beside it the MEMORY USAGE sum of the scenario's \
              own user caches ({uk} keys, {ub} bytes) and counts keys ({ck} keys, {cb} bytes), which leaves out \
              the expiry entries. The stream is measured at the end of the load, while \
              it holds the newest window: {ep} entries. DB: `like_records` data + index length after ANALYZE \
