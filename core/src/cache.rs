@@ -440,6 +440,29 @@ pub async fn liked_newest(
     Ok(chunk.into_iter().filter_map(|(m, s)| Some((s as i64, m.parse().ok()?))).collect())
 }
 
+/// Deletes every key matching `pattern` with SCAN and UNLINK, `batch` keys
+/// a round trip (never KEYS, which would block the server). Returns how
+/// many were removed.
+pub async fn unlink_matching<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    pattern: &str,
+    batch: usize,
+) -> Result<u64, RedisError> {
+    let mut cursor: u64 = 0;
+    let mut removed = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(batch).query_async(con).await?;
+        if !keys.is_empty() {
+            removed += redis::cmd("UNLINK").arg(&keys).query_async::<u64>(con).await?;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
+    }
+}
+
 /// True when Redis answers a PING.
 pub async fn ping(con: &mut ConnectionManager) -> bool {
     redis::cmd("PING").query_async::<String>(con).await.is_ok()

@@ -901,30 +901,10 @@ const DELETE_BATCH: usize = 500;
 /// UNLINK in batches (never KEYS, which would block the server). Returns the
 /// number of keys removed.
 pub async fn delete_keys(admin_url: &str, tenant: &str) -> Result<u64, ProvisionError> {
-    let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
     let mut con = redis_admin(admin_url, tenant).await?;
-    let pattern = names::key_pattern(tenant);
-    let mut cursor: u64 = 0;
-    let mut removed = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(DELETE_BATCH)
-            .query_async(&mut con)
-            .await
-            .map_err(err)?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut con).await.map_err(err)?;
-            removed += n;
-        }
-        if next == 0 {
-            return Ok(removed);
-        }
-        cursor = next;
-    }
+    crate::cache::unlink_matching(&mut con, &names::key_pattern(tenant), DELETE_BATCH)
+        .await
+        .map_err(|source| ProvisionError::Redis { tenant: tenant.to_string(), source })
 }
 
 #[cfg(test)]

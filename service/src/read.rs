@@ -310,7 +310,8 @@ pub async fn user_likes(
             }
         }
         let ids: Vec<i64> = from_db.iter().map(|(_, m)| *m).collect();
-        let view = cache::user_view(&mut con, &list_key, &ids).await?;
+        // Only the DB's entries need the cache's word on them.
+        let view = if ids.is_empty() { None } else { cache::user_view(&mut con, &list_key, &ids).await? };
         Ok((newest, view))
     })
     .await?;

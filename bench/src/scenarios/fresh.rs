@@ -145,25 +145,8 @@ async fn redis_only_like(
 /// Deletes the Redis-only baseline's keys.
 async fn redis_only_clean(con: &mut MultiplexedConnection) -> anyhow::Result<()> {
     let pattern = format!("{REDIS_ONLY_PREFIX}*");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(con)
-            .await
-            .context("SCAN the Redis-only baseline's keys")?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK").arg(&keys).query_async::<()>(con).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
+    thumbup_core::cache::unlink_matching(con, &pattern, 1000).await.context("delete the Redis-only baseline's keys")?;
+    Ok(())
 }
 
 /// Scenario e: the hot-item workload of b through the service and through
