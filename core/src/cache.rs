@@ -97,7 +97,13 @@ pub fn entry_ms(id: &str) -> Option<i64> {
 pub enum Transition {
     /// The user is not cached: load the user from the DB ([`Warm`]) and call
     /// again with it (or with a seed of the record).
-    NeedWarm,
+    NeedWarm {
+        /// Set while the user's shard has no newest-user bound yet: it is
+        /// being established since this Unix ms (Redis clock), and the
+        /// caller establishes it ([`Scripts::establish`]) once the job has
+        /// applied the shard past it.
+        establishing: Option<i64>,
+    },
     /// The user's cache is partial and does not hold the record: load the
     /// record's state from the DB once the job has applied the user's stream
     /// shard past `trimmed_ms` (Redis clock: the newest entry the cache
@@ -123,6 +129,9 @@ pub enum Transition {
         /// The millisecond part of the event's stream entry id: the entry
         /// is applied once its shard's watermark is above it.
         stream_ms: i64,
+        /// True when the user was not cached and the shard's newest-user
+        /// bound proved it new: no DB read was needed.
+        proved_new: bool,
     },
 }
 
@@ -133,6 +142,7 @@ pub struct Scripts {
     transition: String,
     set_if_newer: String,
     watermark: String,
+    establish: String,
 }
 
 impl Default for Scripts {
@@ -142,6 +152,7 @@ impl Default for Scripts {
             transition: lib.function(Function::Transition),
             set_if_newer: lib.function(Function::SetIfNewer),
             watermark: lib.function(Function::Watermark),
+            establish: lib.function(Function::Establish),
         }
     }
 }
@@ -254,7 +265,11 @@ impl Scripts {
             Seed::NotLoaded => String::new(),
             Seed::Loaded(s, v) => format!("{}:{v}", s.code()),
         };
-        let keys = [keys.user(a.mid, a.business_id), keys.stream_of(a.mid)];
+        let keys = [
+            keys.user(a.mid, a.business_id),
+            keys.stream_of(a.mid),
+            keys.newest(keys.shard_of(a.mid), a.business_id),
+        ];
         let c = &tenant.cache;
         let args = (
             a.action.code(),
@@ -292,6 +307,22 @@ impl Scripts {
         Self::call(con, Function::Watermark, &self.watermark, &[stream], group).await
     }
 
+    /// Establishes the newest-user bound `key` (`Keys::newest`) that is
+    /// being established since `created_ms`, with `db_max_mid`, the DB's
+    /// largest mid read after the job had applied the shard past
+    /// `created_ms`. Returns false when that bound is gone (established by
+    /// another caller, or deleted and made again): nothing changed.
+    pub async fn establish(
+        &self,
+        con: &mut ConnectionManager,
+        key: &str,
+        created_ms: i64,
+        db_max_mid: i64,
+    ) -> Result<bool, RedisError> {
+        let done: i64 = Self::call(con, Function::Establish, &self.establish, &[key], (created_ms, db_max_mid)).await?;
+        Ok(done == 1)
+    }
+
     /// Caches a versioned pair unless a newer one is cached. Returns whether
     /// it was written.
     pub async fn set_if_newer(
@@ -324,7 +355,7 @@ fn parse_transition(reply: &[String]) -> Result<Transition, RedisError> {
     let int = |i: usize| reply.get(i).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
     let state = |i: usize| int(i).and_then(|c| State::from_code(c).ok_or_else(bad));
     match reply.first().map(String::as_str) {
-        Some("WARM") => Ok(Transition::NeedWarm),
+        Some("WARM") => Ok(Transition::NeedWarm { establishing: if reply.len() > 1 { Some(int(1)?) } else { None } }),
         Some("SEED") => Ok(Transition::NeedSeed { trimmed_ms: int(1)? }),
         Some("EXPIRED") => Ok(Transition::Expired),
         Some("REFUSED") => Ok(Transition::Refused(state(1)?)),
@@ -336,6 +367,7 @@ fn parse_transition(reply: &[String]) -> Result<Transition, RedisError> {
                 mtime_ms: int(3)?,
                 prev: state(4)?,
                 stream_ms,
+                proved_new: reply.get(6).map(String::as_str) == Some("1"),
             })
         }
         _ => Err(bad()),

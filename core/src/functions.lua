@@ -35,28 +35,56 @@ local function user_meta(key)
   return tonumber(floor), p == 'p', tonumber(trimmed) or 0, m[1]
 end
 
--- The transition. KEYS: the user's cache, stream shard. ARGV: action, mid,
+-- The newest-user bound of a stream shard and business (`Keys::newest`),
+-- which proves that a user has no record without a DB read. Its value is
+-- either '<bound>': no user of the shard and business whose mid is above
+-- <bound> has a record in the DB or an event in the stream; or
+-- 'p<created>:<max>' while it is being established: <max> is the largest
+-- mid whose transition ran, with its cache absent at the start, since Unix
+-- ms <created>. The service establishes it ('establish' below) once the job
+-- has applied the shard past <created>, with the DB's largest mid. A user
+-- whose cache exists had a transition when the cache was made, so only
+-- users whose cache is absent can move the bound. Whatever writes records
+-- outside this library (the DB path while Redis is down) deletes it.
+
+-- Decimal strings of positive integers (no leading zeros): a > b, exact
+-- for every int64, unlike Lua's doubles.
+local function gt(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+
+-- The transition. KEYS: the user's cache, stream shard, the shard's
+-- newest-user bound for the business. ARGV: action, mid,
 -- business, message, up_mid, ttl, liked list max, seed ("<state>:<version>"
 -- of the record from the DB, or empty), deadline (Unix ms), warm ("" or
 -- "<floor>:<complete 0|1>" of the user from the DB), then the warm entries
 -- as message, signed ms pairs.
 --
 -- A call that starts after its deadline does nothing and replies
--- {'EXPIRED'}. Replies {'WARM'} when the user is not cached and neither a
--- warm nor a seed was given, {'SEED', trimmed} when the user's cache is
+-- {'EXPIRED'}. Replies {'WARM'} when the user is not cached, neither a
+-- warm nor a seed was given and the bound does not prove the user new
+-- ({'WARM', created} while the bound is being established since <created>:
+-- the caller establishes it; the first transition of a user who was not
+-- cached, while there is no bound, begins one), {'SEED', trimmed} when the
+-- user's cache is
 -- partial, the record is not in it and no seed was given, {'REFUSED', state} for a
 -- transition the table forbids, or {'OK', new, version, mtime_ms, prev,
--- stream_id} after it updated the user's cache and appended the event, all
--- in one atomic step.
+-- stream_id, proved} after it updated the user's cache and appended the
+-- event, all in one atomic step (proved is '1' when the bound proved the
+-- user new, else '0').
 local function transition(keys, args)
   local t = redis.call('TIME')
   local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if ms > tonumber(args[9]) then return {'EXPIRED'} end
   local ok, floor, partial, trimmed, meta = pcall(user_meta, keys[1])
-  local warmed = false
+  local warmed, proved, cold = false, false, false
+  local bound
   if not ok then return redis.error_reply('ERR ' .. tostring(floor)) end
   if not floor then
     trimmed = 0
+    cold = true
+    bound = redis.call('GET', keys[3])
     if args[10] ~= '' then
       local f, c = string.match(args[10], '^(%d+):([01])$')
       if not f then return redis.error_reply('ERR malformed warm ' .. args[10]) end
@@ -73,7 +101,16 @@ local function transition(keys, args)
       floor = 0
       partial = true
       trimmed = ms - tonumber(args[6]) * 1000
+    elseif bound and string.match(bound, '^%d+$') and gt(args[2], bound) then
+      -- No record and no event of this user anywhere: a complete empty
+      -- cache, and any version is newer.
+      floor = 0
+      partial = false
+      warmed = true
+      proved = true
     else
+      local created = bound and string.match(bound, '^p(%d+):')
+      if created then return {'WARM', created} end
       return {'WARM'}
     end
   end
@@ -155,7 +192,37 @@ local function transition(keys, args)
   redis.call('EXPIRE', keys[1], args[6])
   local id = redis.call('XADD', keys[2], '*', 'mid', args[2], 'biz', args[3], 'msg', args[4], 'up', args[5],
     'st', new, 'prev', st, 'ver', vs, 'mt', mss)
-  return {'OK', tostring(new), vs, mss, tostring(st), id}
+  if cold and not bound then
+    -- The first transition of a user who was not cached since the shard
+    -- has no bound: the bound begins.
+    redis.call('SET', keys[3], 'p' .. mss .. ':' .. args[2])
+  elseif cold then
+    -- The user was not cached: a user above the bound (or above the
+    -- largest one seen while it is established) moves it.
+    local created, max = string.match(bound, '^p(%d+):(%d+)$')
+    if created then
+      if gt(args[2], max) then redis.call('SET', keys[3], 'p' .. created .. ':' .. args[2]) end
+    elseif string.match(bound, '^%d+$') and gt(args[2], bound) then
+      redis.call('SET', keys[3], args[2])
+    end
+  end
+  return {'OK', tostring(new), vs, mss, tostring(st), id, proved and '1' or '0'}
+end
+
+-- Establishes a newest-user bound (see above). KEYS: the bound. ARGV: the
+-- <created> it was being established since, the DB's largest mid, read
+-- after the job had applied the shard past <created>. Replies 1 when it
+-- established the bound, 0 when the bound is no longer the one being
+-- established since <created> (established already, or deleted and made
+-- again).
+local function establish(keys, args)
+  local cur = redis.call('GET', keys[1])
+  if not cur then return 0 end
+  local created, max = string.match(cur, '^p(%d+):(%d+)$')
+  if created ~= args[1] then return 0 end
+  if gt(args[2], max) then max = args[2] end
+  redis.call('SET', keys[1], max)
+  return 1
 end
 
 -- Sets a versioned value "<a>:<b>:<version>" unless the cached one is as
@@ -212,6 +279,7 @@ end
 
 redis.register_function('thumbup_transition___VERSION__', transition)
 redis.register_function('thumbup_set_if_newer___VERSION__', set_if_newer)
+redis.register_function('thumbup_establish___VERSION__', establish)
 redis.register_function{
   function_name = 'thumbup_watermark___VERSION__',
   callback = watermark,

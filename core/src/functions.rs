@@ -35,17 +35,21 @@ pub enum Function {
     SetIfNewer,
     /// The applied watermark of a stream shard (reads only).
     Watermark,
+    /// Establishes a stream shard's newest-user bound.
+    Establish,
 }
 
 impl Function {
     /// Every function of the library.
-    pub const ALL: [Function; 3] = [Function::Transition, Function::SetIfNewer, Function::Watermark];
+    pub const ALL: [Function; 4] =
+        [Function::Transition, Function::SetIfNewer, Function::Watermark, Function::Establish];
 
     fn base(self) -> &'static str {
         match self {
             Function::Transition => "transition",
             Function::SetIfNewer => "set_if_newer",
             Function::Watermark => "watermark",
+            Function::Establish => "establish",
         }
     }
 

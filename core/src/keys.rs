@@ -51,6 +51,13 @@ impl Keys {
         format!("{}:u:{business}:{mid}", self.tagged(self.shard_of(mid)))
     }
 
+    /// The newest-user bound of stream shard `shard` and a business: no
+    /// user of that shard and business above it has a record (see
+    /// `functions.lua`). In the shard's hash slot, beside its users' caches.
+    pub fn newest(&self, shard: u32, business: i64) -> String {
+        format!("{}:n:{business}", self.tagged(shard))
+    }
+
     /// Event stream shard `shard`.
     pub fn stream(&self, shard: u32) -> String {
         format!("{}:ev", self.tagged(shard))
@@ -87,7 +94,7 @@ mod tests {
     #[test]
     fn every_key_is_under_the_tenant_prefix_and_user_keys_share_a_tag() {
         let k = Keys::new("alpha", 4);
-        let user = [k.user(7, 1), k.stream_of(7)];
+        let user = [k.user(7, 1), k.stream_of(7), k.newest(k.shard_of(7), 1)];
         for key in user.iter().chain([k.counts(1, 9), k.received(1, 3), k.downstream()].iter()) {
             assert!(key.starts_with("thumbup:alpha:"), "{key}");
             assert!(!k.prefix().contains('{'));

@@ -31,6 +31,19 @@ pub static LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Users who were not cached when they wrote, by how the service learnt
+/// their states: `db` (one DB read to warm the user's cache) or
+/// `proved_new` (an acknowledged write of a user whom the shard's
+/// newest-user bound proved new, with no DB read).
+pub static USER_WARMS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "thumbup_service_user_warms_total",
+        "users not cached when they wrote, by how their states were learnt",
+        &["tenant", "how"]
+    )
+    .expect("metric registers once")
+});
+
 /// Cache lookups by cache and result (hit, miss).
 pub static CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(

@@ -194,7 +194,11 @@ impl Tenant {
                 keys.push(self.keys.user(mid, biz));
                 keys.push(self.keys.counts(biz, msg));
                 keys.push(self.keys.received(biz, up));
+                // The DB path wrote a record that no newest-user bound saw.
+                keys.push(self.keys.newest(self.keys.shard_of(mid), biz));
             }
+            keys.sort_unstable();
+            keys.dedup();
             // Owners whose likes the DB path moved: their received likes.
             cache::delete(&mut con, &keys).await.map_err(|e| format!("redis: {e}"))?;
             db::clear_invalidations(&self.db, max_id).await.map_err(|e| format!("db: {e}"))?;

@@ -4,6 +4,7 @@
 //! the write fence ([`crate::fence`]) has opened the DB path; UNAVAILABLE
 //! whenever the record's newest acknowledged state cannot be known.
 
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use thumbup_core::cache::{self, Seed, Transition, TransitionArgs, Warm};
@@ -14,10 +15,11 @@ use thumbup_core::fence::Shut;
 use thumbup_core::functions;
 use thumbup_core::retry::Backoff;
 use thumbup_core::version::now_ms;
-use tracing::instrument;
+use tracing::{debug, info, instrument};
 
 use crate::error::Error;
 use crate::fence::{self, Path};
+use crate::flight::{Flights, Join};
 use crate::metrics;
 use crate::read;
 use crate::tenants::{Registry, Tenant};
@@ -175,11 +177,15 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 return Err(Error::Redis { tenant: t.name().to_string(), source });
             }
             Ok(Transition::Expired) => return Ok(Attempt::Late),
-            Ok(Transition::NeedWarm) if warm.is_none() => {
+            Ok(Transition::NeedWarm { establishing }) if warm.is_none() => {
                 drop(permit);
+                if let Some(created_ms) = establishing {
+                    establish_newest(reg, t, shard, w.business_id, created_ms).await;
+                }
                 warm = Some(load_user(t, w, shard).await?);
+                metrics::USER_WARMS.with_label_values(&[t.name(), "db"]).inc();
             }
-            Ok(Transition::NeedWarm) => unreachable!("the transition never asks for a warm it was given"),
+            Ok(Transition::NeedWarm { .. }) => unreachable!("the transition never asks for a warm it was given"),
             Ok(Transition::NeedSeed { trimmed_ms }) if args.seed == Seed::NotLoaded => {
                 drop(permit);
                 args.seed = seed(t, w, shard, trimmed_ms).await?;
@@ -188,7 +194,10 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
             Ok(Transition::Refused(state)) => {
                 return Err(thumbup_core::domain::Forbidden { state, action: w.action }.into());
             }
-            Ok(Transition::Applied { prev, state, version, mtime_ms, stream_ms }) => {
+            Ok(Transition::Applied { prev, state, version, mtime_ms, stream_ms, proved_new }) => {
+                if proved_new {
+                    metrics::USER_WARMS.with_label_values(&[t.name(), "proved_new"]).inc();
+                }
                 let event = LikeEvent {
                     mid: w.mid,
                     business_id: w.business_id,
@@ -258,6 +267,39 @@ async fn load_user(t: &Tenant, w: Write, shard: u32) -> Result<Warm, Error> {
             t.db_failed(&e);
             Err(refused(t, "db_unavailable", format!("the user is not cached and the database failed: {e}")))
         }
+    }
+}
+
+/// One establishment of a newest-user bound at a time, per bound key.
+static ESTABLISHING: LazyLock<Flights<()>> = LazyLock::new(|| Flights::new(Duration::from_secs(10)));
+
+/// Establishes the newest-user bound of `shard` and `business` (being
+/// established since `created_ms`, Redis clock) once the job has applied
+/// the shard past that moment: the DB's largest mid then bounds every user
+/// with a record, and the bound itself every user whose transition ran
+/// since. From then on a user above it is proved new without a DB read.
+/// One DB read and one Redis call, by one writer at a time; before the
+/// shard is applied that far, or on any failure, nothing happens and a
+/// later write of a user who is not cached tries again.
+async fn establish_newest(reg: &Registry, t: &Tenant, shard: u32, business: i64, created_ms: i64) {
+    if !t.fence.applied_past(shard, created_ms) || !t.db_available() {
+        return;
+    }
+    let key = t.keys.newest(shard, business);
+    let Join::Lead(_leader) = ESTABLISHING.join(&key, Instant::now()) else { return };
+    let max = match db::max_mid(&t.db).await {
+        Ok(max) => max,
+        Err(e) => {
+            t.db_failed(&e);
+            debug!(tenant = %t.name(), shard, error = %e, "newest-user bound: reading the largest mid failed");
+            return;
+        }
+    };
+    let mut con = t.redis.clone();
+    match reg.scripts().establish(&mut con, &key, created_ms, max).await {
+        Ok(true) => info!(tenant = %t.name(), shard, business, bound = max, "newest-user bound established"),
+        Ok(false) => {}
+        Err(e) => debug!(tenant = %t.name(), shard, error = %e, "newest-user bound: establishing failed"),
     }
 }
 

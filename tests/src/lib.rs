@@ -367,6 +367,36 @@ impl Drop for Job {
     }
 }
 
+/// The newest-user bound of `shard` and `biz` (`Keys::newest`) as Redis
+/// holds it: `Some(bound)` once established, `None` while absent or being
+/// established.
+pub async fn newest_bound(keys: &Keys, shard: u32, biz: i64) -> Option<i64> {
+    let mut r = admin_redis().await;
+    let v: Option<String> = redis::cmd("GET").arg(keys.newest(shard, biz)).query_async(&mut r).await.unwrap();
+    v.and_then(|v| v.parse().ok())
+}
+
+/// Likes `msg` by users never seen, of `shard` (mids from `from` on, one
+/// per shard step), until the newest-user bound of `shard` and `biz` is
+/// established (the job must run: it is established once the job has
+/// applied the shard past the moment it began). Returns the bound and the
+/// next unused mid of the shard.
+pub async fn establish_newest_bound(client: &Client, keys: &Keys, biz: i64, shard: u32, from: i64, msg: i64) -> (i64, i64) {
+    let step = i64::from(keys.shards());
+    let mut mid = from + (i64::from(shard) - from.rem_euclid(step)).rem_euclid(step);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert_eq!(keys.shard_of(mid), shard);
+        client.act(biz, msg, mid, owner_of(msg), pb::Action::Like).await.expect("a new user's like");
+        mid += step;
+        if let Some(bound) = newest_bound(keys, shard, biz).await {
+            return (bound, mid);
+        }
+        assert!(std::time::Instant::now() < until, "the newest-user bound of shard {shard} was not established in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Entries delivered to the job but not acknowledged, over all shards.
 pub async fn pending(keys: &Keys) -> i64 {
     let mut r = admin_redis().await;

@@ -363,7 +363,7 @@ async fn transition_script_matches_the_state_table() {
             // The user is not cached at first (warm it), then partly (the
             // seeds below): an unknown record needs a seed.
             let need = scripts.transition(&mut con, &k, t, args(Seed::NotLoaded)).await.unwrap();
-            assert!(matches!(need, Transition::NeedSeed { .. } | Transition::NeedWarm), "{need:?}");
+            assert!(matches!(need, Transition::NeedSeed { .. } | Transition::NeedWarm { .. }), "{need:?}");
             let got = scripts.transition(&mut con, &k, t, args(Seed::Loaded(from, 1000))).await.unwrap();
             match (transition(from, action), got) {
                 (Ok(to), Transition::Applied { prev, state, version, .. }) => {
@@ -545,5 +545,54 @@ async fn the_applied_watermark_never_passes_an_unacknowledged_entry() {
     let w_now = scripts.watermark(&mut con, &shard, JOB_GROUP).await.unwrap();
     assert!(w_now <= entry_ms(&late).unwrap(), "an undelivered entry is not below the watermark");
     assert_eq!(w_now, entry_ms(&ids[2]).unwrap(), "the last delivered entry");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_above_the_newest_user_bound_is_proved_new_without_a_db_read_and_one_below_is_read_from_the_db() {
+    use thumbup_service::metrics::USER_WARMS;
+    let w = World::start("newest", &tenant_yaml("e2e-newest", &[BIZ], "")).await;
+    let _job = w.job("e2e-newest", 200);
+    let c = w.client_of("e2e-newest").await;
+    let k = keys(&w, "e2e-newest");
+    let warms = |how: &str| USER_WARMS.with_label_values(&["e2e-newest", how]).get();
+    let shard = k.shard_of(1_000);
+
+    // Before the bound exists, a user who is not cached is read from the DB.
+    let (db0, proved0) = (warms("db"), warms("proved_new"));
+    c.act(BIZ, 1, 1_000, owner_of(1), pb::Action::Like).await.unwrap();
+    assert_eq!((warms("db"), warms("proved_new")), (db0 + 1, proved0), "no bound yet: the DB was read");
+    let (bound, next) = establish_newest_bound(&c, &k, BIZ, shard, 2_000, 2).await;
+    assert!(bound >= 1_000, "the bound covers every user with a record: {bound}");
+
+    // Users above it: each like is one Redis call, no DB read, and moves
+    // the bound; every reply is checked.
+    let (db1, proved1) = (warms("db"), warms("proved_new"));
+    let mut mid = next.max(bound + 1);
+    mid += (i64::from(shard) - mid.rem_euclid(i64::from(k.shards()))).rem_euclid(i64::from(k.shards()));
+    let first = mid;
+    for i in 0..20 {
+        let r = c.act(BIZ, 3 + i % 3, mid, owner_of(3 + i % 3), pb::Action::Like).await.unwrap();
+        assert_eq!(r.state, pb::State::Like as i32, "user {mid}");
+        assert_eq!(newest_bound(&k, shard, BIZ).await, Some(mid), "the bound follows the newest user");
+        mid += i64::from(k.shards());
+    }
+    assert_eq!((warms("db"), warms("proved_new")), (db1, proved1 + 20), "proved new: no DB read");
+    // A proved user is cached like any other: the table still holds.
+    let again = c.act(BIZ, 3, first, owner_of(3), pb::Action::Like).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "a second like of a proved user is refused");
+
+    // A user at or below the bound whose cache is gone is read from the DB,
+    // which holds its like: a second like is refused, not taken as new.
+    wait_drained(&k, Duration::from_secs(60)).await;
+    let mut r = admin_redis().await;
+    let _: () = redis::cmd("DEL").arg(k.user(first, BIZ)).arg(k.user(1_000, BIZ)).query_async(&mut r).await.unwrap();
+    for (msg, user) in [(3, first), (1, 1_000)] {
+        let refused = c.act(BIZ, msg, user, owner_of(msg), pb::Action::Like).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "user {user} liked item {msg} before: {refused:?}");
+    }
+    assert_eq!(warms("db"), db1 + 2, "users at or below the bound were read from the DB");
+    wait_drained(&k, Duration::from_secs(60)).await;
+    check_exact(w.tenant("e2e-newest")).await;
     w.stop().await;
 }

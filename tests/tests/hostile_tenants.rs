@@ -37,7 +37,7 @@ const HARMLESS: &str = "return 1";
 
 /// The project's Redis library of this build: its name and its function
 /// names (transition, set-if-newer, watermark).
-fn project_functions() -> (String, [String; 3]) {
+fn project_functions() -> (String, [String; 4]) {
     use thumbup_core::functions::{Function, library};
     let lib = library();
     (lib.name(), Function::ALL.map(|f| lib.function(f)))
@@ -107,9 +107,10 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
     use Refuser::*;
     let (ka, kv) = (keys(a), keys(v));
     // A user's states and liked list are one key: the user's cache.
-    let (own_list, own_stream) = (ka.user(1, BIZ), ka.stream_of(1));
+    let (own_list, own_stream, own_newest) = (ka.user(1, BIZ), ka.stream_of(1), ka.newest(ka.shard_of(1), BIZ));
+    let v_newest = kv.newest(kv.shard_of(1), BIZ);
     let (v_state, v_list, v_stream, v_counts) = (kv.user(1, BIZ), kv.user(1, BIZ), kv.stream_of(1), kv.counts(BIZ, 1));
-    let (library, [transition, set_if_newer, watermark]) = project_functions();
+    let (library, [transition, set_if_newer, watermark, establish]) = project_functions();
     let hostile_library = format!(
         "#!lua name={HOSTILE_LIBRARY}\nredis.register_function('{HOSTILE_LIBRARY}_spin', function() {ENDLESS} end)"
     );
@@ -119,8 +120,8 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
         format!("#!lua name={library}\nredis.register_function('{transition}', function() return 0 end)");
     let sha = |script: &str| redis::Script::new(script).get_hash().to_string();
     let (vs, vu) = (v.schema(), v.db.username.clone());
-    let transition_of = |keys: [&str; 2]| {
-        let mut c = cmd(&["FCALL", &transition, "2"]);
+    let transition_of = |keys: [&str; 3]| {
+        let mut c = cmd(&["FCALL", &transition, "3"]);
         c.arg(&keys[..]).arg(1).arg(1).arg(BIZ).arg(1).arg(9).arg(60).arg(10).arg("0:0").arg(i64::MAX).arg("");
         c
     };
@@ -183,11 +184,20 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
         redis_row("ACL SETUSER another tenant's user", &["ACL", "SETUSER", &v.redis.username, "on", ">hb-stolen"]),
         // The project's own functions on another tenant's keys: the ACL
         // checks FCALL's KEYS like any command's.
-        row("FCALL transition on another tenant's keys", RedisAcl, Attempt::Redis(transition_of([&v_list, &v_stream]))),
+        row("FCALL transition on another tenant's keys", RedisAcl, Attempt::Redis(transition_of([&v_list, &v_stream, &v_newest]))),
         row(
             "FCALL transition on its own user cache but another tenant's stream",
             RedisAcl,
-            Attempt::Redis(transition_of([&own_list, &v_stream])),
+            Attempt::Redis(transition_of([&own_list, &v_stream, &own_newest])),
+        ),
+        row(
+            "FCALL transition on its own user cache and stream but another tenant's newest-user bound",
+            RedisAcl,
+            Attempt::Redis(transition_of([&own_list, &own_stream, &v_newest])),
+        ),
+        redis_row(
+            "FCALL establish of another tenant's newest-user bound",
+            &["FCALL", &establish, "1", &v_newest, "1", "999999999999"],
         ),
         redis_row(
             "FCALL set-if-newer on another tenant's counts",

@@ -144,6 +144,9 @@ async fn db_down_likes_buffer_in_the_stream_and_apply_after_restart() {
     w.stop().await;
 }
 
+/// A user id above every other of the outage tests.
+const NEW_USER: i64 = 1_000_000_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_after() {
     let _one = SERVERS.lock().await;
@@ -159,6 +162,10 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     for msg in 1..=3 {
         c.act(BIZ, msg, 500, owner_of(msg), pb::Action::Like).await.unwrap();
     }
+    // A newest-user bound: users above it are taken as new without a DB read.
+    let shard = k.shard_of(NEW_USER);
+    let (bound, _) = establish_newest_bound(&c, &k, BIZ, shard, 9_000, 4).await;
+    assert!(bound < NEW_USER);
     wait_drained(&k, Duration::from_secs(60)).await;
     let items: Vec<i64> = (1..=20).collect();
     let counts_before = c.counts(BIZ, &items).await.unwrap();
@@ -173,6 +180,8 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     c.act(BIZ, 2, 500, owner_of(2), pb::Action::Dislike).await.expect("dislike via the DB");
     let refused = c.act(BIZ, 3, 500, owner_of(3), pb::Action::Like).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "state rules hold on the DB path");
+    // A user above the bound gets a record that no bound saw.
+    let new_like = c.act(BIZ, 4, NEW_USER, owner_of(4), pb::Action::Like).await.expect("a new user's like via the DB");
     let during =
         run_load(&c, Load { clients: 4, actions: 300, users: 50, items: 20, business: BIZ, double_clicks: 0.1 }).await;
     assert!(during.ok > 50, "{during:?}");
@@ -193,6 +202,14 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     assert_eq!(states[&2], pb::State::Dislike as i32);
     let relike = c.act(BIZ, 1, 500, owner_of(1), pb::Action::Like).await.expect("re-like after the DB-path unlike");
     assert_eq!(relike.state, pb::State::Like as i32);
+    // The bound that did not see the DB path's record is gone: the new
+    // user's second like is read from the DB and refused, not taken as new.
+    assert!(
+        newest_bound(&k, shard, BIZ).await.is_none_or(|b| b >= NEW_USER),
+        "a bound below a user the DB path wrote survived Redis's return"
+    );
+    let twice = c.act(BIZ, 4, NEW_USER, owner_of(4), pb::Action::Like).await.unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::FailedPrecondition, "a second like of the DB path's new user: {twice:?}");
     let after =
         run_load(&c, Load { clients: 8, actions: 1_000, users: 50, items: 20, business: BIZ, double_clicks: 0.1 })
             .await;
@@ -217,6 +234,7 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
         keep_newest(&mut acked, key, v);
     }
     acked.insert((500, BIZ, 1), (relike.version, relike.state));
+    acked.insert((NEW_USER, BIZ, 4), (new_like.version, new_like.state));
     check_acked_and_states(&c, &t, &acked).await;
     job.terminate();
     w.stop().await;

@@ -23,7 +23,7 @@ pub use fallback::{
     FallbackError, FallbackOutcome, Invalidation, clear_invalidations, fallback_transition, pending_invalidations,
 };
 pub use read::{
-    list_item_likers, list_user_likes, load_counts, load_received, load_received_many, load_states, load_user,
+    list_item_likers, list_user_likes, load_counts, load_received, load_received_many, load_states, load_user, max_mid,
 };
 
 use crate::config::{DbTls, DbTlsMode, TenantConfig};

@@ -37,6 +37,14 @@ pub async fn load_user(pool: &MySqlPool, mid: i64, business: i64, limit: u32) ->
     Ok(warm)
 }
 
+/// The largest mid of any record (0 when there is none): one read of the
+/// primary key's end. It bounds every shard's and business's users, for a
+/// newest-user bound (`Keys::newest`).
+pub async fn max_mid(pool: &MySqlPool) -> Result<i64, sqlx::Error> {
+    let max: Option<i64> = sqlx::query_scalar("SELECT MAX(mid) FROM like_records").fetch_one(pool).await?;
+    Ok(max.unwrap_or(0))
+}
+
 /// States of one user on several items of a business.
 pub async fn load_states(
     pool: &MySqlPool,
