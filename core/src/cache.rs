@@ -143,6 +143,7 @@ pub struct Scripts {
     set_if_newer: String,
     watermark: String,
     establish: String,
+    forget: String,
 }
 
 impl Default for Scripts {
@@ -153,6 +154,7 @@ impl Default for Scripts {
             set_if_newer: lib.function(Function::SetIfNewer),
             watermark: lib.function(Function::Watermark),
             establish: lib.function(Function::Establish),
+            forget: lib.function(Function::Forget),
         }
     }
 }
@@ -323,6 +325,20 @@ impl Scripts {
         Ok(done == 1)
     }
 
+    /// Forgets records of users' caches that were written elsewhere (the
+    /// DB path): per `(user cache key, message ids)`, the members go and
+    /// the cache turns partial as of now (see `functions.lua`), pipelined.
+    pub async fn forget(&self, con: &mut ConnectionManager, records: &[(String, Vec<i64>)]) -> Result<(), RedisError> {
+        for chunk in records.chunks(SET_MANY_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (key, messages) in chunk {
+                pipe.add_command(Self::cmd(Function::Forget, &self.forget, &[key], messages)).ignore();
+            }
+            pipe.query_async::<()>(con).await.map_err(|e| functions::explain(first_failure(e)))?;
+        }
+        Ok(())
+    }
+
     /// Caches a versioned pair unless a newer one is cached. Returns whether
     /// it was written.
     pub async fn set_if_newer(
@@ -333,12 +349,39 @@ impl Scripts {
         version: i64,
         ttl_secs: u64,
     ) -> Result<bool, RedisError> {
-        let value = format!("{}:{}:{version}", pair.0, pair.1);
         let written: i64 =
-            Self::call(con, Function::SetIfNewer, &self.set_if_newer, &[key], (value, version, ttl_secs)).await?;
+            self.set_if_newer_cmd(key, pair, version, ttl_secs).query_async(con).await.map_err(functions::explain)?;
         Ok(written == 1)
     }
+
+    /// [`Scripts::set_if_newer`] for many `(key, pair, version)`, pipelined
+    /// (a pipeline per [`SET_MANY_CHUNK`] of them): one round trip, and on
+    /// an `appendfsync always` Redis one disk sync, for a whole window's
+    /// items instead of one each.
+    pub async fn set_if_newer_many(
+        &self,
+        con: &mut ConnectionManager,
+        values: &[(String, (i64, i64), i64)],
+        ttl_secs: u64,
+    ) -> Result<(), RedisError> {
+        for chunk in values.chunks(SET_MANY_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (key, pair, version) in chunk {
+                pipe.add_command(self.set_if_newer_cmd(key, *pair, *version, ttl_secs)).ignore();
+            }
+            pipe.query_async::<()>(con).await.map_err(|e| functions::explain(first_failure(e)))?;
+        }
+        Ok(())
+    }
+
+    fn set_if_newer_cmd(&self, key: &str, pair: (i64, i64), version: i64, ttl_secs: u64) -> redis::Cmd {
+        let value = format!("{}:{}:{version}", pair.0, pair.1);
+        Self::cmd(Function::SetIfNewer, &self.set_if_newer, &[key], (value, version, ttl_secs))
+    }
 }
+
+/// Most calls in one pipeline of [`Scripts::set_if_newer_many`].
+pub const SET_MANY_CHUNK: usize = 1000;
 
 /// The error of the first failed command of a pipeline, as the command
 /// alone would have failed; other errors unchanged.

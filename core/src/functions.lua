@@ -209,6 +209,27 @@ local function transition(keys, args)
   return {'OK', tostring(new), vs, mss, tostring(st), id, proved and '1' or '0'}
 end
 
+-- Forgets records of a user's cache that were written elsewhere (the DB
+-- path, while Redis was down): their members go, and the cache turns
+-- partial with <trimmed> now, so each of them is read from the DB (a seed)
+-- once the job has applied the user's shard past now, which also covers
+-- every event of the user still in the stream. The user's other records
+-- keep their cached states, newer than the DB's until the job applies
+-- them. KEYS: the user's cache. ARGV: the message ids. Replies 1, or 0
+-- when the user is not cached.
+local function forget(keys, args)
+  local ok, floor, partial, trimmed, meta = pcall(user_meta, keys[1])
+  if not ok then return redis.error_reply('ERR ' .. tostring(floor)) end
+  if not floor then return 0 end
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 1, #args do redis.call('ZREM', keys[1], args[i]) end
+  if ms > trimmed then trimmed = ms end
+  redis.call('ZREM', keys[1], meta)
+  redis.call('ZADD', keys[1], 0, 'v' .. string.format('%.0f', floor) .. 'p' .. string.format('%.0f', trimmed))
+  return 1
+end
+
 -- Establishes a newest-user bound (see above). KEYS: the bound. ARGV: the
 -- <created> it was being established since, the DB's largest mid, read
 -- after the job had applied the shard past <created>. Replies 1 when it
@@ -280,6 +301,7 @@ end
 redis.register_function('thumbup_transition___VERSION__', transition)
 redis.register_function('thumbup_set_if_newer___VERSION__', set_if_newer)
 redis.register_function('thumbup_establish___VERSION__', establish)
+redis.register_function('thumbup_forget___VERSION__', forget)
 redis.register_function{
   function_name = 'thumbup_watermark___VERSION__',
   callback = watermark,

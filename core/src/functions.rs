@@ -37,12 +37,14 @@ pub enum Function {
     Watermark,
     /// Establishes a stream shard's newest-user bound.
     Establish,
+    /// Forgets records of a user's cache that were written elsewhere.
+    Forget,
 }
 
 impl Function {
     /// Every function of the library.
-    pub const ALL: [Function; 4] =
-        [Function::Transition, Function::SetIfNewer, Function::Watermark, Function::Establish];
+    pub const ALL: [Function; 5] =
+        [Function::Transition, Function::SetIfNewer, Function::Watermark, Function::Establish, Function::Forget];
 
     fn base(self) -> &'static str {
         match self {
@@ -50,6 +52,7 @@ impl Function {
             Function::SetIfNewer => "set_if_newer",
             Function::Watermark => "watermark",
             Function::Establish => "establish",
+            Function::Forget => "forget",
         }
     }
 

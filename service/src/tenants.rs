@@ -11,7 +11,7 @@
 //! a new tenant as soon as the operator writes it, not when the kubelet
 //! syncs the files; both sources install through [`Registry::offer`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -182,24 +182,31 @@ impl Tenant {
         self.fence.redis_failed(why);
     }
 
-    /// Drops the cache entries of records the DB path changed; returns how many.
+    /// Drops the cache entries of records the DB path changed; returns how
+    /// many. A user's cache forgets only those records (the rest of it
+    /// stays, and may hold states newer than the DB's: transitions whose
+    /// outcome the DB path could not know, still in the stream).
     async fn drain_invalidations(&self) -> Result<usize, String> {
         let mut con = self.redis.clone();
+        let scripts = cache::Scripts::default();
         let mut total = 0;
         loop {
             let batch = db::pending_invalidations(&self.db, 500).await.map_err(|e| format!("db: {e}"))?;
             let Some(max_id) = batch.iter().map(|r| r.0).max() else { return Ok(total) };
-            let mut keys = Vec::with_capacity(batch.len() * 5);
+            let mut keys = Vec::with_capacity(batch.len() * 3);
+            let mut users: BTreeMap<String, Vec<i64>> = BTreeMap::new();
             for &(_, mid, biz, msg, up) in &batch {
-                keys.push(self.keys.user(mid, biz));
+                users.entry(self.keys.user(mid, biz)).or_default().push(msg);
                 keys.push(self.keys.counts(biz, msg));
+                // Owners whose likes the DB path moved: their received likes.
                 keys.push(self.keys.received(biz, up));
                 // The DB path wrote a record that no newest-user bound saw.
                 keys.push(self.keys.newest(self.keys.shard_of(mid), biz));
             }
             keys.sort_unstable();
             keys.dedup();
-            // Owners whose likes the DB path moved: their received likes.
+            let users: Vec<(String, Vec<i64>)> = users.into_iter().collect();
+            scripts.forget(&mut con, &users).await.map_err(|e| format!("redis: {e}"))?;
             cache::delete(&mut con, &keys).await.map_err(|e| format!("redis: {e}"))?;
             db::clear_invalidations(&self.db, max_id).await.map_err(|e| format!("db: {e}"))?;
             total += batch.len();

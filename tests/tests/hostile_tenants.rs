@@ -37,7 +37,7 @@ const HARMLESS: &str = "return 1";
 
 /// The project's Redis library of this build: its name and its function
 /// names (transition, set-if-newer, watermark).
-fn project_functions() -> (String, [String; 4]) {
+fn project_functions() -> (String, [String; 5]) {
     use thumbup_core::functions::{Function, library};
     let lib = library();
     (lib.name(), Function::ALL.map(|f| lib.function(f)))
@@ -110,7 +110,7 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
     let (own_list, own_stream, own_newest) = (ka.user(1, BIZ), ka.stream_of(1), ka.newest(ka.shard_of(1), BIZ));
     let v_newest = kv.newest(kv.shard_of(1), BIZ);
     let (v_state, v_list, v_stream, v_counts) = (kv.user(1, BIZ), kv.user(1, BIZ), kv.stream_of(1), kv.counts(BIZ, 1));
-    let (library, [transition, set_if_newer, watermark, establish]) = project_functions();
+    let (library, [transition, set_if_newer, watermark, establish, forget]) = project_functions();
     let hostile_library = format!(
         "#!lua name={HOSTILE_LIBRARY}\nredis.register_function('{HOSTILE_LIBRARY}_spin', function() {ENDLESS} end)"
     );
@@ -195,6 +195,7 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
             RedisAcl,
             Attempt::Redis(transition_of([&own_list, &own_stream, &v_newest])),
         ),
+        redis_row("FCALL forget on another tenant's user cache", &["FCALL", &forget, "1", &v_list, "1"]),
         redis_row(
             "FCALL establish of another tenant's newest-user bound",
             &["FCALL", &establish, "1", &v_newest, "1", "999999999999"],

@@ -371,3 +371,68 @@ async fn a_writer_that_has_not_published_keeps_the_db_path_shut() {
     let now = thumbup_core::version::now_ms();
     assert!(longest <= now + 2_000, "a stopped service still holds a lease until {longest} (now {now})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transition_still_in_the_stream_keeps_its_cached_state_when_the_db_path_changed_another_record_of_its_user() {
+    use thumbup_core::cache::{self, Scripts, Seed, Transition, TransitionArgs};
+    use thumbup_core::domain::Action;
+    let _one = SERVERS.lock().await;
+    let w = World::start("unknownkept", &tenant_yaml("e2e-unknownkept", &[BIZ], "")).await;
+    let t = w.tenant("e2e-unknownkept").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    let mut job = w.job("e2e-unknownkept", 200);
+    let c = w.client_of("e2e-unknownkept").await;
+    const USER: i64 = 700;
+    for msg in [1, 2] {
+        c.act(BIZ, msg, USER, owner_of(msg), pb::Action::Like).await.unwrap();
+    }
+    wait_drained(&k, Duration::from_secs(60)).await;
+
+    // With the job stopped, a transition reaches Redis whose reply no
+    // service saw (as a call that timed out after Redis ran it): the user
+    // dislikes item 3. Only Redis knows it: the user's cache and the stream.
+    job.kill();
+    let mut con = cache::connect(&t.redis, Duration::from_secs(2)).await.unwrap();
+    let a = TransitionArgs {
+        mid: USER,
+        business_id: BIZ,
+        message_id: 3,
+        up_mid: owner_of(3),
+        action: Action::Dislike,
+        seed: Seed::NotLoaded,
+        deadline_ms: thumbup_core::version::now_ms() + 60_000,
+    };
+    let done = Scripts::default().transition(&mut con, &k, &t, a).await.unwrap();
+    assert!(matches!(done, Transition::Applied { .. }), "{done:?}");
+    drop(con);
+
+    // Redis goes down and the DB path unlikes item 1 of the same user.
+    stack(&["stop", "redis"]);
+    let guard = Restart("redis");
+    wait_db_path_open(&t.name).await;
+    c.act(BIZ, 1, USER, owner_of(1), pb::Action::Unlike).await.expect("unlike via the DB");
+    drop(guard);
+    wait_redis_back(&t.name).await;
+
+    // Back on Redis, before the job has applied the dislike: every state is
+    // the newest, and the table holds against it.
+    let states = c.states(BIZ, USER, &[1, 2, 3]).await.unwrap();
+    assert_eq!(states[&1], pb::State::None as i32, "the DB path's unlike");
+    assert_eq!(states[&2], pb::State::Like as i32);
+    assert_eq!(states[&3], pb::State::Dislike as i32, "the dislike still in the stream was lost from the cache");
+    let twice = c.act(BIZ, 3, USER, owner_of(3), pb::Action::Dislike).await.unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::FailedPrecondition, "a second dislike was taken: {twice:?}");
+
+    // The record the DB path wrote is read from the DB once the job has
+    // applied past Redis's return.
+    job.restart();
+    let relike = retry_unavailable(|| c.act(BIZ, 1, USER, owner_of(1), pb::Action::Like)).await;
+    assert_eq!(relike.state, pb::State::Like as i32);
+    wait_drained(&k, Duration::from_secs(60)).await;
+    let recs = records(&t).await;
+    assert_eq!(recs.get(&(USER, BIZ, 3)).copied(), Some(2), "the dislike reached the DB");
+    assert_eq!(recs.get(&(USER, BIZ, 1)).copied(), Some(1), "the re-like reached the DB");
+    check_exact(&t).await;
+    job.terminate();
+    w.stop().await;
+}
