@@ -261,16 +261,19 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         report.latencies.extend(lat);
     }
     if all || args.scenario == Scenario::FreshWrite {
+        scenarios::quiesce(&ctx, &args).await?;
         let (section, lat) = scenarios::fresh_writes(&ctx, &args).await?;
         report.sections.push(section);
         report.latencies.extend(lat);
     }
     if all || args.scenario == Scenario::RedisOnly {
+        scenarios::quiesce(&ctx, &args).await?;
         let (section, lat) = scenarios::redis_only(&ctx, &args).await?;
         report.sections.push(section);
         report.latencies.extend(lat);
     }
     if all || args.scenario == Scenario::Freshness {
+        scenarios::quiesce(&ctx, &args).await?;
         report.sections.push(scenarios::freshness(&ctx, &args).await?);
     }
     if all || args.scenario == Scenario::Memory {

@@ -173,22 +173,21 @@ impl Job {
         for (biz, msg) in &applied.items {
             by_business.entry(*biz).or_default().push(*msg);
         }
+        let mut values = Vec::with_capacity(applied.items.len() + applied.owners.len());
         for (biz, msgs) in by_business {
             let found = db::load_counts(&self.db, biz, &msgs).await?;
             for msg in msgs {
                 let c = found.get(&msg).copied().unwrap_or_default();
-                self.scripts
-                    .set_if_newer(&mut con, &self.keys.counts(biz, msg), (c.likes, c.dislikes), c.version, ttl)
-                    .await?;
+                values.push((self.keys.counts(biz, msg), (c.likes, c.dislikes), c.version));
             }
         }
         let found = db::load_received_many(&self.db, &applied.owners).await?;
         for owner in &applied.owners {
             let c = found.get(owner).copied().unwrap_or_default();
-            self.scripts
-                .set_if_newer(&mut con, &self.keys.received(owner.0, owner.1), (c.likes, 0), c.version, ttl)
-                .await?;
+            values.push((self.keys.received(owner.0, owner.1), (c.likes, 0), c.version));
         }
+        // One pipeline for the window's items and owners.
+        self.scripts.set_if_newer_many(&mut con, &values, ttl).await?;
         Ok(())
     }
 

@@ -36,6 +36,9 @@ pub async fn fresh_writes(ctx: &Context, args: &Args) -> anyhow::Result<(Section
     let (mut ls, mut ln) = (Percentiles::default(), Percentiles::default());
     let items: Vec<i64> = (1..=args.items.max(1) as i64).map(|k| args.item_base + k).collect();
     for run in 0..args.runs.max(1) {
+        // Each run starts with the job idle (it applies the new users'
+        // records after each run, while the naive side runs and then).
+        super::quiesce(ctx, args).await?;
         // Service: each request takes the next user id, so the service has
         // never seen its user (no cached state, no liked list).
         let next = Arc::new(AtomicI64::new(fresh_base(stamp, run)));

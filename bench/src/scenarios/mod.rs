@@ -23,7 +23,7 @@ pub use memory::{memory, memory_item};
 pub use mixed::{mixed, mixed_write};
 pub use naive::NAIVE_SCHEMA;
 pub use reads::reads;
-pub use writes::{hot_action, hot_writes};
+pub use writes::{hot_action, hot_writes, quiesce};
 
 use std::sync::Arc;
 

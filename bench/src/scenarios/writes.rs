@@ -77,6 +77,19 @@ pub(super) async fn wait_drained(ctx: &Context, args: &Args, within: Duration) -
     }
 }
 
+/// Waits (up to 15 minutes) until the job has applied everything the
+/// scenarios before wrote, so that the next one starts from a quiet
+/// system: the job applying an earlier scenario's backlog would share the
+/// CPUs with it and, in g, delay what g measures.
+pub async fn quiesce(ctx: &Context, args: &Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    wait_drained(ctx, args, Duration::from_secs(900)).await?;
+    if started.elapsed() > Duration::from_secs(1) {
+        eprintln!("thumbup-bench: waited {:.1} s for the job to apply the earlier scenarios' writes", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
 /// Rows that MariaDB counted as changed in `schema`.`table` so far
 /// (`information_schema.TABLE_STATISTICS`, kept while `userstat` is on).
 async fn rows_changed(ctx: &Context, schema: &str, table: &str) -> anyhow::Result<i64> {
