@@ -55,7 +55,7 @@ pub struct Written {
 /// record's newest acknowledged state cannot be known. A write that had no
 /// effect (Redis started its transition late; the fence moved under it) tries
 /// again on whichever path decides, within [`fence::PATH_WAIT`].
-#[instrument(skip(reg, t), fields(tenant = %t.name()))]
+#[instrument(skip_all, fields(tenant = %t.name(), mid = w.mid, message = w.message_id))]
 pub async fn like(reg: &Registry, t: &Tenant, w: Write) -> Result<Written, Error> {
     let until = Instant::now() + fence::PATH_WAIT;
     let mut late = false;

@@ -159,6 +159,7 @@ pub async fn redis_only(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
     let stamp = jiff::Timestamp::now().as_second();
     let script = Arc::new(redis::Script::new(REDIS_ONLY_LIKE));
     let (mut svc_rate, mut base_rate, mut ratio, mut errors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut floor_rate, mut floor_ratio) = (Vec::new(), Vec::new());
     let (mut ls, mut lb) = (Percentiles::default(), Percentiles::default());
     for run in 0..args.runs.max(1) {
         let message = 7_100_000_000_000 + stamp * 10 + run as i64;
@@ -184,6 +185,11 @@ pub async fn redis_only(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
         })
         .await;
         progress("e Redis-only like (hot item)", run, &b);
+        // The ceiling of any RPC here: the empty one, at the same load.
+        let f = super::reads::grpc_floor(ctx, &args.load(1)).await;
+        progress("e gRPC floor (Health/Check)", run, &f);
+        floor_rate.push(f.rate());
+        floor_ratio.push(f.rate() / b.rate().max(1e-9));
         base_rate.push(b.rate());
         ratio.push(m.rate() / b.rate().max(1e-9));
         lb.push(&mut b);
@@ -198,13 +204,16 @@ pub async fn redis_only(ctx: &Context, args: &Args) -> anyhow::Result<(Section, 
              unliking), through the service and through the design of Redis-only like services: one Lua script \
              (EVALSHA on the admin connection, the bench's one multiplexed connection as in a) that checks the \
              (user, item) state key and increments or decrements the item's counter, no stream, no DB, no \
-             durability beyond Redis's own.",
+             durability beyond Redis's own. The gRPC floor (an empty RPC of the same server, same load) is \
+             the ceiling of any RPC on this machine, beside the Redis-only rate.",
             c = args.concurrency,
         ),
         metrics: vec![
             Metric::new("service likes/s", svc_rate),
             Metric::new("Redis-only likes/s", base_rate),
             Metric::new("ratio service/Redis-only", ratio),
+            Metric::new("gRPC floor (Health/Check, same load) requests/s", floor_rate),
+            Metric::new("ratio gRPC floor/Redis-only", floor_ratio),
             Metric::new("failed requests (both)", errors),
         ],
         targets: vec![Target {

@@ -18,6 +18,20 @@ use crate::stats::median;
 /// The service name whose health the gRPC floor measurement checks.
 const HEALTH_SERVICE: &str = "thumbup.v1.Thumbup";
 
+/// The gRPC floor: an empty unary RPC of the same server over the same
+/// connection (`grpc.health.v1.Health/Check`), in a closed loop of `load`.
+pub async fn grpc_floor(ctx: &Context, load: &Load) -> Measurement {
+    let health = ctx.health.clone();
+    closed_loop(load, move |_, _, _| {
+        let mut health = health.clone();
+        async move {
+            let req = HealthCheckRequest { service: HEALTH_SERVICE.into() };
+            health.check(req).await.map(|_| 1).map_err(|s| format!("Health/Check: {s}"))
+        }
+    })
+    .await
+}
+
 async fn service_reads(svc: &Service, args: &Args, batch: usize) -> Measurement {
     service_reads_with(svc, args.load(batch)).await
 }
@@ -115,15 +129,7 @@ pub async fn reads(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
         }
         hot1.push("a GetCounts batch 1", run, with_cpu(ctx, args, service_reads_with(&ctx.service, load)).await);
 
-        let health = ctx.health.clone();
-        let m = closed_loop(&load1, move |_, _, _| {
-            let mut health = health.clone();
-            async move {
-                let req = HealthCheckRequest { service: HEALTH_SERVICE.into() };
-                health.check(req).await.map(|_| 1).map_err(|s| format!("Health/Check: {s}"))
-            }
-        });
-        floor.push("a gRPC floor (Health/Check)", run, with_cpu(ctx, args, m).await);
+        floor.push("a gRPC floor (Health/Check)", run, with_cpu(ctx, args, grpc_floor(ctx, &load1)).await);
 
         let keys = Arc::clone(&ctx.count_keys);
         let con = ctx.redis.clone();
