@@ -8,7 +8,7 @@
 #    cache on and "bench-cold" with it off, generous rate limits), empties
 #    them (thumbup-bench --reset: schemas, Redis keys, AOF compacted), and
 #    provisions and migrates them,
-# 4. starts thumbup-service and thumbup-job (window 500 ms, the default)
+# 4. starts thumbup-service and thumbup-job (window 250 ms, the default)
 #    on free ports, logs in bench-results/,
 # 5. runs thumbup-bench --scenario all (extra arguments are passed on, e.g.
 #    `bash bench/run.sh --duration-secs 5 --runs 3`), which writes
@@ -16,7 +16,7 @@
 # 6. stops service and job; the stack keeps running.
 #
 # Environment:
-#   THUMBUP_BENCH_WINDOW_MS   job window in ms (default 500, the job's default)
+#   THUMBUP_BENCH_WINDOW_MS   job window in ms (default 250, the job's default)
 #   THUMBUP_BENCH_HOT_TTL_MS  hot-key cache TTL in ms, 0 = off (default 1000)
 set -euo pipefail
 
@@ -25,7 +25,7 @@ ROOT="$(dirname -- "$SCRIPT_DIR")"
 cd "$ROOT"
 
 OUT="$ROOT/bench-results"
-WINDOW_MS="${THUMBUP_BENCH_WINDOW_MS:-500}"
+WINDOW_MS="${THUMBUP_BENCH_WINDOW_MS:-250}"
 HOT_TTL_MS="${THUMBUP_BENCH_HOT_TTL_MS:-1000}"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac

@@ -1,6 +1,6 @@
 //! thumbup-job: the per-tenant consumer of the event stream.
 //!
-//! Each window (500 ms by default, closed early by size) it reads the
+//! Each window (250 ms by default, closed early by size) it reads the
 //! tenant's stream shards through the consumer group (its own pending
 //! entries first, then entries that dead consumers left pending, then new
 //! ones), applies them to the DB in ONE transaction ([`db::apply_events`]:

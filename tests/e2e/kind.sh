@@ -529,7 +529,7 @@ if out="$(ctl like --mid 1001 --message 7 --up 42)"; then
 fi
 printf '%s\n' "$out" | sed 's/^/    | /'
 grep -q 'FAILED_PRECONDITION' <<<"$out" || fail "a second like did not fail with FAILED_PRECONDITION"
-# The job applies the event to the DB within its window (500 ms in the example).
+# The job applies the event to the DB within its window (250 ms in the example).
 poll 90 "counts of message 7 to read likes=1" counts_are 7 'likes=1 dislikes=0'
 ctl counts 7 | sed 's/^/    | /'
 out="$(ctl states --mid 1001 7)" || fail "states failed: $out"
