@@ -329,14 +329,8 @@ impl Scripts {
     /// DB path): per `(user cache key, message ids)`, the members go and
     /// the cache turns partial as of now (see `functions.lua`), pipelined.
     pub async fn forget(&self, con: &mut ConnectionManager, records: &[(String, Vec<i64>)]) -> Result<(), RedisError> {
-        for chunk in records.chunks(SET_MANY_CHUNK) {
-            let mut pipe = redis::pipe();
-            for (key, messages) in chunk {
-                pipe.add_command(Self::cmd(Function::Forget, &self.forget, &[key], messages)).ignore();
-            }
-            pipe.query_async::<()>(con).await.map_err(|e| functions::explain(first_failure(e)))?;
-        }
-        Ok(())
+        let cmds = records.iter().map(|(key, messages)| Self::cmd(Function::Forget, &self.forget, &[key], messages));
+        pipelined(con, cmds.collect()).await
     }
 
     /// Caches a versioned pair unless a newer one is cached. Returns whether
@@ -355,7 +349,7 @@ impl Scripts {
     }
 
     /// [`Scripts::set_if_newer`] for many `(key, pair, version)`, pipelined
-    /// (a pipeline per [`SET_MANY_CHUNK`] of them): one round trip, and on
+    /// (a pipeline per [`PIPELINE_CHUNK`] of them): one round trip, and on
     /// an `appendfsync always` Redis one disk sync, for a whole window's
     /// items instead of one each.
     pub async fn set_if_newer_many(
@@ -364,14 +358,8 @@ impl Scripts {
         values: &[(String, (i64, i64), i64)],
         ttl_secs: u64,
     ) -> Result<(), RedisError> {
-        for chunk in values.chunks(SET_MANY_CHUNK) {
-            let mut pipe = redis::pipe();
-            for (key, pair, version) in chunk {
-                pipe.add_command(self.set_if_newer_cmd(key, *pair, *version, ttl_secs)).ignore();
-            }
-            pipe.query_async::<()>(con).await.map_err(|e| functions::explain(first_failure(e)))?;
-        }
-        Ok(())
+        let cmds = values.iter().map(|(key, pair, version)| self.set_if_newer_cmd(key, *pair, *version, ttl_secs));
+        pipelined(con, cmds.collect()).await
     }
 
     fn set_if_newer_cmd(&self, key: &str, pair: (i64, i64), version: i64, ttl_secs: u64) -> redis::Cmd {
@@ -380,8 +368,23 @@ impl Scripts {
     }
 }
 
-/// Most calls in one pipeline of [`Scripts::set_if_newer_many`].
-pub const SET_MANY_CHUNK: usize = 1000;
+/// Most calls in one pipeline of [`Scripts::set_if_newer_many`] and
+/// [`Scripts::forget`].
+pub const PIPELINE_CHUNK: usize = 1000;
+
+/// Sends `cmds` in pipelines of [`PIPELINE_CHUNK`], replies ignored; the
+/// first failure ends it, as the failed command alone would have.
+async fn pipelined(con: &mut ConnectionManager, cmds: Vec<redis::Cmd>) -> Result<(), RedisError> {
+    let mut cmds = cmds.into_iter().peekable();
+    while cmds.peek().is_some() {
+        let mut pipe = redis::pipe();
+        for cmd in cmds.by_ref().take(PIPELINE_CHUNK) {
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.query_async::<()>(con).await.map_err(|e| functions::explain(first_failure(e)))?;
+    }
+    Ok(())
+}
 
 /// The error of the first failed command of a pipeline, as the command
 /// alone would have failed; other errors unchanged.

@@ -166,7 +166,7 @@ async fn two_releases_libraries_are_loaded_side_by_side_and_provisioning_one_kee
     assert!(scripts.set_if_newer(&mut con, &k.counts(BIZ, 1), (2, 0), 6, 60).await.unwrap(), "newer version");
     // Many at once (the job's refresh of a window): each key keeps the
     // newer of its cached and offered values, over more than one pipeline.
-    let n = thumbup_core::cache::SET_MANY_CHUNK as i64 + 5;
+    let n = thumbup_core::cache::PIPELINE_CHUNK as i64 + 5;
     let many: Vec<_> = (1..=n).map(|m| (k.counts(BIZ, m), (m, 0), if m == 1 { 5 } else { 7 })).collect();
     scripts.set_if_newer_many(&mut con, &many, 60).await.unwrap();
     for (m, want) in [(1, "2:0:6"), (2, "2:0:7"), (n, &format!("{n}:0:7") as &str)] {
