@@ -147,13 +147,20 @@ impl HotKeys {
         if now.duration_since(s.opened) < half {
             return;
         }
-        // Two halves or more passed: the older bucket is out of the window too.
+        // The window that just ended is the half before and the one closing
+        // now. Two halves or more passed since the last rotation: every hit
+        // of the closing half is older than half a window, and the half
+        // before it out of the window.
+        let stale = now.duration_since(s.opened) >= half * 2;
         let closed = std::mem::take(&mut s.now);
-        s.before = if now.duration_since(s.opened) >= half * 2 { HashMap::new() } else { closed };
+        let older = std::mem::take(&mut s.before);
+        s.before = if stale { HashMap::new() } else { closed };
         s.opened = now;
         let mut hits: HashMap<&String, u64> = HashMap::new();
-        for (k, n) in s.before.iter().chain(s.now.iter()) {
-            *hits.entry(k).or_default() += n;
+        if !stale {
+            for (k, n) in older.iter().chain(s.before.iter()) {
+                *hits.entry(k).or_default() += n;
+            }
         }
         let mut ranked: Vec<(&String, u64)> = hits.into_iter().filter(|(_, n)| *n >= self.settings.min_hits).collect();
         ranked.sort_unstable_by_key(|r| std::cmp::Reverse(r.1));
@@ -327,6 +334,24 @@ mod tests {
         // That one never comes back (cancelled): after a TTL another takes over.
         assert_eq!(h.lookup("k", t2 + Duration::from_millis(500)), Lookup::Stale(counts(1)));
         assert_eq!(h.lookup("k", t2 + Duration::from_secs(1)), Lookup::Miss { refresh: true });
+    }
+
+    #[test]
+    fn hits_in_both_halves_of_the_window_count_together() {
+        // 2 reads in each half: 4 in the window, above min_hits 3, though
+        // neither half alone reaches it.
+        let h = HotKeys::new(settings());
+        let t0 = Instant::now();
+        read(&h, "steady", 2, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        read(&h, "steady", 2, t1);
+        assert_eq!(h.hot_keys(t1), 0, "one half alone is not enough");
+        let t2 = t1 + Duration::from_secs(5);
+        assert_eq!(h.hot_keys(t2), 1, "the window's 4 hits make it hot");
+        // The next half without reads: the window holds only the 2 hits of
+        // the half before, so it leaves.
+        let t3 = t2 + Duration::from_secs(5);
+        assert_eq!(h.hot_keys(t3), 0);
     }
 
     #[test]
