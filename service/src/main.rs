@@ -153,6 +153,10 @@ fn selected(cli: &Cli, only: &Option<String>) -> anyhow::Result<Vec<TenantConfig
     })
 }
 
+/// mimalloc instead of glibc's malloc: the gRPC stack allocates per request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     admin::init_tracing()?;
