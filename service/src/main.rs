@@ -153,9 +153,9 @@ fn selected(cli: &Cli, only: &Option<String>) -> anyhow::Result<Vec<TenantConfig
     })
 }
 
-/// mimalloc instead of glibc's malloc: the gRPC stack allocates per request.
+/// jemalloc instead of glibc's malloc: the gRPC stack allocates per request.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
