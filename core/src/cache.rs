@@ -485,13 +485,23 @@ pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Op
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    // One GET per key in a pipeline, not MGET: in Redis Cluster the keys of a
-    // batch live in different slots.
-    let mut pipe = redis::pipe();
-    for k in keys {
-        pipe.get(k);
+    // One MGET: in Redis Cluster the keys of a batch live in different
+    // slots, and the redis crate's cluster client splits an MGET by slot
+    // (and merges the replies in order). A pipeline of GETs cost Redis and
+    // this process about three times the CPU of one MGET of 20 keys.
+    match redis::cmd("MGET").arg(keys).query_async(con).await {
+        // A tenant user provisioned by a release before MGET was allowed
+        // (the service rolled out before the operator re-provisioned it):
+        // the same read as a pipeline of GETs.
+        Err(e) if e.code() == Some("NOPERM") && e.to_string().to_ascii_lowercase().contains("'mget'") => {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.get(k);
+            }
+            pipe.query_async(con).await
+        }
+        other => other,
     }
-    pipe.query_async(con).await
 }
 
 /// Up to `count` liked items of a user's cache (`Keys::user`), newest

@@ -542,6 +542,7 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "client|setname",
     // Cached counts, and the users' caches (states and liked lists).
     "get",
+    "mget",
     "set",
     "del",
     "expire",

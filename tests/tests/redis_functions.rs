@@ -3,7 +3,8 @@
 //! libraries never disturb the shared stack): a write sent before the
 //! library is loaded is UNAVAILABLE, says what to run and writes nothing;
 //! two releases' libraries live side by side, and provisioning one leaves
-//! the other alone.
+//! the other alone; counts are read by a tenant user that an older release
+//! provisioned without MGET.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -190,4 +191,45 @@ async fn two_releases_libraries_are_loaded_side_by_side_and_provisioning_one_kee
         .unwrap();
     let loaded: String = redis::from_redis_value_ref(&code[0]["library_code"]).unwrap();
     assert_eq!(loaded, this.source());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_are_read_by_a_tenant_user_provisioned_before_mget_was_allowed() {
+    let name = "hb-no-mget";
+    let redis = PrivateRedis::start(name);
+    let cfg = Config::parse(&format!("tenants:\n{}", tenant_on(name, &redis)), "test").unwrap();
+    let t = cfg.tenant(name).unwrap();
+    // The user as a release before MGET was allowed provisioned it.
+    let rules: Vec<String> = provision::acl_rules(&t.name, &t.redis.password);
+    assert!(rules.iter().any(|r| r == "+mget"), "this release allows MGET: {rules:?}");
+    let old: Vec<String> = rules.into_iter().filter(|r| r != "+mget").collect();
+    let mut admin = redis.admin().await;
+    let _: () = redis::cmd("ACL").arg("SETUSER").arg(&t.redis.username).arg(&old).query_async(&mut admin).await.unwrap();
+    let keys = thumbup_core::keys::Keys::new(&t.name, 1);
+    let names: Vec<String> = (1..=3).map(|m| keys.counts(BIZ, m)).collect();
+    let _: () = redis::cmd("SET").arg(&names[0]).arg("4:1:7").query_async(&mut admin).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&names[2]).arg("9:0:8").query_async(&mut admin).await.unwrap();
+
+    let mut con = cache::connect(&t.redis, Duration::from_secs(2)).await.unwrap();
+    let refused: Result<Vec<Option<String>>, _> = redis::cmd("MGET").arg(&names).query_async(&mut con).await;
+    let e = refused.expect_err("this user may not run MGET");
+    assert_eq!(e.code(), Some("NOPERM"), "{e}");
+    let want = vec![Some("4:1:7".to_string()), None, Some("9:0:8".to_string())];
+    assert_eq!(cache::mget(&mut con, &names).await.unwrap(), want, "read as GETs");
+
+    // Provisioned by this release: the same answer, by MGET.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&t.redis.username)
+        .arg(provision::acl_rules(&t.name, &t.redis.password))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let direct: Vec<Option<String>> = redis::cmd("MGET").arg(&names).query_async(&mut con).await.unwrap();
+    assert_eq!(direct, want);
+    assert_eq!(cache::mget(&mut con, &names).await.unwrap(), want);
+    // A key of another tenant is still refused, not read as GETs.
+    let foreign = thumbup_core::keys::Keys::new("hb-other", 1).counts(BIZ, 1);
+    let e = cache::mget(&mut con, &[names[0].clone(), foreign]).await.expect_err("another tenant's key");
+    assert_eq!(e.code(), Some("NOPERM"), "{e}");
 }
