@@ -13,7 +13,6 @@ use super::{Context, prefill_counts};
 use crate::Args;
 use crate::load::{closed_loop, open_loop};
 use crate::report::{Latency, Metric, Section, Target};
-use crate::stats::median;
 
 /// Whether request `seq` of closed-loop task `task` of the mixed scenario
 /// is a write: every 20th request of each task (5%), staggered by task.
@@ -68,8 +67,11 @@ pub async fn mixed(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
         lr.push(&mut r);
         lw.push(&mut w);
     }
-    let p99r = median(&lr.at(2));
-    let p99w = median(&lw.at(2));
+    // Issue 16: the bounds hold in each run, not only in the median: the
+    // verdict is on the worst run.
+    let worst = |v: Vec<f64>| v.into_iter().fold(0.0_f64, f64::max);
+    let p99r = worst(lr.at(2));
+    let p99w = worst(lw.at(2));
     let section = Section {
         title: "c. Mixed: 95% GetCounts / 5% Like at a fixed rate".into(),
         about: format!(
@@ -101,8 +103,8 @@ pub async fn mixed(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
             Metric::new("failed requests", errors),
         ],
         targets: vec![
-            Target { name: "read p99 (ms)".into(), measured: p99r, target: "< 5 ms".into(), pass: p99r < 5.0 },
-            Target { name: "write p99 (ms)".into(), measured: p99w, target: "< 10 ms".into(), pass: p99w < 10.0 },
+            Target { name: "read p99 (ms), worst run".into(), measured: p99r, target: "< 5 ms in each run".into(), pass: p99r < 5.0 },
+            Target { name: "write p99 (ms), worst run".into(), measured: p99w, target: "< 10 ms in each run".into(), pass: p99w < 10.0 },
         ],
     };
     Ok((section, vec![lr.latency("c mixed reads"), lw.latency("c mixed writes")]))
