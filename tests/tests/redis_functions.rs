@@ -204,7 +204,8 @@ async fn counts_are_read_by_a_tenant_user_provisioned_before_mget_was_allowed() 
     assert!(rules.iter().any(|r| r == "+mget"), "this release allows MGET: {rules:?}");
     let old: Vec<String> = rules.into_iter().filter(|r| r != "+mget").collect();
     let mut admin = redis.admin().await;
-    let _: () = redis::cmd("ACL").arg("SETUSER").arg(&t.redis.username).arg(&old).query_async(&mut admin).await.unwrap();
+    let _: () =
+        redis::cmd("ACL").arg("SETUSER").arg(&t.redis.username).arg(&old).query_async(&mut admin).await.unwrap();
     let keys = thumbup_core::keys::Keys::new(&t.name, 1);
     let names: Vec<String> = (1..=3).map(|m| keys.counts(BIZ, m)).collect();
     let _: () = redis::cmd("SET").arg(&names[0]).arg("4:1:7").query_async(&mut admin).await.unwrap();

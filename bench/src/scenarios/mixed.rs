@@ -103,8 +103,18 @@ pub async fn mixed(ctx: &Context, args: &Args) -> anyhow::Result<(Section, Vec<L
             Metric::new("failed requests", errors),
         ],
         targets: vec![
-            Target { name: "read p99 (ms), worst run".into(), measured: p99r, target: "< 5 ms in each run".into(), pass: p99r < 5.0 },
-            Target { name: "write p99 (ms), worst run".into(), measured: p99w, target: "< 10 ms in each run".into(), pass: p99w < 10.0 },
+            Target {
+                name: "read p99 (ms), worst run".into(),
+                measured: p99r,
+                target: "< 5 ms in each run".into(),
+                pass: p99r < 5.0,
+            },
+            Target {
+                name: "write p99 (ms), worst run".into(),
+                measured: p99w,
+                target: "< 10 ms in each run".into(),
+                pass: p99w < 10.0,
+            },
         ],
     };
     Ok((section, vec![lr.latency("c mixed reads"), lw.latency("c mixed writes")]))
