@@ -60,6 +60,16 @@ pub static HOT_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// Users the per-user write limiter tracks, per tenant (after each sweep).
+pub static LIMITER_USERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "thumbup_service_limiter_users",
+        "users the per-user write limiter tracks (seen in the last two seconds or so)",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
 /// Writes that took the synchronous DB path because Redis was unreachable.
 pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(

@@ -12,11 +12,13 @@
 //! syncs the files; both sources install through [`Registry::offer`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use redis::aio::ConnectionManager;
 use sqlx::MySqlPool;
 use thumbup_core::cache::{self, Scripts};
@@ -29,52 +31,48 @@ use tracing::{info, warn};
 use crate::fence::Fence;
 use crate::metrics;
 
-/// A token bucket refilled at `rate` per second, holding at most `rate`.
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(rate: u32) -> Bucket {
-        Bucket { tokens: rate as f64, at: Instant::now() }
-    }
-
-    fn take(&mut self, rate: u32) -> bool {
-        let now = Instant::now();
-        let rate = rate as f64;
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Users tracked before idle buckets are swept, bounding the limiter's memory.
-const MAX_TRACKED_USERS: usize = 100_000;
-
-/// Rate limits of one tenant in this process.
-#[derive(Debug)]
+/// Rate limits of one tenant in this process: token buckets (governor's
+/// GCRA) that start full, hold at most one second's tokens and refill at
+/// the configured rate. The tenant-wide and DB-path limits are one atomic
+/// each; the per-user limit is a sharded map of users, swept of users whose
+/// bucket is full again by the tenant's fence loop ([`Limiter::sweep`], every
+/// second), off the request path: it holds only users seen in the last
+/// two seconds or so (a user stays two refill intervals after its last
+/// write, at most 2 s), however many users come.
 pub struct Limiter {
-    tenant: Mutex<Bucket>,
-    fallback: Mutex<Bucket>,
-    users: Mutex<HashMap<i64, Bucket>>,
+    tenant: DefaultDirectRateLimiter,
+    /// None when `limits.db_fallback_per_sec` is 0: no write takes the DB path.
+    fallback: Option<DefaultDirectRateLimiter>,
+    users: DefaultKeyedRateLimiter<i64>,
+}
+
+/// A quota of `rate` per second with a burst of `rate`; None for 0.
+fn per_second(rate: u32) -> Option<Quota> {
+    NonZeroU32::new(rate).map(Quota::per_second)
 }
 
 impl Limiter {
     fn new(t: &TenantConfig) -> Limiter {
+        // Config validation refuses a zero tenant or per-user limit.
+        let at_least_one = |rate: u32| per_second(rate).unwrap_or(Quota::per_second(NonZeroU32::MIN));
         Limiter {
-            tenant: Mutex::new(Bucket::full(t.limits.per_tenant_per_sec)),
-            fallback: Mutex::new(Bucket::full(t.limits.db_fallback_per_sec)),
-            users: Mutex::new(HashMap::new()),
+            tenant: RateLimiter::direct(at_least_one(t.limits.per_tenant_per_sec)),
+            fallback: per_second(t.limits.db_fallback_per_sec).map(RateLimiter::direct),
+            users: RateLimiter::keyed(at_least_one(t.limits.per_mid_per_sec)),
         }
     }
+
+    /// Drops the users whose bucket is full again (they are as if never
+    /// seen) and gives their memory back; returns how many users are left.
+    pub fn sweep(&self) -> usize {
+        self.users.retain_recent();
+        self.users.shrink_to_fit();
+        self.users.len()
+    }
 }
+
+/// How often the fence loop sweeps the per-user limiter.
+const LIMITER_SWEEP: Duration = Duration::from_secs(1);
 
 /// One tenant as this process serves it.
 pub struct Tenant {
@@ -136,23 +134,17 @@ impl Tenant {
 
     /// Takes a token of the tenant-wide limit.
     pub fn allow_request(&self) -> bool {
-        self.limiter.tenant.lock().expect("limiter lock").take(self.cfg.limits.per_tenant_per_sec)
+        self.limiter.tenant.check().is_ok()
     }
 
     /// Takes a token of the per-user write limit.
     pub fn allow_write(&self, mid: i64) -> bool {
-        let rate = self.cfg.limits.per_mid_per_sec;
-        let mut users = self.limiter.users.lock().expect("limiter lock");
-        if users.len() >= MAX_TRACKED_USERS {
-            let now = Instant::now();
-            users.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(1));
-        }
-        users.entry(mid).or_insert_with(|| Bucket::full(rate)).take(rate)
+        self.limiter.users.check_key(&mid).is_ok()
     }
 
     /// Takes a token of the DB-path write limit.
     pub fn allow_fallback(&self) -> bool {
-        self.limiter.fallback.lock().expect("limiter lock").take(self.cfg.limits.db_fallback_per_sec)
+        self.limiter.fallback.as_ref().is_some_and(|l| l.check().is_ok())
     }
 
     /// False for a moment after the DB could not be reached.
@@ -233,9 +225,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// serves); then releases its write lease.
 async fn fence_loop(tenant: Weak<Tenant>) {
     let mut last_sweep = Instant::now();
+    let mut last_limiter_sweep = Instant::now();
     loop {
         let Some(t) = tenant.upgrade() else { return };
         t.step().await;
+        if last_limiter_sweep.elapsed() >= LIMITER_SWEEP {
+            metrics::LIMITER_USERS.with_label_values(&[t.name()]).set(t.limiter.sweep() as i64);
+            last_limiter_sweep = Instant::now();
+        }
         if t.fence.redis_writes() && last_sweep.elapsed() > Duration::from_secs(5) {
             // Leftovers of a process that died while the DB path was open,
             // and writers whose writes are all applied.
@@ -468,5 +465,58 @@ impl Registry {
             };
             report(&path.display().to_string(), self.reload_if(forced).await);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(limits: &str) -> Limiter {
+        let text = format!(
+            "tenants:\n  - name: limits\n    businesses: [{{ name: video, id: 1 }}]\n    tokens: [token-0001]\n    \
+             redis: {{ url: 'redis://127.0.0.1:1', username: u, password: pw }}\n    \
+             db: {{ url: 'mysql://127.0.0.1:1', username: u, password: pw }}\n    limits: {limits}\n"
+        );
+        Limiter::new(&Config::parse(&text, "test").expect("config").tenants.remove(0))
+    }
+
+    fn allowed(l: &DefaultKeyedRateLimiter<i64>, mid: i64, n: usize) -> usize {
+        (0..n).filter(|_| l.check_key(&mid).is_ok()).count()
+    }
+
+    #[test]
+    fn each_user_gets_a_burst_of_one_seconds_rate_and_users_do_not_share_it() {
+        let l = limiter("{ per_mid_per_sec: 3, per_tenant_per_sec: 5, db_fallback_per_sec: 0 }");
+        assert_eq!(allowed(&l.users, 7, 10), 3, "a burst of 10 against 3/s");
+        assert_eq!(allowed(&l.users, 8, 10), 3, "another user has a budget of its own");
+        assert_eq!((0..10).filter(|_| l.tenant.check().is_ok()).count(), 5, "the tenant-wide limit");
+        assert!(l.fallback.is_none(), "db_fallback_per_sec 0: no DB-path write is allowed");
+        // A token of 3/s comes back every third of a second: as many as
+        // the thirds that passed since the burst, measured around the checks
+        // so that a slow scheduler cannot make the test wrong.
+        let burst = Instant::now();
+        std::thread::sleep(Duration::from_millis(400));
+        let before = burst.elapsed();
+        let got = allowed(&l.users, 7, 10);
+        let after = burst.elapsed();
+        let thirds = |d: Duration| ((d.as_secs_f64() * 3.0) as usize).min(3);
+        assert!((thirds(before)..=thirds(after)).contains(&got), "{got} tokens back after {before:?}..{after:?}");
+        assert!(got >= 1, "400 ms refills at least one token of 3/s");
+    }
+
+    #[test]
+    fn a_sweep_keeps_only_users_seen_within_two_seconds_however_many_came() {
+        // At 1/s one like empties a user's bucket for a second.
+        let l = limiter("{ per_mid_per_sec: 1, per_tenant_per_sec: 1000000 }");
+        for mid in 1..=120_000 {
+            assert!(l.users.check_key(&mid).is_ok());
+        }
+        assert_eq!(l.sweep(), 120_000, "users whose buckets are not full again stay");
+        // A sweep keeps a user for up to two refill intervals after its
+        // last write (governor's retain_recent): 2 s at 1/s.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert!(l.users.check_key(&1).is_ok());
+        assert_eq!(l.sweep(), 1, "only the user seen in the last two seconds is left");
     }
 }
