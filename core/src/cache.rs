@@ -267,11 +267,8 @@ impl Scripts {
             Seed::NotLoaded => String::new(),
             Seed::Loaded(s, v) => format!("{}:{v}", s.code()),
         };
-        let keys = [
-            keys.user(a.mid, a.business_id),
-            keys.stream_of(a.mid),
-            keys.newest(keys.shard_of(a.mid), a.business_id),
-        ];
+        let keys =
+            [keys.user(a.mid, a.business_id), keys.stream_of(a.mid), keys.newest(keys.shard_of(a.mid), a.business_id)];
         let c = &tenant.cache;
         let args = (
             a.action.code(),

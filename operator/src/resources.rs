@@ -33,7 +33,6 @@ pub const JOB_ADMIN_PORT: i32 = 9191;
 /// Name of the db-proxy sidecar container.
 pub const DB_PROXY_CONTAINER: &str = "db-proxy";
 
-
 /// A tenant's secrets, kept in its Secret. Generated once and then read
 /// back on every reconcile, so re-runs do not rotate them. The account
 /// names are not here: they are derived from the tenant name

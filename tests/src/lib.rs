@@ -381,7 +381,14 @@ pub async fn newest_bound(keys: &Keys, shard: u32, biz: i64) -> Option<i64> {
 /// established (the job must run: it is established once the job has
 /// applied the shard past the moment it began). Returns the bound and the
 /// next unused mid of the shard.
-pub async fn establish_newest_bound(client: &Client, keys: &Keys, biz: i64, shard: u32, from: i64, msg: i64) -> (i64, i64) {
+pub async fn establish_newest_bound(
+    client: &Client,
+    keys: &Keys,
+    biz: i64,
+    shard: u32,
+    from: i64,
+    msg: i64,
+) -> (i64, i64) {
     let step = i64::from(keys.shards());
     let mut mid = from + (i64::from(shard) - from.rem_euclid(step)).rem_euclid(step);
     let until = std::time::Instant::now() + Duration::from_secs(60);
@@ -392,7 +399,10 @@ pub async fn establish_newest_bound(client: &Client, keys: &Keys, biz: i64, shar
         if let Some(bound) = newest_bound(keys, shard, biz).await {
             return (bound, mid);
         }
-        assert!(std::time::Instant::now() < until, "the newest-user bound of shard {shard} was not established in 60 s");
+        assert!(
+            std::time::Instant::now() < until,
+            "the newest-user bound of shard {shard} was not established in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

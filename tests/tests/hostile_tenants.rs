@@ -184,7 +184,11 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
         redis_row("ACL SETUSER another tenant's user", &["ACL", "SETUSER", &v.redis.username, "on", ">hb-stolen"]),
         // The project's own functions on another tenant's keys: the ACL
         // checks FCALL's KEYS like any command's.
-        row("FCALL transition on another tenant's keys", RedisAcl, Attempt::Redis(transition_of([&v_list, &v_stream, &v_newest]))),
+        row(
+            "FCALL transition on another tenant's keys",
+            RedisAcl,
+            Attempt::Redis(transition_of([&v_list, &v_stream, &v_newest])),
+        ),
         row(
             "FCALL transition on its own user cache but another tenant's stream",
             RedisAcl,

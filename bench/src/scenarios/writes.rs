@@ -85,7 +85,10 @@ pub async fn quiesce(ctx: &Context, args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
     wait_drained(ctx, args, Duration::from_secs(900)).await?;
     if started.elapsed() > Duration::from_secs(1) {
-        eprintln!("thumbup-bench: waited {:.1} s for the job to apply the earlier scenarios' writes", started.elapsed().as_secs_f64());
+        eprintln!(
+            "thumbup-bench: waited {:.1} s for the job to apply the earlier scenarios' writes",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

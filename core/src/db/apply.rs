@@ -104,7 +104,10 @@ pub(super) async fn lock_records(
     Ok(out)
 }
 
-pub(super) async fn upsert_records(tx: &mut sqlx::Transaction<'_, MySql>, events: &[&LikeEvent]) -> Result<(), sqlx::Error> {
+pub(super) async fn upsert_records(
+    tx: &mut sqlx::Transaction<'_, MySql>,
+    events: &[&LikeEvent],
+) -> Result<(), sqlx::Error> {
     for chunk in events.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO like_records (mid, business_id, message_id, up_mid, state, version, mtime) ",

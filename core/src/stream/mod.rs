@@ -164,7 +164,8 @@ pub async fn group_progress<C: ConnectionLike + Send>(
     con: &mut C,
     key: &str,
 ) -> Result<Option<GroupProgress>, RedisError> {
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO").arg("GROUPS").arg(key).query_async(con).await?;
+    let groups: Vec<HashMap<String, redis::Value>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(key).query_async(con).await?;
     let Some(g) = groups.iter().find(|g| {
         g.get("name").and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).as_deref() == Some(JOB_GROUP)
     }) else {
