@@ -170,8 +170,10 @@ pub async fn run_with(
         // clients and endpoints stop sending here, while what still comes
         // (endpoint updates take a while to reach everyone) is served.
         set_ready(false);
-        health.set_not_serving::<Served>().await;
+        // The server as a whole first: whoever sees the service go
+        // NOT_SERVING and then asks about the whole server gets the same.
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health.set_not_serving::<Served>().await;
         info!(?drain, "draining: health NOT_SERVING, requests still served");
         tokio::time::sleep(drain).await;
         info!("drained: finishing the requests in flight");
