@@ -25,6 +25,12 @@
 -- past it. The floor is at least every version any of the user's records
 -- has, so a new version above it is newer for every record.
 
+-- Redis's clock in Unix ms: every time a function compares or stores.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 -- The meta member of a user's cache: floor, partial, trimmed, the member
 -- itself; nil when the user is not cached.
 local function user_meta(key)
@@ -74,8 +80,7 @@ end
 -- event, all in one atomic step (proved is '1' when the bound proved the
 -- user new, else '0').
 local function transition(keys, args)
-  local t = redis.call('TIME')
-  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ms = now_ms()
   if ms > tonumber(args[9]) then return {'EXPIRED'} end
   local ok, floor, partial, trimmed, meta = pcall(user_meta, keys[1])
   local warmed, proved, cold = false, false, false
@@ -221,8 +226,7 @@ local function forget(keys, args)
   local ok, floor, partial, trimmed, meta = pcall(user_meta, keys[1])
   if not ok then return redis.error_reply('ERR ' .. tostring(floor)) end
   if not floor then return 0 end
-  local t = redis.call('TIME')
-  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ms = now_ms()
   for i = 1, #args do redis.call('ZREM', keys[1], args[i]) end
   if ms > trimmed then trimmed = ms end
   redis.call('ZREM', keys[1], meta)
@@ -267,8 +271,7 @@ end
 -- everything was delivered (a later entry gets an id of now or later); else
 -- the last delivered entry. A shard without a stream has no entry at all.
 local function watermark(keys, args)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local info = redis.pcall('XINFO', 'STREAM', keys[1])
   if info['err'] then
     if string.find(info['err'], 'no such key') then return now end
