@@ -3,8 +3,9 @@
 #
 # Usage: scripts/stack.sh COMMAND [ARGS]
 #   install                    install server/client packages (and protoc) if missing
-#   up                         install, initialise (first time) and start every instance; idempotent
-#   down                       stop every instance gracefully (data is kept); idempotent
+#   up                         install, initialise (first time) and start every instance and the
+#                              Redis Cluster (cluster-up); idempotent
+#   down                       stop every instance and cluster node gracefully (data is kept); idempotent
 #   start  redis|mariadb [I]   start one server of instance I (default a) and wait until ready
 #   stop   redis|mariadb [I]   gracefully stop one server, wait until its port is closed
 #   kill   redis|mariadb [I]   SIGKILL one server (crash simulation), wait until it is gone
@@ -13,14 +14,33 @@
 #                              (starting either if stopped); DISCARDS the replica's data,
 #                              binlog and sessions (tests use it between scenarios)
 #   status                     one line per server: running/stopped, port, writable or read-only, replication
-#   env                        print `export` lines for the admin URLs, ports (b: *_B) and TLS files
-#   reset                      down, then delete the whole stack directory
+#                              (and per cluster node, as cluster-status)
+#   env                        print `export` lines for the admin URLs, ports (b: *_B), TLS files
+#                              and the Redis Cluster (seed URLs, admin URL, base port)
+#   reset                      down, then delete the whole stack directory (cluster nodes included)
+#
+# Redis Cluster (6 nodes: 3 masters with 1 replica each, ports BASE..BASE+5):
+#   cluster-up                 initialise and start the nodes (running ones are left alone),
+#                              create the cluster once, join nodes that lost their state,
+#                              wait until it is ok (`up` does this too)
+#   cluster-down               gracefully stop the cluster nodes only (replicas first)
+#   cluster-status             one line per node: pid or stopped, master (slots) or replica (of port)
+#   cluster-kill  PORT         SIGKILL one node (crash simulation), wait until it is gone
+#   cluster-wipe  PORT         delete a stopped node's data and nodes.conf (users.acl is kept):
+#                              it starts again as an empty node unknown to the cluster
+#   cluster-start PORT         start one node; a wiped one rejoins (its old id forgotten) as the
+#                              replica of a master without one; waits until the cluster is ok
+#   cluster-wait-ok            wait until every running node has cluster_state:ok, every slot is
+#                              served by a live master and every replica's link is up
+#   cluster-masters            print the ports of the masters that serve slots, one per line
 #
 # Environment:
 #   THUMBUP_STACK_DIR            data directory (default: <repo>/.stack)
 #   THUMBUP_DB_PORT              MariaDB port of instance a (default 23306; b: THUMBUP_DB_PORT_B, 23307)
 #   THUMBUP_REDIS_PORT           Redis port of instance a (default 26379; b: THUMBUP_REDIS_PORT_B, 26380)
 #   THUMBUP_REDIS_TLS_PORT       Redis TLS port of instance a (default: its port + 10; b: THUMBUP_REDIS_TLS_PORT_B)
+#   THUMBUP_REDIS_CLUSTER_PORT   first port (BASE) of the Redis Cluster nodes (default 27001; the
+#                                nodes' cluster bus ports are their ports + 10000)
 #   THUMBUP_DB_ADMIN_PASSWORD    password of MariaDB user thumbup_admin (default thumbup-admin)
 #   THUMBUP_REDIS_ADMIN_PASSWORD password of the Redis `default` user (default thumbup-admin)
 #   THUMBUP_DB_REPL_PASSWORD     password of the MariaDB replication user thumbup_repl (default thumbup-repl)
@@ -39,6 +59,13 @@
 # (in-band).  `env` prints THUMBUP_STACK_TLS_CA (the CA file) and
 # THUMBUP_STACK_TLS_CERT / THUMBUP_STACK_TLS_KEY (the server certificate,
 # which the tests also give the gRPC service).
+#
+# Redis Cluster beside the two single Redis servers (plaintext only): node
+# <port> keeps its AOF, nodes.conf, users.acl (`default` user with the admin
+# password, also used by replicas to sync), log and pid in
+# <stack>/redis-cluster-<port>.  cluster-node-timeout is 2000 ms and a replica
+# may always be promoted (cluster-replica-validity-factor 0), so a killed
+# master's replica takes over within a few seconds.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -58,6 +85,10 @@ INSTANCES=(a b)
 REDIS_INSTANCES=(a b)
 REPL_USER="thumbup_repl"
 REPL_PW="${THUMBUP_DB_REPL_PASSWORD:-thumbup-repl}"
+# Redis Cluster: CLUSTER_NODES nodes on CLUSTER_BASE.., one replica per master.
+CLUSTER_BASE="${THUMBUP_REDIS_CLUSTER_PORT:-27001}"
+CLUSTER_NODES=6
+CLUSTER_SLOTS=16384
 
 db_port_of() {
   case "$1" in
@@ -201,6 +232,14 @@ cmd_install() {
   for tool in mariadb-install-db mariadb mariadb-admin redis-server redis-cli protoc openssl; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after install"
   done
+}
+
+# The cluster commands need only redis-server and redis-cli.
+install_redis() {
+  if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+    return 0
+  fi
+  cmd_install
 }
 
 # ---------------------------------------------------------------- tls
@@ -594,10 +633,9 @@ ensure_redis_tls() { # instance port
   [[ "$(rcli "$2" CONFIG SET "${set[@]}" 2>&1)" == OK ]] || die "could not enable TLS on redis-$1"
 }
 
-init_redis() { # instance
-  local dir acl
-  dir="$(redis_dir "$1")"
-  acl="$dir/users.acl"
+# Makes dir and its users.acl with the `default` user (admin password).
+ensure_redis_acl() { # dir
+  local dir="$1" acl="$1/users.acl"
   [[ "$STACK" != *[[:space:]]* ]] || die "THUMBUP_STACK_DIR must not contain whitespace"
   mkdir -p "$dir"
   # Tenant users are added at runtime (ACL SETUSER + ACL SAVE): never overwrite.
@@ -606,6 +644,10 @@ init_redis() { # instance
     (umask 077 && printf 'user default on >%s ~* &* +@all\n' "$REDIS_ADMIN_PW" >"$acl.tmp")
     mv "$acl.tmp" "$acl"
   fi
+}
+
+init_redis() { # instance
+  ensure_redis_acl "$(redis_dir "$1")"
 }
 
 start_redis() { # instance port
@@ -701,6 +743,472 @@ kill_redis() { # instance port
   wait_port_closed "$port" 10 || die "port $port still accepts connections after killing redis-$inst"
 }
 
+# ---------------------------------------------------------------- redis cluster
+
+rc_name() { echo "redis-cluster-$1"; }
+rc_dir() { echo "$STACK/redis-cluster-$1"; }
+rc_pidfile() { echo "$STACK/redis-cluster-$1/redis.pid"; }
+rc_log() { echo "$STACK/redis-cluster-$1/redis.log"; }
+rc_pid() { live_pid "$(rc_pidfile "$1")" redis-server; }
+
+# The configured ports (BASE..BASE+5).
+cluster_ports() {
+  local i
+  for ((i = 0; i < CLUSTER_NODES; i++)); do echo $((CLUSTER_BASE + i)); done
+}
+
+# The configured ports and those of node directories on disk, sorted.
+cluster_all_ports() {
+  local d p
+  {
+    cluster_ports
+    for d in "$STACK"/redis-cluster-*; do
+      [[ -d "$d" ]] || continue
+      p="${d##*-}"
+      if [[ "$p" =~ ^[1-9][0-9]*$ ]]; then echo "$p"; fi
+    done
+  } | sort -nu
+}
+
+check_cluster_base() {
+  if ! [[ "$CLUSTER_BASE" =~ ^[1-9][0-9]{3,4}$ ]] || ((CLUSTER_BASE + CLUSTER_NODES - 1 + 10000 > 65535)); then
+    die "THUMBUP_REDIS_CLUSTER_PORT must be a port from 1000 to $((65535 - 10000 - CLUSTER_NODES + 1)) (the cluster bus ports are +10000)"
+  fi
+}
+
+# One field of CLUSTER INFO / INFO replication of the node on port.
+rc_cinfo() { rcli "$1" cluster info 2>/dev/null | tr -d '\r' | sed -n "s/^$2://p"; }
+rc_rinfo() { rcli "$1" info replication 2>/dev/null | tr -d '\r' | sed -n "s/^$2://p"; }
+rc_nodes() { rcli "$1" cluster nodes 2>/dev/null | tr -d '\r'; }
+rc_myid() { rcli "$1" cluster myid 2>/dev/null | tr -d '\r'; }
+
+# True if the node on port runs (our pid file) and answers.
+rc_live() { rc_pid "$1" >/dev/null && redis_ping "$1"; }
+
+# True if the node knows other nodes or serves slots (not a fresh/wiped node).
+rc_in_cluster() { # port
+  local known assigned
+  known="$(rc_cinfo "$1" cluster_known_nodes)"
+  assigned="$(rc_cinfo "$1" cluster_slots_assigned)"
+  [[ "${known:-1}" -gt 1 || "${assigned:-0}" -gt 0 ]]
+}
+
+# Running nodes that are part of a cluster, except port $1 (if given).
+rc_live_members() { # [except port]
+  local p
+  while read -r p; do
+    [[ "$p" == "${1:-}" ]] && continue
+    if rc_live "$p" && rc_in_cluster "$p"; then echo "$p"; fi
+  done < <(cluster_all_ports)
+}
+
+# The first of them (nothing if none).
+rc_first_member() { # [except port]
+  local p
+  while read -r p; do
+    [[ "$p" == "${1:-}" ]] && continue
+    if rc_live "$p" && rc_in_cluster "$p"; then
+      echo "$p"
+      return 0
+    fi
+  done < <(cluster_all_ports)
+}
+
+# The port in a `cluster nodes` address (ip:port@cport[,hostname]).
+RC_AWK_PORT='function port_of(a, x) { split(a, x, /[:@,]/); return x[2] }'
+
+init_cluster_node() { # port
+  ensure_redis_acl "$(rc_dir "$1")"
+}
+
+start_cluster_node() { # port
+  local port="$1" name dir pidfile logf pid out i
+  name="$(rc_name "$port")"
+  dir="$(rc_dir "$port")"
+  pidfile="$(rc_pidfile "$port")"
+  logf="$(rc_log "$port")"
+  [[ -e "$dir/users.acl" ]] || die "$name is not initialised (run: $0 cluster-up)"
+
+  if pid="$(rc_pid "$port")"; then
+    if redis_ping "$port"; then
+      log "$name already running (pid $pid)"
+      return 0
+    fi
+    log "$name (pid $pid) is running but not answering yet; waiting"
+  else
+    if port_open "$port"; then
+      die "port $port is already in use by another process; cannot start $name (set THUMBUP_REDIS_CLUSTER_PORT)"
+    fi
+    if port_open $((port + 10000)); then
+      die "cluster bus port $((port + 10000)) is already in use; cannot start $name (set THUMBUP_REDIS_CLUSTER_PORT)"
+    fi
+    rm -f "$pidfile"
+    log "starting $name on 127.0.0.1:$port (cluster bus $((port + 10000)))"
+    printf '\n==== stack.sh: starting %s at %s ====\n' "$name" "$(date '+%F %T')" >>"$logf"
+    # nodes.conf is relative to --dir.  Replicas authenticate to their master
+    # as `default` (masteruser/masterauth).
+    if ! out="$(cd "$dir" && redis-server \
+      --port "$port" \
+      --bind 127.0.0.1 \
+      --dir "$dir" \
+      --cluster-enabled yes \
+      --cluster-config-file nodes.conf \
+      --cluster-node-timeout 2000 \
+      --cluster-replica-validity-factor 0 \
+      --cluster-allow-reads-when-down no \
+      --appendonly yes \
+      --appendfsync always \
+      --save "" \
+      --daemonize yes \
+      --pidfile "$pidfile" \
+      --logfile "$logf" \
+      --aclfile "$dir/users.acl" \
+      --masteruser default \
+      --masterauth "$REDIS_ADMIN_PW" \
+      </dev/null 2>&1 9>&-)"; then
+      printf '%s\n' "$out" >&2
+      show_log_tail "$logf"
+      die "redis-server failed to start for $name"
+    fi
+  fi
+
+  for ((i = 0; i < TIMEOUT * 4; i++)); do
+    if redis_ping "$port"; then
+      pid="$(rc_pid "$port" || echo '?')"
+      log "$name ready (pid $pid, port $port)"
+      return 0
+    fi
+    # the daemonized server writes its pid file right after forking
+    if ((i >= 8)) && ! rc_pid "$port" >/dev/null; then
+      show_log_tail "$logf"
+      die "$name exited during startup (see $logf)"
+    fi
+    sleep 0.25
+  done
+  show_log_tail "$logf"
+  die "$name did not answer PONG within ${TIMEOUT}s (see $logf)"
+}
+
+stop_cluster_node() { # port
+  local port="$1" name pid
+  name="$(rc_name "$port")"
+  if ! pid="$(rc_pid "$port")"; then
+    log "$name is not running"
+    return 0
+  fi
+  log "stopping $name (pid $pid)"
+  # SHUTDOWN flushes the AOF and saves nodes.conf.
+  rcli "$port" shutdown >/dev/null 2>&1 || true
+  if ! wait_pid_gone "$pid" "$TIMEOUT"; then
+    log "$name did not stop after SHUTDOWN; sending SIGTERM"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" "$TIMEOUT"; then
+      log "$name ignored SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      wait_pid_gone "$pid" 10 || die "could not stop $name (pid $pid)"
+    fi
+  fi
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after stopping $name"
+  log "$name stopped"
+}
+
+kill_cluster_node() { # port
+  local port="$1" name pid
+  name="$(rc_name "$port")"
+  if ! pid="$(rc_pid "$port")"; then
+    log "$name is not running"
+    return 0
+  fi
+  log "killing $name (SIGKILL pid $pid)"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait_pid_gone "$pid" 30 || die "$name (pid $pid) still alive after SIGKILL"
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after killing $name"
+}
+
+# Deletes a stopped node's data and cluster state; keeps users.acl (and the
+# log).  Its old node id is kept in wiped-node-id so that cluster-start can
+# make the others forget it.
+wipe_cluster_node() { # port
+  local port="$1" name dir pid id
+  name="$(rc_name "$port")"
+  dir="$(rc_dir "$port")"
+  [[ -d "$dir" ]] || die "$name does not exist ($dir)"
+  if pid="$(rc_pid "$port")"; then
+    die "$name is running (pid $pid); stop it first ($0 cluster-kill $port)"
+  fi
+  if [[ -r "$dir/nodes.conf" ]]; then
+    id="$(awk '$3 ~ /(^|,)myself(,|$)/ { print $1 }' "$dir/nodes.conf")"
+    [[ -n "$id" ]] && echo "$id" >"$dir/wiped-node-id"
+  fi
+  log "wiping $name (data and nodes.conf; users.acl kept)"
+  rm -rf -- "$dir/appendonlydir" "$dir"/appendonly.aof* "$dir/dump.rdb" "$dir/nodes.conf" \
+    "$dir"/temp-*.rdb "$dir"/temp-*.aof
+}
+
+# Lines "id flags has-slots" of the identities that running members still
+# keep for the node on port (its address, or the id cluster-wipe recorded),
+# other than its current id.
+rc_stale_ids() { # port [current id]
+  local port="$1" cur="${2:-}" wiped="" f p
+  f="$(rc_dir "$port")/wiped-node-id"
+  [[ -r "$f" ]] && wiped="$(cat "$f")"
+  while read -r p; do
+    rc_nodes "$p" | awk -v addr="127.0.0.1:$port@" -v cur="$cur" -v wiped="$wiped" \
+      '$1 != cur && (index($2, addr) == 1 || $1 == wiped) { print $1, $3, (NF > 8 ? "slots" : "-") }'
+  done < <(rc_live_members "$port")
+}
+
+# Makes every running member CLUSTER FORGET the old identity of the node on
+# port, once all of them see it failed (`fail`, not just `fail?`) and its
+# slots taken over.
+forget_old_identity() { # port [current id]
+  local port="$1" cur="${2:-}" name lines pending i id flags slots p out ids
+  name="$(rc_name "$port")"
+  for ((i = 0; ; i++)); do
+    lines="$(rc_stale_ids "$port" "$cur")"
+    pending=""
+    while read -r id flags slots; do
+      [[ -n "$id" ]] || continue
+      if [[ ",$flags," == *,noaddr,* && "$slots" != - ]]; then
+        die "the old identity $id of $name still serves slots but has lost its address: the wiped node was started before its slots failed over (its replica may have synced from the empty node); recreate the cluster"
+      fi
+      if [[ ",$flags," != *,fail,* || "$slots" != - ]]; then pending+=" $id($flags${slots/-/ with slots})"; fi
+    done <<<"$lines"
+    [[ -z "$pending" ]] && break
+    ((i < TIMEOUT * 4)) || die "the old identity of $name is not failed over after ${TIMEOUT}s:$pending (is it still running?)"
+    sleep 0.25
+  done
+  ids="$(awk '{ print $1 }' <<<"$lines" | sort -u)"
+  [[ -n "$ids" ]] || return 0
+  for id in $ids; do
+    log "forgetting the old identity $id of $name on every running node"
+    while read -r p; do
+      out="$(rcli "$p" cluster forget "$id" 2>&1 || true)"
+      [[ "$out" == OK || "$out" == *"Unknown node"* ]] || die "CLUSTER FORGET $id on $(rc_name "$p") failed: $out"
+    done < <(rc_live_members "$port")
+  done
+}
+
+# The master that serves slots and has the fewest healthy replicas, as
+# "replica-count port id" (view of the node on port).
+rc_lonely_master() { # port
+  rc_nodes "$1" | awk "$RC_AWK_PORT"'
+    { flags[$1] = $3; master[$1] = $4; addr[$1] = $2; slots[$1] = (NF > 8) }
+    END {
+      for (id in flags) if (flags[id] ~ /(^|,)slave(,|$)/ && flags[id] !~ /fail/) n[master[id]]++
+      for (id in flags)
+        if (flags[id] ~ /(^|,)master(,|$)/ && flags[id] !~ /fail/ && slots[id])
+          print n[id] + 0, port_of(addr[id]), id
+    }' | sort -n -k1,1 -k2,2 | awk 'NR == 1'
+}
+
+# Joins the fresh (wiped) node on port to the running cluster as the replica
+# of a master without one.
+rejoin_cluster_node() { # port
+  local port="$1" name new peer p i ok out count mport master
+  name="$(rc_name "$port")"
+  peer="$(rc_first_member "$port")"
+  [[ -n "$peer" ]] || die "no running cluster node to join $name to"
+  new="$(rc_myid "$port")"
+  [[ -n "$new" ]] || die "could not read the node id of $name"
+  forget_old_identity "$port" "$new"
+  log "$name (id $new) meets the cluster through $(rc_name "$peer")"
+  out="$(rcli "$port" cluster meet 127.0.0.1 "$peer" 2>&1 || true)"
+  [[ "$out" == OK ]] || die "CLUSTER MEET 127.0.0.1 $peer on $name failed: $out"
+  # Known (handshake done) by every member, and knowing all of them.
+  for ((i = 0; ; i++)); do
+    ok=1
+    while read -r p; do
+      rc_nodes "$p" | awk -v id="$new" '$1 == id && $3 !~ /handshake|noaddr/ { f = 1 } END { exit !f }' || { ok=0; break; }
+    done < <(rc_live_members "$port")
+    if ((ok)) && (($(rc_cinfo "$port" cluster_known_nodes) >= $(rc_cinfo "$peer" cluster_known_nodes))); then
+      break
+    fi
+    ((i < TIMEOUT * 4)) || die "$name did not join the cluster within ${TIMEOUT}s"
+    sleep 0.25
+  done
+  read -r count mport master <<<"$(rc_lonely_master "$peer")"
+  [[ -n "${master:-}" ]] || die "no master serving slots found to replicate (view of $(rc_name "$peer"))"
+  if ((count > 0)); then
+    log "every master has a replica; $name joins $(rc_name "$mport") which has $count"
+  fi
+  for ((i = 0; ; i++)); do
+    rc_nodes "$port" | awk -v id="$master" '$1 == id { f = 1 } END { exit !f }' && break
+    ((i < TIMEOUT * 4)) || die "$name does not know master $master ($(rc_name "$mport")) after ${TIMEOUT}s"
+    sleep 0.25
+  done
+  log "$name becomes the replica of $(rc_name "$mport") ($master)"
+  out="$(rcli "$port" cluster replicate "$master" 2>&1 || true)"
+  [[ "$out" == OK ]] || die "CLUSTER REPLICATE $master on $name failed: $out"
+  rm -f "$(rc_dir "$port")/wiped-node-id"
+}
+
+# Prints why the cluster is not ok yet (nothing and status 0 when it is):
+# every running node has cluster_state:ok and all slots assigned and ok,
+# every master serving slots in its view is running and not failing, and
+# every running replica's link to its master is up.
+cluster_not_ok() {
+  local p live=() v bad
+  while read -r p; do rc_live "$p" && live+=("$p"); done < <(cluster_all_ports)
+  if ((${#live[@]} == 0)); then
+    echo "no cluster node is running"
+    return 2
+  fi
+  for p in "${live[@]}"; do
+    v="$(rc_cinfo "$p" cluster_state)"
+    [[ "$v" == ok ]] || { echo "$(rc_name "$p"): cluster_state:${v:-?}"; return 1; }
+    v="$(rc_cinfo "$p" cluster_slots_ok)"
+    [[ "$v" == "$CLUSTER_SLOTS" ]] || { echo "$(rc_name "$p"): cluster_slots_ok:${v:-?}"; return 1; }
+    bad="$(rc_nodes "$p" | awk -v live=" ${live[*]} " "$RC_AWK_PORT"'
+      $3 ~ /(^|,)master(,|$)/ && NF > 8 && ($3 ~ /fail/ || index(live, " " port_of($2) " ") == 0) { print port_of($2) "(" $3 ")" }')"
+    [[ -z "$bad" ]] || { echo "$(rc_name "$p"): slots still served by $(paste -sd' ' - <<<"$bad")"; return 1; }
+    if [[ "$(rc_rinfo "$p" role)" == slave ]]; then
+      v="$(rc_rinfo "$p" master_link_status)"
+      [[ "$v" == up ]] || { echo "$(rc_name "$p"): master_link_status:${v:-?}"; return 1; }
+    fi
+  done
+}
+
+cluster_wait_ok() {
+  local i why rc
+  for ((i = 0; ; i++)); do
+    why="$(cluster_not_ok)" && break
+    rc=$?
+    ((rc != 2)) || die "the Redis Cluster is not ok: $why"
+    ((i < TIMEOUT * 2)) || die "the Redis Cluster is not ok after ${TIMEOUT}s: $why"
+    sleep 0.5
+  done
+  log "redis cluster ok (masters: $(cluster_masters | paste -sd' ' -))"
+}
+
+# Ports of the masters serving slots (not failing), in the view of the first
+# running member.
+cluster_masters() {
+  local p
+  p="$(rc_first_member)"
+  [[ -n "$p" ]] || die "no Redis Cluster node is running"
+  rc_nodes "$p" | awk "$RC_AWK_PORT"'$3 ~ /(^|,)master(,|$)/ && $3 !~ /fail/ && NF > 8 { print port_of($2) }' | sort -n
+}
+
+create_cluster() {
+  local p addrs=() out
+  while read -r p; do addrs+=("127.0.0.1:$p"); done < <(cluster_ports)
+  log "creating the Redis Cluster on ${addrs[*]} (3 masters, 1 replica each)"
+  if ! out="$(REDISCLI_AUTH="$REDIS_ADMIN_PW" timeout "$TIMEOUT" redis-cli --user default --no-auth-warning \
+    --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes </dev/null 2>&1 9>&-)"; then
+    printf '%s\n' "$out" | tail -n 40 >&2
+    die "redis-cli --cluster create failed"
+  fi
+  # (redis-cli colours its messages even into a pipe)
+  printf '%s\n' "$out" | sed -e 's/\x1b\[[0-9;]*m//g' | grep -F '[OK]' | sed 's/^/stack.sh: /' >&2 || true
+}
+
+# A stopped node without nodes.conf (wiped) while a cluster runs: once its
+# old identity is failed over, the members forget it, before anything answers
+# on its address.  (A stranger answering there makes them drop the old
+# identity's address: a master's slots would then never fail over and its
+# replica would sync from the empty node.)
+forget_before_start() { # port
+  if ! rc_pid "$1" >/dev/null && [[ ! -s "$(rc_dir "$1")/nodes.conf" && -n "$(rc_first_member "$1")" ]]; then
+    forget_old_identity "$1"
+  fi
+}
+
+# Starts every node (those with a nodes.conf first); creates the cluster when
+# all of them are fresh, else joins the fresh (wiped) ones to it; waits until
+# it is ok.
+cluster_up() {
+  local p fresh=() members=()
+  while read -r p; do
+    init_cluster_node "$p"
+    if [[ -s "$(rc_dir "$p")/nodes.conf" ]]; then start_cluster_node "$p"; else fresh+=("$p"); fi
+  done < <(cluster_ports)
+  for p in "${fresh[@]}"; do
+    forget_before_start "$p"
+    start_cluster_node "$p"
+  done
+  fresh=()
+  while read -r p; do
+    if rc_in_cluster "$p"; then members+=("$p"); else fresh+=("$p"); fi
+  done < <(cluster_ports)
+  if ((${#members[@]} == 0)); then
+    create_cluster
+  else
+    for p in "${fresh[@]}"; do
+      log "$(rc_name "$p") is not part of the cluster; joining it"
+      rejoin_cluster_node "$p"
+    done
+  fi
+  cluster_wait_ok
+}
+
+# Replicas first, so that stopping the masters promotes none of them.
+cluster_down() {
+  local p replicas=() others=()
+  while read -r p; do
+    [[ -d "$(rc_dir "$p")" ]] || continue
+    if rc_live "$p" && [[ "$(rc_rinfo "$p" role)" == slave ]]; then replicas+=("$p"); else others+=("$p"); fi
+  done < <(cluster_all_ports)
+  for p in "${replicas[@]}" "${others[@]}"; do
+    stop_cluster_node "$p"
+  done
+}
+
+# Starts one node; a fresh (wiped) one rejoins a running cluster.  Waits
+# until the cluster is ok when other members run.
+cluster_start() { # port
+  local port="$1" name
+  name="$(rc_name "$port")"
+  init_cluster_node "$port"
+  forget_before_start "$port"
+  start_cluster_node "$port"
+  [[ -n "$(rc_first_member "$port")" ]] || return 0
+  if ! rc_in_cluster "$port"; then
+    log "$name is not part of the cluster; joining it"
+    rejoin_cluster_node "$port"
+  fi
+  cluster_wait_ok
+}
+
+cluster_status_line() { # port
+  local port="$1" name pid me flags state desc
+  name="$(rc_name "$port")"
+  if ! pid="$(rc_pid "$port")"; then
+    echo "$name: stopped (port $port)"
+    return 0
+  fi
+  if ! redis_ping "$port"; then
+    echo "$name: running, not answering (port $port, pid $pid)"
+    return 0
+  fi
+  me="$(rc_nodes "$port" | awk '$3 ~ /(^|,)myself(,|$)/')"
+  flags="$(awk '{ print $3 }' <<<"$me")"
+  state="$(rc_cinfo "$port" cluster_state)"
+  if [[ ",$flags," == *,slave,* ]]; then
+    desc="replica of $(rc_rinfo "$port" master_port), link $(rc_rinfo "$port" master_link_status)"
+  elif ! rc_in_cluster "$port"; then
+    desc="master, not in a cluster"
+  else
+    desc="master, $(awk '{ n = 0; for (i = 9; i <= NF; i++) { if ($i ~ /^\[/) continue; split($i, r, "-"); k = split($i, r, "-"); n += (k == 2 ? r[2] - r[1] + 1 : 1) } print n }' <<<"$me") slots"
+  fi
+  echo "$name: running (port $port, pid $pid, $desc, cluster_state ${state:-?})"
+}
+
+cluster_node_action() { # action port
+  local action="$1" port="${2:-}"
+  [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "usage: $0 cluster-$action PORT"
+  if [[ ! -d "$(rc_dir "$port")" ]] && ((port < CLUSTER_BASE || port >= CLUSTER_BASE + CLUSTER_NODES)); then
+    die "$port is not a Redis Cluster port ($(cluster_ports | paste -sd' ' -))"
+  fi
+  [[ "$action" == start ]] && install_redis
+  lock_stack
+  case "$action" in
+    kill) kill_cluster_node "$port" ;;
+    wipe) wipe_cluster_node "$port" ;;
+    start) cluster_start "$port" ;;
+  esac
+}
+
 # ---------------------------------------------------------------- commands
 
 # Instances that exist on disk or are configured (so `down` also stops "b").
@@ -744,6 +1252,7 @@ cmd_up() {
     start_redis "$inst" "$(redis_port_of "$inst")"
     ensure_redis_tls "$inst" "$(redis_port_of "$inst")"
   done
+  cluster_up
 }
 
 cmd_down() {
@@ -754,6 +1263,7 @@ cmd_down() {
     stop_redis "$inst" "$(redis_port_of "$inst")"
     stop_mariadb "$inst" "$(db_port_of "$inst")"
   done < <(known_instances)
+  cluster_down
 }
 
 server_action() { # action server [instance]
@@ -799,6 +1309,11 @@ cmd_status() {
       echo "redis-$inst: stopped (port $port)"
     fi
   done < <(known_instances)
+  local p
+  for p in "$STACK"/redis-cluster-*; do
+    [[ -d "$p" ]] && cluster_status_line "${p##*-}"
+  done
+  return 0
 }
 
 cmd_env() {
@@ -819,6 +1334,30 @@ cmd_env() {
     THUMBUP_STACK_TLS_CA "$(tls_dir)/ca.crt" \
     THUMBUP_STACK_TLS_CERT "$(tls_dir)/server.crt" \
     THUMBUP_STACK_TLS_KEY "$(tls_dir)/server.key"
+  # The cluster: seed URLs without credentials, the admin URL of the first node.
+  local p nodes=""
+  while read -r p; do nodes+="${nodes:+,}redis://127.0.0.1:$p"; done < <(cluster_ports)
+  printf 'export %s=%q\n' \
+    THUMBUP_REDIS_CLUSTER_NODES "$nodes" \
+    THUMBUP_ADMIN_REDIS_CLUSTER_URL "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$CLUSTER_BASE" \
+    THUMBUP_REDIS_CLUSTER_PORT "$CLUSTER_BASE"
+}
+
+cmd_cluster_up() {
+  install_redis
+  lock_stack
+  cluster_up
+}
+
+cmd_cluster_down() {
+  [[ -d "$STACK" ]] || { log "nothing to stop ($STACK does not exist)"; return 0; }
+  lock_stack
+  cluster_down
+}
+
+cmd_cluster_status() {
+  local p
+  while read -r p; do cluster_status_line "$p"; done < <(cluster_all_ports)
 }
 
 cmd_reseed() { # primary replica
@@ -847,6 +1386,7 @@ usage() {
 main() {
   local cmd="${1:-}"
   [[ $# -gt 0 ]] && shift
+  case "$cmd" in -h | --help | help) ;; *) check_cluster_base ;; esac
   case "$cmd" in
     install) cmd_install ;;
     up) cmd_up ;;
@@ -856,6 +1396,12 @@ main() {
     status) cmd_status ;;
     env) cmd_env ;;
     reset) cmd_reset ;;
+    cluster-up) cmd_cluster_up ;;
+    cluster-down) cmd_cluster_down ;;
+    cluster-status) cmd_cluster_status ;;
+    cluster-kill | cluster-wipe | cluster-start) cluster_node_action "${cmd#cluster-}" "$@" ;;
+    cluster-wait-ok) cluster_wait_ok ;;
+    cluster-masters) cluster_masters ;;
     -h | --help | help) usage ;;
     *) usage; exit 2 ;;
   esac
