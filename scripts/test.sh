@@ -6,7 +6,10 @@
 # client (tests/python, in a venv that scripts/python.sh makes), clippy
 # and the shell linter.
 # The exact-counts, bad-input and isolation tests run a second time in TLS
-# mode. The kind e2e (tests/e2e/kind.sh) needs Docker and is not run here.
+# mode; the whole data-plane suite runs a second time on the stack's Redis
+# Cluster (tests/tests/cluster.rs adds master loss, live resharding and
+# per-node isolation there). The kind e2e (tests/e2e/kind.sh) needs Docker
+# and is not run here.
 # Leaves the stack running; `scripts/stack.sh down` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,3 +49,8 @@ THUMBUP_E2E_TLS=1 cargo test --locked -p thumbup-e2e --test data_plane -- --exac
   counts_are_exact_under_concurrent_load_with_double_clicks \
   bad_requests_get_their_status_and_change_nothing \
   tenants_are_isolated_by_tokens_acl_and_grants
+
+# Cluster mode (test-support's cluster_mode): the data-plane suite again
+# with every tenant on the stack's Redis Cluster (three masters with a
+# replica each; a like waits for its master's replica, replica_acks: 1).
+THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane

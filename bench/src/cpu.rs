@@ -3,7 +3,7 @@
 //! where all of them share the same cores, CPU per request tells where the
 //! time goes better than the request rate alone.
 
-use redis::aio::MultiplexedConnection;
+use thumbup_core::cache::Conn;
 
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
@@ -50,7 +50,7 @@ pub fn redis_seconds(info: &str) -> Option<f64> {
 
 impl Snapshot {
     /// Reads every side now.
-    pub async fn take(service_pid: Option<u32>, redis: &MultiplexedConnection) -> Snapshot {
+    pub async fn take(service_pid: Option<u32>, redis: &Conn) -> Snapshot {
         let mut con = redis.clone();
         let info: Option<String> = redis::cmd("INFO").arg("cpu").query_async(&mut con).await.ok();
         Snapshot {

@@ -5,35 +5,35 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
+
+pub use crate::conn::Conn;
 
 use crate::config::{RedisConfig, RedisTls, TenantConfig};
 use crate::domain::{Action, State};
 use crate::functions::{self, Function};
 use crate::keys::Keys;
 
-fn client_and_config(
-    cfg: &RedisConfig,
-    response_timeout: Duration,
-) -> Result<(redis::Client, ConnectionManagerConfig), RedisError> {
-    let info = cfg.url.as_str().into_connection_info()?;
-    let settings = info.redis_settings().clone().set_username(&cfg.username).set_password(&cfg.password);
-    let client = client(info.set_redis_settings(settings), cfg.tls.as_ref())?;
-    let config = ConnectionManagerConfig::new()
+fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    Ok((client, config))
+        .set_max_delay(Duration::from_millis(500))
 }
 
-/// A client of the server at `info`: over TLS checked against `tls`'s CA
-/// when given (the URL must be `rediss://`), else as the URL says
-/// (`rediss://` trusts the system's roots).
-pub fn client(info: impl IntoConnectionInfo, tls: Option<&RedisTls>) -> Result<redis::Client, RedisError> {
-    let Some(tls) = tls else { return redis::Client::open(info) };
-    // The content read with the config, else the file (a config built in code).
-    let ca = match (&tls.ca_pem, &tls.ca_file) {
+/// The connection info of `url` with the tenant's ACL user.
+fn with_user(url: &str, cfg: &RedisConfig) -> Result<redis::ConnectionInfo, RedisError> {
+    let info = url.into_connection_info()?;
+    let settings = info.redis_settings().clone().set_username(&cfg.username).set_password(&cfg.password);
+    Ok(info.set_redis_settings(settings))
+}
+
+/// The CA of `tls`: the content read with the config, else the file (a
+/// config built in code).
+fn ca_of(tls: &RedisTls) -> Result<Option<Vec<u8>>, RedisError> {
+    Ok(match (&tls.ca_pem, &tls.ca_file) {
         (Some(pem), _) => Some(pem.clone()),
         (None, Some(file)) => Some(std::fs::read(file).map_err(|e| {
             RedisError::from((
@@ -43,8 +43,34 @@ pub fn client(info: impl IntoConnectionInfo, tls: Option<&RedisTls>) -> Result<r
             ))
         })?),
         (None, None) => None,
-    };
-    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: ca })
+    })
+}
+
+/// The cluster client of `cfg` (`url` and `seeds` as seed nodes).
+fn cluster_client(cfg: &RedisConfig, response_timeout: Duration) -> Result<ClusterClient, RedisError> {
+    let nodes = std::iter::once(&cfg.url).chain(&cfg.seeds).map(|u| with_user(u, cfg)).collect::<Result<Vec<_>, _>>()?;
+    let mut b = ClusterClientBuilder::new(nodes)
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(response_timeout)
+        // A MOVED, ASK or TRYAGAIN is retried at once; a node that fails
+        // is retried while the cluster promotes its replica, within the
+        // caller's overall timeout. The transition carries a deadline, so
+        // a retry that comes late does nothing.
+        .retries(3)
+        .min_retry_wait(20)
+        .max_retry_wait(200);
+    if let Some(tls) = &cfg.tls {
+        b = b.certs(redis::TlsCertificates { client_tls: None, root_cert: ca_of(tls)? });
+    }
+    b.build()
+}
+
+/// A client of the server at `info`: over TLS checked against `tls`'s CA
+/// when given (the URL must be `rediss://`), else as the URL says
+/// (`rediss://` trusts the system's roots).
+pub fn client(info: impl IntoConnectionInfo, tls: Option<&RedisTls>) -> Result<redis::Client, RedisError> {
+    let Some(tls) = tls else { return redis::Client::open(info) };
+    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: ca_of(tls)? })
 }
 
 /// The URL parameter of an admin Redis URL that names the CA file of a
@@ -53,38 +79,95 @@ pub fn client(info: impl IntoConnectionInfo, tls: Option<&RedisTls>) -> Result<r
 /// is taken out of the URL here.
 pub const ADMIN_CA_PARAM: &str = "ssl-ca";
 
+/// The URL parameter of an admin Redis URL that says the server is a node
+/// of a Redis Cluster (`cluster=true`): the admin connection is then a
+/// cluster connection, and provisioning reaches every node.
+pub const ADMIN_CLUSTER_PARAM: &str = "cluster";
+
+/// An admin URL taken apart: the URL the client understands, the CA file
+/// and whether it names a cluster node.
+fn admin_parts(url: &str) -> (String, Option<String>, bool) {
+    let Some((base, query)) = url.split_once('?') else { return (url.to_string(), None, false) };
+    let (mut ca, mut cluster, mut rest) = (None, false, Vec::new());
+    for kv in query.split('&') {
+        match kv.split_once('=') {
+            Some((k, v)) if k == ADMIN_CA_PARAM => ca = Some(v.to_string()),
+            Some((k, v)) if k == ADMIN_CLUSTER_PARAM => cluster = v == "true",
+            _ => rest.push(kv),
+        }
+    }
+    let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    (url, ca, cluster)
+}
+
 /// A client for an admin URL, which is a single string (a flag, the
 /// operator's config): its [`ADMIN_CA_PARAM`] parameter, when present, is
 /// the CA file that the server's certificate must chain to.
 pub fn admin_client(url: &str) -> Result<redis::Client, RedisError> {
-    let Some((base, query)) = url.split_once('?') else { return redis::Client::open(url) };
-    let prefix = format!("{ADMIN_CA_PARAM}=");
-    let (ca, rest): (Vec<&str>, Vec<&str>) = query.split('&').partition(|kv| kv.starts_with(&prefix));
-    let Some(ca_file) = ca.last().map(|kv| &kv[prefix.len()..]) else { return redis::Client::open(url) };
-    let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
-    client(url.as_str(), Some(&RedisTls { ca_file: Some(ca_file.to_string()), ca_pem: None }))
+    let (url, ca_file, _) = admin_parts(url);
+    client(url.as_str(), ca_file.map(|f| RedisTls { ca_file: Some(f), ca_pem: None }).as_ref())
 }
 
-/// Opens a managed (auto-reconnecting) connection with the tenant's ACL user.
+/// The admin connection of an admin URL: to the server, or with
+/// [`ADMIN_CLUSTER_PARAM`] to the cluster that the URL's node belongs to.
+pub async fn admin_connect(url: &str, response_timeout: Duration) -> Result<Conn, RedisError> {
+    let (base, ca_file, cluster) = admin_parts(url);
+    if !cluster {
+        let client = admin_client(url)?;
+        return Ok(Conn::Single(ConnectionManager::new_with_config(client, manager_config(response_timeout)).await?));
+    }
+    let mut b = ClusterClientBuilder::new([base.as_str()])
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(response_timeout)
+        .retries(3);
+    if let Some(f) = ca_file {
+        b = b.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca_of(&RedisTls { ca_file: Some(f), ca_pem: None })?,
+        });
+    }
+    Ok(Conn::Cluster(b.build()?.get_async_connection().await?))
+}
+
+/// Opens a managed (auto-reconnecting) connection with the tenant's ACL
+/// user: to the server, or with `cluster` to the cluster.
 ///
 /// Commands time out after `response_timeout`, so a dead Redis is noticed
 /// in bounded time and the caller can take the DB path.
-pub async fn connect(cfg: &RedisConfig, response_timeout: Duration) -> Result<ConnectionManager, RedisError> {
-    let (client, config) = client_and_config(cfg, response_timeout)?;
-    ConnectionManager::new_with_config(client, config).await
+pub async fn connect(cfg: &RedisConfig, response_timeout: Duration) -> Result<Conn, RedisError> {
+    if cfg.cluster {
+        return Ok(Conn::Cluster(cluster_client(cfg, response_timeout)?.get_async_connection().await?));
+    }
+    let client = client(with_user(&cfg.url, cfg)?, cfg.tls.as_ref())?;
+    Ok(Conn::Single(ConnectionManager::new_with_config(client, manager_config(response_timeout)).await?))
 }
 
 /// Like [`connect`], but returns at once; the first command connects, so a
 /// process starts while Redis is down.
-pub fn connect_lazy(cfg: &RedisConfig, response_timeout: Duration) -> Result<ConnectionManager, RedisError> {
-    let (client, config) = client_and_config(cfg, response_timeout)?;
-    ConnectionManager::new_lazy_with_config(client, config)
+pub fn connect_lazy(cfg: &RedisConfig, response_timeout: Duration) -> Result<Conn, RedisError> {
+    if cfg.cluster {
+        let config = ClusterConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(response_timeout);
+        return Ok(Conn::Cluster(cluster_client(cfg, response_timeout)?.get_pending_async_connection_with_config(config)));
+    }
+    let client = client(with_user(&cfg.url, cfg)?, cfg.tls.as_ref())?;
+    ConnectionManager::new_lazy_with_config(client, manager_config(response_timeout)).map(Conn::Single)
 }
 
 /// True when the error means Redis could not be reached (as opposed to an
 /// error reply from a running server).
+///
+/// In a cluster, a slot whose master is down (CLUSTERDOWN, TRYAGAIN during
+/// a resharding after the client's retries, MASTERDOWN) is unreachable too:
+/// it answers again once the cluster has promoted a replica.
 pub fn is_unreachable(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() || e.code().is_none()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(e.code(), None | Some("MASTERDOWN") | Some("LOADING"))
 }
 
 /// Parses the millisecond part of a stream entry id `"<ms>-<seq>"`.
@@ -211,7 +294,7 @@ impl Scripts {
     /// `FCALL` (or `FCALL_RO`) of `f`, registered as `name`. Every key goes
     /// in KEYS, so the ACL checks them all and Redis Cluster routes the call.
     async fn call<T: FromRedisValue>(
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         f: Function,
         name: &str,
         keys: &[&str],
@@ -230,7 +313,7 @@ impl Scripts {
     /// Runs the atomic transition for one record.
     pub async fn transition(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         keys: &Keys,
         tenant: &TenantConfig,
         a: TransitionArgs,
@@ -248,7 +331,7 @@ impl Scripts {
     /// after the transition.
     pub async fn transition_and_counts(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         keys: &Keys,
         tenant: &TenantConfig,
         a: TransitionArgs,
@@ -302,7 +385,7 @@ impl Scripts {
 
     /// The applied watermark of stream shard `stream` for consumer group
     /// `group` (Unix ms, Redis clock): every entry below it is acknowledged.
-    pub async fn watermark(&self, con: &mut ConnectionManager, stream: &str, group: &str) -> Result<i64, RedisError> {
+    pub async fn watermark(&self, con: &mut Conn, stream: &str, group: &str) -> Result<i64, RedisError> {
         Self::call(con, Function::Watermark, &self.watermark, &[stream], group).await
     }
 
@@ -313,7 +396,7 @@ impl Scripts {
     /// another caller, or deleted and made again): nothing changed.
     pub async fn establish(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         key: &str,
         created_ms: i64,
         db_max_mid: i64,
@@ -325,7 +408,7 @@ impl Scripts {
     /// Forgets records of users' caches that were written elsewhere (the
     /// DB path): per `(user cache key, message ids)`, the members go and
     /// the cache turns partial as of now (see `functions.lua`), pipelined.
-    pub async fn forget(&self, con: &mut ConnectionManager, records: &[(String, Vec<i64>)]) -> Result<(), RedisError> {
+    pub async fn forget(&self, con: &mut Conn, records: &[(String, Vec<i64>)]) -> Result<(), RedisError> {
         let cmds = records.iter().map(|(key, messages)| Self::cmd(Function::Forget, &self.forget, &[key], messages));
         pipelined(con, cmds.collect()).await
     }
@@ -334,7 +417,7 @@ impl Scripts {
     /// it was written.
     pub async fn set_if_newer(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         key: &str,
         pair: (i64, i64),
         version: i64,
@@ -351,7 +434,7 @@ impl Scripts {
     /// items instead of one each.
     pub async fn set_if_newer_many(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         values: &[(String, (i64, i64), i64)],
         ttl_secs: u64,
     ) -> Result<(), RedisError> {
@@ -371,7 +454,7 @@ pub const PIPELINE_CHUNK: usize = 1000;
 
 /// Sends `cmds` in pipelines of [`PIPELINE_CHUNK`], replies ignored; the
 /// first failure ends it, as the failed command alone would have.
-async fn pipelined(con: &mut ConnectionManager, cmds: Vec<redis::Cmd>) -> Result<(), RedisError> {
+async fn pipelined(con: &mut Conn, cmds: Vec<redis::Cmd>) -> Result<(), RedisError> {
     let mut cmds = cmds.into_iter().peekable();
     while cmds.peek().is_some() {
         let mut pipe = redis::pipe();
@@ -444,7 +527,7 @@ impl UserView {
 /// Reads what the user's cache `key` holds of `messages` (one round trip);
 /// `None` when the user is not cached.
 pub async fn user_view(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     key: &str,
     messages: &[i64],
 ) -> Result<Option<UserView>, RedisError> {
@@ -478,7 +561,7 @@ pub fn parse_pair(value: &str) -> Option<(i64, i64, i64)> {
 }
 
 /// Reads several string keys at once; `None` for a missing key.
-pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Option<String>>, RedisError> {
+pub async fn mget(con: &mut Conn, keys: &[String]) -> Result<Vec<Option<String>>, RedisError> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -505,7 +588,7 @@ pub async fn mget(con: &mut ConnectionManager, keys: &[String]) -> Result<Vec<Op
 /// first, skipping `offset`, with like times at most `max_ms` (all when
 /// `None`): (Unix ms, message id).
 pub async fn liked_newest(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     key: &str,
     max_ms: Option<i64>,
     offset: usize,
@@ -526,35 +609,70 @@ pub async fn liked_newest(
 }
 
 /// Deletes every key matching `pattern` with SCAN and UNLINK, `batch` keys
-/// a round trip (never KEYS, which would block the server). Returns how
-/// many were removed.
-pub async fn unlink_matching<C: redis::aio::ConnectionLike>(
-    con: &mut C,
+/// a round trip (never KEYS, which would block the server); in a cluster,
+/// on every master. Returns how many were removed.
+pub async fn unlink_matching(con: &mut Conn, pattern: &str, batch: usize) -> Result<u64, RedisError> {
+    let mut removed = 0u64;
+    for node in scan_nodes(con).await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys) = scan_page(con, &node, cursor, pattern, batch).await?;
+            if !keys.is_empty() {
+                // In a cluster the client splits a multi-key UNLINK by slot.
+                removed += redis::cmd("UNLINK").arg(&keys).query_async::<u64>(con).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(removed)
+}
+
+/// The nodes a SCAN must visit: every master of a cluster; the server.
+pub async fn scan_nodes(con: &mut Conn) -> Result<Vec<(String, u16)>, RedisError> {
+    if con.is_cluster() { con.masters().await } else { Ok(vec![(String::new(), 0)]) }
+}
+
+/// One SCAN page of `node` (from [`scan_nodes`]): the next cursor and keys.
+pub async fn scan_page(
+    con: &mut Conn,
+    node: &(String, u16),
+    cursor: u64,
     pattern: &str,
     batch: usize,
-) -> Result<u64, RedisError> {
-    let mut cursor: u64 = 0;
-    let mut removed = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(batch).query_async(con).await?;
-        if !keys.is_empty() {
-            removed += redis::cmd("UNLINK").arg(&keys).query_async::<u64>(con).await?;
-        }
-        if next == 0 {
-            return Ok(removed);
-        }
-        cursor = next;
+) -> Result<(u64, Vec<String>), RedisError> {
+    let mut scan = redis::cmd("SCAN");
+    scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(batch);
+    Ok(redis::from_redis_value(con.on_node(&node.0, node.1, scan).await?)?)
+}
+
+/// Waits until `acks` replicas of every master hold what this connection
+/// wrote (`WAIT`; in a cluster the client sends it to every master and
+/// answers the fewest). Nothing to do when `acks` is 0.
+pub async fn replicated_everywhere(con: &mut Conn, acks: u32, timeout_ms: u64) -> Result<(), RedisError> {
+    if acks == 0 {
+        return Ok(());
     }
+    let got: u32 = redis::cmd("WAIT").arg(acks).arg(timeout_ms).query_async(con).await?;
+    if got < acks {
+        return Err(RedisError::from((
+            redis::ErrorKind::Io,
+            "replicas did not confirm",
+            format!("{got} of {acks} replicas within {timeout_ms} ms"),
+        )));
+    }
+    Ok(())
 }
 
 /// True when Redis answers a PING.
-pub async fn ping(con: &mut ConnectionManager) -> bool {
+pub async fn ping(con: &mut Conn) -> bool {
     redis::cmd("PING").query_async::<String>(con).await.is_ok()
 }
 
 /// Deletes keys (used when invalidating after the DB path ran).
-pub async fn delete(con: &mut ConnectionManager, keys: &[String]) -> Result<(), RedisError> {
+pub async fn delete(con: &mut Conn, keys: &[String]) -> Result<(), RedisError> {
     if keys.is_empty() {
         return Ok(());
     }

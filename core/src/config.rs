@@ -157,8 +157,30 @@ pub struct Business {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port`.
+    /// `redis://host:port`; with `cluster`, one seed node of the cluster.
     pub url: String,
+    /// True when `url` is a node of a Redis Cluster: the client discovers
+    /// the others, routes each key to its slot's master and follows
+    /// MOVED/ASK redirections and failovers (the redis crate's cluster
+    /// client).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
+    /// More seed nodes of the cluster (`redis://host:port`), tried when
+    /// `url` does not answer; only with `cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<String>,
+    /// Replicas that must hold a transition before it is acknowledged
+    /// (Redis `WAIT`, on the connection that wrote it): with a replica, the
+    /// loss of the master that took a like loses no acknowledged like. 0
+    /// (the default) relies on the server's own disk (`appendfsync always`).
+    /// A write the replicas did not confirm within `replica_timeout_ms` is
+    /// answered UNAVAILABLE (it took effect on the master) and counted in
+    /// `thumbup_service_replica_waits_total{outcome="missed"}`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replica_acks: u32,
+    /// How long a write waits for `replica_acks` replicas (default 200).
+    #[serde(default = "default_replica_timeout_ms", skip_serializing_if = "is_default_replica_timeout")]
+    pub replica_timeout_ms: u64,
     /// ACL user; its key pattern is limited to the tenant prefix.
     pub username: String,
     /// ACL password; give it or `password_file`, not both. After loading,
@@ -258,6 +280,21 @@ pub struct DbConfig {
 
 fn default_pool() -> u32 {
     16
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Default of [`RedisConfig::replica_timeout_ms`].
+pub const DEFAULT_REPLICA_TIMEOUT_MS: u64 = 200;
+
+fn default_replica_timeout_ms() -> u64 {
+    DEFAULT_REPLICA_TIMEOUT_MS
+}
+
+fn is_default_replica_timeout(ms: &u64) -> bool {
+    *ms == DEFAULT_REPLICA_TIMEOUT_MS
 }
 
 /// Rate limits, applied per service process.
@@ -573,6 +610,19 @@ impl TenantConfig {
         }
         if self.redis.tls.is_some() && !self.redis.url.starts_with("rediss://") {
             return Err(invalid(n, "redis.tls is set: redis.url must start with rediss://"));
+        }
+        if !self.redis.cluster && !self.redis.seeds.is_empty() {
+            return Err(invalid(n, "redis.seeds are the nodes of a cluster: set redis.cluster: true or drop them"));
+        }
+        let scheme = if self.redis.url.starts_with("rediss://") { "rediss://" } else { "redis://" };
+        if let Some(bad) = self.redis.seeds.iter().find(|u| !u.starts_with(scheme) || u.contains('@')) {
+            return Err(invalid(
+                n,
+                format!("redis.seeds: {bad:?} must start with {scheme} as redis.url does, without credentials"),
+            ));
+        }
+        if self.redis.replica_acks > 0 && self.redis.replica_timeout_ms == 0 {
+            return Err(invalid(n, "redis.replica_timeout_ms must be > 0 when redis.replica_acks is set"));
         }
         if !self.db.url.starts_with("mysql://") {
             return Err(invalid(n, "db.url must start with mysql://"));

@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod db;
 pub mod domain;
 pub mod fence;

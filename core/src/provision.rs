@@ -24,6 +24,7 @@ use std::str::FromStr;
 use sqlx::ConnectOptions;
 use sqlx::mysql::MySqlConnectOptions;
 
+use crate::conn::Conn;
 use crate::config::TenantConfig;
 use crate::names;
 
@@ -540,6 +541,10 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "ping",
     "select",
     "client|setname",
+    // Redis Cluster: the client reads the slot map, and follows an ASK
+    // redirection (a slot being migrated) with ASKING.
+    "cluster|slots",
+    "asking",
     // Cached counts, and the users' caches (states and liked lists).
     "get",
     "mget",
@@ -558,6 +563,9 @@ pub const TENANT_COMMANDS: &[&str] = &[
     "fcall",
     "fcall_ro",
     "time",
+    // A transition waits for its replicas (redis.replica_acks) on the
+    // connection that wrote it; WAIT touches no key.
+    "wait",
     // Event and downstream streams.
     "xadd",
     "xreadgroup",
@@ -599,20 +607,42 @@ pub fn acl_rules(tenant: &str, password: &str) -> Vec<String> {
 /// How long an admin Redis command may take.
 const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn redis_admin(admin_url: &str, tenant: &str) -> Result<redis::aio::MultiplexedConnection, ProvisionError> {
-    let err = |source| ProvisionError::Redis { tenant: tenant.to_string(), source };
-    let client = crate::cache::admin_client(admin_url).map_err(err)?;
+async fn redis_admin(admin_url: &str, tenant: &str) -> Result<Conn, ProvisionError> {
     // Admin commands can take long on a busy server (ACL SAVE writes and
     // fsyncs the ACL file; UNLINK of many keys): not the client's default
     // 500 ms response timeout, which failed provisioning under load.
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(ADMIN_TIMEOUT));
-    client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)
+    crate::cache::admin_connect(admin_url, ADMIN_TIMEOUT)
+        .await
+        .map_err(|source| ProvisionError::Redis { tenant: tenant.to_string(), source })
+}
+
+/// Every node of a cluster, masters and replicas, that the cluster counts
+/// as connected (`CLUSTER NODES`): ACL users are not replicated, so each
+/// node needs its own. A single server: empty.
+async fn cluster_nodes(con: &mut Conn) -> Result<Vec<(String, u16)>, redis::RedisError> {
+    if !con.is_cluster() {
+        return Ok(Vec::new());
+    }
+    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(con).await?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (addr, flags, link) = (f.get(1)?, f.get(2)?, f.get(7)?);
+            if flags.contains("fail") || flags.contains("handshake") || flags.contains("noaddr") || *link != "connected" {
+                return None;
+            }
+            let hostport = addr.split('@').next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect())
 }
 
 /// `ACL SAVE`, so users survive a restart. A Redis started without an ACL
 /// file refuses it; users then live until restart, which is logged by the
 /// caller, not an error: managed Redis services often persist ACLs their own way.
-async fn acl_save(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, redis::RedisError> {
+async fn acl_save(con: &mut Conn) -> Result<bool, redis::RedisError> {
     match redis::cmd("ACL").arg("SAVE").exec_async(con).await {
         Ok(()) => Ok(true),
         Err(e) if e.to_string().contains("ACL file") => Ok(false),
@@ -632,7 +662,7 @@ return 0
 ";
 
 async fn redis_record(
-    con: &mut redis::aio::MultiplexedConnection,
+    con: &mut Conn,
     user: &str,
 ) -> Result<Option<String>, redis::RedisError> {
     redis::cmd("HGET").arg(names::CONTROL_KEY).arg(user).query_async(con).await
@@ -704,14 +734,31 @@ pub async fn provision_redis_as(
     claim_redis(admin_url, name, owner, adopt).await?;
     let err = |source| ProvisionError::Redis { tenant: name.clone(), source };
     let mut con = redis_admin(admin_url, name).await?;
-    if !library_loaded(&mut con).await.map_err(err)? {
+    // In a cluster FUNCTION LOAD goes to every master (replicas get it by
+    // replication) and converges: a master added since holds it then too.
+    if con.is_cluster() || !library_loaded(&mut con).await.map_err(err)? {
         crate::functions::load(&mut con).await.map_err(err)?;
     }
-    let current: redis::Value = redis::cmd("ACL").arg("GETUSER").arg(&user).query_async(&mut con).await.map_err(err)?;
-    if acl_user_matches(&current, name, &t.redis.password) {
-        // Nothing to change (and nothing to save): the ACL file holds it.
+    let nodes = cluster_nodes(&mut con).await.map_err(err)?;
+    let mut in_step = true;
+    if nodes.is_empty() {
+        let current: redis::Value =
+            redis::cmd("ACL").arg("GETUSER").arg(&user).query_async(&mut con).await.map_err(err)?;
+        in_step = acl_user_matches(&current, name, &t.redis.password);
+    }
+    for (host, port) in &nodes {
+        let mut getuser = redis::cmd("ACL");
+        getuser.arg("GETUSER").arg(&user);
+        let current = con.on_node(host, *port, getuser).await.map_err(err)?;
+        in_step &= acl_user_matches(&current, name, &t.redis.password);
+    }
+    if in_step {
+        // Nothing to change (and nothing to save): every node's ACL file
+        // holds it.
         return Ok(true);
     }
+    // In a cluster ACL SETUSER and ACL SAVE go to every node, replicas too
+    // (a replica promoted by a failover must know the user).
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&user)
@@ -724,7 +771,7 @@ pub async fn provision_redis_as(
 
 /// Whether this build's function library is loaded. Its name carries the
 /// hash of its source, so a library of that name is this source.
-async fn library_loaded(con: &mut redis::aio::MultiplexedConnection) -> Result<bool, redis::RedisError> {
+async fn library_loaded(con: &mut Conn) -> Result<bool, redis::RedisError> {
     let name = crate::functions::library().name();
     let list: redis::Value = redis::cmd("FUNCTION").arg("LIST").arg("LIBRARYNAME").arg(&name).query_async(con).await?;
     let redis::Value::Array(libraries) = list else { return Ok(false) };
@@ -901,6 +948,8 @@ const DELETE_BATCH: usize = 500;
 /// Deletes every key under the tenant prefix `thumbup:<tenant>:` with SCAN and
 /// UNLINK in batches (never KEYS, which would block the server). Returns the
 /// number of keys removed.
+///
+/// In a cluster every master is scanned (each holds its slots' keys).
 pub async fn delete_keys(admin_url: &str, tenant: &str) -> Result<u64, ProvisionError> {
     let mut con = redis_admin(admin_url, tenant).await?;
     crate::cache::unlink_matching(&mut con, &names::key_pattern(tenant), DELETE_BATCH)

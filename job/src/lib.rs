@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use prometheus::{
     Histogram, IntCounterVec, IntGaugeVec, register_histogram, register_int_counter_vec, register_int_gauge_vec,
 };
-use redis::aio::ConnectionManager;
+use thumbup_core::cache::Conn;
 use sqlx::MySqlPool;
 use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::TenantConfig;
@@ -88,7 +88,7 @@ pub struct Job {
     tenant: TenantConfig,
     keys: Keys,
     opts: Options,
-    redis: ConnectionManager,
+    redis: Conn,
     db: MySqlPool,
     scripts: Scripts,
 }
@@ -158,6 +158,12 @@ impl Job {
         stream::publish_downstream(&mut con, &self.keys, &published).await.inspect_err(|_| self.err("downstream"))?;
         self.refresh(&applied).await.inspect_err(|_| self.err("refresh"))?;
         stream::dead_letter(&mut con, &self.keys, &batch.malformed).await?;
+        // The refreshed caches on the replicas before the ack: a master lost
+        // after the ack must not take a refreshed count with it (the entries
+        // would not be delivered again to refresh it).
+        cache::replicated_everywhere(&mut con, self.tenant.redis.replica_acks, self.tenant.redis.replica_timeout_ms)
+            .await
+            .inspect_err(|_| self.err("replicas"))?;
         let ids = batch.entries.iter().map(|e| (e.shard, e.id.as_str()));
         let ids = ids.chain(batch.malformed.iter().map(|l| (l.shard, l.id.as_str())));
         stream::ack(&mut con, &self.keys, ids).await.inspect_err(|_| self.err("ack"))?;

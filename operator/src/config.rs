@@ -195,6 +195,19 @@ pub struct Endpoint<T> {
     /// path that every one of those pods mounts.
     #[serde(default = "Option::default")]
     pub tls: Option<T>,
+    /// Redis only: `url` is a node of a Redis Cluster. The service, the
+    /// jobs and the operator speak to the cluster (slot routing, MOVED/ASK,
+    /// failovers); provisioning reaches every node.
+    #[serde(default)]
+    pub cluster: bool,
+    /// Redis only, with `cluster`: more seed nodes (`redis://host:port`).
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Redis only: replicas that must hold a like before it is
+    /// acknowledged (`WAIT`; see the tenant config's `redis.replica_acks`).
+    /// Default 0; give 1 for a cluster whose masters each have a replica.
+    #[serde(default)]
+    pub replica_acks: u32,
 }
 
 /// Names of the registry objects.
@@ -339,6 +352,15 @@ impl OperatorConfig {
             if !dc.db.url.starts_with("mysql://") || !dc.redis.url.starts_with("redis") {
                 return Err(ConfigError::Invalid(format!("{}: db.url must be mysql://, redis.url redis://", dc.name)));
             }
+            if dc.db.cluster || !dc.db.seeds.is_empty() || dc.db.replica_acks > 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: cluster, seeds and replica_acks are Redis settings, not the DB's",
+                    dc.name
+                )));
+            }
+            if !dc.redis.cluster && !dc.redis.seeds.is_empty() {
+                return Err(ConfigError::Invalid(format!("{}: redis.seeds need redis.cluster: true", dc.name)));
+            }
             if dc.redis.tls.is_some() && !dc.redis.url.starts_with("rediss://") {
                 return Err(ConfigError::Invalid(format!(
                     "{}: redis.tls is set: redis.url must be rediss://",
@@ -442,10 +464,14 @@ impl Endpoint<RedisTls> {
     /// `redis[s]://user:password@host:port` for the admin connection, with
     /// the CA file as [`thumbup_core::cache::ADMIN_CA_PARAM`].
     pub fn admin_url(&self) -> Result<String, ConfigError> {
-        match self.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
-            Some(ca) => self.admin_url_with(&[(thumbup_core::cache::ADMIN_CA_PARAM, ca)]),
-            None => self.admin_url_with(&[]),
+        let mut params = Vec::new();
+        if let Some(ca) = self.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+            params.push((thumbup_core::cache::ADMIN_CA_PARAM, ca));
         }
+        if self.cluster {
+            params.push((thumbup_core::cache::ADMIN_CLUSTER_PARAM, "true"));
+        }
+        self.admin_url_with(&params)
     }
 }
 

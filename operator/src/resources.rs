@@ -375,6 +375,10 @@ pub fn tenant_config(lt: &LikeTenant, dc: &Datacenter, db_url: String) -> Tenant
             password: String::new(),
             password_file: None,
             tls: dc.redis.tls.clone(),
+            cluster: dc.redis.cluster,
+            seeds: dc.redis.seeds.clone(),
+            replica_acks: dc.redis.replica_acks,
+            replica_timeout_ms: thumbup_core::config::DEFAULT_REPLICA_TIMEOUT_MS,
         },
         db: DbConfig {
             url: db_url,

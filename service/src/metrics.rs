@@ -80,6 +80,17 @@ pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Transitions that waited for their replicas (`redis.replica_acks`), by
+/// outcome (`sent`, `covered`, `missed`, `failed`).
+pub static REPLICA_WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "thumbup_service_replica_waits_total",
+        "transitions that waited for redis.replica_acks replicas before the reply (outcome: sent: this write's WAIT was sent; covered: another write's WAIT covered it; missed: fewer replicas confirmed within redis.replica_timeout_ms, answered UNAVAILABLE; failed: the WAIT failed)",
+        &["tenant", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
 /// Writes answered UNAVAILABLE because their record's newest acknowledged
 /// state could not be known, by reason (`unknown_outcome`: the Redis call
 /// failed midway and may have acted; every other reason wrote nothing).

@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use redis::aio::ConnectionManager;
+use thumbup_core::cache::Conn;
 use sqlx::MySqlPool;
 use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::{Config, ConfigError, TenantConfig};
@@ -81,7 +81,10 @@ pub struct Tenant {
     /// Its key layout.
     pub keys: Keys,
     /// Redis with the tenant's ACL user.
-    pub redis: ConnectionManager,
+    pub redis: Conn,
+    /// The replicas a transition waits for before its reply
+    /// (`redis.replica_acks`; group commit per stream shard).
+    pub replication: std::sync::Arc<thumbup_core::conn::Replication>,
     /// The tenant schema with the tenant's DB user.
     pub db: MySqlPool,
     /// Version source for the DB path.
@@ -113,6 +116,11 @@ impl Tenant {
             clock: VersionClock::default(),
             hot: crate::hot::HotSettings::of(&cfg.cache).map(crate::hot::HotKeys::new),
             fence: Fence::new(&cfg.name, cfg.stream.shards),
+            replication: thumbup_core::conn::Replication::new(
+                cfg.redis.replica_acks,
+                Duration::from_millis(cfg.redis.replica_timeout_ms),
+                cfg.stream.shards,
+            ),
             page_key: crate::page::PageKey::for_tenant(&cfg),
             db_down_until: AtomicU64::new(0),
             born: Instant::now(),

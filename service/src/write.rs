@@ -214,6 +214,9 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 };
                 t.fence.acknowledged(shard, stream_ms, event);
                 drop(permit);
+                if t.replication.acks() > 0 {
+                    Box::pin(replicated(t, &mut con, shard, w)).await?;
+                }
                 // The counts as applied so far plus this write: the job applies
                 // it within one window. They came with the transition; only a
                 // counts key that is not cached costs a read (from the DB).
@@ -235,6 +238,29 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
             }
         }
     }
+}
+
+/// Waits until the transition just applied on its master is on
+/// `redis.replica_acks` replicas, so that the loss of that master (its
+/// replica promoted) loses no acknowledged like. When they do not confirm
+/// in time the write took effect on the master but is not acknowledged:
+/// UNAVAILABLE, saying so.
+async fn replicated(t: &Tenant, con: &mut cache::Conn, shard: u32, w: Write) -> Result<(), Error> {
+    let key = t.keys.user(w.mid, w.business_id);
+    let outcome = t.replication.replicated(con, shard, &key).await;
+    let label = match &outcome {
+        Ok(0) => "covered",
+        Ok(_) => "sent",
+        Err(thumbup_core::conn::NotReplicated::Missed { .. }) => "missed",
+        Err(_) => "failed",
+    };
+    metrics::REPLICA_WAITS.with_label_values(&[t.name(), label]).inc();
+    outcome.map(|_| ()).map_err(|e| Error::Unavailable {
+        tenant: t.name().to_string(),
+        why: format!(
+            "the write took effect on its redis master but is not known to be on a replica ({e}); it is not acknowledged"
+        ),
+    })
 }
 
 /// UNAVAILABLE for a state Redis does not know that the DB cannot be shown

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use thumbup_core::cache::Conn;
 use sqlx::ConnectOptions;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 
@@ -25,8 +25,47 @@ pub fn admin_db_url_b() -> String {
     env_or("THUMBUP_ADMIN_DB_URL_B", "mysql://thumbup_admin:thumbup-admin@127.0.0.1:23307")
 }
 
-/// Admin URL of dc-a's Redis.
+/// True in cluster mode (`THUMBUP_E2E_REDIS_CLUSTER=1`): dc-a's Redis is
+/// the stack's Redis Cluster (`scripts/stack.sh cluster-up`) instead of
+/// its single Redis, for the tests that run against both.
+pub fn cluster_mode() -> bool {
+    CLUSTER_MODE.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var("THUMBUP_E2E_REDIS_CLUSTER").is_ok_and(|v| v == "1")
+}
+
+static CLUSTER_MODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns cluster mode on for this test process (a test binary whose tests
+/// all run on the cluster).
+pub fn use_cluster() {
+    CLUSTER_MODE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The first port of the stack's Redis Cluster (six nodes from it).
+pub fn cluster_port() -> u16 {
+    env_or("THUMBUP_REDIS_CLUSTER_PORT", "27001").parse().expect("THUMBUP_REDIS_CLUSTER_PORT")
+}
+
+/// The seed URLs of the stack's Redis Cluster, without credentials.
+pub fn cluster_nodes() -> Vec<String> {
+    (0..6).map(|i| format!("redis://127.0.0.1:{}", cluster_port() + i)).collect()
+}
+
+/// Admin URL of the stack's Redis Cluster (one node; the connection
+/// discovers the rest).
+pub fn admin_cluster_url() -> String {
+    format!("redis://default:{}@127.0.0.1:{}?cluster=true", redis_admin_password(), cluster_port())
+}
+
+fn redis_admin_password() -> String {
+    env_or("THUMBUP_REDIS_ADMIN_PASSWORD", "thumbup-admin")
+}
+
+/// Admin URL of dc-a's Redis: the cluster's in cluster mode.
 pub fn admin_redis_url() -> String {
+    if cluster_mode() {
+        return admin_cluster_url();
+    }
     env_or("THUMBUP_ADMIN_REDIS_URL", "redis://default:thumbup-admin@127.0.0.1:26379")
 }
 
@@ -100,14 +139,14 @@ pub async fn admin_db() -> MySqlConnection {
     MySqlConnectOptions::from_str(&admin_db_url()).unwrap().connect().await.expect("admin DB connection")
 }
 
-/// An admin connection to dc-a's Redis.
-pub async fn admin_redis() -> MultiplexedConnection {
+/// An admin connection to dc-a's Redis (the cluster in cluster mode).
+pub async fn admin_redis() -> Conn {
     admin_redis_at(&admin_redis_url()).await
 }
 
-/// An admin connection to the Redis at admin URL `url`.
-pub async fn admin_redis_at(url: &str) -> MultiplexedConnection {
+/// An admin connection to the Redis at admin URL `url` (a cluster with
+/// `?cluster=true`).
+pub async fn admin_redis_at(url: &str) -> Conn {
     // Not the client's default 500 ms: a loaded test machine stalls longer.
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.expect("admin Redis")
+    thumbup_core::cache::admin_connect(url, Duration::from_secs(10)).await.expect("admin Redis")
 }

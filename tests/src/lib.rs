@@ -25,8 +25,8 @@ use thumbup_service::pb;
 use thumbup_service::pb::thumbup_client::ThumbupClient;
 use thumbup_test_support::dirs::{fresh_test_dir, test_dir};
 use thumbup_test_support::stack::{
-    admin_db_url, admin_redis, admin_redis_url, db_port, redis_port, redis_tls_port, server_cert_file, server_key_file,
-    stack_ca,
+    admin_db_url, admin_redis, admin_redis_url, cluster_mode, cluster_nodes, db_port, redis_port, redis_tls_port,
+    server_cert_file, server_key_file, stack_ca,
 };
 use thumbup_test_support::wait::{wait_until, wait_until_blocking};
 use tonic::metadata::MetadataValue;
@@ -70,6 +70,11 @@ pub fn tenant_yaml(name: &str, businesses: &[i64], extra: &str) -> String {
             format!(", tls: {{ ca_file: \"{ca}\" }}"),
             format!(", tls: {{ mode: verify-identity, ca_file: \"{ca}\" }}"),
         )
+    } else if cluster_mode() {
+        // The cluster: seed nodes, and a like waits for its master's replica.
+        let seeds: Vec<String> = cluster_nodes().iter().skip(1).map(|u| format!("\"{u}\"")).collect();
+        let cluster = format!(", cluster: true, seeds: [{}], replica_acks: 1", seeds.join(", "));
+        (cluster_nodes()[0].clone(), cluster, String::new())
     } else {
         (format!("redis://127.0.0.1:{}", redis_port()), String::new(), String::new())
     };

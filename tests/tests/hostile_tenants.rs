@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use thumbup_core::cache::Conn;
 use sqlx::{ConnectOptions, MySqlConnection, Row as _};
 use thumbup_core::cache::{self, Scripts, Seed, Transition, TransitionArgs};
 use thumbup_core::config::{Config, TenantConfig};
@@ -44,7 +44,7 @@ fn project_functions() -> (String, [String; 5]) {
 }
 
 /// Loads this build's library again with the admin account.
-async fn restore_project_library(r: &mut redis::aio::MultiplexedConnection) {
+async fn restore_project_library(r: &mut thumbup_core::cache::Conn) {
     thumbup_core::functions::load(r).await.expect("load the project's library");
 }
 
@@ -246,7 +246,7 @@ fn keys(t: &TenantConfig) -> Keys {
 
 /// The attacker's own connections and the two tenants.
 struct Hostile {
-    redis: ConnectionManager,
+    redis: Conn,
     db: MySqlConnection,
     attacker: TenantConfig,
     victim: TenantConfig,

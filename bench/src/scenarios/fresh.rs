@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use anyhow::Context as _;
-use redis::aio::MultiplexedConnection;
+use thumbup_core::cache::Conn;
 use thumbup_service::pb;
 
 use super::Context;
@@ -132,7 +132,7 @@ return redis.call('DECR', KEYS[2])
 const REDIS_ONLY_PREFIX: &str = "thumbup-bench-redis-only:{e}:";
 
 async fn redis_only_like(
-    con: &mut MultiplexedConnection,
+    con: &mut Conn,
     script: &redis::Script,
     message: i64,
     mid: i64,
@@ -151,7 +151,7 @@ async fn redis_only_like(
 }
 
 /// Deletes the Redis-only baseline's keys.
-async fn redis_only_clean(con: &mut MultiplexedConnection) -> anyhow::Result<()> {
+async fn redis_only_clean(con: &mut Conn) -> anyhow::Result<()> {
     let pattern = format!("{REDIS_ONLY_PREFIX}*");
     thumbup_core::cache::unlink_matching(con, &pattern, 1000).await.context("delete the Redis-only baseline's keys")?;
     Ok(())

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use redis::aio::MultiplexedConnection;
+use thumbup_core::cache::Conn;
 use thumbup_core::keys::Keys;
 use thumbup_core::names::schema_for;
 use thumbup_service::pb;
@@ -24,7 +24,7 @@ use crate::report::{Metric, Section, Target};
 const BILIBILI_WRITES_PER_SEC: f64 = 15_000.0;
 const RETENTION_SECS: f64 = 7.0 * 86_400.0;
 
-async fn used_memory(con: &mut MultiplexedConnection) -> anyhow::Result<i64> {
+async fn used_memory(con: &mut Conn) -> anyhow::Result<i64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(con).await.context("INFO memory")?;
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
@@ -36,7 +36,7 @@ async fn used_memory(con: &mut MultiplexedConnection) -> anyhow::Result<i64> {
 /// and the downstream stream (one entry per applied transition, kept up to
 /// its cap), which are not cache structures.
 /// (`downstream`: with the downstream stream.)
-async fn stream_bytes(con: &mut MultiplexedConnection, keys: &Keys, downstream: bool) -> anyhow::Result<(i64, i64)> {
+async fn stream_bytes(con: &mut Conn, keys: &Keys, downstream: bool) -> anyhow::Result<(i64, i64)> {
     let (mut bytes, mut entries) = (0, 0);
     let extra = downstream.then(|| keys.downstream());
     for key in (0..keys.shards()).map(|s| keys.stream(s)).chain(extra) {
@@ -70,7 +70,7 @@ fn classify(key: &str, prefix: &str, mids: &std::ops::Range<i64>, msgs: &std::op
 }
 
 async fn breakdown(
-    con: &mut MultiplexedConnection,
+    con: &mut Conn,
     keys: &Keys,
     mids: std::ops::Range<i64>,
     msgs: std::ops::Range<i64>,

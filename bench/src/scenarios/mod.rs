@@ -28,7 +28,7 @@ pub use writes::{hot_action, hot_writes, quiesce};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use redis::aio::MultiplexedConnection;
+use thumbup_core::cache::Conn;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use thumbup_core::keys::Keys;
 use thumbup_service::pb;
@@ -119,7 +119,7 @@ pub struct Context {
     /// unary RPC, the floor that any RPC of the service costs.
     pub health: HealthClient<Channel>,
     /// Admin Redis connection (baseline).
-    pub redis: MultiplexedConnection,
+    pub redis: Conn,
     /// Admin MariaDB pool (tenant schema reads; naive schema setup).
     pub admin_db: MySqlPool,
     /// The counts key of item k (index k - 1).
@@ -141,11 +141,9 @@ impl Context {
             Some(t) => Some(Service::new(client, t, &args.cold_token, args.business)?),
             None => None,
         };
-        let redis = redis::Client::open(args.redis_url.as_str())
-            .context("Redis URL")?
-            .get_multiplexed_async_connection()
+        let redis = thumbup_core::cache::admin_connect(&args.redis_url, std::time::Duration::from_secs(30))
             .await
-            .context("connect to Redis")?;
+            .context("connect to Redis with the admin URL")?;
         let admin_db = MySqlPoolOptions::new()
             .max_connections(4)
             .connect(&args.db_url)

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use redis::aio::MultiplexedConnection;
+use thumbup_core::cache::Conn;
 use thumbup_core::keys::{JOB_GROUP, Keys};
 use thumbup_core::names::schema_for;
 use thumbup_service::pb;
@@ -37,7 +37,7 @@ async fn counts_version(ctx: &Context, args: &Args, message: i64) -> anyhow::Res
 
 /// Whether the job has applied and acknowledged every entry of `stream`:
 /// its group has been handed the stream's last entry and nothing is pending.
-async fn stream_drained(con: &mut MultiplexedConnection, stream: &str) -> anyhow::Result<bool> {
+async fn stream_drained(con: &mut Conn, stream: &str) -> anyhow::Result<bool> {
     let field = |m: &HashMap<String, redis::Value>, k: &str| -> Option<String> {
         m.get(k).and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
     };

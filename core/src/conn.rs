@@ -1,0 +1,226 @@
+//! One Redis connection type for a single server and for Redis Cluster, so
+//! that every caller (service, job, provisioning, failover replay, bench)
+//! runs the same code on both.
+//!
+//! A single server is reached through the redis crate's `ConnectionManager`
+//! (one multiplexed connection, reconnecting); a cluster through its
+//! cluster client, which discovers the nodes from the seeds, routes each
+//! command to the master of its key's slot, follows MOVED and ASK, and
+//! refreshes the slot map after a failover or a resharding.
+//!
+//! Pipelines: the cluster client sends a pipeline to one node and refuses
+//! one whose keys lie in several slots before sending anything. The
+//! pipelines of this project are not transactions (a round trip saved, no
+//! atomicity promised), so [`Conn`] sends such a pipeline's commands each
+//! to its own slot, concurrently, and answers in the pipeline's order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+/// A connection to a single Redis or to a Redis Cluster; cheap to clone
+/// (clones share the underlying connections).
+#[derive(Clone)]
+pub enum Conn {
+    /// One server.
+    Single(ConnectionManager),
+    /// A cluster, through the redis crate's cluster client.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_cluster() { "Conn::Cluster" } else { "Conn::Single" })
+    }
+}
+
+impl Conn {
+    /// True for a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Sends `cmd` to the master that owns `key`'s slot (a single server:
+    /// to the server), on the connection that the key's own commands use.
+    pub async fn on_key_master(&mut self, key: &str, cmd: Cmd) -> Result<Value, RedisError> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => {
+                let route = Route::with_key(key.as_bytes(), SlotAddr::Master);
+                c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await
+            }
+        }
+    }
+
+    /// Sends `cmd` to the node at `host:port` of a cluster (a single
+    /// server: to the server).
+    pub async fn on_node(&mut self, host: &str, port: u16, cmd: Cmd) -> Result<Value, RedisError> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => {
+                let routing = SingleNodeRoutingInfo::ByAddress { host: host.to_string(), port };
+                c.route_command(cmd, RoutingInfo::SingleNode(routing)).await
+            }
+        }
+    }
+
+    /// The masters of a cluster as `(host, port)`, from `CLUSTER SHARDS`
+    /// (a single server: empty).
+    pub async fn masters(&mut self) -> Result<Vec<(String, u16)>, RedisError> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        // CLUSTER SLOTS: [start, end, [ip, port, id], replicas...] per range.
+        let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query_async(self).await?;
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        for range in ranges {
+            let Some(Value::Array(node)) = range.get(2) else { continue };
+            let host: String = node.first().map(redis::from_redis_value_ref).transpose()?.unwrap_or_default();
+            let port: u16 = node.get(1).map(redis::from_redis_value_ref).transpose()?.unwrap_or_default();
+            if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+                masters.push((host, port));
+            }
+        }
+        Ok(masters)
+    }
+}
+
+/// The cluster client's own refusal of a pipeline that spans slots, made
+/// before anything was sent.
+fn is_cross_slot_refusal(e: &RedisError) -> bool {
+    e.to_string().contains("crossed slots in pipeline")
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => async move {
+                match c.req_packed_commands(pipeline, offset, count).await {
+                    Err(e) if is_cross_slot_refusal(&e) && !pipeline.is_transaction() => {
+                        let each = pipeline.cmd_iter().map(|cmd| {
+                            let mut c = c.clone();
+                            async move { c.req_packed_command(cmd).await }
+                        });
+                        let values = futures::future::try_join_all(each).await?;
+                        Ok(values.into_iter().skip(offset).take(count).collect())
+                    }
+                    other => other,
+                }
+            }
+            .boxed(),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Group commit of `WAIT`: a write (already answered by its master) waits
+/// until `acks` replicas of that master hold it. One `WAIT` is in flight
+/// per lane (a stream shard: its users' keys share one slot, so one
+/// master and one connection); writes that finish while it is in flight
+/// are covered by the next one, so a busy lane sends one `WAIT` per
+/// replica round trip instead of one per write.
+///
+/// `WAIT` counts the writes of the connection it is sent on, which is the
+/// connection of the key's slot that the write itself went through.
+pub struct Replication {
+    acks: u32,
+    timeout: Duration,
+    lanes: Vec<Lane>,
+}
+
+struct Lane {
+    /// Writes that finished, numbered.
+    finished: AtomicU64,
+    /// Every write numbered up to this is known to be on `acks` replicas.
+    covered: AtomicU64,
+    /// Held while a `WAIT` of the lane is in flight.
+    sending: tokio::sync::Mutex<()>,
+}
+
+/// Why a write is not known to be on its replicas.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReplicated {
+    /// `WAIT` answered with fewer replicas than asked for.
+    #[error("{got} of {want} replicas confirmed the write within {timeout:?}")]
+    Missed {
+        /// Replicas that confirmed.
+        got: u32,
+        /// Replicas asked for.
+        want: u32,
+        /// The wait.
+        timeout: Duration,
+    },
+    /// `WAIT` failed.
+    #[error("WAIT failed: {0}")]
+    Failed(#[from] RedisError),
+}
+
+impl Replication {
+    /// `acks` replicas per write within `timeout`, over `lanes` lanes.
+    pub fn new(acks: u32, timeout: Duration, lanes: u32) -> Arc<Replication> {
+        let lanes = (0..lanes.max(1))
+            .map(|_| Lane {
+                finished: AtomicU64::new(0),
+                covered: AtomicU64::new(0),
+                sending: tokio::sync::Mutex::new(()),
+            })
+            .collect();
+        Arc::new(Replication { acks, timeout, lanes })
+    }
+
+    /// Replicas asked for per write (0: no wait).
+    pub fn acks(&self) -> u32 {
+        self.acks
+    }
+
+    /// Waits until the write that just finished on `key`'s master (in lane
+    /// `lane`) is on the replicas. Returns how many `WAIT`s this call sent
+    /// (0 when another call's covered it).
+    pub async fn replicated(&self, con: &mut Conn, lane: u32, key: &str) -> Result<u32, NotReplicated> {
+        if self.acks == 0 {
+            return Ok(0);
+        }
+        let lane = &self.lanes[lane as usize % self.lanes.len()];
+        let mine = lane.finished.fetch_add(1, Ordering::AcqRel) + 1;
+        let _sending = lane.sending.lock().await;
+        if lane.covered.load(Ordering::Acquire) >= mine {
+            return Ok(0);
+        }
+        // Every write numbered up to here has finished on the master, so a
+        // WAIT sent now on the same connection covers it.
+        let upto = lane.finished.load(Ordering::Acquire);
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.acks).arg(self.timeout.as_millis() as u64);
+        let got: u32 = redis::from_redis_value(con.on_key_master(key, wait).await?).map_err(RedisError::from)?;
+        if got < self.acks {
+            return Err(NotReplicated::Missed { got, want: self.acks, timeout: self.timeout });
+        }
+        lane.covered.fetch_max(upto, Ordering::AcqRel);
+        Ok(1)
+    }
+}
