@@ -18,6 +18,12 @@
 # Environment:
 #   THUMBUP_BENCH_WINDOW_MS   job window in ms (default 250, the job's default)
 #   THUMBUP_BENCH_HOT_TTL_MS  hot-key cache TTL in ms, 0 = off (default 1000)
+#   THUMBUP_BENCH_REDIS       single (default: dc-a's Redis) or cluster (the
+#                             stack's Redis Cluster, 3 masters with a replica
+#                             each); the report then also gives the bench
+#                             tenant's slot and key spread over the masters
+#   THUMBUP_BENCH_REPLICA_ACKS replicas a like waits for (redis.replica_acks;
+#                             default 1 on the cluster, 0 on a single Redis)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -26,6 +32,7 @@ cd "$ROOT"
 
 OUT="$ROOT/bench-results"
 WINDOW_MS="${THUMBUP_BENCH_WINDOW_MS:-250}"
+REDIS_MODE="${THUMBUP_BENCH_REDIS:-single}"
 HOT_TTL_MS="${THUMBUP_BENCH_HOT_TTL_MS:-1000}"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
@@ -84,6 +91,26 @@ eval "$(bash scripts/stack.sh env)"
 say "building release binaries"
 cargo build --release -p thumbup-service -p thumbup-job -p thumbup-bench
 
+# The tenants' Redis (the YAML after `url: ...`) and the admin URL.
+case "$REDIS_MODE" in
+  single)
+    ACKS="${THUMBUP_BENCH_REPLICA_ACKS:-0}"
+    REDIS_NODE="redis://127.0.0.1:$THUMBUP_REDIS_PORT"
+    REDIS_EXTRA="replica_acks: $ACKS"
+    ADMIN_REDIS_URL="$THUMBUP_ADMIN_REDIS_URL"
+    ;;
+  cluster)
+    ACKS="${THUMBUP_BENCH_REPLICA_ACKS:-1}"
+    IFS=, read -r -a NODES <<<"$THUMBUP_REDIS_CLUSTER_NODES"
+    REDIS_NODE="${NODES[0]}"
+    SEEDS="$(printf '"%s", ' "${NODES[@]:1}")"
+    REDIS_EXTRA="cluster: true, seeds: [${SEEDS%, }], replica_acks: $ACKS"
+    ADMIN_REDIS_URL="$THUMBUP_ADMIN_REDIS_CLUSTER_URL"
+    ;;
+  *) die "THUMBUP_BENCH_REDIS must be single or cluster, not '$REDIS_MODE'" ;;
+esac
+say "Redis: $REDIS_MODE, a like waits for $ACKS replica(s)"
+
 mkdir -p "$OUT"
 TENANTS="$OUT/tenants.yaml"
 cat >"$TENANTS" <<YAML
@@ -94,7 +121,7 @@ tenants:
   - name: bench
     businesses: [{ name: video, id: 1 }]
     tokens: [bench-token-0001]
-    redis: { url: "redis://127.0.0.1:$THUMBUP_REDIS_PORT", username: thumbup-bench, password: bench-redis-pw }
+    redis: { url: "$REDIS_NODE", username: thumbup-bench, password: bench-redis-pw, $REDIS_EXTRA }
     db: { url: "mysql://127.0.0.1:$THUMBUP_DB_PORT", username: thumbup_bench, password: bench-db-pw, max_connections: 32 }
     limits: { per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }
     cache: { hot_ttl_ms: $HOT_TTL_MS }
@@ -102,7 +129,7 @@ tenants:
   - name: bench-cold
     businesses: [{ name: video, id: 1 }]
     tokens: [bench-cold-token-01]
-    redis: { url: "redis://127.0.0.1:$THUMBUP_REDIS_PORT", username: thumbup-bench-cold, password: bench-cold-redis-pw }
+    redis: { url: "$REDIS_NODE", username: thumbup-bench-cold, password: bench-cold-redis-pw, $REDIS_EXTRA }
     db: { url: "mysql://127.0.0.1:$THUMBUP_DB_PORT", username: thumbup_bench_cold, password: bench-cold-db-pw, max_connections: 32 }
     limits: { per_mid_per_sec: 1000000, per_tenant_per_sec: 1000000, db_fallback_per_sec: 100000 }
     cache: { hot_ttl_ms: 0 }
@@ -110,9 +137,9 @@ tenants:
 YAML
 say "emptying tenants bench and bench-cold, so the run starts from the same state"
 "$BIN/thumbup-bench" --reset --tenant bench --cold-tenant bench-cold \
-  --redis-url "$THUMBUP_ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL"
+  --redis-url "$ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL"
 say "provisioning and migrating tenants bench and bench-cold"
-"$BIN/thumbup-service" --config "$TENANTS" provision
+"$BIN/thumbup-service" --config "$TENANTS" provision --admin-redis-url "$ADMIN_REDIS_URL"
 "$BIN/thumbup-service" --config "$TENANTS" migrate
 
 GRPC_PORT="$(free_port 50161)"
@@ -136,6 +163,6 @@ port_open "$GRPC_PORT" || die "thumbup-service not listening within 30 s"
 
 "$BIN/thumbup-bench" --addr "http://127.0.0.1:$GRPC_PORT" --tenant bench --token bench-token-0001 \
   --cold-tenant bench-cold --cold-token bench-cold-token-01 --service-pid "$SERVICE_PID" --shards 4 \
-  --redis-url "$THUMBUP_ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL" --job-window-ms "$WINDOW_MS" \
+  --redis-url "$ADMIN_REDIS_URL" --db-url "$THUMBUP_ADMIN_DB_URL" --job-window-ms "$WINDOW_MS" \
   --hot-ttl-ms "$HOT_TTL_MS" --out "$OUT" --scenario all "$@"
 say "report: ${OUT#"$ROOT"/}/report.md, plot: ${OUT#"$ROOT"/}/latency.svg"

@@ -1339,7 +1339,7 @@ cmd_env() {
   while read -r p; do nodes+="${nodes:+,}redis://127.0.0.1:$p"; done < <(cluster_ports)
   printf 'export %s=%q\n' \
     THUMBUP_REDIS_CLUSTER_NODES "$nodes" \
-    THUMBUP_ADMIN_REDIS_CLUSTER_URL "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$CLUSTER_BASE" \
+    THUMBUP_ADMIN_REDIS_CLUSTER_URL "redis://default:$(urlencode "$REDIS_ADMIN_PW")@127.0.0.1:$CLUSTER_BASE?cluster=true" \
     THUMBUP_REDIS_CLUSTER_PORT "$CLUSTER_BASE"
 }
 

@@ -1,5 +1,6 @@
 //! CPU time spent by each side of a measurement: this load generator, the
-//! service (when its pid is known) and Redis (from `INFO cpu`). On a machine
+//! service (when its pid is known) and Redis (from `INFO cpu`, summed over
+//! a cluster's nodes). On a machine
 //! where all of them share the same cores, CPU per request tells where the
 //! time goes better than the request rate alone.
 
@@ -48,15 +49,29 @@ pub fn redis_seconds(info: &str) -> Option<f64> {
     Some(field("used_cpu_user")? + field("used_cpu_sys")?)
 }
 
+/// `INFO <section>` of every Redis server the connection reaches: the
+/// server, or every node of a cluster (masters and replicas: a replica
+/// applies every write too).
+pub async fn info_each(con: &mut Conn, section: &str) -> redis::RedisResult<Vec<String>> {
+    let nodes = if con.is_cluster() { con.nodes().await? } else { vec![(String::new(), 0)] };
+    let mut out = Vec::with_capacity(nodes.len());
+    for (host, port) in nodes {
+        let mut info = redis::cmd("INFO");
+        info.arg(section);
+        out.push(redis::from_redis_value(con.on_node(&host, port, info).await?)?);
+    }
+    Ok(out)
+}
+
 impl Snapshot {
-    /// Reads every side now.
+    /// Reads every side now (Redis: the sum over its servers).
     pub async fn take(service_pid: Option<u32>, redis: &Conn) -> Snapshot {
         let mut con = redis.clone();
-        let info: Option<String> = redis::cmd("INFO").arg("cpu").query_async(&mut con).await.ok();
+        let infos = info_each(&mut con, "cpu").await.ok();
         Snapshot {
             bench: process_seconds("self"),
             service: service_pid.and_then(|p| process_seconds(&p.to_string())),
-            redis: info.as_deref().and_then(redis_seconds),
+            redis: infos.and_then(|all| all.iter().map(|i| redis_seconds(i)).sum::<Option<f64>>()),
         }
     }
 

@@ -279,10 +279,58 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if all || args.scenario == Scenario::Memory {
         report.sections.push(scenarios::memory(&ctx, &args).await?);
     }
+    if let Some(spread) = cluster_spread(&ctx, &args).await? {
+        report.preamble.push(spread);
+    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let md = args.out.join("report.md");
     std::fs::write(&md, report::render_markdown(&report)).with_context(|| format!("write {}", md.display()))?;
     let svg = args.out.join("latency.svg");
     std::fs::write(&svg, report::render_svg(&report.latencies)).with_context(|| format!("write {}", svg.display()))?;
     Ok(report)
+}
+
+/// On a Redis Cluster, where the bench tenant lives: the master of each
+/// stream shard's slot (a shard's users' caches share it) and the tenant's
+/// keys per master, after the run. `None` on a single Redis.
+async fn cluster_spread(ctx: &scenarios::Context, args: &Args) -> anyhow::Result<Option<String>> {
+    let mut con = ctx.redis.clone();
+    if !con.is_cluster() {
+        return Ok(None);
+    }
+    let keys = thumbup_core::keys::Keys::new(&args.tenant, args.shards);
+    let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut con).await?;
+    let master_of = |slot: i64| -> Option<u16> {
+        ranges.iter().find_map(|r| {
+            let lo: i64 = redis::from_redis_value_ref(r.first()?).ok()?;
+            let hi: i64 = redis::from_redis_value_ref(r.get(1)?).ok()?;
+            let redis::Value::Array(node) = r.get(2)? else { return None };
+            (lo..=hi).contains(&slot).then(|| redis::from_redis_value_ref(node.get(1)?).ok()).flatten()
+        })
+    };
+    let mut shards = Vec::new();
+    for shard in 0..args.shards {
+        let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(keys.stream(shard)).query_async(&mut con).await?;
+        shards.push(format!("shard {shard} slot {slot} on {}", master_of(slot).map_or("?".into(), |p| p.to_string())));
+    }
+    let pattern = format!("{}*", keys.prefix());
+    let mut per_master = Vec::new();
+    for node in thumbup_core::cache::scan_nodes(&mut con).await? {
+        let (mut cursor, mut n) = (0u64, 0usize);
+        loop {
+            let (next, found) = thumbup_core::cache::scan_page(&mut con, &node, cursor, &pattern, 5000).await?;
+            n += found.len();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        per_master.push(format!("{}: {n} keys", node.1));
+    }
+    Ok(Some(format!(
+        "Redis Cluster spread of tenant {}: {}; keys per master: {}",
+        args.tenant,
+        shards.join(", "),
+        per_master.join(", ")
+    )))
 }

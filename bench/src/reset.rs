@@ -38,23 +38,28 @@ pub async fn reset(args: &Args) -> anyhow::Result<()> {
         let n = provision::delete_keys(&args.redis_url, t).await?;
         eprintln!("thumbup-bench: reset tenant {t}: schema dropped, {n} Redis keys deleted");
     }
-    let mut con = redis::Client::open(args.redis_url.as_str())
-        .context("Redis URL")?
-        .get_multiplexed_async_connection()
+    let mut con = thumbup_core::cache::admin_connect(&args.redis_url, Duration::from_secs(30))
         .await
-        .context("connect to Redis")?;
-    // A rewrite may already be running (it refuses a second one): wait for
-    // it, then start ours and wait for that.
-    wait_rewrite(&mut con).await?;
-    redis::cmd("BGREWRITEAOF").exec_async(&mut con).await.context("BGREWRITEAOF")?;
-    wait_rewrite(&mut con).await?;
+        .context("connect to Redis with the admin URL")?;
+    // Every server of a cluster, masters and replicas: each has its AOF.
+    let nodes = if con.is_cluster() { con.nodes().await? } else { vec![(String::new(), 0)] };
+    for node in &nodes {
+        // A rewrite may already be running (it refuses a second one): wait
+        // for it, then start ours and wait for that.
+        wait_rewrite(&mut con, node).await?;
+        con.on_node(&node.0, node.1, redis::cmd("BGREWRITEAOF")).await.context("BGREWRITEAOF")?;
+        wait_rewrite(&mut con, node).await?;
+    }
     Ok(())
 }
 
-async fn wait_rewrite(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<()> {
+async fn wait_rewrite(con: &mut thumbup_core::cache::Conn, node: &(String, u16)) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let info: String = redis::cmd("INFO").arg("persistence").query_async(con).await.context("INFO persistence")?;
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("persistence");
+        let info: String =
+            redis::from_redis_value(con.on_node(&node.0, node.1, cmd).await.context("INFO persistence")?)?;
         // A rewrite requested while a save runs is scheduled: wait for both.
         let busy = info.lines().any(|l| {
             matches!(l.trim(), "aof_rewrite_in_progress:1" | "aof_rewrite_scheduled:1" | "rdb_bgsave_in_progress:1")

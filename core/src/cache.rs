@@ -48,7 +48,8 @@ fn ca_of(tls: &RedisTls) -> Result<Option<Vec<u8>>, RedisError> {
 
 /// The cluster client of `cfg` (`url` and `seeds` as seed nodes).
 fn cluster_client(cfg: &RedisConfig, response_timeout: Duration) -> Result<ClusterClient, RedisError> {
-    let nodes = std::iter::once(&cfg.url).chain(&cfg.seeds).map(|u| with_user(u, cfg)).collect::<Result<Vec<_>, _>>()?;
+    let nodes =
+        std::iter::once(&cfg.url).chain(&cfg.seeds).map(|u| with_user(u, cfg)).collect::<Result<Vec<_>, _>>()?;
     let mut b = ClusterClientBuilder::new(nodes)
         .connection_timeout(Duration::from_secs(2))
         .response_timeout(response_timeout)
@@ -146,10 +147,11 @@ pub async fn connect(cfg: &RedisConfig, response_timeout: Duration) -> Result<Co
 /// process starts while Redis is down.
 pub fn connect_lazy(cfg: &RedisConfig, response_timeout: Duration) -> Result<Conn, RedisError> {
     if cfg.cluster {
-        let config = ClusterConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(response_timeout);
-        return Ok(Conn::Cluster(cluster_client(cfg, response_timeout)?.get_pending_async_connection_with_config(config)));
+        let config =
+            ClusterConfig::new().set_connection_timeout(Duration::from_secs(2)).set_response_timeout(response_timeout);
+        return Ok(Conn::Cluster(
+            cluster_client(cfg, response_timeout)?.get_pending_async_connection_with_config(config),
+        ));
     }
     let client = client(with_user(&cfg.url, cfg)?, cfg.tls.as_ref())?;
     ConnectionManager::new_lazy_with_config(client, manager_config(response_timeout)).map(Conn::Single)
@@ -526,11 +528,7 @@ impl UserView {
 
 /// Reads what the user's cache `key` holds of `messages` (one round trip);
 /// `None` when the user is not cached.
-pub async fn user_view(
-    con: &mut Conn,
-    key: &str,
-    messages: &[i64],
-) -> Result<Option<UserView>, RedisError> {
+pub async fn user_view(con: &mut Conn, key: &str, messages: &[i64]) -> Result<Option<UserView>, RedisError> {
     let mut pipe = redis::pipe();
     pipe.cmd("ZRANGEBYSCORE").arg(key).arg(0).arg(0);
     let (meta, scores): (Vec<String>, Vec<Option<f64>>) = if messages.is_empty() {

@@ -688,6 +688,19 @@ tenants:
             (GOOD.replace("id: 1", "id: 0"), "id must be > 0"),
             (GOOD.replace("[alpha-secret]", "[short]"), "token"),
             (GOOD.replace("redis://", "http://"), "redis.url"),
+            (GOOD.replacen("password: pw }", "password: pw, seeds: [\"redis://n2:6379\"] }", 1), "redis.cluster: true"),
+            (
+                GOOD.replacen("password: pw }", "password: pw, cluster: true, seeds: [\"rediss://n2:6379\"] }", 1),
+                "must start with redis://",
+            ),
+            (
+                GOOD.replacen("password: pw }", "password: pw, cluster: true, seeds: [\"redis://u:p@n2:6379\"] }", 1),
+                "without credentials",
+            ),
+            (
+                GOOD.replacen("password: pw }", "password: pw, replica_acks: 1, replica_timeout_ms: 0 }", 1),
+                "replica_timeout_ms",
+            ),
             (GOOD.replace("tokens:", "tokenz:"), "unknown field"),
             (format!("{GOOD}{}", &GOOD[9..]), "listed twice"),
         ];

@@ -8,11 +8,14 @@
 //! command to the master of its key's slot, follows MOVED and ASK, and
 //! refreshes the slot map after a failover or a resharding.
 //!
-//! Pipelines: the cluster client sends a pipeline to one node and refuses
-//! one whose keys lie in several slots before sending anything. The
-//! pipelines of this project are not transactions (a round trip saved, no
-//! atomicity promised), so [`Conn`] sends such a pipeline's commands each
-//! to its own slot, concurrently, and answers in the pipeline's order.
+//! Pipelines: the cluster client sends a pipeline to one node, refuses one
+//! whose keys lie in several slots, and does not follow a MOVED inside a
+//! pipeline's replies (a pipeline to a slot that a resharding moved kept
+//! failing). The pipelines of this project are not transactions (a round
+//! trip saved, no atomicity promised), so on a cluster [`Conn`] sends a
+//! pipeline's commands each on its own, concurrently (each routed,
+//! redirected and retried by the cluster client; the per-node connection
+//! still pipelines them on the wire), and answers in the pipeline's order.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,7 +73,30 @@ impl Conn {
         }
     }
 
-    /// The masters of a cluster as `(host, port)`, from `CLUSTER SHARDS`
+    /// Every node of a cluster, masters and replicas, that the cluster
+    /// counts as connected (`CLUSTER NODES`), as `(host, port)`; a single
+    /// server: empty.
+    pub async fn nodes(&mut self) -> Result<Vec<(String, u16)>, RedisError> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(self).await?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                let (addr, flags, link) = (f.get(1)?, f.get(2)?, f.get(7)?);
+                let down = ["fail", "handshake", "noaddr"].iter().any(|d| flags.contains(d));
+                if down || *link != "connected" {
+                    return None;
+                }
+                let (host, port) = addr.split('@').next()?.rsplit_once(':')?;
+                Some((host.to_string(), port.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// The masters of a cluster as `(host, port)`, from `CLUSTER SLOTS`
     /// (a single server: empty).
     pub async fn masters(&mut self) -> Result<Vec<(String, u16)>, RedisError> {
         if !self.is_cluster() {
@@ -91,12 +117,6 @@ impl Conn {
     }
 }
 
-/// The cluster client's own refusal of a pipeline that spans slots, made
-/// before anything was sent.
-fn is_cross_slot_refusal(e: &RedisError) -> bool {
-    e.to_string().contains("crossed slots in pipeline")
-}
-
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -114,17 +134,15 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => async move {
-                match c.req_packed_commands(pipeline, offset, count).await {
-                    Err(e) if is_cross_slot_refusal(&e) && !pipeline.is_transaction() => {
-                        let each = pipeline.cmd_iter().map(|cmd| {
-                            let mut c = c.clone();
-                            async move { c.req_packed_command(cmd).await }
-                        });
-                        let values = futures::future::try_join_all(each).await?;
-                        Ok(values.into_iter().skip(offset).take(count).collect())
-                    }
-                    other => other,
+                if pipeline.is_transaction() {
+                    return c.req_packed_commands(pipeline, offset, count).await;
                 }
+                let each = pipeline.cmd_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { c.req_packed_command(cmd).await }
+                });
+                let values = futures::future::try_join_all(each).await?;
+                Ok(values.into_iter().skip(offset).take(count).collect())
             }
             .boxed(),
         }

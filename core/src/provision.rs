@@ -24,8 +24,8 @@ use std::str::FromStr;
 use sqlx::ConnectOptions;
 use sqlx::mysql::MySqlConnectOptions;
 
-use crate::conn::Conn;
 use crate::config::TenantConfig;
+use crate::conn::Conn;
 use crate::names;
 
 /// A provisioning step that failed.
@@ -616,29 +616,6 @@ async fn redis_admin(admin_url: &str, tenant: &str) -> Result<Conn, ProvisionErr
         .map_err(|source| ProvisionError::Redis { tenant: tenant.to_string(), source })
 }
 
-/// Every node of a cluster, masters and replicas, that the cluster counts
-/// as connected (`CLUSTER NODES`): ACL users are not replicated, so each
-/// node needs its own. A single server: empty.
-async fn cluster_nodes(con: &mut Conn) -> Result<Vec<(String, u16)>, redis::RedisError> {
-    if !con.is_cluster() {
-        return Ok(Vec::new());
-    }
-    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(con).await?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            let (addr, flags, link) = (f.get(1)?, f.get(2)?, f.get(7)?);
-            if flags.contains("fail") || flags.contains("handshake") || flags.contains("noaddr") || *link != "connected" {
-                return None;
-            }
-            let hostport = addr.split('@').next()?;
-            let (host, port) = hostport.rsplit_once(':')?;
-            Some((host.to_string(), port.parse().ok()?))
-        })
-        .collect())
-}
-
 /// `ACL SAVE`, so users survive a restart. A Redis started without an ACL
 /// file refuses it; users then live until restart, which is logged by the
 /// caller, not an error: managed Redis services often persist ACLs their own way.
@@ -661,10 +638,7 @@ end
 return 0
 ";
 
-async fn redis_record(
-    con: &mut Conn,
-    user: &str,
-) -> Result<Option<String>, redis::RedisError> {
+async fn redis_record(con: &mut Conn, user: &str) -> Result<Option<String>, redis::RedisError> {
     redis::cmd("HGET").arg(names::CONTROL_KEY).arg(user).query_async(con).await
 }
 
@@ -739,7 +713,8 @@ pub async fn provision_redis_as(
     if con.is_cluster() || !library_loaded(&mut con).await.map_err(err)? {
         crate::functions::load(&mut con).await.map_err(err)?;
     }
-    let nodes = cluster_nodes(&mut con).await.map_err(err)?;
+    // ACL users are not replicated: each node, replicas too, needs its own.
+    let nodes = con.nodes().await.map_err(err)?;
     let mut in_step = true;
     if nodes.is_empty() {
         let current: redis::Value =

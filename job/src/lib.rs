@@ -15,6 +15,7 @@
 //! consumer group's own state): the service's DB path and its cache-miss
 //! seeds rely on them to know that the DB holds the newest state.
 
+use anyhow::Context as _;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +25,8 @@ use std::time::{Duration, Instant};
 use prometheus::{
     Histogram, IntCounterVec, IntGaugeVec, register_histogram, register_int_counter_vec, register_int_gauge_vec,
 };
-use thumbup_core::cache::Conn;
 use sqlx::MySqlPool;
+use thumbup_core::cache::Conn;
 use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::TenantConfig;
 use thumbup_core::db::{self, Applied};
@@ -88,7 +89,9 @@ pub struct Job {
     tenant: TenantConfig,
     keys: Keys,
     opts: Options,
-    redis: Conn,
+    /// Replaced by a new connection when Redis calls keep timing out (see
+    /// [`Job::flush`]).
+    redis: std::sync::RwLock<Conn>,
     db: MySqlPool,
     scripts: Scripts,
 }
@@ -101,12 +104,33 @@ fn backoff(attempt: u32) -> Duration {
     RETRY.delay(attempt)
 }
 
+/// How long a Redis call of the job may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Job {
+    /// The Redis connection (a clone shares it).
+    fn con(&self) -> Conn {
+        self.redis.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A new Redis connection in place of the current one. After a Redis
+    /// Cluster failover or resharding the cluster client kept timing out on
+    /// the moved slot while a new client served it at once.
+    fn reconnect(&self) {
+        match cache::connect_lazy(&self.tenant.redis, REDIS_TIMEOUT) {
+            Ok(con) => {
+                warn!(tenant = %self.tenant.name, "redis calls keep timing out: reconnecting");
+                *self.redis.write().unwrap_or_else(|e| e.into_inner()) = con;
+            }
+            Err(e) => warn!(tenant = %self.tenant.name, error = %e, "reconnecting to redis failed"),
+        }
+    }
+
     /// A job for `tenant`; connects lazily.
     pub fn new(tenant: TenantConfig, opts: Options) -> anyhow::Result<Job> {
         Ok(Job {
             keys: Keys::new(&tenant.name, tenant.stream.shards),
-            redis: cache::connect_lazy(&tenant.redis, Duration::from_secs(5))?,
+            redis: std::sync::RwLock::new(cache::connect_lazy(&tenant.redis, REDIS_TIMEOUT)?),
             db: db::connect_lazy(&tenant)?,
             scripts: Scripts::default(),
             tenant,
@@ -119,21 +143,21 @@ impl Job {
     }
 
     async fn ensure_groups(&self) -> Result<(), redis::RedisError> {
-        stream::ensure_groups(&mut self.redis.clone(), &self.keys).await
+        stream::ensure_groups(&mut self.con(), &self.keys).await
     }
 
     /// Reads from every shard starting at `from` (`">"` for new entries,
     /// an id for this consumer's pending ones). Returns entries read.
     async fn read(&self, from: &str, out: &mut Batch) -> Result<usize, redis::RedisError> {
         let (consumer, count) = (&self.opts.consumer, self.opts.read_count);
-        stream::read_group(&mut self.redis.clone(), &self.keys, consumer, from, count, out).await
+        stream::read_group(&mut self.con(), &self.keys, consumer, from, count, out).await
     }
 
     /// Claims entries pending on other (dead) consumers for longer than `claim_idle`.
     async fn claim(&self, out: &mut Batch) -> Result<usize, redis::RedisError> {
         let idle_ms = self.opts.claim_idle.as_millis() as u64;
         let (consumer, count) = (&self.opts.consumer, self.opts.read_count);
-        let n = stream::claim_stale(&mut self.redis.clone(), &self.keys, consumer, idle_ms, count, out).await?;
+        let n = stream::claim_stale(&mut self.con(), &self.keys, consumer, idle_ms, count, out).await?;
         if n > 0 {
             info!(tenant = %self.tenant.name, claimed = n, "claimed entries left pending by another consumer");
         }
@@ -144,8 +168,8 @@ impl Job {
     #[instrument(skip_all, fields(tenant = %self.tenant.name, events = batch.entries.len()))]
     async fn flush_once(&self, batch: &Batch) -> anyhow::Result<Applied> {
         let events: Vec<_> = batch.entries.iter().map(|e| e.event.clone()).collect();
-        let applied = db::apply_events(&self.db, &events).await.inspect_err(|_| self.err("apply"))?;
-        let mut con = self.redis.clone();
+        let applied = db::apply_events(&self.db, &events).await.inspect_err(|_| self.err("apply")).context("apply")?;
+        let mut con = self.con();
         // Downstream first: a crash before the ack replays the batch, which
         // republishes (consumers deduplicate by version).
         let republished = applied.already_applied.iter().map(|e| Downstream { event: e.clone(), from: e.prev });
@@ -155,25 +179,34 @@ impl Job {
             .map(|(e, from)| Downstream { event: e.clone(), from: *from })
             .chain(republished)
             .collect();
-        stream::publish_downstream(&mut con, &self.keys, &published).await.inspect_err(|_| self.err("downstream"))?;
-        self.refresh(&applied).await.inspect_err(|_| self.err("refresh"))?;
-        stream::dead_letter(&mut con, &self.keys, &batch.malformed).await?;
+        stream::publish_downstream(&mut con, &self.keys, &published)
+            .await
+            .inspect_err(|_| self.err("downstream"))
+            .context("downstream")?;
+        self.refresh(&applied).await.inspect_err(|_| self.err("refresh")).context("refresh")?;
+        stream::dead_letter(&mut con, &self.keys, &batch.malformed).await.context("dead letter")?;
         // The refreshed caches on the replicas before the ack: a master lost
         // after the ack must not take a refreshed count with it (the entries
         // would not be delivered again to refresh it).
-        cache::replicated_everywhere(&mut con, self.tenant.redis.replica_acks, self.tenant.redis.replica_timeout_ms)
-            .await
-            .inspect_err(|_| self.err("replicas"))?;
+        // Best effort: a master without a replica (its replica was promoted
+        // and none has joined it yet) cannot confirm, and the job must not
+        // stop applying for that; the loss it guards against is a cached
+        // count, which the next change of the item refreshes.
+        let acks = (self.tenant.redis.replica_acks, self.tenant.redis.replica_timeout_ms);
+        if let Err(e) = cache::replicated_everywhere(&mut con, acks.0, acks.1).await {
+            self.err("replicas");
+            warn!(tenant = %self.tenant.name, error = %e, "the window's cache writes are not confirmed by the replicas");
+        }
         let ids = batch.entries.iter().map(|e| (e.shard, e.id.as_str()));
         let ids = ids.chain(batch.malformed.iter().map(|l| (l.shard, l.id.as_str())));
-        stream::ack(&mut con, &self.keys, ids).await.inspect_err(|_| self.err("ack"))?;
+        stream::ack(&mut con, &self.keys, ids).await.inspect_err(|_| self.err("ack")).context("ack")?;
         Ok(applied)
     }
 
     /// Sets the cached counts and received likes from the DB, never over a
     /// newer cached value.
     async fn refresh(&self, applied: &Applied) -> anyhow::Result<()> {
-        let mut con = self.redis.clone();
+        let mut con = self.con();
         let ttl = self.tenant.cache.counts_ttl_secs;
         let mut by_business: HashMap<i64, Vec<i64>> = HashMap::new();
         for (biz, msg) in &applied.items {
@@ -219,7 +252,12 @@ impl Job {
                     return true;
                 }
                 Err(e) => {
-                    warn!(tenant = %self.tenant.name, error = %e, attempt, "flush failed; retrying");
+                    warn!(tenant = %self.tenant.name, error = format!("{e:#}"), attempt, "flush failed; retrying");
+                    let timed_out =
+                        e.chain().any(|c| c.downcast_ref::<redis::RedisError>().is_some_and(|r| r.is_timeout()));
+                    if timed_out && attempt >= 1 {
+                        self.reconnect();
+                    }
                     if give_up.is_some_and(|g| Instant::now() > g) {
                         error!(tenant = %self.tenant.name, "giving up at shutdown: entries stay pending for the next run");
                         return false;
@@ -234,7 +272,7 @@ impl Job {
     /// Trims applied entries older than the retention; never past anything
     /// pending or undelivered. Also exports the lag.
     async fn maintain(&self) -> Result<(), redis::RedisError> {
-        let mut con = self.redis.clone();
+        let mut con = self.con();
         let keep_from = now_ms() - (self.tenant.stream.retention_secs as i64) * 1000;
         for shard in 0..self.keys.shards() {
             let key = self.keys.stream(shard);
@@ -254,7 +292,7 @@ impl Job {
     /// the group's watermark was acknowledged, which happens only after its
     /// DB commit.
     async fn record_watermarks(&self) -> anyhow::Result<()> {
-        let mut con = self.redis.clone();
+        let mut con = self.con();
         let mut marks = Vec::with_capacity(self.keys.shards() as usize);
         for shard in 0..self.keys.shards() {
             let ms = self.scripts.watermark(&mut con, &self.keys.stream(shard), JOB_GROUP).await?;
@@ -308,6 +346,9 @@ impl Job {
                     Err(e) => {
                         warn!(tenant = %self.tenant.name, error = %e, "reading the stream failed; retrying");
                         self.err("read");
+                        if e.is_timeout() && attempt >= 1 {
+                            self.reconnect();
+                        }
                         attempt += 1;
                         backoff(attempt)
                     }

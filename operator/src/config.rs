@@ -506,6 +506,23 @@ datacenters:
     }
 
     #[test]
+    fn a_redis_cluster_reaches_the_admin_url_and_the_tenant_config_and_db_cluster_settings_are_refused() {
+        let text = GOOD.replace(
+            "redis://redis-a:6379\", admin_username: default, admin_password: pw }",
+            "redis://redis-a:6379\", admin_username: default, admin_password: pw, cluster: true, seeds: [\"redis://redis-a2:6379\"], replica_acks: 1 }",
+        );
+        let c = OperatorConfig::parse(&text, "test").unwrap();
+        let dc = c.active();
+        assert_eq!(dc.redis.admin_url().unwrap(), "redis://default:pw@redis-a:6379?cluster=true");
+        assert_eq!((dc.redis.cluster, dc.redis.seeds.len(), dc.redis.replica_acks), (true, 1, 1));
+        let err = OperatorConfig::parse(&text.replace("cluster: true, ", ""), "test").unwrap_err().to_string();
+        assert!(err.contains("redis.seeds need redis.cluster: true"), "{err}");
+        let db = GOOD.replace(r#"admin_password: "p@ss:w/rd" }"#, r#"admin_password: "x", cluster: true }"#);
+        let err = OperatorConfig::parse(&db, "test").unwrap_err().to_string();
+        assert!(err.contains("Redis settings, not the DB's"), "{err}");
+    }
+
+    #[test]
     fn tls_settings_become_the_admin_urls_parameters() {
         let text = GOOD
             .replace(

@@ -137,7 +137,8 @@ enum Command {
         #[arg(long, env = "THUMBUP_ADMIN_DB_URL")]
         admin_db_url: String,
         /// Admin Redis URL, redis://user:password@host:port (TLS:
-        /// rediss://, and ?ssl-ca=/path/ca.crt for a private CA).
+        /// rediss://, and ?ssl-ca=/path/ca.crt for a private CA; a node of a
+        /// Redis Cluster: ?cluster=true, and every node is provisioned).
         #[arg(long, env = "THUMBUP_ADMIN_REDIS_URL")]
         admin_redis_url: String,
     },

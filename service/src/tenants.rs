@@ -19,8 +19,8 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use thumbup_core::cache::Conn;
 use sqlx::MySqlPool;
+use thumbup_core::cache::Conn;
 use thumbup_core::cache::{self, Scripts};
 use thumbup_core::config::{Config, ConfigError, TenantConfig};
 use thumbup_core::db;

@@ -7,9 +7,9 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
 
-use thumbup_core::cache::Conn;
 use sqlx::ConnectOptions;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+use thumbup_core::cache::Conn;
 
 fn env_or(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.into())

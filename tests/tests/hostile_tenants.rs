@@ -13,8 +13,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use thumbup_core::cache::Conn;
 use sqlx::{ConnectOptions, MySqlConnection, Row as _};
+use thumbup_core::cache::Conn;
 use thumbup_core::cache::{self, Scripts, Seed, Transition, TransitionArgs};
 use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::domain::{Action, State};

@@ -24,12 +24,21 @@ use crate::report::{Metric, Section, Target};
 const BILIBILI_WRITES_PER_SEC: f64 = 15_000.0;
 const RETENTION_SECS: f64 = 7.0 * 86_400.0;
 
+/// `used_memory` of the server, or summed over a cluster's masters.
 async fn used_memory(con: &mut Conn) -> anyhow::Result<i64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(con).await.context("INFO memory")?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("INFO memory has no used_memory")
+    let mut total = 0;
+    let masters = if con.is_cluster() { con.masters().await? } else { vec![(String::new(), 0)] };
+    for (host, port) in masters {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("memory");
+        let info: String = redis::from_redis_value(con.on_node(&host, port, cmd).await.context("INFO memory")?)?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .context("INFO memory has no used_memory")?;
+    }
+    Ok(total)
 }
 
 /// Bytes and entries of the tenant's streams now: the event stream's shards

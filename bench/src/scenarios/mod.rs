@@ -28,8 +28,8 @@ pub use writes::{hot_action, hot_writes, quiesce};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use thumbup_core::cache::Conn;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use thumbup_core::cache::Conn;
 use thumbup_core::keys::Keys;
 use thumbup_service::pb;
 use thumbup_service::pb::thumbup_client::ThumbupClient;

@@ -270,6 +270,15 @@ datacenters:
       url: {{ .redis.url | quote }}
       admin_username: {{ .redis.adminUsername | quote }}
       admin_password_file: {{ printf "%s/%s-redis-password" $secrets .name | quote }}
+      {{- if .redis.cluster }}
+      cluster: true
+      {{- with .redis.seeds }}
+      seeds: {{ toJson . }}
+      {{- end }}
+      {{- end }}
+      {{- with .redis.replicaAcks }}
+      replica_acks: {{ int . }}
+      {{- end }}
       {{- if and (hasPrefix "rediss://" .redis.url) $.Values.tls.redis.caSecret }}
       tls:
         ca_file: {{ include "thumbup.redisCaFile" $ | quote }}

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use crate::conn::Conn;
 use sqlx::MySqlPool;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
@@ -99,7 +99,7 @@ pub struct Replayed {
 /// `db_admin_url`.
 pub async fn replay(
     tenant: &ReplayTenant,
-    redis: &mut MultiplexedConnection,
+    redis: &mut Conn,
     db_admin_url: &str,
     since_ms: i64,
 ) -> Result<Replayed, ReplayError> {
@@ -155,11 +155,7 @@ pub async fn replay(
 /// new primary before the replay committed may still write them back
 /// (their versions come from the new primary, so a later refresh would not
 /// replace them).
-pub async fn invalidate(
-    tenant: &str,
-    redis: &mut MultiplexedConnection,
-    keys: &[String],
-) -> Result<usize, ReplayError> {
+pub async fn invalidate(tenant: &str, redis: &mut Conn, keys: &[String]) -> Result<usize, ReplayError> {
     let mut n = 0;
     for chunk in keys.chunks(500) {
         let deleted: usize = redis::cmd("DEL")

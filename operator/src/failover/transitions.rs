@@ -183,10 +183,9 @@ impl Controller {
         let mut failed = Vec::new();
         for dc in &self.opts.config.datacenters {
             let url = dc.redis.admin_url().map_err(|e| FailoverError::Config(e.to_string()))?;
-            let con = async {
-                let client = thumbup_core::cache::admin_client(&url)?;
-                client.get_multiplexed_async_connection().await
-            };
+            // A cluster's admin URL carries cluster=true: the replay reads
+            // each shard from the master that owns it.
+            let con = thumbup_core::cache::admin_connect(&url, ACTION_TIMEOUT);
             // An unreachable Redis fails the replay, which is retried every
             // period while the promotion is pending: its streams may hold
             // the only copy of acknowledged writes.
