@@ -73,7 +73,10 @@ pub fn tenant_yaml(name: &str, businesses: &[i64], extra: &str) -> String {
     } else if cluster_mode() {
         // The cluster: seed nodes, and a like waits for its master's replica.
         let seeds: Vec<String> = cluster_nodes().iter().skip(1).map(|u| format!("\"{u}\"")).collect();
-        let cluster = format!(", cluster: true, seeds: [{}], replica_acks: 1", seeds.join(", "));
+        // THUMBUP_E2E_REPLICA_ACKS=0 shows what the wait is for: the master
+        // loss test then finds acknowledged likes missing.
+        let acks = std::env::var("THUMBUP_E2E_REPLICA_ACKS").unwrap_or_else(|_| "1".into());
+        let cluster = format!(", cluster: true, seeds: [{}], replica_acks: {acks}", seeds.join(", "));
         (cluster_nodes()[0].clone(), cluster, String::new())
     } else {
         (format!("redis://127.0.0.1:{}", redis_port()), String::new(), String::new())

@@ -65,6 +65,27 @@ async fn master_of(con: &mut Conn, key: &str) -> u16 {
     panic!("slot {slot} of {key} is not served")
 }
 
+/// The port of the replica of the master at `master_port`.
+async fn replica_of(con: &mut Conn, master_port: u16) -> u16 {
+    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(con).await.unwrap();
+    let port = |f: &[&str]| -> u16 { f[1].split('@').next().unwrap().rsplit_once(':').unwrap().1.parse().unwrap() };
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    let master = lines.iter().find(|f| port(f) == master_port).expect("the master in CLUSTER NODES");
+    let replica = lines.iter().find(|f| f[2].contains("slave") && f[3] == master[0]).expect("the master has a replica");
+    port(replica)
+}
+
+/// Sends `signal` (STOP, CONT) to the cluster node at `port`.
+fn signal_node(port: u16, signal: &str) {
+    let dir = std::env::var("THUMBUP_STACK_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| thumbup_test_support::stack::root().join(".stack"));
+    let pid =
+        std::fs::read_to_string(dir.join(format!("redis-cluster-{port}/redis.pid"))).expect("the node's pid file");
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.trim()).status().unwrap();
+    assert!(status.success(), "kill -{signal} of the node on {port}");
+}
+
 /// Acknowledged records whose newest acknowledged state is not the DB's
 /// (ambiguous records: older than acknowledged), after quiescing.
 async fn lost(t: &thumbup_core::config::TenantConfig, acked: &Acked, ambiguous: &BTreeSet<(i64, i64, i64)>) -> usize {
@@ -101,7 +122,7 @@ async fn losing_a_master_with_its_data_under_16_writers_loses_no_acknowledged_li
         let w = World::start(&format!("cluster-loss-{run}"), &tenant_yaml(&name, &[BIZ], "")).await;
         let keys = keys_of(&w, &name);
         let t = w.tenant(&name).clone();
-        let _job = w.job(&name, 200);
+        let mut job = w.job(&name, 200);
         let c = w.client_of(&name).await;
         let mut admin = admin_redis().await;
         // The master of stream shard 0 (its users' caches and their stream).
@@ -110,11 +131,22 @@ async fn losing_a_master_with_its_data_under_16_writers_loses_no_acknowledged_li
         let client = c.clone();
         let loader = tokio::spawn(async move { run_load_through_faults(&client, load).await });
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The job dies, and the replica lags behind (stopped for a second,
+        // as a stalled replica or a slow link would): what the master took
+        // in that second is in its stream alone when it dies. Without the
+        // wait for a replica (THUMBUP_E2E_REPLICA_ACKS=0) likes acknowledged
+        // then are lost; with it they were never acknowledged.
+        let replica = replica_of(&mut admin, victim).await;
+        job.kill();
+        signal_node(replica, "STOP");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         let killed = Instant::now();
         stack(&["cluster-kill", &victim.to_string()]);
+        signal_node(replica, "CONT");
         stack(&["cluster-wipe", &victim.to_string()]);
         stack(&["cluster-wait-ok"]);
         let promoted = killed.elapsed();
+        job.restart();
         // The promoted master has no replica: its likes wait (UNAVAILABLE,
         // never acknowledged unreplicated) until the wiped node comes back
         // empty as its replica, while the load runs.
@@ -125,7 +157,7 @@ async fn losing_a_master_with_its_data_under_16_writers_loses_no_acknowledged_li
         let seen = check_exact(&t).await;
         let lost = lost(&t, &out.acked, &out.ambiguous).await;
         println!(
-            "run {run}: killed and wiped master {victim}; replica promoted after {promoted:?}, the wiped node its replica after {rejoined:?}; sent {} ok {} refused {} unavailable {} ({}); {} records acknowledged, {lost} lost; {} items, {} cached counts equal the DB",
+            "run {run}: job killed and replica {replica} stopped for 1 s, then master {victim} killed and wiped; replica promoted after {promoted:?}, the wiped node its replica after {rejoined:?}; sent {} ok {} refused {} unavailable {} ({}); {} records acknowledged, {lost} lost; {} items, {} cached counts equal the DB",
             out.sent,
             out.ok,
             out.refused,
