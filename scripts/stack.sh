@@ -651,7 +651,7 @@ init_redis() { # instance
 }
 
 start_redis() { # instance port
-  local inst="$1" port="$2" dir pidfile logf pid out i
+  local inst="$1" port="$2" dir pidfile logf pid out
   dir="$(redis_dir "$inst")"
   pidfile="$(redis_pidfile "$inst")"
   logf="$(redis_log "$inst")"
@@ -692,55 +692,72 @@ start_redis() { # instance port
     fi
   fi
 
+  await_redis "redis-$inst" "$port" "$pidfile" "$logf"
+}
+
+stop_redis() { # instance port
+  stop_redis_server "redis-$1" "$2" "$(redis_pidfile "$1")"
+}
+
+kill_redis() { # instance port
+  kill_redis_server "redis-$1" "$2" "$(redis_pidfile "$1")"
+}
+
+# Waits until the redis-server just started (daemonized) answers PONG.
+await_redis() { # name port pidfile logfile
+  local name="$1" port="$2" pidfile="$3" logf="$4" pid i
   for ((i = 0; i < TIMEOUT * 4; i++)); do
     if redis_ping "$port"; then
-      pid="$(redis_pid "$inst" || echo '?')"
-      log "redis-$inst ready (pid $pid, port $port)"
+      pid="$(live_pid "$pidfile" redis-server || echo '?')"
+      log "$name ready (pid $pid, port $port)"
       return 0
     fi
     # the daemonized server writes its pid file right after forking
-    if ((i >= 8)) && ! redis_pid "$inst" >/dev/null; then
+    if ((i >= 8)) && ! live_pid "$pidfile" redis-server >/dev/null; then
       show_log_tail "$logf"
-      die "redis-$inst exited during startup (see $logf)"
+      die "$name exited during startup (see $logf)"
     fi
     sleep 0.25
   done
   show_log_tail "$logf"
-  die "redis-$inst did not answer PONG within ${TIMEOUT}s (see $logf)"
+  die "$name did not answer PONG within ${TIMEOUT}s (see $logf)"
 }
 
-stop_redis() { # instance port
-  local inst="$1" port="$2" pid
-  if ! pid="$(redis_pid "$inst")"; then
-    log "redis-$inst is not running"
+# Stops a redis-server gracefully (SHUTDOWN flushes the AOF, and in a
+# cluster saves nodes.conf; with appendfsync always nothing is lost), then
+# harder if it does not go.
+stop_redis_server() { # name port pidfile
+  local name="$1" port="$2" pid
+  if ! pid="$(live_pid "$3" redis-server)"; then
+    log "$name is not running"
     return 0
   fi
-  log "stopping redis-$inst (pid $pid)"
-  # With AOF (appendfsync always) SHUTDOWN flushes the AOF and keeps all data.
+  log "stopping $name (pid $pid)"
   rcli "$port" shutdown >/dev/null 2>&1 || true
   if ! wait_pid_gone "$pid" "$TIMEOUT"; then
-    log "redis-$inst did not stop after SHUTDOWN; sending SIGTERM"
+    log "$name did not stop after SHUTDOWN; sending SIGTERM"
     kill -TERM "$pid" 2>/dev/null || true
     if ! wait_pid_gone "$pid" "$TIMEOUT"; then
-      log "redis-$inst ignored SIGTERM; sending SIGKILL"
+      log "$name ignored SIGTERM; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
-      wait_pid_gone "$pid" 10 || die "could not stop redis-$inst (pid $pid)"
+      wait_pid_gone "$pid" 10 || die "could not stop $name (pid $pid)"
     fi
   fi
-  wait_port_closed "$port" 10 || die "port $port still accepts connections after stopping redis-$inst"
-  log "redis-$inst stopped"
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after stopping $name"
+  log "$name stopped"
 }
 
-kill_redis() { # instance port
-  local inst="$1" port="$2" pid
-  if ! pid="$(redis_pid "$inst")"; then
-    log "redis-$inst is not running"
+# SIGKILLs a redis-server (crash simulation) and waits until it is gone.
+kill_redis_server() { # name port pidfile
+  local name="$1" port="$2" pid
+  if ! pid="$(live_pid "$3" redis-server)"; then
+    log "$name is not running"
     return 0
   fi
-  log "killing redis-$inst (SIGKILL pid $pid)"
+  log "killing $name (SIGKILL pid $pid)"
   kill -KILL "$pid" 2>/dev/null || true
-  wait_pid_gone "$pid" 30 || die "redis-$inst (pid $pid) still alive after SIGKILL"
-  wait_port_closed "$port" 10 || die "port $port still accepts connections after killing redis-$inst"
+  wait_pid_gone "$pid" 30 || die "$name (pid $pid) still alive after SIGKILL"
+  wait_port_closed "$port" 10 || die "port $port still accepts connections after killing $name"
 }
 
 # ---------------------------------------------------------------- redis cluster
@@ -822,7 +839,7 @@ init_cluster_node() { # port
 }
 
 start_cluster_node() { # port
-  local port="$1" name dir pidfile logf pid out i
+  local port="$1" name dir pidfile logf pid out
   name="$(rc_name "$port")"
   dir="$(rc_dir "$port")"
   pidfile="$(rc_pidfile "$port")"
@@ -872,57 +889,15 @@ start_cluster_node() { # port
     fi
   fi
 
-  for ((i = 0; i < TIMEOUT * 4; i++)); do
-    if redis_ping "$port"; then
-      pid="$(rc_pid "$port" || echo '?')"
-      log "$name ready (pid $pid, port $port)"
-      return 0
-    fi
-    # the daemonized server writes its pid file right after forking
-    if ((i >= 8)) && ! rc_pid "$port" >/dev/null; then
-      show_log_tail "$logf"
-      die "$name exited during startup (see $logf)"
-    fi
-    sleep 0.25
-  done
-  show_log_tail "$logf"
-  die "$name did not answer PONG within ${TIMEOUT}s (see $logf)"
+  await_redis "$name" "$port" "$pidfile" "$logf"
 }
 
 stop_cluster_node() { # port
-  local port="$1" name pid
-  name="$(rc_name "$port")"
-  if ! pid="$(rc_pid "$port")"; then
-    log "$name is not running"
-    return 0
-  fi
-  log "stopping $name (pid $pid)"
-  # SHUTDOWN flushes the AOF and saves nodes.conf.
-  rcli "$port" shutdown >/dev/null 2>&1 || true
-  if ! wait_pid_gone "$pid" "$TIMEOUT"; then
-    log "$name did not stop after SHUTDOWN; sending SIGTERM"
-    kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_pid_gone "$pid" "$TIMEOUT"; then
-      log "$name ignored SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      wait_pid_gone "$pid" 10 || die "could not stop $name (pid $pid)"
-    fi
-  fi
-  wait_port_closed "$port" 10 || die "port $port still accepts connections after stopping $name"
-  log "$name stopped"
+  stop_redis_server "$(rc_name "$1")" "$1" "$(rc_pidfile "$1")"
 }
 
 kill_cluster_node() { # port
-  local port="$1" name pid
-  name="$(rc_name "$port")"
-  if ! pid="$(rc_pid "$port")"; then
-    log "$name is not running"
-    return 0
-  fi
-  log "killing $name (SIGKILL pid $pid)"
-  kill -KILL "$pid" 2>/dev/null || true
-  wait_pid_gone "$pid" 30 || die "$name (pid $pid) still alive after SIGKILL"
-  wait_port_closed "$port" 10 || die "port $port still accepts connections after killing $name"
+  kill_redis_server "$(rc_name "$1")" "$1" "$(rc_pidfile "$1")"
 }
 
 # Deletes a stopped node's data and cluster state; keeps users.acl (and the
