@@ -9,6 +9,7 @@
 #   start  redis|mariadb [I]   start one server of instance I (default a) and wait until ready
 #   stop   redis|mariadb [I]   gracefully stop one server, wait until its port is closed
 #   kill   redis|mariadb [I]   SIGKILL one server (crash simulation), wait until it is gone
+#                              (start|stop|kill redis cluster: every node of the Redis Cluster)
 #   reseed PRIMARY REPLICA     make MariaDB PRIMARY (a|b) the writable primary and rebuild
 #                              REPLICA as its read-only GTID replica from a fresh dump
 #                              (starting either if stopped); DISCARDS the replica's data,
@@ -1242,8 +1243,18 @@ cmd_down() {
 }
 
 server_action() { # action server [instance]
-  local action="$1" server="${2:-}" inst="${3:-a}"
-  case "$inst" in a | b) ;; *) die "unknown instance '$inst' (expected a or b)" ;; esac
+  local action="$1" server="${2:-}" inst="${3:-a}" p
+  if [[ "$server" == redis && "$inst" == cluster ]]; then
+    # Every node of the Redis Cluster at once (the tests' "Redis down").
+    lock_stack
+    case "$action" in
+      start) cluster_up ;;
+      stop) cluster_down ;;
+      kill) while read -r p; do kill_cluster_node "$p"; done < <(cluster_all_ports) ;;
+    esac
+    return 0
+  fi
+  case "$inst" in a | b) ;; *) die "unknown instance '$inst' (expected a, b, or cluster for redis)" ;; esac
   case "$server" in
     redis | mariadb) ;;
     *) die "usage: $0 $action redis|mariadb [instance]" ;;

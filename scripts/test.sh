@@ -52,5 +52,8 @@ THUMBUP_E2E_TLS=1 cargo test --locked -p thumbup-e2e --test data_plane -- --exac
 
 # Cluster mode (test-support's cluster_mode): the data-plane suite again
 # with every tenant on the stack's Redis Cluster (three masters with a
-# replica each; a like waits for its master's replica, replica_acks: 1).
-THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane
+# replica each; a like waits for its master's replica, replica_acks: 1):
+# exact counts, job crash, bad input, isolation (data_plane), DB down and
+# Redis down, stalled and killed (outage: every node of the cluster), and
+# the state-rules model check.
+THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane --test outage --test state_rules

@@ -51,23 +51,27 @@ pub fn redis_seconds(info: &str) -> Option<f64> {
 
 /// `INFO <section>` of every Redis server the connection reaches: the
 /// server, or every node of a cluster (masters and replicas: a replica
-/// applies every write too).
-pub async fn info_each(con: &mut Conn, section: &str) -> redis::RedisResult<Vec<String>> {
-    let nodes = if con.is_cluster() { con.nodes().await? } else { vec![(String::new(), 0)] };
-    let mut out = Vec::with_capacity(nodes.len());
-    for (host, port) in nodes {
-        let mut info = redis::cmd("INFO");
-        info.arg(section);
-        out.push(redis::from_redis_value(con.on_node(&host, port, info).await?)?);
+/// applies every write too), each over a connection of its own made from
+/// the admin URL `url`.
+pub async fn info_each(url: &str, con: &mut Conn, section: &str) -> redis::RedisResult<Vec<String>> {
+    if !con.is_cluster() {
+        return Ok(vec![redis::cmd("INFO").arg(section).query_async(con).await?]);
+    }
+    let mut out = Vec::new();
+    for (host, port) in con.nodes().await? {
+        let timeout = std::time::Duration::from_secs(10);
+        let mut node = thumbup_core::cache::admin_node_connect(url, &host, port, timeout).await?;
+        out.push(redis::cmd("INFO").arg(section).query_async(&mut node).await?);
     }
     Ok(out)
 }
 
 impl Snapshot {
-    /// Reads every side now (Redis: the sum over its servers).
-    pub async fn take(service_pid: Option<u32>, redis: &Conn) -> Snapshot {
+    /// Reads every side now (Redis: the sum over its servers; `url` is the
+    /// admin URL of `redis`).
+    pub async fn take(service_pid: Option<u32>, redis: &Conn, url: &str) -> Snapshot {
         let mut con = redis.clone();
-        let infos = info_each(&mut con, "cpu").await.ok();
+        let infos = info_each(url, &mut con, "cpu").await.ok();
         Snapshot {
             bench: process_seconds("self"),
             service: service_pid.and_then(|p| process_seconds(&p.to_string())),

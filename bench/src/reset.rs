@@ -41,25 +41,28 @@ pub async fn reset(args: &Args) -> anyhow::Result<()> {
     let mut con = thumbup_core::cache::admin_connect(&args.redis_url, Duration::from_secs(30))
         .await
         .context("connect to Redis with the admin URL")?;
-    // Every server of a cluster, masters and replicas: each has its AOF.
-    let nodes = if con.is_cluster() { con.nodes().await? } else { vec![(String::new(), 0)] };
-    for node in &nodes {
+    if !con.is_cluster() {
         // A rewrite may already be running (it refuses a second one): wait
         // for it, then start ours and wait for that.
-        wait_rewrite(&mut con, node).await?;
-        con.on_node(&node.0, node.1, redis::cmd("BGREWRITEAOF")).await.context("BGREWRITEAOF")?;
-        wait_rewrite(&mut con, node).await?;
+        wait_rewrite(&mut con).await?;
+        redis::cmd("BGREWRITEAOF").exec_async(&mut con).await.context("BGREWRITEAOF")?;
+        return wait_rewrite(&mut con).await;
+    }
+    // Every server of a cluster, masters and replicas: each has its AOF.
+    for (host, port) in con.nodes().await? {
+        let mut node =
+            thumbup_core::cache::admin_node_connect(&args.redis_url, &host, port, Duration::from_secs(30)).await?;
+        wait_rewrite(&mut node).await?;
+        redis::cmd("BGREWRITEAOF").exec_async(&mut node).await.context("BGREWRITEAOF")?;
+        wait_rewrite(&mut node).await?;
     }
     Ok(())
 }
 
-async fn wait_rewrite(con: &mut thumbup_core::cache::Conn, node: &(String, u16)) -> anyhow::Result<()> {
+async fn wait_rewrite<C: redis::aio::ConnectionLike + Send>(con: &mut C) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let mut cmd = redis::cmd("INFO");
-        cmd.arg("persistence");
-        let info: String =
-            redis::from_redis_value(con.on_node(&node.0, node.1, cmd).await.context("INFO persistence")?)?;
+        let info: String = redis::cmd("INFO").arg("persistence").query_async(con).await.context("INFO persistence")?;
         // A rewrite requested while a save runs is scheduled: wait for both.
         let busy = info.lines().any(|l| {
             matches!(l.trim(), "aof_rewrite_in_progress:1" | "aof_rewrite_scheduled:1" | "rdb_bgsave_in_progress:1")

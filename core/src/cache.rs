@@ -130,6 +130,30 @@ pub async fn admin_connect(url: &str, response_timeout: Duration) -> Result<Conn
     Ok(Conn::Cluster(b.build()?.get_async_connection().await?))
 }
 
+/// A direct admin connection to the node `host:port` of the cluster that
+/// the admin URL `url` names: the URL's credentials and TLS, that node's
+/// address. Per-node work (ACL users, which Redis does not replicate) goes
+/// straight to each node: the cluster client keeps connections only to the
+/// nodes of its slot map, and a replica may not be among them.
+pub async fn admin_node_connect(
+    url: &str,
+    host: &str,
+    port: u16,
+    response_timeout: Duration,
+) -> Result<redis::aio::MultiplexedConnection, RedisError> {
+    let (base, ca_file, _) = admin_parts(url);
+    let info = base.as_str().into_connection_info()?;
+    let addr = match info.addr().clone() {
+        redis::ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
+            redis::ConnectionAddr::TcpTls { host: host.to_string(), port, insecure, tls_params }
+        }
+        _ => redis::ConnectionAddr::Tcp(host.to_string(), port),
+    };
+    let tls = ca_file.map(|f| RedisTls { ca_file: Some(f), ca_pem: None });
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(response_timeout));
+    client(info.set_addr(addr), tls.as_ref())?.get_multiplexed_async_connection_with_config(&config).await
+}
+
 /// Opens a managed (auto-reconnecting) connection with the tenant's ACL
 /// user: to the server, or with `cluster` to the cluster.
 ///
@@ -684,6 +708,17 @@ pub async fn delete(con: &mut Conn, keys: &[String]) -> Result<(), RedisError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_urls_name_the_ca_file_and_a_cluster_apart_from_what_the_client_reads() {
+        assert_eq!(admin_parts("redis://u:p@h:1"), ("redis://u:p@h:1".into(), None, false));
+        assert_eq!(admin_parts("redis://u:p@h:1?cluster=true"), ("redis://u:p@h:1".into(), None, true));
+        assert_eq!(
+            admin_parts("rediss://u:p@h:1?ssl-ca=/ca.crt&cluster=true&protocol=resp3"),
+            ("rediss://u:p@h:1?protocol=resp3".into(), Some("/ca.crt".into()), true)
+        );
+        assert!(!admin_parts("redis://u:p@h:1?cluster=false").2, "only cluster=true names a cluster");
+    }
 
     #[test]
     fn cached_values_parse_and_garbage_is_rejected() {

@@ -27,6 +27,7 @@ use sqlx::mysql::MySqlConnectOptions;
 use crate::config::TenantConfig;
 use crate::conn::Conn;
 use crate::names;
+use redis::aio::ConnectionLike;
 
 /// A provisioning step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -619,7 +620,7 @@ async fn redis_admin(admin_url: &str, tenant: &str) -> Result<Conn, ProvisionErr
 /// `ACL SAVE`, so users survive a restart. A Redis started without an ACL
 /// file refuses it; users then live until restart, which is logged by the
 /// caller, not an error: managed Redis services often persist ACLs their own way.
-async fn acl_save(con: &mut Conn) -> Result<bool, redis::RedisError> {
+async fn acl_save<C: ConnectionLike + Send>(con: &mut C) -> Result<bool, redis::RedisError> {
     match redis::cmd("ACL").arg("SAVE").exec_async(con).await {
         Ok(()) => Ok(true),
         Err(e) if e.to_string().contains("ACL file") => Ok(false),
@@ -713,35 +714,38 @@ pub async fn provision_redis_as(
     if con.is_cluster() || !library_loaded(&mut con).await.map_err(err)? {
         crate::functions::load(&mut con).await.map_err(err)?;
     }
-    // ACL users are not replicated: each node, replicas too, needs its own.
+    // ACL users are not replicated: in a cluster each node, replicas too (a
+    // replica promoted by a failover must know the user), gets its own,
+    // over a connection of its own (the cluster client keeps connections
+    // only to the nodes of its slot map).
     let nodes = con.nodes().await.map_err(err)?;
-    let mut in_step = true;
     if nodes.is_empty() {
-        let current: redis::Value =
-            redis::cmd("ACL").arg("GETUSER").arg(&user).query_async(&mut con).await.map_err(err)?;
-        in_step = acl_user_matches(&current, name, &t.redis.password);
+        return set_acl_user(&mut con, name, &t.redis.password).await.map_err(err);
     }
+    let mut saved = true;
     for (host, port) in &nodes {
-        let mut getuser = redis::cmd("ACL");
-        getuser.arg("GETUSER").arg(&user);
-        let current = con.on_node(host, *port, getuser).await.map_err(err)?;
-        in_step &= acl_user_matches(&current, name, &t.redis.password);
+        let mut node = crate::cache::admin_node_connect(admin_url, host, *port, ADMIN_TIMEOUT).await.map_err(err)?;
+        saved &= set_acl_user(&mut node, name, &t.redis.password).await.map_err(err)?;
     }
-    if in_step {
-        // Nothing to change (and nothing to save): every node's ACL file
-        // holds it.
+    Ok(saved)
+}
+
+/// Creates or resets the tenant's ACL user on one server unless it is
+/// already exactly what [`acl_rules`] make, and saves the ACL file (false:
+/// the server has none).
+async fn set_acl_user<C: ConnectionLike + Send>(
+    con: &mut C,
+    tenant: &str,
+    password: &str,
+) -> Result<bool, redis::RedisError> {
+    let user = names::redis_user(tenant);
+    let current: redis::Value = redis::cmd("ACL").arg("GETUSER").arg(&user).query_async(con).await?;
+    if acl_user_matches(&current, tenant, password) {
+        // Nothing to change (and nothing to save): the ACL file holds it.
         return Ok(true);
     }
-    // In a cluster ACL SETUSER and ACL SAVE go to every node, replicas too
-    // (a replica promoted by a failover must know the user).
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg(acl_rules(name, &t.redis.password))
-        .exec_async(&mut con)
-        .await
-        .map_err(err)?;
-    acl_save(&mut con).await.map_err(err)
+    redis::cmd("ACL").arg("SETUSER").arg(&user).arg(acl_rules(tenant, password)).exec_async(con).await?;
+    acl_save(con).await
 }
 
 /// Whether this build's function library is loaded. Its name carries the
@@ -911,9 +915,18 @@ pub async fn drop_redis_user(admin_url: &str, tenant: &str, owner: &Owner) -> Re
     if record.as_deref().map(Owner::decode).as_ref() != Some(owner) {
         return Ok(false);
     }
-    redis::cmd("ACL").arg("DELUSER").arg(&user).exec_async(&mut con).await.map_err(err)?;
+    // Every node of a cluster has its own copy of the user.
+    let nodes = con.nodes().await.map_err(err)?;
+    if nodes.is_empty() {
+        redis::cmd("ACL").arg("DELUSER").arg(&user).exec_async(&mut con).await.map_err(err)?;
+        acl_save(&mut con).await.map_err(err)?;
+    }
+    for (host, port) in &nodes {
+        let mut node = crate::cache::admin_node_connect(admin_url, host, *port, ADMIN_TIMEOUT).await.map_err(err)?;
+        redis::cmd("ACL").arg("DELUSER").arg(&user).exec_async(&mut node).await.map_err(err)?;
+        acl_save(&mut node).await.map_err(err)?;
+    }
     redis::cmd("HDEL").arg(names::CONTROL_KEY).arg(&user).exec_async(&mut con).await.map_err(err)?;
-    acl_save(&mut con).await.map_err(err)?;
     Ok(true)
 }
 

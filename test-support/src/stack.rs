@@ -61,6 +61,19 @@ fn redis_admin_password() -> String {
     env_or("THUMBUP_REDIS_ADMIN_PASSWORD", "thumbup-admin")
 }
 
+/// The Redis instance that `stack.sh start|stop|kill redis <instance>`
+/// acts on for dc-a: `cluster` (every node) in cluster mode, else `a`.
+pub fn redis_instance() -> &'static str {
+    if cluster_mode() { "cluster" } else { "a" }
+}
+
+/// The redis-servers that hold dc-a's data: the masters of the cluster in
+/// cluster mode, else the one server; as `(host, port)` for
+/// [`thumbup_core::cache::Conn::on_node`] (empty host: the server).
+pub async fn redis_data_nodes(con: &mut Conn) -> Vec<(String, u16)> {
+    thumbup_core::cache::scan_nodes(con).await.expect("the masters of the cluster")
+}
+
 /// Admin URL of dc-a's Redis: the cluster's in cluster mode.
 pub fn admin_redis_url() -> String {
     if cluster_mode() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use thumbup_core::keys::Keys;
 use thumbup_e2e::*;
 use thumbup_service::pb;
-use thumbup_test_support::stack::{admin_redis, stack};
+use thumbup_test_support::stack::{admin_redis, redis_data_nodes, redis_instance, stack};
 use tokio::sync::Mutex;
 
 const BIZ: i64 = 1;
@@ -56,7 +56,7 @@ struct Restart(&'static str);
 
 impl Drop for Restart {
     fn drop(&mut self) {
-        stack(&["start", self.0]);
+        stack(&["start", self.0, if self.0 == "redis" { redis_instance() } else { "a" }]);
     }
 }
 
@@ -170,7 +170,7 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     let items: Vec<i64> = (1..=20).collect();
     let counts_before = c.counts(BIZ, &items).await.unwrap();
 
-    stack(&["stop", "redis"]);
+    stack(&["stop", "redis", redis_instance()]);
     let guard = Restart("redis");
     // The service notices (no request of this test was in flight, so no
     // record is unsettled), every writer publishes, the DB path opens.
@@ -258,7 +258,11 @@ async fn redis_stall_mid_load_takes_the_db_path_without_ghost_writes_or_stale_ca
     // so in-flight scripts time out (UNAVAILABLE: their outcome is unknown)
     // and run, or not, after the stall; the DB path takes the other records.
     let mut admin = admin_redis().await;
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(2_500).arg("ALL").query_async(&mut admin).await.unwrap();
+    for (host, port) in redis_data_nodes(&mut admin).await {
+        let mut pause = redis::cmd("CLIENT");
+        pause.arg("PAUSE").arg(2_500).arg("ALL");
+        admin.on_node(&host, port, pause).await.unwrap();
+    }
     let out = loader.await.unwrap();
     let degraded = thumbup_service::metrics::DEGRADED_WRITES.with_label_values(&[&t.name]).get();
     assert!(degraded > 0, "the stall sent writes to the DB path");
@@ -290,9 +294,9 @@ async fn redis_killed_right_after_acknowledged_writes_loses_none_of_them() {
     // (appendfsync always) holds the acknowledged writes. (While Redis is
     // down the service also puts what it acknowledged into the DB before
     // its DB path opens; the stream check below does not rely on that.)
-    stack(&["kill", "redis"]);
+    stack(&["kill", "redis", redis_instance()]);
     job.kill();
-    stack(&["start", "redis"]);
+    stack(&["start", "redis", redis_instance()]);
     let kept = stream_versions(&k).await;
     for (key, (version, _)) in &out.acked {
         assert!(
@@ -333,7 +337,7 @@ async fn a_writer_that_has_not_published_keeps_the_db_path_shut() {
         .await
         .unwrap();
 
-    stack(&["stop", "redis"]);
+    stack(&["stop", "redis", redis_instance()]);
     let guard = Restart("redis");
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let mut refused = 0;
@@ -407,7 +411,7 @@ async fn a_transition_still_in_the_stream_keeps_its_cached_state_when_the_db_pat
     drop(con);
 
     // Redis goes down and the DB path unlikes item 1 of the same user.
-    stack(&["stop", "redis"]);
+    stack(&["stop", "redis", redis_instance()]);
     let guard = Restart("redis");
     wait_db_path_open(&t.name).await;
     c.act(BIZ, 1, USER, owner_of(1), pb::Action::Unlike).await.expect("unlike via the DB");

@@ -26,7 +26,7 @@ use thumbup_core::domain::{Action, State, transition};
 use thumbup_core::keys::Keys;
 use thumbup_e2e::*;
 use thumbup_service::pb;
-use thumbup_test_support::stack::{admin_redis, root, stack};
+use thumbup_test_support::stack::{admin_redis, redis_data_nodes, redis_instance, root, stack};
 use tonic::Code;
 
 const BIZ: i64 = 1;
@@ -434,14 +434,20 @@ impl Restart {
     async fn restore(self) {
         let server = self.0;
         std::mem::forget(self);
-        tokio::task::spawn_blocking(move || stack(&["start", server])).await.expect("stack start");
+        tokio::task::spawn_blocking(move || stack(&["start", server, instance_of(server)])).await.expect("stack start");
     }
 }
 
 impl Drop for Restart {
     fn drop(&mut self) {
-        stack_quiet(&["start", self.0]);
+        stack_quiet(&["start", self.0, instance_of(self.0)]);
     }
+}
+
+/// The instance of `server` that the faults hit: dc-a's, and for Redis in
+/// cluster mode every node of the cluster.
+fn instance_of(server: &str) -> &'static str {
+    if server == "redis" { redis_instance() } else { "a" }
 }
 
 /// Sends SIGCONT to a stopped process if the test fails while it is stopped.
@@ -458,22 +464,29 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill -{sig} {pid} failed");
 }
 
-/// The pid of dc-a's redis-server, from `INFO server`, checked to be one.
-async fn redis_pid() -> u32 {
+/// The pids of the redis-servers holding dc-a's data (the masters in
+/// cluster mode), from `INFO server`, each checked to be one.
+async fn redis_pids() -> Vec<u32> {
     let mut r = admin_redis().await;
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut r).await.expect("INFO server");
-    let pid: u32 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("process_id in INFO server");
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), "redis-server", "pid {pid} from INFO server is not a local redis-server");
-    pid
+    let mut pids = Vec::new();
+    for (host, port) in redis_data_nodes(&mut r).await {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        let info: String = redis::from_redis_value(r.on_node(&host, port, cmd).await.expect("INFO server")).unwrap();
+        let pid: u32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("process_id in INFO server");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "redis-server", "pid {pid} from INFO server is not a local redis-server");
+        pids.push(pid);
+    }
+    pids
 }
 
-async fn blocking_stack(args: &'static [&'static str]) {
-    tokio::task::spawn_blocking(move || stack(args)).await.expect("stack.sh");
+async fn blocking_stack(args: Vec<&'static str>) {
+    tokio::task::spawn_blocking(move || stack(&args)).await.expect("stack.sh");
 }
 
 /// One injected fault: from its start to one second after the server was back.
@@ -493,24 +506,30 @@ impl Window {
 async fn pause(ms: u64, round: usize) -> Window {
     let start = Instant::now();
     let mut admin = admin_redis().await;
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(ms).arg("ALL").query_async(&mut admin).await.unwrap();
+    for (host, port) in redis_data_nodes(&mut admin).await {
+        let mut pause = redis::cmd("CLIENT");
+        pause.arg("PAUSE").arg(ms).arg("ALL");
+        admin.on_node(&host, port, pause).await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(ms)).await;
     Window { name: format!("CLIENT PAUSE {ms} ms"), round, start, back: Instant::now() }
 }
 
 async fn sigstop(round: usize) -> Window {
-    let pid = redis_pid().await;
+    let pids = redis_pids().await;
     let start = Instant::now();
-    let guard = Cont(pid);
-    signal(pid, "STOP");
+    let guards: Vec<Cont> = pids.iter().map(|p| Cont(*p)).collect();
+    for pid in &pids {
+        signal(*pid, "STOP");
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    drop(guard);
+    drop(guards);
     Window { name: "SIGSTOP redis 1.5 s".into(), round, start, back: Instant::now() }
 }
 
 async fn kill_redis(round: usize) -> Window {
     let start = Instant::now();
-    blocking_stack(&["kill", "redis"]).await;
+    blocking_stack(vec!["kill", "redis", redis_instance()]).await;
     let guard = Restart("redis");
     guard.restore().await;
     Window { name: "SIGKILL redis + restart".into(), round, start, back: Instant::now() }
@@ -518,7 +537,7 @@ async fn kill_redis(round: usize) -> Window {
 
 async fn restart_mariadb(round: usize) -> Window {
     let start = Instant::now();
-    blocking_stack(&["stop", "mariadb"]).await;
+    blocking_stack(vec!["stop", "mariadb"]).await;
     let guard = Restart("mariadb");
     tokio::time::sleep(Duration::from_secs(3)).await;
     guard.restore().await;

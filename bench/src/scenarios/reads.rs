@@ -51,9 +51,9 @@ async fn with_cpu<F>(ctx: &Context, args: &Args, f: F) -> (Measurement, cpu::Per
 where
     F: Future<Output = Measurement>,
 {
-    let before = cpu::Snapshot::take(args.service_pid, &ctx.redis).await;
+    let before = cpu::Snapshot::take(args.service_pid, &ctx.redis, &args.redis_url).await;
     let m = f.await;
-    let after = cpu::Snapshot::take(args.service_pid, &ctx.redis).await;
+    let after = cpu::Snapshot::take(args.service_pid, &ctx.redis, &args.redis_url).await;
     let per = before.per_request(&after, m.total_ok);
     (m, per)
 }
