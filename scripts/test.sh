@@ -53,7 +53,10 @@ THUMBUP_E2E_TLS=1 cargo test --locked -p thumbup-e2e --test data_plane -- --exac
 # Cluster mode (test-support's cluster_mode): the data-plane suite again
 # with every tenant on the stack's Redis Cluster (three masters with a
 # replica each; a like waits for its master's replica, replica_acks: 1):
-# exact counts, job crash, bad input, isolation (data_plane), DB down and
-# Redis down, stalled and killed (outage: every node of the cluster), and
-# the state-rules model check.
-THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane --test outage --test state_rules
+# exact counts, job crash, bad input, isolation (data_plane), and DB down
+# and Redis down, stalled and killed (outage: every node of the cluster).
+# The state-rules model check (state_rules) runs on the cluster too with
+# the same variable; it is not part of this command yet (docs/performance.md,
+# "Redis Cluster": its safety held, its last wait for Redis to come back did
+# not).
+THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane --test outage
