@@ -162,12 +162,14 @@ fn rows(a: &TenantConfig, v: &TenantConfig) -> Vec<Row> {
         // Commands that block a connection or the server. (XREADGROUP,
         // which the job sends without BLOCK, stays allowed: ACL rules
         // cannot tell its arguments apart, and a blocked read holds only
-        // the tenant's own connection.)
+        // the tenant's own connection. So does WAIT, with which a like
+        // waits for its master's replica (redis.replica_acks): it holds
+        // only the caller's connection, for the caller's timeout, and
+        // touches no key.)
         redis_row("BLPOP on its own key", &["BLPOP", &own_list, "1"]),
         redis_row("BLMOVE on its own keys", &["BLMOVE", &own_list, &own_list, "LEFT", "RIGHT", "1"]),
         redis_row("BZPOPMIN on its own liked list", &["BZPOPMIN", &own_list, "1"]),
         redis_row("XREAD BLOCK on its own stream", &["XREAD", "BLOCK", "1000", "STREAMS", &own_stream, "$"]),
-        redis_row("WAIT for replicas", &["WAIT", "1", "1000"]),
         // Another tenant's keys with its own Redis account.
         redis_row("GET another tenant's state", &["GET", &v_state]),
         redis_row("ZMSCORE another tenant's liked list", &["ZMSCORE", &v_list, "1"]),
