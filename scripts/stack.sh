@@ -34,6 +34,9 @@
 #   cluster-wait-ok            wait until every running node has cluster_state:ok, every slot is
 #                              served by a live master and every replica's link is up
 #   cluster-masters            print the ports of the masters that serve slots, one per line
+#   cluster-rebalance          spread the slots evenly over the masters (`redis-cli --cluster
+#                              rebalance`, retried until the nodes agree), then wait until
+#                              every node agrees on the slots again
 #
 # Environment:
 #   THUMBUP_STACK_DIR            data directory (default: <repo>/.stack)
@@ -1066,6 +1069,52 @@ cluster_masters() {
   rc_nodes "$p" | awk "$RC_AWK_PORT"'$3 ~ /(^|,)master(,|$)/ && $3 !~ /fail/ && NF > 8 { print port_of($2) }' | sort -n
 }
 
+# `redis-cli --cluster <cmd>` against the first running member; prints its
+# output without colours.
+rc_cluster_cli() { # cmd, args...
+  local p
+  p="$(rc_first_member)"
+  [[ -n "$p" ]] || die "no Redis Cluster node is running"
+  REDISCLI_AUTH="$REDIS_ADMIN_PW" timeout "$TIMEOUT" redis-cli --user default --no-auth-warning \
+    --cluster "$1" "127.0.0.1:$p" "${@:2}" </dev/null 2>&1 9>&- | sed -e 's/\x1b\[[0-9;]*m//g'
+  return "${PIPESTATUS[0]}"
+}
+
+# Waits until `redis-cli --cluster check` finds every node agreeing on the
+# slots and no slot open (importing or migrating): a resharding or a
+# failover leaves the gossip behind for a moment.
+cluster_wait_agreed() {
+  local i out
+  for ((i = 0; ; i++)); do
+    out="$(rc_cluster_cli check)" && ! grep -q '^\[WARNING\]' <<<"$out" && return 0
+    ((i < TIMEOUT * 2)) || {
+      printf '%s\n' "$out" | grep -E '^\[(ERR|WARNING)\]' >&2
+      die "the Redis Cluster's nodes do not agree on the slots after ${TIMEOUT}s"
+    }
+    sleep 0.5
+  done
+}
+
+# Spreads the slots evenly over the masters; retried while the nodes do not
+# agree yet (redis-cli refuses to move slots then).
+cluster_rebalance() {
+  local i out
+  cluster_wait_ok
+  for ((i = 0; ; i++)); do
+    cluster_wait_agreed
+    out="$(rc_cluster_cli rebalance --cluster-pipeline 100)" && break
+    ((i < 5)) || {
+      printf '%s\n' "$out" | tail -n 20 >&2
+      die "redis-cli --cluster rebalance failed 6 times"
+    }
+    log "rebalance failed ($(grep -m1 -E '^\[ERR\]|ERR' <<<"$out" || echo "exit status only")); again"
+    sleep 1
+  done
+  printf '%s\n' "$out" | grep -E '^Moving|^\*\*\* No rebalancing' | tail -n 3 | sed 's/^/stack.sh: /' >&2 || true
+  cluster_wait_agreed
+  log "redis cluster rebalanced (masters: $(cluster_masters | paste -sd' ' -))"
+}
+
 create_cluster() {
   local p addrs=() out
   while read -r p; do addrs+=("127.0.0.1:$p"); done < <(cluster_ports)
@@ -1388,6 +1437,7 @@ main() {
     cluster-kill | cluster-wipe | cluster-start) cluster_node_action "${cmd#cluster-}" "$@" ;;
     cluster-wait-ok) cluster_wait_ok ;;
     cluster-masters) cluster_masters ;;
+    cluster-rebalance) cluster_rebalance ;;
     -h | --help | help) usage ;;
     *) usage; exit 2 ;;
   esac

@@ -474,6 +474,54 @@ impl Scripts {
     }
 }
 
+/// Caches the DB's counts of `items` and received likes of `owners`
+/// (`(business, message)` and `(business, up_mid)`), never over a newer
+/// cached value: the job after a window, and the service after the DB path
+/// changed them. A write, not a delete: a fill that read the DB before the
+/// change and reaches Redis after it (held up by a failover, say) carries
+/// an older version and is refused, where it would fill a deleted key.
+pub async fn refresh_from_db(
+    scripts: &Scripts,
+    con: &mut Conn,
+    db: &sqlx::MySqlPool,
+    keys: &Keys,
+    items: &[(i64, i64)],
+    owners: &[(i64, i64)],
+    ttl_secs: u64,
+) -> Result<(), RefreshError> {
+    let mut by_business: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    for (biz, msg) in items {
+        by_business.entry(*biz).or_default().push(*msg);
+    }
+    let mut values = Vec::with_capacity(items.len() + owners.len());
+    for (biz, msgs) in by_business {
+        let found = crate::db::load_counts(db, biz, &msgs).await?;
+        for msg in msgs {
+            let c = found.get(&msg).copied().unwrap_or_default();
+            values.push((keys.counts(biz, msg), (c.likes, c.dislikes), c.version));
+        }
+    }
+    let found = crate::db::load_received_many(db, owners).await?;
+    for owner in owners {
+        let c = found.get(owner).copied().unwrap_or_default();
+        values.push((keys.received(owner.0, owner.1), (c.likes, 0), c.version));
+    }
+    // One pipeline for all of them.
+    scripts.set_if_newer_many(con, &values, ttl_secs).await?;
+    Ok(())
+}
+
+/// Why [`refresh_from_db`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// Loading the counts from the DB failed.
+    #[error("db: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Writing them to Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+}
+
 /// Most calls in one pipeline of [`Scripts::set_if_newer_many`] and
 /// [`Scripts::forget`].
 pub const PIPELINE_CHUNK: usize = 1000;

@@ -16,7 +16,6 @@
 //! seeds rely on them to know that the DB holds the newest state.
 
 use anyhow::Context as _;
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -210,25 +209,8 @@ impl Job {
     async fn refresh(&self, applied: &Applied) -> anyhow::Result<()> {
         let mut con = self.con();
         let ttl = self.tenant.cache.counts_ttl_secs;
-        let mut by_business: HashMap<i64, Vec<i64>> = HashMap::new();
-        for (biz, msg) in &applied.items {
-            by_business.entry(*biz).or_default().push(*msg);
-        }
-        let mut values = Vec::with_capacity(applied.items.len() + applied.owners.len());
-        for (biz, msgs) in by_business {
-            let found = db::load_counts(&self.db, biz, &msgs).await?;
-            for msg in msgs {
-                let c = found.get(&msg).copied().unwrap_or_default();
-                values.push((self.keys.counts(biz, msg), (c.likes, c.dislikes), c.version));
-            }
-        }
-        let found = db::load_received_many(&self.db, &applied.owners).await?;
-        for owner in &applied.owners {
-            let c = found.get(owner).copied().unwrap_or_default();
-            values.push((self.keys.received(owner.0, owner.1), (c.likes, 0), c.version));
-        }
-        // One pipeline for the window's items and owners.
-        self.scripts.set_if_newer_many(&mut con, &values, ttl).await?;
+        let (items, owners) = (&applied.items, &applied.owners);
+        cache::refresh_from_db(&self.scripts, &mut con, &self.db, &self.keys, items, owners, ttl).await?;
         Ok(())
     }
 

@@ -182,10 +182,16 @@ impl Tenant {
         self.fence.redis_failed(why);
     }
 
-    /// Drops the cache entries of records the DB path changed; returns how
-    /// many. A user's cache forgets only those records (the rest of it
-    /// stays, and may hold states newer than the DB's: transitions whose
-    /// outcome the DB path could not know, still in the stream).
+    /// Drops the cache entries of records the DB path changed and caches
+    /// the DB's counts of their items and owners afresh; returns how many.
+    /// A user's cache forgets only those records (the rest of it stays, and
+    /// may hold states newer than the DB's: transitions whose outcome the
+    /// DB path could not know, still in the stream). The counts are deleted
+    /// (a cached value of an older DB primary may be newer than this one's)
+    /// and then written from the DB with their versions, so that a fill
+    /// that read the DB before the DB path changed it, and reaches Redis
+    /// only now (held up by a failover), is refused instead of filling the
+    /// deleted key with a stale count for good.
     async fn drain_invalidations(&self) -> Result<usize, String> {
         let mut con = self.redis.clone();
         let scripts = cache::Scripts::default();
@@ -195,19 +201,31 @@ impl Tenant {
             let Some(max_id) = batch.iter().map(|r| r.0).max() else { return Ok(total) };
             let mut keys = Vec::with_capacity(batch.len() * 3);
             let mut users: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+            let mut items = Vec::with_capacity(batch.len());
+            let mut owners = Vec::with_capacity(batch.len());
             for &(_, mid, biz, msg, up) in &batch {
                 users.entry(self.keys.user(mid, biz)).or_default().push(msg);
+                items.push((biz, msg));
                 keys.push(self.keys.counts(biz, msg));
                 // Owners whose likes the DB path moved: their received likes.
+                owners.push((biz, up));
                 keys.push(self.keys.received(biz, up));
                 // The DB path wrote a record that no newest-user bound saw.
                 keys.push(self.keys.newest(self.keys.shard_of(mid), biz));
             }
             keys.sort_unstable();
             keys.dedup();
+            for v in [&mut items, &mut owners] {
+                v.sort_unstable();
+                v.dedup();
+            }
             let users: Vec<(String, Vec<i64>)> = users.into_iter().collect();
             scripts.forget(&mut con, &users).await.map_err(|e| format!("redis: {e}"))?;
             cache::delete(&mut con, &keys).await.map_err(|e| format!("redis: {e}"))?;
+            let ttl = self.cfg.cache.counts_ttl_secs;
+            cache::refresh_from_db(&scripts, &mut con, &self.db, &self.keys, &items, &owners, ttl)
+                .await
+                .map_err(|e| e.to_string())?;
             db::clear_invalidations(&self.db, max_id).await.map_err(|e| format!("db: {e}"))?;
             total += batch.len();
         }

@@ -218,16 +218,12 @@ async fn redis_down_writes_and_reads_take_the_db_and_nothing_stale_is_served_aft
     assert!(job.log().contains("reading the stream failed"), "the job saw the outage and kept going");
     check_exact(&t).await;
     let served = c.counts(BIZ, &items).await.unwrap();
-    let mut con = admin_db(&t).await;
-    for (msg, (l, d)) in &served {
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT likes, dislikes FROM like_counts WHERE business_id = ? AND message_id = ?")
-                .bind(BIZ)
-                .bind(msg)
-                .fetch_optional(&mut con)
-                .await
-                .unwrap();
-        assert_eq!(row.unwrap_or_default(), (*l, *d), "served counts of item {msg} equal the DB after Redis returned");
+    for (msg, served) in &served {
+        assert_eq!(
+            counts_in_db(&t, *msg).await,
+            *served,
+            "served counts of item {msg} equal the DB after Redis returned"
+        );
     }
     let mut acked = before.acked;
     for (key, v) in during.acked.into_iter().chain(after.acked) {
@@ -439,4 +435,71 @@ async fn a_transition_still_in_the_stream_keeps_its_cached_state_when_the_db_pat
     check_exact(&t).await;
     job.terminate();
     w.stop().await;
+}
+
+/// A GetCounts miss reads the DB and then writes what it read to Redis. A
+/// failover can hold that write up for seconds: it may reach Redis after
+/// the DB path changed the count and Redis came back. The write it sends
+/// then (the count as it was, with its older version) is sent here by hand,
+/// right after the service went back to Redis: the cache must keep the
+/// DB's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_count_filled_from_before_the_db_path_changed_it_does_not_stick_once_redis_is_back() {
+    use thumbup_core::cache::{self, Scripts};
+    let _one = SERVERS.lock().await;
+    let w = World::start("latefill", &tenant_yaml("e2e-latefill", &[BIZ], "")).await;
+    let t = w.tenant("e2e-latefill").clone();
+    let k = Keys::new(&t.name, t.stream.shards);
+    let mut job = w.job("e2e-latefill", 200);
+    let c = w.client_of("e2e-latefill").await;
+    const ITEM: i64 = 7;
+    for user in 800..805 {
+        c.act(BIZ, ITEM, user, owner_of(ITEM), pb::Action::Like).await.unwrap();
+    }
+    wait_drained(&k, Duration::from_secs(60)).await;
+    // The count as a fill would have read it, before the DB path.
+    let served = c.counts(BIZ, &[ITEM]).await.unwrap()[&ITEM];
+    assert_eq!(served, (5, 0));
+    let mut admin = admin_redis().await;
+    let cached: String = redis::cmd("GET").arg(k.counts(BIZ, ITEM)).query_async(&mut admin).await.unwrap();
+    let (likes, dislikes, version) = cache::parse_pair(&cached).expect("a cached count");
+
+    stack(&["stop", "redis", redis_instance()]);
+    let guard = Restart("redis");
+    wait_db_path_open(&t.name).await;
+    for user in 800..803 {
+        c.act(BIZ, ITEM, user, owner_of(ITEM), pb::Action::Unlike).await.expect("unlike via the DB");
+    }
+    drop(guard);
+    wait_redis_back(&t.name).await;
+
+    // The late fill arrives.
+    let mut admin = admin_redis().await;
+    let scripts = Scripts::default();
+    let key = k.counts(BIZ, ITEM);
+    let written = scripts.set_if_newer(&mut admin, &key, (likes, dislikes), version, 3600).await.unwrap();
+    let db = counts_in_db(&t, ITEM).await;
+    assert_eq!(db, (2, 0), "the DB path's unlikes");
+    let served = c.counts(BIZ, &[ITEM]).await.unwrap()[&ITEM];
+    assert_eq!(
+        served, db,
+        "GetCounts serves the DB's count, not the late fill's (the late fill was written: {written})"
+    );
+    assert!(!written, "the late fill's older version was refused");
+    check_exact(&t).await;
+    job.terminate();
+    w.stop().await;
+}
+
+/// `(likes, dislikes)` of an item of [`BIZ`] in the DB.
+async fn counts_in_db(t: &thumbup_core::config::TenantConfig, msg: i64) -> (i64, i64) {
+    let mut con = admin_db(t).await;
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT likes, dislikes FROM like_counts WHERE business_id = ? AND message_id = ?")
+            .bind(BIZ)
+            .bind(msg)
+            .fetch_optional(&mut con)
+            .await
+            .unwrap();
+    row.unwrap_or_default()
 }
