@@ -8,6 +8,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
 
+use crate::conn::Cluster;
 pub use crate::conn::Conn;
 
 use crate::config::{RedisConfig, RedisTls, TenantConfig};
@@ -57,7 +58,7 @@ fn cluster_client(cfg: &RedisConfig, response_timeout: Duration) -> Result<Clust
         // is retried while the cluster promotes its replica, within the
         // caller's overall timeout. The transition carries a deadline, so
         // a retry that comes late does nothing.
-        .retries(3)
+        .retries(CLUSTER_RETRIES)
         .min_retry_wait(20)
         .max_retry_wait(200);
     if let Some(tls) = &cfg.tls {
@@ -120,14 +121,34 @@ pub async fn admin_connect(url: &str, response_timeout: Duration) -> Result<Conn
     let mut b = ClusterClientBuilder::new([base.as_str()])
         .connection_timeout(Duration::from_secs(2))
         .response_timeout(response_timeout)
-        .retries(3);
+        .retries(CLUSTER_RETRIES);
     if let Some(f) = ca_file {
         b = b.certs(redis::TlsCertificates {
             client_tls: None,
             root_cert: ca_of(&RedisTls { ca_file: Some(f), ca_pem: None })?,
         });
     }
-    Ok(Conn::Cluster(b.build()?.get_async_connection().await?))
+    cluster_connect(b.build()?, response_timeout).await
+}
+
+/// Bound of one call on a cluster connection ([`crate::conn::Cluster`]):
+/// the client's attempts (each within `response_timeout`) and its waits
+/// between them, and a second more.
+fn cluster_call_limit(response_timeout: Duration) -> Duration {
+    response_timeout * (CLUSTER_RETRIES + 1) + Duration::from_secs(1)
+}
+
+/// Retries of the cluster client after a failed attempt.
+const CLUSTER_RETRIES: u32 = 3;
+
+fn cluster_config(response_timeout: Duration) -> ClusterConfig {
+    ClusterConfig::new().set_connection_timeout(Duration::from_secs(2)).set_response_timeout(response_timeout)
+}
+
+async fn cluster_connect(client: ClusterClient, response_timeout: Duration) -> Result<Conn, RedisError> {
+    let config = cluster_config(response_timeout);
+    let first = client.get_async_connection_with_config(config.clone()).await?;
+    Ok(Conn::Cluster(Cluster::new(client, config, first, cluster_call_limit(response_timeout))))
 }
 
 /// A direct admin connection to the node `host:port` of the cluster that
@@ -161,7 +182,7 @@ pub async fn admin_node_connect(
 /// in bounded time and the caller can take the DB path.
 pub async fn connect(cfg: &RedisConfig, response_timeout: Duration) -> Result<Conn, RedisError> {
     if cfg.cluster {
-        return Ok(Conn::Cluster(cluster_client(cfg, response_timeout)?.get_async_connection().await?));
+        return cluster_connect(cluster_client(cfg, response_timeout)?, response_timeout).await;
     }
     let client = client(with_user(&cfg.url, cfg)?, cfg.tls.as_ref())?;
     Ok(Conn::Single(ConnectionManager::new_with_config(client, manager_config(response_timeout)).await?))
@@ -171,11 +192,9 @@ pub async fn connect(cfg: &RedisConfig, response_timeout: Duration) -> Result<Co
 /// process starts while Redis is down.
 pub fn connect_lazy(cfg: &RedisConfig, response_timeout: Duration) -> Result<Conn, RedisError> {
     if cfg.cluster {
-        let config =
-            ClusterConfig::new().set_connection_timeout(Duration::from_secs(2)).set_response_timeout(response_timeout);
-        return Ok(Conn::Cluster(
-            cluster_client(cfg, response_timeout)?.get_pending_async_connection_with_config(config),
-        ));
+        let client = cluster_client(cfg, response_timeout)?;
+        let limit = cluster_call_limit(response_timeout);
+        return Ok(Conn::Cluster(Cluster::lazy(client, cluster_config(response_timeout), limit)));
     }
     let client = client(with_user(&cfg.url, cfg)?, cfg.tls.as_ref())?;
     ConnectionManager::new_lazy_with_config(client, manager_config(response_timeout)).map(Conn::Single)

@@ -8,6 +8,14 @@
 //! command to the master of its key's slot, follows MOVED and ASK, and
 //! refreshes the slot map after a failover or a resharding.
 //!
+//! A cluster connection that stops answering is replaced: the cluster
+//! client answers each call within its response timeout while it works, but
+//! after a master was killed and its address came back as a new node, its
+//! slot refresh was seen waiting forever, and every call with it (the write
+//! fence's PING, the replica `WAIT`, the load). Each call on a cluster is
+//! therefore bounded here as well ([`Cluster`]); one that runs out swaps in a
+//! fresh client connection, which finds the cluster from the seeds again.
+//!
 //! Pipelines: the cluster client sends a pipeline to one node, refuses one
 //! whose keys lie in several slots, and does not follow a MOVED inside a
 //! pipeline's replies (a pipeline to a slot that a resharding moved kept
@@ -23,6 +31,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
@@ -34,7 +43,72 @@ pub enum Conn {
     /// One server.
     Single(ConnectionManager),
     /// A cluster, through the redis crate's cluster client.
-    Cluster(ClusterConnection),
+    Cluster(Cluster),
+}
+
+/// A cluster client connection that is replaced when a call on it gets no
+/// answer within `limit` (see the module docs); clones share it.
+#[derive(Clone)]
+pub struct Cluster(Arc<ClusterShared>);
+
+struct ClusterShared {
+    client: ClusterClient,
+    config: ClusterConfig,
+    limit: Duration,
+    /// The connection in use and its generation.
+    current: std::sync::RwLock<(u64, ClusterConnection)>,
+}
+
+impl Cluster {
+    /// `first` made by `client` with `config`; a call bounded by `limit`.
+    pub fn new(client: ClusterClient, config: ClusterConfig, first: ClusterConnection, limit: Duration) -> Cluster {
+        Cluster(Arc::new(ClusterShared { client, config, limit, current: std::sync::RwLock::new((0, first)) }))
+    }
+
+    /// A connection that connects on its first call.
+    pub fn lazy(client: ClusterClient, config: ClusterConfig, limit: Duration) -> Cluster {
+        let first = client.get_pending_async_connection_with_config(config.clone());
+        Cluster::new(client, config, first, limit)
+    }
+
+    /// How many times the connection was replaced.
+    pub fn replaced(&self) -> u64 {
+        self.0.current.read().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    fn current(&self) -> (u64, ClusterConnection) {
+        let cur = self.0.current.read().unwrap_or_else(|e| e.into_inner());
+        (cur.0, cur.1.clone())
+    }
+
+    /// Replaces generation `stale` (once: calls that timed out together
+    /// replace it once).
+    fn replace(&self, stale: u64) {
+        let mut cur = self.0.current.write().unwrap_or_else(|e| e.into_inner());
+        if cur.0 == stale {
+            tracing::warn!(limit = ?self.0.limit, "a redis cluster call got no answer in time: replacing the cluster connection");
+            *cur = (stale + 1, self.0.client.get_pending_async_connection_with_config(self.0.config.clone()));
+        }
+    }
+
+    /// Runs `call` on the current connection within the limit.
+    async fn bounded<T>(
+        &self,
+        call: impl AsyncFnOnce(ClusterConnection) -> Result<T, RedisError>,
+    ) -> Result<T, RedisError> {
+        let (generation, con) = self.current();
+        match tokio::time::timeout(self.0.limit, call(con)).await {
+            Ok(out) => out,
+            Err(_) => {
+                self.replace(generation);
+                Err(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "redis cluster call got no answer",
+                    format!("within {:?}; the cluster connection is replaced", self.0.limit),
+                )))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -56,7 +130,8 @@ impl Conn {
             Conn::Single(c) => cmd.query_async(c).await,
             Conn::Cluster(c) => {
                 let route = Route::with_key(key.as_bytes(), SlotAddr::Master);
-                c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                c.bounded(async |mut c| c.route_command(cmd, routing).await).await
             }
         }
     }
@@ -67,8 +142,9 @@ impl Conn {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
             Conn::Cluster(c) => {
-                let routing = SingleNodeRoutingInfo::ByAddress { host: host.to_string(), port };
-                c.route_command(cmd, RoutingInfo::SingleNode(routing)).await
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.to_string(), port });
+                c.bounded(async |mut c| c.route_command(cmd, routing).await).await
             }
         }
     }
@@ -121,7 +197,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => async move { c.bounded(async |mut c| c.req_packed_command(cmd).await).await }.boxed(),
         }
     }
 
@@ -135,12 +211,9 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => async move {
                 if pipeline.is_transaction() {
-                    return c.req_packed_commands(pipeline, offset, count).await;
+                    return c.bounded(async |mut c| c.req_packed_commands(pipeline, offset, count).await).await;
                 }
-                let each = pipeline.cmd_iter().map(|cmd| {
-                    let mut c = c.clone();
-                    async move { c.req_packed_command(cmd).await }
-                });
+                let each = pipeline.cmd_iter().map(|cmd| c.bounded(async |mut c| c.req_packed_command(cmd).await));
                 let values = futures::future::try_join_all(each).await?;
                 Ok(values.into_iter().skip(offset).take(count).collect())
             }
@@ -151,10 +224,13 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) => c.current().1.get_db(),
         }
     }
 }
+
+/// How much longer than its own timeout a `WAIT` may take to answer.
+const WAIT_SLACK: Duration = Duration::from_secs(2);
 
 /// Group commit of `WAIT`: a write (already answered by its master) waits
 /// until `acks` replicas of that master hold it. One `WAIT` is in flight
@@ -234,7 +310,18 @@ impl Replication {
         let upto = lane.finished.load(Ordering::Acquire);
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.acks).arg(self.timeout.as_millis() as u64);
-        let got: u32 = redis::from_redis_value(con.on_key_master(key, wait).await?).map_err(RedisError::from)?;
+        // The lane is held while the WAIT is out: a call that the client
+        // keeps open (a failover in the middle of it) must not hold up the
+        // lane's writes for longer than the wait plus a reply's time.
+        let sent = tokio::time::timeout(self.timeout + WAIT_SLACK, con.on_key_master(key, wait)).await;
+        let reply = sent.map_err(|_| {
+            RedisError::from((
+                redis::ErrorKind::Io,
+                "WAIT got no reply",
+                format!("within {:?}", self.timeout + WAIT_SLACK),
+            ))
+        })??;
+        let got: u32 = redis::from_redis_value(reply).map_err(RedisError::from)?;
         if got < self.acks {
             return Err(NotReplicated::Missed { got, want: self.acks, timeout: self.timeout });
         }

@@ -148,6 +148,15 @@ pub struct World {
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The in-process service logs to stderr when `THUMBUP_E2E_LOG` holds a
+/// filter (`info`, `thumbup_service=debug`, ...); quiet otherwise.
+fn log_if_asked() {
+    if let Ok(filter) = std::env::var("THUMBUP_E2E_LOG") {
+        let filter = tracing_subscriber::EnvFilter::new(filter);
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
+}
+
 impl World {
     /// `tenants_yaml` is the list under `tenants:` (from [`tenant_yaml`]).
     pub async fn start(test: &str, tenants_yaml: &str) -> World {
@@ -156,6 +165,7 @@ impl World {
 
     /// [`World::start`] with a server bounded by `limits`.
     pub async fn start_with(test: &str, tenants_yaml: &str, limits: thumbup_service::limits::ServerLimits) -> World {
+        log_if_asked();
         let dir = fresh_test_dir(&format!("e2e-{test}"));
         let config_path = dir.join("config.yaml");
         let text = format!("tenants:\n{tenants_yaml}");
@@ -255,19 +265,22 @@ impl Client {
         action: pb::Action,
     ) -> Result<pb::LikeReply, tonic::Status> {
         let req = pb::LikeRequest { business_id: biz, message_id: msg, mid, up_mid: up, action: action as i32 };
-        self.inner.clone().like(self.req(req)).await.map(|r| r.into_inner())
+        let what = || format!("{action:?} by {mid} on ({biz}, {msg})");
+        answered(what, self.inner.clone().like(self.req(req))).await.map(|r| r.into_inner())
     }
 
     /// States of `mid` on `msgs`.
     pub async fn states(&self, biz: i64, mid: i64, msgs: &[i64]) -> Result<HashMap<i64, i32>, tonic::Status> {
         let req = pb::GetStatesRequest { business_id: biz, mid, message_ids: msgs.to_vec() };
-        self.inner.clone().get_states(self.req(req)).await.map(|r| r.into_inner().states)
+        let what = || format!("GetStates of {mid} on {} items", msgs.len());
+        answered(what, self.inner.clone().get_states(self.req(req))).await.map(|r| r.into_inner().states)
     }
 
     /// Counts of `msgs`.
     pub async fn counts(&self, biz: i64, msgs: &[i64]) -> Result<HashMap<i64, (i64, i64)>, tonic::Status> {
         let req = pb::GetCountsRequest { business_id: biz, message_ids: msgs.to_vec() };
-        let reply = self.inner.clone().get_counts(self.req(req)).await?.into_inner();
+        let what = || format!("GetCounts of {} items", msgs.len());
+        let reply = answered(what, self.inner.clone().get_counts(self.req(req))).await?.into_inner();
         Ok(reply.counts.into_iter().map(|(m, c)| (m, (c.likes, c.dislikes))).collect())
     }
 
@@ -284,6 +297,21 @@ impl Client {
             }
             token = reply.next_page_token;
         }
+    }
+}
+
+/// The server answers every unary request within its request timeout
+/// ([`thumbup_service::limits::ServerLimits::request_timeout`], 5 s by
+/// default): a request still open 10 s after that is a hang, and fails the
+/// test naming it (instead of a test that never ends).
+async fn answered<T>(
+    what: impl FnOnce() -> String,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let limit = thumbup_service::limits::ServerLimits::default().request_timeout + Duration::from_secs(10);
+    match tokio::time::timeout(limit, call).await {
+        Ok(out) => out,
+        Err(_) => panic!("{} got no answer within {limit:?}", what()),
     }
 }
 
