@@ -147,8 +147,11 @@ fn cluster_config(response_timeout: Duration) -> ClusterConfig {
 
 async fn cluster_connect(client: ClusterClient, response_timeout: Duration) -> Result<Conn, RedisError> {
     let config = cluster_config(response_timeout);
-    let first = client.get_async_connection_with_config(config.clone()).await?;
-    Ok(Conn::Cluster(Cluster::new(client, config, first, cluster_call_limit(response_timeout))))
+    let limit = cluster_call_limit(response_timeout);
+    let first = tokio::time::timeout(limit, client.get_async_connection_with_config(config.clone())).await.map_err(
+        |_| RedisError::from((redis::ErrorKind::Io, "no redis cluster connection", format!("within {limit:?}"))),
+    )??;
+    Ok(Conn::Cluster(Cluster::new(client, config, first, limit)))
 }
 
 /// A direct admin connection to the node `host:port` of the cluster that

@@ -8,13 +8,15 @@
 //! command to the master of its key's slot, follows MOVED and ASK, and
 //! refreshes the slot map after a failover or a resharding.
 //!
-//! A cluster connection that stops answering is replaced: the cluster
-//! client answers each call within its response timeout while it works, but
-//! after a master was killed and its address came back as a new node, its
-//! slot refresh was seen waiting forever, and every call with it (the write
-//! fence's PING, the replica `WAIT`, the load). Each call on a cluster is
-//! therefore bounded here as well ([`Cluster`]); one that runs out swaps in a
-//! fresh client connection, which finds the cluster from the seeds again.
+//! A cluster connection that stops working is replaced ([`Cluster`]). After
+//! a master was killed and its address came back as a new node, the cluster
+//! client's slot refresh was seen never to finish, and from then on its
+//! calls failed (the write fence's PING, every few hundred milliseconds, for
+//! minutes) while a fresh client reached every node at once. So each call
+//! on a cluster is bounded here as well, and a call that runs out, or
+//! [`REPLACE_AFTER`] calls in a row that fail with the cluster unreachable,
+//! swap in a fresh client connection, which finds the cluster from the
+//! seeds again (at most once per [`REPLACE_EVERY`]).
 //!
 //! Pipelines: the cluster client sends a pipeline to one node, refuses one
 //! whose keys lie in several slots, and does not follow a MOVED inside a
@@ -26,8 +28,8 @@
 //! still pipelines them on the wire), and answers in the pipeline's order.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -46,8 +48,16 @@ pub enum Conn {
     Cluster(Cluster),
 }
 
+/// Calls in a row failing with the cluster unreachable that replace a
+/// cluster connection.
+pub const REPLACE_AFTER: u32 = 5;
+
+/// Least time between two replacements of a cluster connection.
+pub const REPLACE_EVERY: Duration = Duration::from_secs(2);
+
 /// A cluster client connection that is replaced when a call on it gets no
-/// answer within `limit` (see the module docs); clones share it.
+/// answer within `limit`, or calls keep failing with the cluster unreachable
+/// (see the module docs); clones share it.
 #[derive(Clone)]
 pub struct Cluster(Arc<ClusterShared>);
 
@@ -55,14 +65,29 @@ struct ClusterShared {
     client: ClusterClient,
     config: ClusterConfig,
     limit: Duration,
-    /// The connection in use and its generation.
-    current: std::sync::RwLock<(u64, ClusterConnection)>,
+    /// The connection in use, its generation and when it was made.
+    current: std::sync::RwLock<Current>,
+    /// Calls in a row that failed with the cluster unreachable.
+    failures: AtomicU32,
+}
+
+struct Current {
+    generation: u64,
+    since: Instant,
+    con: ClusterConnection,
 }
 
 impl Cluster {
     /// `first` made by `client` with `config`; a call bounded by `limit`.
     pub fn new(client: ClusterClient, config: ClusterConfig, first: ClusterConnection, limit: Duration) -> Cluster {
-        Cluster(Arc::new(ClusterShared { client, config, limit, current: std::sync::RwLock::new((0, first)) }))
+        let current = Current { generation: 0, since: Instant::now(), con: first };
+        Cluster(Arc::new(ClusterShared {
+            client,
+            config,
+            limit,
+            current: std::sync::RwLock::new(current),
+            failures: AtomicU32::new(0),
+        }))
     }
 
     /// A connection that connects on its first call.
@@ -73,21 +98,23 @@ impl Cluster {
 
     /// How many times the connection was replaced.
     pub fn replaced(&self) -> u64 {
-        self.0.current.read().unwrap_or_else(|e| e.into_inner()).0
+        self.0.current.read().unwrap_or_else(|e| e.into_inner()).generation
     }
 
     fn current(&self) -> (u64, ClusterConnection) {
         let cur = self.0.current.read().unwrap_or_else(|e| e.into_inner());
-        (cur.0, cur.1.clone())
+        (cur.generation, cur.con.clone())
     }
 
-    /// Replaces generation `stale` (once: calls that timed out together
-    /// replace it once).
-    fn replace(&self, stale: u64) {
+    /// Replaces generation `stale` (once: calls that failed together
+    /// replace it once), unless it is younger than [`REPLACE_EVERY`].
+    fn replace(&self, stale: u64, why: &dyn std::fmt::Display) {
         let mut cur = self.0.current.write().unwrap_or_else(|e| e.into_inner());
-        if cur.0 == stale {
-            tracing::warn!(limit = ?self.0.limit, "a redis cluster call got no answer in time: replacing the cluster connection");
-            *cur = (stale + 1, self.0.client.get_pending_async_connection_with_config(self.0.config.clone()));
+        if cur.generation == stale && cur.since.elapsed() >= REPLACE_EVERY {
+            tracing::warn!(error = %why, "redis cluster calls keep failing: replacing the cluster connection");
+            let con = self.0.client.get_pending_async_connection_with_config(self.0.config.clone());
+            *cur = Current { generation: stale + 1, since: Instant::now(), con };
+            self.0.failures.store(0, Ordering::Release);
         }
     }
 
@@ -97,18 +124,41 @@ impl Cluster {
         call: impl AsyncFnOnce(ClusterConnection) -> Result<T, RedisError>,
     ) -> Result<T, RedisError> {
         let (generation, con) = self.current();
-        match tokio::time::timeout(self.0.limit, call(con)).await {
+        let out = match tokio::time::timeout(self.0.limit, call(con)).await {
             Ok(out) => out,
             Err(_) => {
-                self.replace(generation);
-                Err(RedisError::from((
+                let e = RedisError::from((
                     redis::ErrorKind::Io,
                     "redis cluster call got no answer",
-                    format!("within {:?}; the cluster connection is replaced", self.0.limit),
-                )))
+                    format!("within {:?}", self.0.limit),
+                ));
+                self.replace(generation, &e);
+                return Err(e);
             }
+        };
+        match &out {
+            Ok(_) => self.0.failures.store(0, Ordering::Release),
+            Err(e) if cluster_unreachable(e) => {
+                if self.0.failures.fetch_add(1, Ordering::AcqRel) + 1 >= REPLACE_AFTER {
+                    self.replace(generation, e);
+                }
+            }
+            // An error reply of a working server (NOPERM, a script's error).
+            Err(_) => self.0.failures.store(0, Ordering::Release),
         }
+        out
     }
+}
+
+/// The cluster, or the node a call needed, could not be reached.
+fn cluster_unreachable(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(e.kind(), redis::ErrorKind::ClusterConnectionNotFound)
+        || matches!(e.code(), Some("MASTERDOWN") | Some("LOADING"))
 }
 
 impl std::fmt::Debug for Conn {

@@ -14,6 +14,7 @@ use thumbup_core::cache::Conn;
 use thumbup_core::keys::Keys;
 use thumbup_e2e::*;
 use thumbup_test_support::stack::{admin_redis, cluster_nodes, stack, use_cluster};
+use thumbup_test_support::wait::wait_until;
 use tokio::sync::Mutex;
 
 const BIZ: i64 = 1;
@@ -306,4 +307,47 @@ async fn a_tenant_user_is_refused_another_tenants_keys_on_every_node_masters_and
     }
     println!("{checked} refusals checked on {} nodes", cluster_nodes().len());
     w.stop().await;
+}
+
+/// A cluster connection whose calls keep failing with the cluster
+/// unreachable is replaced by a fresh one, which serves once the cluster is
+/// back (a stuck cluster client was seen failing every call for minutes
+/// after a master loss while a fresh client worked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_connection_whose_calls_keep_failing_is_replaced_and_serves_again() {
+    use thumbup_core::conn::{REPLACE_AFTER, REPLACE_EVERY};
+    use_cluster();
+    let _turn = TOPOLOGY.lock().await;
+    stack(&["cluster-wait-ok"]);
+    let mut con =
+        thumbup_core::cache::admin_connect(&thumbup_test_support::stack::admin_redis_url(), Duration::from_secs(1))
+            .await
+            .expect("admin cluster connection");
+    let Conn::Cluster(cluster) = con.clone() else { panic!("a cluster connection: {con:?}") };
+    assert!(thumbup_core::cache::ping(&mut con).await, "PING through the cluster");
+    // A connection younger than REPLACE_EVERY is kept.
+    tokio::time::sleep(REPLACE_EVERY).await;
+    stack(&["stop", "redis", "cluster"]);
+    struct Start;
+    impl Drop for Start {
+        fn drop(&mut self) {
+            stack(&["start", "redis", "cluster"]);
+        }
+    }
+    let start = Start;
+    for i in 1..=REPLACE_AFTER {
+        assert_eq!(cluster.replaced(), 0, "replaced after {} failed calls, before {REPLACE_AFTER}", i - 1);
+        assert!(!thumbup_core::cache::ping(&mut con).await, "PING {i} with every node stopped");
+    }
+    assert_eq!(cluster.replaced(), 1, "{REPLACE_AFTER} failed calls in a row replace the connection");
+    drop(start);
+    stack(&["cluster-wait-ok"]);
+    let mut pings = 0;
+    wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        pings += 1;
+        let mut con = con.clone();
+        async move { if thumbup_core::cache::ping(&mut con).await { Ok(()) } else { Err("no PONG".to_string()) } }
+    })
+    .await;
+    println!("the replaced cluster connection answered after {pings} PINGs (replaced {} times)", cluster.replaced());
 }
