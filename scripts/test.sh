@@ -6,10 +6,11 @@
 # client (tests/python, in a venv that scripts/python.sh makes), clippy
 # and the shell linter.
 # The exact-counts, bad-input and isolation tests run a second time in TLS
-# mode; the whole data-plane suite runs a second time on the stack's Redis
-# Cluster (tests/tests/cluster.rs adds master loss, live resharding and
-# per-node isolation there). The kind e2e (tests/e2e/kind.sh) needs Docker
-# and is not run here.
+# mode; the whole data-plane suite (state-rules model check included) runs
+# a second time on the stack's Redis Cluster (tests/tests/cluster.rs adds
+# master loss, live resharding, per-node isolation and the replacement of
+# a stuck cluster connection there). The kind e2e (tests/e2e/kind.sh) needs
+# Docker and is not run here.
 # Leaves the stack running; `scripts/stack.sh down` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +54,8 @@ THUMBUP_E2E_TLS=1 cargo test --locked -p thumbup-e2e --test data_plane -- --exac
 # Cluster mode (test-support's cluster_mode): the data-plane suite again
 # with every tenant on the stack's Redis Cluster (three masters with a
 # replica each; a like waits for its master's replica, replica_acks: 1):
-# exact counts, job crash, bad input, isolation (data_plane), and DB down
-# and Redis down, stalled and killed (outage: every node of the cluster).
-# The state-rules model check (state_rules) runs on the cluster too with
-# the same variable; it is not part of this command yet (docs/performance.md,
-# "Redis Cluster": its safety held, its last wait for Redis to come back did
-# not).
-THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane --test outage
+# exact counts, job crash, bad input, isolation (data_plane), DB down and
+# Redis down, stalled and killed (outage: every node of the cluster), and
+# the state-rules model check through Redis pauses, stops, kills and
+# MariaDB restarts (state_rules).
+THUMBUP_E2E_REDIS_CLUSTER=1 cargo test --locked -p thumbup-e2e --test data_plane --test outage --test state_rules

@@ -168,6 +168,17 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
+    /// Which connection calls go through now: a cluster connection's
+    /// replacements count up (a single server's: always 0). A `WAIT`
+    /// counts only the writes of the connection it is sent on, so a write
+    /// and its `WAIT` must see the same generation.
+    pub fn generation(&self) -> u64 {
+        match self {
+            Conn::Single(_) => 0,
+            Conn::Cluster(c) => c.replaced(),
+        }
+    }
+
     /// True for a cluster connection.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
@@ -322,6 +333,10 @@ pub enum NotReplicated {
     /// `WAIT` failed.
     #[error("WAIT failed: {0}")]
     Failed(#[from] RedisError),
+    /// The cluster connection was replaced between the write and its
+    /// `WAIT`, which would count the new connection's writes only.
+    #[error("the redis cluster connection was replaced between the write and its WAIT")]
+    Replaced,
 }
 
 impl Replication {
@@ -345,13 +360,23 @@ impl Replication {
     /// Waits until the write that just finished on `key`'s master (in lane
     /// `lane`) is on the replicas. Returns how many `WAIT`s this call sent
     /// (0 when another call's covered it).
-    pub async fn replicated(&self, con: &mut Conn, lane: u32, key: &str) -> Result<u32, NotReplicated> {
+    ///
+    /// `written` is [`Conn::generation`] from before the write: a
+    /// connection replaced since then may not have carried it to its
+    /// master's replication stream the way a `WAIT` on the new one counts
+    /// (NotReplicated::Replaced).
+    pub async fn replicated(&self, con: &mut Conn, lane: u32, key: &str, written: u64) -> Result<u32, NotReplicated> {
         if self.acks == 0 {
             return Ok(0);
         }
         let lane = &self.lanes[lane as usize % self.lanes.len()];
         let mine = lane.finished.fetch_add(1, Ordering::AcqRel) + 1;
         let _sending = lane.sending.lock().await;
+        // Under the lane's lock no WAIT is out: one that covered this write
+        // was sent on the generation seen here.
+        if con.generation() != written {
+            return Err(NotReplicated::Replaced);
+        }
         if lane.covered.load(Ordering::Acquire) >= mine {
             return Ok(0);
         }
@@ -372,6 +397,9 @@ impl Replication {
             ))
         })??;
         let got: u32 = redis::from_redis_value(reply).map_err(RedisError::from)?;
+        if con.generation() != written {
+            return Err(NotReplicated::Replaced);
+        }
         if got < self.acks {
             return Err(NotReplicated::Missed { got, want: self.acks, timeout: self.timeout });
         }

@@ -169,6 +169,9 @@ impl Job {
         let events: Vec<_> = batch.entries.iter().map(|e| e.event.clone()).collect();
         let applied = db::apply_events(&self.db, &events).await.inspect_err(|_| self.err("apply")).context("apply")?;
         let mut con = self.con();
+        // The refresh and the WAIT go through this one connection: a WAIT
+        // counts the writes of the connection it is sent on.
+        let generation = con.generation();
         // Downstream first: a crash before the ack replays the batch, which
         // republishes (consumers deduplicate by version).
         let republished = applied.already_applied.iter().map(|e| Downstream { event: e.clone(), from: e.prev });
@@ -182,7 +185,7 @@ impl Job {
             .await
             .inspect_err(|_| self.err("downstream"))
             .context("downstream")?;
-        self.refresh(&applied).await.inspect_err(|_| self.err("refresh")).context("refresh")?;
+        self.refresh(&mut con, &applied).await.inspect_err(|_| self.err("refresh")).context("refresh")?;
         stream::dead_letter(&mut con, &self.keys, &batch.malformed).await.context("dead letter")?;
         // The refreshed caches on the replicas before the ack: a master lost
         // after the ack must not take a refreshed count with it (the entries
@@ -198,6 +201,10 @@ impl Job {
             .await
             .inspect_err(|_| self.err("replicas"))
             .context("replicas")?;
+        if acks.0 > 0 && con.generation() != generation {
+            self.err("replicas");
+            anyhow::bail!("replicas: the redis cluster connection was replaced during the window's writes");
+        }
         let ids = batch.entries.iter().map(|e| (e.shard, e.id.as_str()));
         let ids = ids.chain(batch.malformed.iter().map(|l| (l.shard, l.id.as_str())));
         stream::ack(&mut con, &self.keys, ids).await.inspect_err(|_| self.err("ack")).context("ack")?;
@@ -206,11 +213,10 @@ impl Job {
 
     /// Sets the cached counts and received likes from the DB, never over a
     /// newer cached value.
-    async fn refresh(&self, applied: &Applied) -> anyhow::Result<()> {
-        let mut con = self.con();
+    async fn refresh(&self, con: &mut Conn, applied: &Applied) -> anyhow::Result<()> {
         let ttl = self.tenant.cache.counts_ttl_secs;
         let (items, owners) = (&applied.items, &applied.owners);
-        cache::refresh_from_db(&self.scripts, &mut con, &self.db, &self.keys, items, owners, ttl).await?;
+        cache::refresh_from_db(&self.scripts, con, &self.db, &self.keys, items, owners, ttl).await?;
         Ok(())
     }
 

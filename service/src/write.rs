@@ -147,6 +147,7 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
         // up; and never after this process's write lease.
         args.deadline_ms = (now_ms() + (reg.redis_timeout().as_millis() / 2) as i64).min(permit.lease_until);
         // The item's cached counts come in the same round trip, for the reply.
+        let written = con.generation();
         let outcome = reg.scripts().transition_and_counts(&mut con, &t.keys, &t.cfg, args, warm.as_ref()).await;
         let (outcome, cached) = match outcome {
             Ok((o, cached)) => (Ok(o), cached),
@@ -215,7 +216,7 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 t.fence.acknowledged(shard, stream_ms, event);
                 drop(permit);
                 if t.replication.acks() > 0 {
-                    Box::pin(replicated(t, &mut con, shard, w)).await?;
+                    Box::pin(replicated(t, &mut con, shard, w, written)).await?;
                 }
                 // The counts as applied so far plus this write: the job applies
                 // it within one window. They came with the transition; only a
@@ -245,13 +246,14 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
 /// replica promoted) loses no acknowledged like. When they do not confirm
 /// in time the write took effect on the master but is not acknowledged:
 /// UNAVAILABLE, saying so.
-async fn replicated(t: &Tenant, con: &mut cache::Conn, shard: u32, w: Write) -> Result<(), Error> {
+async fn replicated(t: &Tenant, con: &mut cache::Conn, shard: u32, w: Write, written: u64) -> Result<(), Error> {
     let key = t.keys.user(w.mid, w.business_id);
-    let outcome = t.replication.replicated(con, shard, &key).await;
+    let outcome = t.replication.replicated(con, shard, &key, written).await;
     let label = match &outcome {
         Ok(0) => "covered",
         Ok(_) => "sent",
         Err(thumbup_core::conn::NotReplicated::Missed { .. }) => "missed",
+        Err(thumbup_core::conn::NotReplicated::Replaced) => "replaced",
         Err(_) => "failed",
     };
     metrics::REPLICA_WAITS.with_label_values(&[t.name(), label]).inc();

@@ -106,7 +106,7 @@ fn refused(tenant: &str) -> String {
             parts.push(format!("{reason} {n}"));
         }
     }
-    for outcome in ["sent", "covered", "missed", "failed"] {
+    for outcome in ["sent", "covered", "missed", "replaced", "failed"] {
         let n = thumbup_service::metrics::REPLICA_WAITS.with_label_values(&[tenant, outcome]).get();
         parts.push(format!("replica wait {outcome} {n}"));
     }
