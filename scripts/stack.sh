@@ -31,6 +31,12 @@
 #                              it starts again as an empty node unknown to the cluster
 #   cluster-start PORT         start one node; a wiped one rejoins (its old id forgotten) as the
 #                              replica of a master without one; waits until the cluster is ok
+#   cluster-add PORT           start a new node on PORT (outside BASE..BASE+5, its data in .stack/
+#                              too) and join it as one more replica of the master with the fewest
+#                              (a node added to a running cluster; tenants' ACL users reach it at
+#                              their next provisioning)
+#   cluster-remove PORT        stop a node that cluster-add started, make every other node forget
+#                              it, delete its directory
 #   cluster-wait-ok            wait until every running node has cluster_state:ok, every slot is
 #                              served by a live master and every replica's link is up
 #   cluster-masters            print the ports of the masters that serve slots, one per line
@@ -1195,6 +1201,46 @@ cluster_start() { # port
   cluster_wait_ok
 }
 
+# A port for cluster-add / cluster-remove: not one of the configured nodes.
+extra_cluster_port() { # action port
+  local port="${2:-}"
+  [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "usage: $0 cluster-$1 PORT"
+  if ((port >= CLUSTER_BASE && port < CLUSTER_BASE + CLUSTER_NODES)); then
+    die "$port is one of the configured cluster nodes ($(cluster_ports | paste -sd' ' -)): use cluster-start/cluster-kill"
+  fi
+  echo "$port"
+}
+
+cluster_add() { # port
+  local port
+  port="$(extra_cluster_port add "${1:-}")"
+  install_redis
+  lock_stack
+  [[ -n "$(rc_first_member "$port")" ]] || die "no running cluster node to add $(rc_name "$port") to (run: $0 cluster-up)"
+  cluster_start "$port"
+}
+
+cluster_remove() { # port
+  local port name id p out
+  port="$(extra_cluster_port remove "${1:-}")"
+  name="$(rc_name "$port")"
+  lock_stack
+  [[ -d "$(rc_dir "$port")" ]] || { log "$name does not exist"; return 0; }
+  id="$(rc_myid "$port" 2>/dev/null || true)"
+  [[ -n "$id" ]] || id="$(awk '$3 ~ /(^|,)myself(,|$)/ { print $1 }' "$(rc_dir "$port")/nodes.conf" 2>/dev/null || true)"
+  if rc_pid "$port" >/dev/null; then stop_cluster_node "$port"; fi
+  if [[ -n "$id" ]]; then
+    log "forgetting $name ($id) on every running node"
+    while read -r p; do
+      out="$(rcli "$p" cluster forget "$id" 2>&1 || true)"
+      [[ "$out" == OK || "$out" == *"Unknown node"* ]] || die "CLUSTER FORGET $id on $(rc_name "$p") failed: $out"
+    done < <(rc_live_members "$port")
+  fi
+  rm -rf -- "$(rc_dir "$port")"
+  log "$name removed"
+  cluster_wait_ok
+}
+
 cluster_status_line() { # port
   local port="$1" name pid me flags state desc
   name="$(rc_name "$port")"
@@ -1435,6 +1481,8 @@ main() {
     cluster-down) cmd_cluster_down ;;
     cluster-status) cmd_cluster_status ;;
     cluster-kill | cluster-wipe | cluster-start) cluster_node_action "${cmd#cluster-}" "$@" ;;
+    cluster-add) cluster_add "$@" ;;
+    cluster-remove) cluster_remove "$@" ;;
     cluster-wait-ok) cluster_wait_ok ;;
     cluster-masters) cluster_masters ;;
     cluster-rebalance) cluster_rebalance ;;

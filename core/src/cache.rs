@@ -9,7 +9,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
 
 use crate::conn::Cluster;
-pub use crate::conn::Conn;
+pub use crate::conn::{Conn, is_unreachable};
 
 use crate::config::{RedisConfig, RedisTls, TenantConfig};
 use crate::domain::{Action, State};
@@ -201,21 +201,6 @@ pub fn connect_lazy(cfg: &RedisConfig, response_timeout: Duration) -> Result<Con
     }
     let client = client(with_user(&cfg.url, cfg)?, cfg.tls.as_ref())?;
     ConnectionManager::new_lazy_with_config(client, manager_config(response_timeout)).map(Conn::Single)
-}
-
-/// True when the error means Redis could not be reached (as opposed to an
-/// error reply from a running server).
-///
-/// In a cluster, a slot whose master is down (CLUSTERDOWN, TRYAGAIN during
-/// a resharding after the client's retries, MASTERDOWN) is unreachable too:
-/// it answers again once the cluster has promoted a replica.
-pub fn is_unreachable(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_cluster_error()
-        || matches!(e.code(), None | Some("MASTERDOWN") | Some("LOADING"))
 }
 
 /// Parses the millisecond part of a stream entry id `"<ms>-<seq>"`.

@@ -138,7 +138,7 @@ impl Cluster {
         };
         match &out {
             Ok(_) => self.0.failures.store(0, Ordering::Release),
-            Err(e) if cluster_unreachable(e) => {
+            Err(e) if is_unreachable(e) => {
                 if self.0.failures.fetch_add(1, Ordering::AcqRel) + 1 >= REPLACE_AFTER {
                     self.replace(generation, e);
                 }
@@ -150,15 +150,19 @@ impl Cluster {
     }
 }
 
-/// The cluster, or the node a call needed, could not be reached.
-fn cluster_unreachable(e: &RedisError) -> bool {
+/// True when the error means Redis could not be reached (as opposed to an
+/// error reply from a running server).
+///
+/// In a cluster, a slot whose master is down (CLUSTERDOWN, TRYAGAIN during
+/// a resharding after the client's retries, MASTERDOWN) is unreachable too:
+/// it answers again once the cluster has promoted a replica.
+pub fn is_unreachable(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_cluster_error()
-        || matches!(e.kind(), redis::ErrorKind::ClusterConnectionNotFound)
-        || matches!(e.code(), Some("MASTERDOWN") | Some("LOADING"))
+        || matches!(e.code(), None | Some("MASTERDOWN") | Some("LOADING"))
 }
 
 impl std::fmt::Debug for Conn {

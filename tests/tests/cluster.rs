@@ -351,3 +351,50 @@ async fn a_cluster_connection_whose_calls_keep_failing_is_replaced_and_serves_ag
     .await;
     println!("the replaced cluster connection answered after {pings} PINGs (replaced {} times)", cluster.replaced());
 }
+
+/// A node added to a running cluster (one more replica) does not know the
+/// tenants' ACL users until they are provisioned again (as the operator's
+/// next reconcile does): then the tenant's user works there, and is refused
+/// another tenant's keys there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_to_the_cluster_gets_the_tenant_users_at_the_next_provisioning() {
+    use_cluster();
+    let _turn = TOPOLOGY.lock().await;
+    stack(&["cluster-wait-ok"]);
+    let yaml = format!("{}{}", tenant_yaml("cl-add-a", &[BIZ], ""), tenant_yaml("cl-add-b", &[BIZ], ""));
+    let w = World::start("cluster-add", &yaml).await;
+    let a = w.tenant("cl-add-a").clone();
+    let b_keys = keys_of(&w, "cl-add-b");
+    let c = w.client_of("cl-add-a").await;
+    let port = cluster_nodes().iter().map(|u| u.rsplit_once(':').unwrap().1.parse::<u16>().unwrap()).max().unwrap() + 1;
+    let port_arg = port.to_string();
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            stack(&["cluster-remove", &self.0]);
+        }
+    }
+    let remove = Remove(port_arg.clone());
+    stack(&["cluster-add", &port_arg]);
+    let node = |user: &str, password: &str| format!("redis://{user}:{password}@127.0.0.1:{port}");
+    let open = |url: String| async move { redis::Client::open(url).unwrap().get_multiplexed_async_connection().await };
+    let before = open(node(&a.redis.username, &a.redis.password)).await;
+    let Err(e) = before else { panic!("tenant A's user authenticated on the new node before any provisioning") };
+    assert_eq!(e.kind(), redis::ErrorKind::AuthenticationFailed, "the new node does not know tenant A's user yet: {e}");
+
+    // The next provisioning (the operator's reconcile) reaches the new node.
+    thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url(), &a).await.unwrap();
+    let mut con = open(node(&a.redis.username, &a.redis.password)).await.expect("tenant A's user on the new node");
+    let pong: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let refused: Result<Option<String>, _> = redis::cmd("GET").arg(b_keys.counts(BIZ, 1)).query_async(&mut con).await;
+    let e = refused.expect_err("tenant A reads B's key on the new node");
+    assert_eq!(e.code(), Some("NOPERM"), "refused by the ACL: {e}");
+    // Likes still go through (the new node is a second replica of a master).
+    for user in 1..=20 {
+        c.act(BIZ, 1, user, owner_of(1), thumbup_service::pb::Action::Like).await.expect("a like with the node added");
+    }
+    drop(remove);
+    stack(&["cluster-wait-ok"]);
+    w.stop().await;
+}
