@@ -294,9 +294,6 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// How much longer than its own timeout a `WAIT` may take to answer.
-const WAIT_SLACK: Duration = Duration::from_secs(2);
-
 /// Group commit of `WAIT`: a write (already answered by its master) waits
 /// until `acks` replicas of that master hold it. One `WAIT` is in flight
 /// per lane (a stream shard: its users' keys share one slot, so one
@@ -389,17 +386,10 @@ impl Replication {
         let upto = lane.finished.load(Ordering::Acquire);
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.acks).arg(self.timeout.as_millis() as u64);
-        // The lane is held while the WAIT is out: a call that the client
-        // keeps open (a failover in the middle of it) must not hold up the
-        // lane's writes for longer than the wait plus a reply's time.
-        let sent = tokio::time::timeout(self.timeout + WAIT_SLACK, con.on_key_master(key, wait)).await;
-        let reply = sent.map_err(|_| {
-            RedisError::from((
-                redis::ErrorKind::Io,
-                "WAIT got no reply",
-                format!("within {:?}", self.timeout + WAIT_SLACK),
-            ))
-        })??;
+        // The lane is held while the WAIT is out; the call is bounded as
+        // every call on the connection is (a stuck cluster connection is
+        // replaced, see [`Cluster`]).
+        let reply = con.on_key_master(key, wait).await?;
         let got: u32 = redis::from_redis_value(reply).map_err(RedisError::from)?;
         if con.generation() != written {
             return Err(NotReplicated::Replaced);

@@ -88,9 +88,9 @@ pub struct Job {
     tenant: TenantConfig,
     keys: Keys,
     opts: Options,
-    /// Replaced by a new connection when Redis calls keep timing out (see
-    /// [`Job::flush`]).
-    redis: std::sync::RwLock<Conn>,
+    /// On a cluster it replaces itself when its calls keep failing
+    /// (`conn::Cluster`).
+    redis: Conn,
     db: MySqlPool,
     scripts: Scripts,
 }
@@ -109,27 +109,14 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 impl Job {
     /// The Redis connection (a clone shares it).
     fn con(&self) -> Conn {
-        self.redis.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// A new Redis connection in place of the current one. After a Redis
-    /// Cluster failover or resharding the cluster client kept timing out on
-    /// the moved slot while a new client served it at once.
-    fn reconnect(&self) {
-        match cache::connect_lazy(&self.tenant.redis, REDIS_TIMEOUT) {
-            Ok(con) => {
-                warn!(tenant = %self.tenant.name, "redis calls keep timing out: reconnecting");
-                *self.redis.write().unwrap_or_else(|e| e.into_inner()) = con;
-            }
-            Err(e) => warn!(tenant = %self.tenant.name, error = %e, "reconnecting to redis failed"),
-        }
+        self.redis.clone()
     }
 
     /// A job for `tenant`; connects lazily.
     pub fn new(tenant: TenantConfig, opts: Options) -> anyhow::Result<Job> {
         Ok(Job {
             keys: Keys::new(&tenant.name, tenant.stream.shards),
-            redis: std::sync::RwLock::new(cache::connect_lazy(&tenant.redis, REDIS_TIMEOUT)?),
+            redis: cache::connect_lazy(&tenant.redis, REDIS_TIMEOUT)?,
             db: db::connect_lazy(&tenant)?,
             scripts: Scripts::default(),
             tenant,
@@ -243,11 +230,6 @@ impl Job {
                 }
                 Err(e) => {
                     warn!(tenant = %self.tenant.name, error = format!("{e:#}"), attempt, "flush failed; retrying");
-                    let timed_out =
-                        e.chain().any(|c| c.downcast_ref::<redis::RedisError>().is_some_and(|r| r.is_timeout()));
-                    if timed_out && attempt >= 1 {
-                        self.reconnect();
-                    }
                     if give_up.is_some_and(|g| Instant::now() > g) {
                         error!(tenant = %self.tenant.name, "giving up at shutdown: entries stay pending for the next run");
                         return false;
@@ -336,9 +318,6 @@ impl Job {
                     Err(e) => {
                         warn!(tenant = %self.tenant.name, error = %e, "reading the stream failed; retrying");
                         self.err("read");
-                        if e.is_timeout() && attempt >= 1 {
-                            self.reconnect();
-                        }
                         attempt += 1;
                         backoff(attempt)
                     }
