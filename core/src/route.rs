@@ -12,6 +12,7 @@
 //! epoch: 2
 //! activeDatacenter: dc-b
 //! datacenters: { dc-a: "mariadb-dc-a:3306", dc-b: "mariadb-dc-b:3306" }
+//! redis: { dc-a: "redis-dc-a:6379", dc-b: "redis-dc-b:6379" }   # only when the Redis tier moves too
 //! failover:                      # the controller's own record; proxies ignore it
 //!   requestedDatacenter: dc-a
 //!   failingSince: null
@@ -53,6 +54,12 @@ pub struct Route {
     pub active_datacenter: String,
     /// Each datacenter's DB address (`host:port`) as the proxies reach it.
     pub datacenters: BTreeMap<String, String>,
+    /// Each datacenter's Redis address (`host:port`), when the Redis tier
+    /// moves with the route (operator config `failover.redis_tier`): the
+    /// proxies then forward Redis sessions to the active datacenter's
+    /// Redis too. Empty: Redis stays where each tenant's URL points.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub redis: BTreeMap<String, String>,
     /// The failover controller's own record (proxies ignore it).
     #[serde(default)]
     pub failover: FailoverRecord,
@@ -168,12 +175,20 @@ impl Route {
                 self.datacenters.keys().collect::<Vec<_>>()
             )));
         }
-        for (dc, addr) in &self.datacenters {
-            let ok = addr
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok {
-                return Err(RouteError::Invalid(format!("datacenter {dc:?}: address {addr:?} is not host:port")));
+        if !self.redis.is_empty() && !self.redis.contains_key(&self.active_datacenter) {
+            return Err(RouteError::Invalid(format!(
+                "redis names no address for the active datacenter {:?}",
+                self.active_datacenter
+            )));
+        }
+        for (tier, map) in [("datacenter", &self.datacenters), ("redis of datacenter", &self.redis)] {
+            for (dc, addr) in map {
+                let ok = addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return Err(RouteError::Invalid(format!("{tier} {dc:?}: address {addr:?} is not host:port")));
+                }
             }
         }
         Ok(())
@@ -184,6 +199,12 @@ impl Route {
         &self.datacenters[&self.active_datacenter]
     }
 
+    /// The active datacenter's Redis address, when the Redis tier moves
+    /// with the route.
+    pub fn active_redis_address(&self) -> Option<&str> {
+        self.redis.get(&self.active_datacenter).map(String::as_str)
+    }
+
     /// How a holder of `self` treats `offered`.
     pub fn offer(&self, offered: &Route) -> Offer {
         use std::cmp::Ordering::*;
@@ -192,7 +213,8 @@ impl Route {
             Less => Offer::Stale,
             Equal
                 if offered.active_datacenter == self.active_datacenter
-                    && offered.active_address() == self.active_address() =>
+                    && offered.active_address() == self.active_address()
+                    && offered.active_redis_address() == self.active_redis_address() =>
             {
                 Offer::Same
             }
@@ -210,6 +232,7 @@ mod tests {
             epoch,
             active_datacenter: active.into(),
             datacenters: [("dc-a".to_string(), "db-a:3306".to_string()), ("dc-b".into(), "db-b:3306".into())].into(),
+            redis: BTreeMap::new(),
             failover: FailoverRecord::default(),
         }
     }
@@ -244,6 +267,8 @@ mod tests {
             ("epoch: 1\nactiveDatacenter: a\ndatacenters: {a: ':1'}", "host:port"),
             ("epoch: -1\nactiveDatacenter: a\ndatacenters: {a: 'h:1'}", "parse"),
             ("epoch: 1\n", "parse"),
+            ("epoch: 1\nactiveDatacenter: a\ndatacenters: {a: 'h:1'}\nredis: {b: 'r:1'}", "no address for the active"),
+            ("epoch: 1\nactiveDatacenter: a\ndatacenters: {a: 'h:1'}\nredis: {a: 'r'}", "redis of datacenter"),
         ];
         for (text, want) in bad {
             let e = Route::parse(text).unwrap_err().to_string();
@@ -262,6 +287,9 @@ mod tests {
         let mut moved = route(2, "dc-b");
         moved.datacenters.insert("dc-b".into(), "elsewhere:3306".into());
         assert_eq!(held.offer(&moved), Offer::Conflict);
+        let mut with_redis = route(2, "dc-b");
+        with_redis.redis.insert("dc-b".into(), "redis-b:6379".into());
+        assert_eq!(held.offer(&with_redis), Offer::Conflict, "the same epoch cannot move the Redis tier");
         let mut status_only = route(2, "dc-b");
         status_only.failover.failing_since = Some(Timestamp::now());
         assert_eq!(held.offer(&status_only), Offer::Same);

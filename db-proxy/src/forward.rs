@@ -1,5 +1,6 @@
 //! The data path: accept client connections, admit each as a session under
-//! the held route, dial the active datacenter's DB and copy bytes both ways.
+//! the held route, dial the active datacenter's DB (or, on the Redis
+//! listener, its Redis) and copy bytes both ways.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,7 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error::Error;
-use crate::metrics::{CLIENT_TO_DB, DB_TO_CLIENT, Metrics, REFUSED_MAX_SESSIONS, REFUSED_NO_ROUTE};
+use crate::metrics::{
+    CLIENT_TO_DB, DB_TO_CLIENT, Metrics, REFUSED_MAX_SESSIONS, REFUSED_NO_REDIS_ROUTE, REFUSED_NO_ROUTE,
+};
 use crate::routes::{Routes, Ticket};
 
 /// Size of each direction's copy buffer: a session holds two.
@@ -22,9 +25,31 @@ const BUFFER: usize = 16 * 1024;
 /// loop does not spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Which of the active datacenter's servers a listener forwards to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The DB (`route.datacenters`).
+    Db,
+    /// The Redis (`route.redis`), when the route moves the Redis tier too.
+    Redis,
+}
+
+impl Tier {
+    /// The address a session opened under `route` dials, if the route has
+    /// one for this tier.
+    pub fn address(self, route: &thumbup_core::route::Route) -> Option<&str> {
+        match self {
+            Tier::Db => Some(route.active_address()),
+            Tier::Redis => route.active_redis_address(),
+        }
+    }
+}
+
 /// What every session needs.
 #[derive(Clone)]
 pub struct Forwarder {
+    /// The server this listener forwards to.
+    pub tier: Tier,
     /// The held route and the session registry.
     pub routes: Arc<Routes>,
     /// The metrics.
@@ -81,7 +106,13 @@ impl Forwarder {
     /// when a flip or the shutdown aborts the task (which drops both sockets).
     async fn session(self, client: TcpStream, ticket: Ticket, _permit: OwnedSemaphorePermit) {
         let datacenter = ticket.route.active_datacenter.clone();
-        let db = match self.dial(&datacenter, ticket.route.active_address()).await {
+        let Some(address) = self.tier.address(&ticket.route) else {
+            // A Redis listener under a route that does not move Redis.
+            self.metrics.refused_total.with_label_values(&[REFUSED_NO_REDIS_ROUTE]).inc();
+            warn!("closing the client: the route names no Redis for the active datacenter");
+            return;
+        };
+        let db = match self.dial(&datacenter, address).await {
             Ok(db) => db,
             Err(e) => {
                 self.metrics.connect_errors_total.with_label_values(&[&datacenter]).inc();
@@ -89,8 +120,8 @@ impl Forwarder {
                 return;
             }
         };
-        // MySQL is request/response with small packets: do not let Nagle
-        // hold them back.
+        // MySQL and Redis are request/response with small packets: do not
+        // let Nagle hold them back.
         let _ = client.set_nodelay(true);
         let _ = db.set_nodelay(true);
         debug!(db = ?db.peer_addr().ok(), "session open");

@@ -14,7 +14,10 @@
 //! Data path ([`forward`]): accept, take a session permit
 //! (`--max-sessions`), register the session under the held route, dial that
 //! route's active DB within the connect timeout, then copy bytes both ways
-//! until either side closes or a flip aborts the session. Until a first
+//! until either side closes or a flip aborts the session. With
+//! `--redis-listen` a second listener does the same for the active
+//! datacenter's Redis (the route's `redis:` addresses), so that the Redis
+//! tier moves with the same epoch and a flip ends the Redis sessions too. Until a first
 //! route is held, connections are closed on arrival and `/readyz` is 503.
 
 pub mod admin;
@@ -54,6 +57,9 @@ pub enum RouteSource {
 pub struct Options {
     /// Where DB clients connect (port 0: any free port).
     pub listen: SocketAddr,
+    /// Where Redis clients connect, when the route moves the Redis tier
+    /// too (`redis:` in the route); None: no Redis listener.
+    pub redis_listen: Option<SocketAddr>,
     /// The admin HTTP endpoint (port 0: any free port).
     pub admin_listen: SocketAddr,
     /// Where the route comes from.
@@ -62,8 +68,8 @@ pub struct Options {
     pub max_sessions: usize,
     /// How long a dial of the DB may take.
     pub connect_timeout: Duration,
-    /// Written (atomically) with `listen=ADDR` and `admin=ADDR` lines once
-    /// both listeners are bound.
+    /// Written (atomically) with `listen=ADDR`, `admin=ADDR` (and
+    /// `redis=ADDR`) lines once the listeners are bound.
     pub ready_file: Option<PathBuf>,
     /// The tokens (one a line, read on each request) that `PUT /route`
     /// must carry as `authorization: Bearer`; None refuses every `PUT`.
@@ -100,6 +106,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         source,
     })?;
     let listen = listener.local_addr().map_err(|source| Error::Bind { what: "proxy", addr: opts.listen, source })?;
+    let redis_listener = match opts.redis_listen {
+        Some(addr) => {
+            let l =
+                TcpListener::bind(addr).await.map_err(|source| Error::Bind { what: "redis proxy", addr, source })?;
+            let bound = l.local_addr().map_err(|source| Error::Bind { what: "redis proxy", addr, source })?;
+            Some((l, bound))
+        }
+        None => None,
+    };
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let (admin_addr, admin_server) =
         admin::bind(opts.admin_listen, routes.clone(), metrics.clone(), opts.route_token_file.clone(), async {
@@ -107,9 +122,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         })
         .await?;
     let admin_task = tokio::spawn(admin_server);
-    info!(%listen, admin = %admin_addr, max_sessions = opts.max_sessions, "db-proxy listening");
+    let redis_addr = redis_listener.as_ref().map(|(_, a)| *a);
+    info!(%listen, redis = ?redis_addr, admin = %admin_addr, max_sessions = opts.max_sessions, "db-proxy listening");
     if let Some(path) = &opts.ready_file {
-        write_ready_file(path, listen, admin_addr)?;
+        write_ready_file(path, listen, admin_addr, redis_addr)?;
     }
 
     let source_task = match (opts.route, kube_client) {
@@ -123,13 +139,29 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         }
     };
 
+    // One session limit over both listeners: it bounds the proxy's sockets.
     let forwarder = forward::Forwarder {
+        tier: forward::Tier::Db,
         routes: routes.clone(),
         metrics,
         sessions: Arc::new(Semaphore::new(opts.max_sessions)),
         connect_timeout: opts.connect_timeout,
     };
+    let (stop_redis, redis_stopped) = tokio::sync::oneshot::channel::<()>();
+    let redis_task = redis_listener.map(|(l, _)| {
+        let f = forward::Forwarder { tier: forward::Tier::Redis, ..forwarder.clone() };
+        tokio::spawn(async move {
+            f.serve(l, async {
+                let _ = redis_stopped.await;
+            })
+            .await
+        })
+    });
     forwarder.serve(listener, shutdown).await;
+    let _ = stop_redis.send(());
+    if let Some(task) = redis_task {
+        let _ = task.await;
+    }
     // The listener is gone: no new sessions. Now the open ones.
     let closed = routes.close_all();
     info!(closed, "stopped accepting; sessions closed");
@@ -141,13 +173,20 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     Ok(())
 }
 
-/// Writes `listen=ADDR\nadmin=ADDR\n` to a temporary file beside `path` and
-/// renames it over `path`, so that a reader never sees half of it.
-pub fn write_ready_file(path: &Path, listen: SocketAddr, admin: SocketAddr) -> Result<(), Error> {
+/// Writes `listen=ADDR\nadmin=ADDR\n` (and `redis=ADDR\n`) to a temporary
+/// file beside `path` and renames it over `path`, so that a reader never
+/// sees half of it.
+pub fn write_ready_file(
+    path: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    redis: Option<SocketAddr>,
+) -> Result<(), Error> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("listen={listen}\nadmin={admin}\n"))
+    let redis = redis.map(|r| format!("redis={r}\n")).unwrap_or_default();
+    std::fs::write(&tmp, format!("listen={listen}\nadmin={admin}\n{redis}"))
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|source| Error::ReadyFile { path: path.to_path_buf(), source })
 }
@@ -161,8 +200,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("thumbup-db-proxy-ready-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ready");
-        write_ready_file(&path, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()).unwrap();
+        write_ready_file(&path, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), None).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "listen=127.0.0.1:1\nadmin=127.0.0.1:2\n");
+        write_ready_file(
+            &path,
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            Some("127.0.0.1:3".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "listen=127.0.0.1:1\nadmin=127.0.0.1:2\nredis=127.0.0.1:3\n"
+        );
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -14,6 +14,10 @@ struct Cli {
     /// Where DB clients connect; port 0 picks a free port (see --ready-file).
     #[arg(long, env = "THUMBUP_DB_PROXY_LISTEN", default_value = "127.0.0.1:3306")]
     listen: SocketAddr,
+    /// Where Redis clients connect, forwarded to the active datacenter's
+    /// Redis (the route's `redis:` addresses); off unless given.
+    #[arg(long, env = "THUMBUP_DB_PROXY_REDIS_LISTEN")]
+    redis_listen: Option<SocketAddr>,
     /// Admin HTTP address: GET/PUT /route, /metrics, /healthz, /readyz.
     /// PUT /route is refused unless --route-token-file is given.
     #[arg(long, env = "THUMBUP_DB_PROXY_ADMIN_LISTEN", default_value = "127.0.0.1:9193")]
@@ -59,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let opts = Options {
         listen: cli.listen,
+        redis_listen: cli.redis_listen,
         admin_listen: cli.admin_listen,
         route,
         max_sessions: cli.max_sessions,

@@ -14,6 +14,9 @@ pub const DB_TO_CLIENT: &str = "db_to_client";
 pub const REFUSED_NO_ROUTE: &str = "no_route";
 /// `reason` of a connection closed because `--max-sessions` are open.
 pub const REFUSED_MAX_SESSIONS: &str = "max_sessions";
+/// `refused_total` reason: a Redis connection under a route that does not
+/// move the Redis tier.
+pub const REFUSED_NO_REDIS_ROUTE: &str = "no_redis_route";
 
 /// Every `thumbup_db_proxy_*` metric.
 pub struct Metrics {
@@ -103,7 +106,7 @@ impl Metrics {
         for reason in ["stale", "conflict", "invalid", "unauthenticated"] {
             route_rejected_total.with_label_values(&[reason]);
         }
-        for reason in [REFUSED_NO_ROUTE, REFUSED_MAX_SESSIONS] {
+        for reason in [REFUSED_NO_ROUTE, REFUSED_MAX_SESSIONS, REFUSED_NO_REDIS_ROUTE] {
             refused_total.with_label_values(&[reason]);
         }
         Ok(Metrics {

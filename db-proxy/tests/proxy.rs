@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use thumbup_test_support::stack::{admin_db_url, admin_db_url_b};
+use thumbup_test_support::stack::{admin_db_url, admin_db_url_b, admin_redis_url, admin_redis_url_b};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -250,4 +250,79 @@ async fn sigterm_stops_the_proxy_and_closes_its_sessions() {
     let next = tokio::time::timeout(Duration::from_secs(2), server_port(&mut conn)).await;
     assert!(matches!(next, Ok(Err(_))), "a query after the shutdown gave {next:?}");
     assert!(TcpStream::connect(proxy.listen).await.is_err(), "still accepting after the shutdown");
+}
+
+/// The address of a Redis URL.
+fn redis_address(url: &str) -> String {
+    let info = redis::IntoConnectionInfo::into_connection_info(url).unwrap();
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        other => panic!("not a TCP Redis URL: {other:?}"),
+    }
+}
+
+/// The stack's two MariaDB servers and its two Redis servers, `active` at `epoch`.
+fn route_with_redis(epoch: u64, active: &str) -> String {
+    format!(
+        "{}redis:\n  dc-a: \"{}\"\n  dc-b: \"{}\"\n",
+        stack_route(epoch, active),
+        redis_address(&admin_redis_url()),
+        redis_address(&admin_redis_url_b())
+    )
+}
+
+/// The port the Redis server behind `con` listens on.
+async fn redis_server_port(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<u16> {
+    let (_, port): (String, u16) = redis::cmd("CONFIG").arg("GET").arg("port").query_async(con).await?;
+    Ok(port)
+}
+
+/// An admin connection to the stack's Redis through the proxy's Redis listener.
+async fn redis_through(proxy: &Proxy) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let url = admin_redis_url().replace(&redis_address(&admin_redis_url()), &proxy.redis.unwrap().to_string());
+    let client = redis::Client::open(url)?;
+    tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))?
+}
+
+#[tokio::test]
+async fn the_redis_listener_follows_the_route_and_a_flip_ends_its_sessions_with_the_db_sessions() {
+    require_dc_b().await;
+    let proxy = Proxy::start("redis-flip", Some(&route_with_redis(1, "dc-a")), &["--redis-listen", "127.0.0.1:0"]);
+    proxy.wait_epoch(1).await;
+    let mut before = redis_through(&proxy).await.expect("a Redis session through the proxy");
+    assert_eq!(redis_server_port(&mut before).await.unwrap(), port_of_redis(&admin_redis_url()));
+    let mut db_before = proxy.connect().await.unwrap();
+    assert_eq!(server_port(&mut db_before).await.unwrap(), port(&admin_db_url()));
+
+    proxy.write_route(&route_with_redis(2, "dc-b"));
+    proxy.wait_epoch(2).await;
+    // Both sessions opened under epoch 1 are gone, at once.
+    let next = tokio::time::timeout(Duration::from_secs(2), redis_server_port(&mut before)).await;
+    assert!(matches!(next, Ok(Err(_))), "a command on a pre-flip Redis session gave {next:?}");
+    let next = tokio::time::timeout(Duration::from_secs(2), server_port(&mut db_before)).await;
+    assert!(matches!(next, Ok(Err(_))), "a query on a pre-flip DB session gave {next:?}");
+    // New sessions of both tiers reach dc-b.
+    let mut after = redis_through(&proxy).await.expect("a Redis session after the flip");
+    assert_eq!(redis_server_port(&mut after).await.unwrap(), port_of_redis(&admin_redis_url_b()));
+    let mut db_after = proxy.connect().await.unwrap();
+    assert_eq!(server_port(&mut db_after).await.unwrap(), port(&admin_db_url_b()));
+    assert_eq!(proxy.metric("thumbup_db_proxy_sessions_killed_total").await, 2.0);
+    quit(db_after).await;
+}
+
+#[tokio::test]
+async fn a_redis_connection_under_a_route_without_redis_addresses_is_closed_and_counted() {
+    let proxy = Proxy::start("redis-none", Some(&stack_route(1, "dc-a")), &["--redis-listen", "127.0.0.1:0"]);
+    proxy.wait_epoch(1).await;
+    let mut s = TcpStream::connect(proxy.redis.unwrap()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+    proxy.wait_metric(&refused("no_redis_route"), 1.0).await;
+}
+
+fn port_of_redis(url: &str) -> u16 {
+    redis_address(url).rsplit_once(':').unwrap().1.parse().unwrap()
 }

@@ -139,6 +139,13 @@ pub struct Failover {
     /// How long a planned switchover waits for the standby to catch up
     /// before it gives up and unfences the active DB.
     pub catch_up_timeout_ms: u64,
+    /// The Redis tier moves with the route: each datacenter's Redis is a
+    /// single server, the standby's a replica of the active one's; the
+    /// probes cover both tiers, a flip promotes the standby's Redis and
+    /// makes the old one its replica, and the proxies (`--redis-listen`)
+    /// forward Redis sessions to the active datacenter. Give the tenants
+    /// `redis.replica_acks` of at least 1 (see docs/failover.md).
+    pub redis_tier: bool,
 }
 
 impl Default for Failover {
@@ -155,6 +162,7 @@ impl Default for Failover {
             replay_window_ms: 120_000,
             max_lag_ms: 30_000,
             catch_up_timeout_ms: 30_000,
+            redis_tier: false,
         }
     }
 }
@@ -355,6 +363,12 @@ impl OperatorConfig {
             if dc.db.cluster || !dc.db.seeds.is_empty() || dc.db.replica_acks > 0 {
                 return Err(ConfigError::Invalid(format!(
                     "{}: cluster, seeds and replica_acks are Redis settings, not the DB's",
+                    dc.name
+                )));
+            }
+            if c.failover.redis_tier && (dc.redis.cluster || dc.redis.host_port().is_none()) {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: failover.redis_tier needs redis.url to be one server's redis://host:port (not a cluster)",
                     dc.name
                 )));
             }

@@ -260,6 +260,7 @@ mod tests {
             epoch: 2,
             active_datacenter: active.into(),
             datacenters: [("dc-a".to_string(), "a:3306".to_string()), ("dc-b".into(), "b:3306".into())].into(),
+            redis: Default::default(),
             failover: FailoverRecord {
                 handled_request: handled.map(String::from),
                 promotion_pending: pending,

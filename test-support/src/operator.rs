@@ -79,6 +79,7 @@ pub fn failed_over() -> Route {
             ("dc-b".into(), "mariadb-dc-b:3306".into()),
         ]
         .into(),
+        redis: Default::default(),
         failover: FailoverRecord {
             last_transition: Some(Transition {
                 at: "2026-11-22T20:00:00Z".parse().unwrap(),

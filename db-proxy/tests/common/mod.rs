@@ -46,6 +46,8 @@ pub struct Proxy {
     pub listen: SocketAddr,
     /// The admin endpoint.
     pub admin: SocketAddr,
+    /// Where Redis clients connect (with `--redis-listen`).
+    pub redis: Option<SocketAddr>,
 }
 
 /// The route token of the proxies that [`Proxy::start`] runs.
@@ -89,7 +91,8 @@ impl Proxy {
         let addr = |key: &str| -> SocketAddr {
             text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.parse().ok()).expect(&text)
         };
-        Proxy { child, dir, listen: addr("listen="), admin: addr("admin=") }
+        let redis = text.lines().find_map(|l| l.strip_prefix("redis=")).and_then(|v| v.parse().ok());
+        Proxy { child, dir, listen: addr("listen="), admin: addr("admin="), redis }
     }
 
     /// Starts the proxy following a route file that names the stack's two

@@ -162,6 +162,7 @@ mod tests {
             epoch,
             active_datacenter: active.into(),
             datacenters: [("dc-a".to_string(), "a:1".to_string()), ("dc-b".into(), "b:1".into())].into(),
+            redis: Default::default(),
             failover: Default::default(),
         }
     }

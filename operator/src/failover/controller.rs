@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use super::decide::{self, Failing, Settings, Verdict};
 use super::metrics::{EPOCH, PROBE_FAILURES, STANDBY_LAG};
+use super::redis::{RedisActionError, RedisProbe, RedisServer};
 use super::{FailoverError, Notice, Options, db, kube};
 use crate::config::OperatorConfig;
 
@@ -51,12 +52,18 @@ pub async fn run_with_admin(
     Ok(result?)
 }
 
+/// Each datacenter's Redis probe (empty without `failover.redis_tier`).
+pub(super) type RedisProbes = BTreeMap<String, Result<RedisProbe, RedisActionError>>;
+
 pub(super) struct Controller {
     pub(super) opts: Options,
     pub(super) settings: Settings,
     pub(super) period: Duration,
     pub(super) probe_timeout: Duration,
     pub(super) servers: BTreeMap<String, db::Server>,
+    /// Each datacenter's Redis when the Redis tier moves with the route
+    /// (`failover.redis_tier`); empty otherwise.
+    pub(super) redis: BTreeMap<String, RedisServer>,
     pub(super) route: Route,
     pub(super) failing: Failing,
     pub(super) last_error: Option<String>,
@@ -68,7 +75,24 @@ impl Controller {
         let f = &opts.config.failover;
         let mut servers = BTreeMap::new();
         let mut addresses = BTreeMap::new();
+        let mut redis = BTreeMap::new();
+        let mut redis_addresses = BTreeMap::new();
         for dc in &opts.config.datacenters {
+            if f.redis_tier {
+                let config = |e: crate::config::ConfigError| FailoverError::Config(e.to_string());
+                let address =
+                    dc.redis.host_port().ok_or_else(|| FailoverError::Config(format!("{}: redis.url", dc.name)))?;
+                redis.insert(
+                    dc.name.clone(),
+                    RedisServer {
+                        dc: dc.name.clone(),
+                        admin_url: dc.redis.admin_url().map_err(config)?,
+                        address: address.clone(),
+                        auth: (dc.redis.admin_username.clone(), dc.redis.password().map_err(config)?),
+                    },
+                );
+                redis_addresses.insert(dc.name.clone(), address);
+            }
             let admin_url = dc.db.admin_url().map_err(|e| FailoverError::Config(e.to_string()))?;
             let address = dc.db.host_port().ok_or_else(|| FailoverError::Config(format!("{}: db.url", dc.name)))?;
             servers.insert(
@@ -81,6 +105,7 @@ impl Controller {
             epoch: 1,
             active_datacenter: opts.config.active_datacenter.clone(),
             datacenters: addresses,
+            redis: redis_addresses,
             failover: FailoverRecord {
                 requested_datacenter: Some(opts.config.active_datacenter.clone()),
                 ..Default::default()
@@ -91,6 +116,7 @@ impl Controller {
             period: Duration::from_millis(f.probe_period_ms),
             probe_timeout: Duration::from_millis(f.probe_timeout_ms),
             servers,
+            redis,
             desired: opts.config.active_datacenter.clone(),
             route,
             failing: Failing::default(),
@@ -105,9 +131,11 @@ impl Controller {
     async fn start(&mut self) -> Result<(), FailoverError> {
         match self.opts.store.load().await? {
             Some(mut stored) => {
-                if stored.datacenters != self.route.datacenters {
-                    warn!(old = ?stored.datacenters, new = ?self.route.datacenters, "DB addresses changed; raising the epoch");
+                if stored.datacenters != self.route.datacenters || stored.redis != self.route.redis {
+                    warn!(old = ?(&stored.datacenters, &stored.redis), new = ?(&self.route.datacenters, &self.route.redis),
+                        "DB or Redis addresses changed; raising the epoch");
                     stored.datacenters = self.route.datacenters.clone();
+                    stored.redis = self.route.redis.clone();
                     stored.epoch += 1;
                     if stored.validate().is_err() {
                         return Err(FailoverError::Config(format!(
@@ -191,7 +219,13 @@ impl Controller {
         .await
         .into_iter()
         .collect();
+        let redis_probes = self.probe_redis().await;
         let active = self.route.active_datacenter.clone();
+        for (dc, p) in &redis_probes {
+            if p.is_err() {
+                PROBE_FAILURES.with_label_values(&[dc]).inc();
+            }
+        }
         for (dc, p) in &probes {
             match p {
                 Err(_) => PROBE_FAILURES.with_label_values(&[dc]).inc(),
@@ -218,8 +252,28 @@ impl Controller {
             }
         }
 
+        // ... and only the active Redis: another one that answers as a
+        // master becomes the active one's replica.
+        for (dc, p) in &redis_probes {
+            if *dc != active
+                && matches!(p, Ok(p) if p.master)
+                && !self.route.failover.promotion_pending
+                && let Some(master) = self.redis.get(&active)
+            {
+                match self.redis[dc].follow(master, ACTION_TIMEOUT).await {
+                    Ok(()) => {
+                        warn!(datacenter = %dc, "fenced a non-active Redis master: it now replicates the active one")
+                    }
+                    Err(e) => warn!(datacenter = %dc, error = %e, "fencing a non-active Redis master failed"),
+                }
+            }
+        }
+
         // 2. A promotion left unfinished.
-        if self.route.failover.promotion_pending && probes[&active].is_ok() {
+        if self.route.failover.promotion_pending
+            && probes[&active].is_ok()
+            && redis_probes.get(&active).is_none_or(|p| p.is_ok())
+        {
             self.finish_promotion().await?;
         }
 
@@ -243,7 +297,7 @@ impl Controller {
             } else if to != active {
                 let reason =
                     format!("switchover to {to} requested by {} (request {})", request.requested_by, request.id);
-                return self.switch_over(&to, &probes, reason).await;
+                return self.switch_over(&to, &probes, &redis_probes, reason).await;
             } else {
                 return self.save_and_announce(None).await;
             }
@@ -255,16 +309,22 @@ impl Controller {
                 self.save_and_announce(None).await?;
             } else if desired != active {
                 let reason = format!("active_datacenter changed to {desired} in the operator config");
-                return self.switch_over(&desired, &probes, reason).await;
+                return self.switch_over(&desired, &probes, &redis_probes, reason).await;
             } else {
                 self.save_and_announce(None).await?;
             }
         }
 
-        // 4. The active DB's health.
+        // 4. The active datacenter's health: its DB, and its Redis when the
+        // Redis tier moves too.
         let now = Timestamp::now();
-        match &probes[&active] {
-            Ok(_) => {
+        let health = match (&probes[&active], redis_probes.get(&active)) {
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(_), Some(Err(e))) => Err(e.to_string()),
+            (Ok(_), _) => Ok(()),
+        };
+        match health {
+            Ok(()) => {
                 if self.failing.failures > 0 || self.route.failover.failing_since.is_some() {
                     info!(datacenter = %active, after = self.failing.failures, "the active DB answers again");
                     self.failing = Failing::default();
@@ -281,7 +341,7 @@ impl Controller {
                     self.route.failover.failing_since = self.failing.since;
                     self.save_and_announce(None).await?;
                 }
-                let (standby, health) = self.pick_standby(&probes);
+                let (standby, health) = self.pick_standby(&probes, &redis_probes);
                 let flips = self.route.failover.flips.clone();
                 match decide::decide(&self.settings, &self.failing, now, &health, &flips) {
                     Verdict::Wait => Ok(()),
@@ -300,21 +360,40 @@ impl Controller {
         }
     }
 
+    /// Probes every datacenter's Redis (none when the Redis tier does not
+    /// move with the route).
+    pub(super) async fn probe_redis(&self) -> RedisProbes {
+        futures::future::join_all(
+            self.redis.iter().map(|(dc, r)| async { (dc.clone(), r.probe(self.probe_timeout).await) }),
+        )
+        .await
+        .into_iter()
+        .collect()
+    }
+
     /// The first healthy standby, or why there is none.
     fn pick_standby(
         &self,
         probes: &BTreeMap<String, Result<db::Probe, db::DbError>>,
+        redis_probes: &RedisProbes,
     ) -> (Option<String>, Result<(), String>) {
         let max_lag = Duration::from_millis(self.opts.config.failover.max_lag_ms);
+        let active_redis = self.route.active_redis_address().unwrap_or_default();
         let mut why = Vec::new();
         for (dc, p) in probes {
             if *dc == self.route.active_datacenter {
                 continue;
             }
             // A probe error names its datacenter already.
-            match p {
-                Err(e) => why.push(e.to_string()),
-                Ok(p) => match p.standby_health(max_lag) {
+            let redis = match redis_probes.get(dc) {
+                None => Ok(()),
+                Some(Err(e)) => Err(e.to_string()),
+                Some(Ok(r)) => r.standby_health(active_redis).map_err(|e| format!("{dc}: {e}")),
+            };
+            match (p, redis) {
+                (Err(e), _) => why.push(e.to_string()),
+                (Ok(_), Err(e)) => why.push(e),
+                (Ok(p), Ok(())) => match p.standby_health(max_lag) {
                     Ok(()) => return (Some(dc.clone()), Ok(())),
                     Err(e) => why.push(format!("{dc}: {e}")),
                 },

@@ -381,6 +381,7 @@ mod tests {
             epoch: 4,
             active_datacenter: "dc-b".into(),
             datacenters: [("dc-a".to_string(), "db-a:3306".to_string()), ("dc-b".into(), "db-b:3306".into())].into(),
+            redis: Default::default(),
             failover: FailoverRecord::default(),
         }
     }

@@ -38,6 +38,7 @@ pub mod decide;
 pub mod kube;
 mod metrics;
 mod notice;
+pub mod redis;
 pub mod replay;
 mod store;
 mod tenants;

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use thumbup_core::route::{Blocked, Transition, TransitionKind};
 use tracing::{error, info, warn};
 
-use super::controller::{ACTION_TIMEOUT, Controller};
+use super::controller::{ACTION_TIMEOUT, Controller, RedisProbes};
 use super::decide::{Block, Failing};
 use super::metrics::{BLOCKED, EPOCH, FLIPS, REPLAYED};
 use super::{FailoverError, Notice, db, replay};
@@ -66,11 +66,26 @@ impl Controller {
         let from = self.route.active_datacenter.clone();
         let started = Instant::now();
         error!(%from, %to, %reason, "failing over");
+        // The standby's Redis becomes a master before the route names it:
+        // from then on the old one cannot acknowledge a like (its WAIT finds
+        // no replica), and the proxies' first sessions to it take writes.
+        if let Some(r) = self.redis.get(&to)
+            && let Err(e) = r.promote(ACTION_TIMEOUT.min(self.probe_timeout * 2)).await
+        {
+            warn!(datacenter = %to, error = %e, "promoting the standby's Redis failed; no flip, retried next period");
+            return Ok(());
+        }
         self.flip(&to, TransitionKind::Failover, reason.clone()).await?;
         info!(epoch = self.route.epoch, took = ?started.elapsed(), "route flipped");
         match self.servers[&from].fence(ACTION_TIMEOUT.min(self.probe_timeout * 2)).await {
             Ok(n) => info!(datacenter = %from, sessions_ended = n, "old primary fenced"),
             Err(e) => warn!(datacenter = %from, error = %e, "old primary unreachable; fenced when it answers again"),
+        }
+        if let (Some(old), Some(new)) = (self.redis.get(&from), self.redis.get(&to)) {
+            match old.follow(new, ACTION_TIMEOUT.min(self.probe_timeout * 2)).await {
+                Ok(()) => info!(datacenter = %from, "old Redis now replicates the new active one"),
+                Err(e) => warn!(datacenter = %from, error = %e, "old Redis unreachable; fenced when it answers again"),
+            }
         }
         self.failing = Failing::default();
         self.finish_promotion().await?;
@@ -78,7 +93,11 @@ impl Controller {
             warning: true,
             reason: "Failover".into(),
             action: "FailOver".into(),
-            message: format!("DB route flipped from {from} to {to} at epoch {}: {reason}", self.route.epoch),
+            message: format!(
+                "{} route flipped from {from} to {to} at epoch {}: {reason}",
+                self.tiers(),
+                self.route.epoch
+            ),
         };
         self.announce(Some(notice)).await;
         info!(took = ?started.elapsed(), "failover done");
@@ -89,14 +108,22 @@ impl Controller {
         &mut self,
         to: &str,
         probes: &BTreeMap<String, Result<db::Probe, db::DbError>>,
+        redis_probes: &RedisProbes,
         reason: String,
     ) -> Result<(), FailoverError> {
         let from = self.route.active_datacenter.clone();
         let max_lag = Duration::from_millis(self.opts.config.failover.max_lag_ms);
+        let active_redis = self.route.active_redis_address().unwrap_or_default().to_string();
+        let redis_ready = match (redis_probes.get(&from), redis_probes.get(to)) {
+            (Some(Err(e)), _) => Err(format!("the active Redis does not answer: {e}")),
+            (_, Some(Err(e))) => Err(format!("{to}'s Redis does not answer: {e}")),
+            (_, Some(Ok(p))) => p.standby_health(&active_redis).map_err(|e| format!("{to}: {e}")),
+            _ => Ok(()),
+        };
         let ready = match (&probes[&from], &probes[to]) {
             (Err(e), _) => Err(format!("the active DB does not answer: {e}")),
             (_, Err(e)) => Err(format!("{to} does not answer: {e}")),
-            (Ok(_), Ok(p)) => p.standby_health(max_lag).map_err(|e| format!("{to}: {e}")),
+            (Ok(_), Ok(p)) => p.standby_health(max_lag).map_err(|e| format!("{to}: {e}")).and(redis_ready),
         };
         if let Err(why) = ready {
             return self.switchover_failed(to, why).await;
@@ -112,13 +139,46 @@ impl Controller {
             Ok(pos) => self.servers[to].wait_applied(&pos, catch_up).await,
             Err(e) => Err(e),
         };
+        let mut caught_up = caught_up.map_err(|e| e.to_string());
+        // The Redis tier: pause the clients' writes on the active Redis, let
+        // the target receive everything up to there, promote it. The pause
+        // outlasts the catch-up; the old Redis is a replica before it ends.
+        let redis_pair = self.redis.get(&from).cloned().zip(self.redis.get(to).cloned());
+        if caught_up.is_ok()
+            && let Some((old, new)) = &redis_pair
+        {
+            let pause = catch_up + ACTION_TIMEOUT * 2;
+            caught_up = async {
+                let offset = old.pause_writes(pause, ACTION_TIMEOUT).await?;
+                new.wait_offset(offset, catch_up).await?;
+                new.promote(ACTION_TIMEOUT).await
+            }
+            .await
+            .map_err(|e| e.to_string());
+        }
         if let Err(e) = caught_up {
             if let Err(u) = self.servers[&from].unfence(ACTION_TIMEOUT).await {
                 error!(datacenter = %from, error = %u, "could not make the active DB writable again");
             }
-            return self.switchover_failed(to, e.to_string()).await;
+            if let Some((old, new)) = &redis_pair {
+                // The target may have been promoted: it follows the active
+                // Redis again, which takes writes again.
+                if let Err(u) = new.follow(old, ACTION_TIMEOUT).await {
+                    error!(datacenter = %to, error = %u, "could not make the target's Redis a replica again");
+                }
+                if let Err(u) = old.unpause(ACTION_TIMEOUT).await {
+                    error!(datacenter = %from, error = %u, "could not end the pause of the active Redis");
+                }
+            }
+            return self.switchover_failed(to, e).await;
         }
         self.flip(to, TransitionKind::Switchover, reason.clone()).await?;
+        if let Some((old, new)) = &redis_pair
+            && let Err(e) = old.follow(new, ACTION_TIMEOUT).await
+        {
+            // Its pause ends on its own; the next probe makes it a replica.
+            warn!(datacenter = %from, error = %e, "the old Redis is not a replica yet; fenced next period");
+        }
         self.finish_promotion().await?;
         let pause = started.elapsed();
         info!(%from, %to, epoch = self.route.epoch, write_pause = ?pause, "planned switchover done");
@@ -127,13 +187,19 @@ impl Controller {
             reason: "Switchover".into(),
             action: "SwitchOver".into(),
             message: format!(
-                "DB route switched from {from} to {to} at epoch {} (writes paused {} ms): {reason}",
+                "{} route switched from {from} to {to} at epoch {} (writes paused {} ms): {reason}",
+                self.tiers(),
                 self.route.epoch,
                 pause.as_millis()
             ),
         };
         self.announce(Some(notice)).await;
         Ok(())
+    }
+
+    /// What a flip moves, in words.
+    fn tiers(&self) -> &'static str {
+        if self.redis.is_empty() { "DB" } else { "DB and Redis" }
     }
 
     async fn switchover_failed(&mut self, to: &str, why: String) -> Result<(), FailoverError> {
@@ -156,6 +222,12 @@ impl Controller {
     pub(super) async fn finish_promotion(&mut self) -> Result<(), FailoverError> {
         let active = self.route.active_datacenter.clone();
         let started = Instant::now();
+        if let Some(r) = self.redis.get(&active)
+            && let Err(e) = r.promote(ACTION_TIMEOUT).await
+        {
+            warn!(datacenter = %active, error = %e, "promoting the Redis failed; resumed next period");
+            return Ok(());
+        }
         if let Err(e) = self.servers[&active].promote(ACTION_TIMEOUT).await {
             warn!(datacenter = %active, error = %e, "promotion failed; resumed next period");
             return Ok(());
@@ -174,14 +246,19 @@ impl Controller {
         self.save_and_announce(None).await
     }
 
-    /// Replays every tenant's stream window (from each datacenter's Redis
-    /// that answers) onto the active DB.
+    /// Replays every tenant's stream window (from each datacenter's Redis,
+    /// or only the active one's when the Redis tier moves) onto the active
+    /// DB.
     async fn replay_all(&self, since_ms: i64) -> Result<(), FailoverError> {
         let tenants = self.opts.tenants.list().await?;
         let active = &self.route.active_datacenter;
         let db_url = &self.servers[active].admin_url;
         let mut failed = Vec::new();
-        for dc in &self.opts.config.datacenters {
+        // With the Redis tier moving too, the active datacenter's Redis (the
+        // promoted replica) holds every acknowledged like; the old one may
+        // be gone for good.
+        let sources = self.opts.config.datacenters.iter().filter(|dc| self.redis.is_empty() || dc.name == *active);
+        for dc in sources {
             let url = dc.redis.admin_url().map_err(|e| FailoverError::Config(e.to_string()))?;
             // A cluster's admin URL carries cluster=true: the replay reads
             // each shard from the master that owns it.
