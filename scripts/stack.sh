@@ -14,6 +14,15 @@
 #                              REPLICA as its read-only GTID replica from a fresh dump
 #                              (starting either if stopped); DISCARDS the replica's data,
 #                              binlog and sessions (tests use it between scenarios)
+#   redis-follow REPLICA MASTER   make Redis REPLICA (a|b) a replica of Redis MASTER (the two
+#                              datacenters' Redis tier, failover.redis_tier); waits until its link
+#                              is up. REPLICA's own data is replaced by MASTER's.
+#   redis-follow REPLICA none  make Redis REPLICA a master again (keeps its data)
+#   wipe redis|mariadb I       delete a stopped server's data for good (a datacenter lost with its
+#                              disks): Redis keeps only its ACL file, MariaDB is initialised empty
+#                              and marked a replica, so that it never starts writable
+#   rejoin OLD NEW             the old datacenter OLD (a|b, wiped or not) rejoins as the standby of
+#                              both tiers of NEW: MariaDB reseeded from NEW, Redis a replica of NEW's
 #   status                     one line per server: running/stopped, port, writable or read-only, replication
 #                              (and per cluster node, as cluster-status)
 #   env                        print `export` lines for the admin URLs, ports (b: *_B), TLS files
@@ -1449,6 +1458,67 @@ cmd_reseed() { # primary replica
   reseed "$p" "$r"
 }
 
+redis_follow() { # replica master|none
+  local r="$1" m="$2" rport mport out i
+  rport="$(redis_port_of "$r")"
+  start_redis "$r" "$rport"
+  if [[ "$m" == none ]]; then
+    out="$(rcli "$rport" replicaof no one 2>&1 || true)"
+    [[ "$out" == OK ]] || die "REPLICAOF NO ONE on redis-$r failed: $out"
+    log "redis-$r is a master"
+    return 0
+  fi
+  mport="$(redis_port_of "$m")"
+  start_redis "$m" "$mport"
+  out="$(rcli "$rport" config set masteruser default masterauth "$REDIS_ADMIN_PW" 2>&1 || true)"
+  [[ "$out" == OK ]] || die "setting the replication credentials of redis-$r failed: $out"
+  out="$(rcli "$rport" replicaof 127.0.0.1 "$mport" 2>&1 || true)"
+  [[ "$out" == OK* ]] || die "REPLICAOF on redis-$r failed: $out"
+  for ((i = 0; ; i++)); do
+    [[ "$(rc_rinfo "$rport" master_link_status)" == up ]] && break
+    ((i < TIMEOUT * 4)) || die "redis-$r did not sync from redis-$m within ${TIMEOUT}s"
+    sleep 0.25
+  done
+  log "redis-$r replicates redis-$m (link up)"
+}
+
+cmd_redis_follow() { # replica master|none
+  local r="${1:-}" m="${2:-}"
+  [[ "$r" =~ ^[ab]$ && ( "$m" == none || ( "$m" =~ ^[ab]$ && "$m" != "$r" ) ) ]] \
+    || die "usage: $0 redis-follow REPLICA MASTER|none (a b, b a, a none, b none)"
+  lock_stack
+  redis_follow "$r" "$m"
+}
+
+cmd_wipe() { # redis|mariadb instance
+  local server="${1:-}" inst="${2:-}" dir
+  [[ "$server" =~ ^(redis|mariadb)$ && "$inst" =~ ^[ab]$ ]] || die "usage: $0 wipe redis|mariadb a|b"
+  lock_stack
+  if [[ "$server" == redis ]]; then
+    ! redis_pid "$inst" >/dev/null || die "redis-$inst is running: stop or kill it first"
+    dir="$(redis_dir "$inst")"
+    rm -rf -- "$dir/appendonlydir" "$dir"/appendonly.aof* "$dir/dump.rdb"
+    log "redis-$inst data deleted (users.acl kept)"
+  else
+    ! mdb_pid "$inst" >/dev/null || die "mariadb-$inst is running: stop or kill it first"
+    dir="$(mdb_dir "$inst")"
+    rm -rf -- "$dir/data"
+    echo replica >"$(mdb_rolefile "$inst")"
+    init_mariadb "$inst"
+    log "mariadb-$inst data deleted; initialised empty, marked a replica"
+  fi
+}
+
+cmd_rejoin() { # old new
+  local old="${1:-}" new="${2:-}"
+  [[ "$old" =~ ^[ab]$ && "$new" =~ ^[ab]$ && "$old" != "$new" ]] || die "usage: $0 rejoin OLD NEW (a b, or b a)"
+  cmd_install
+  lock_stack
+  reseed "$new" "$old"
+  redis_follow "$old" "$new"
+  log "datacenter $old is the standby of datacenter $new on both tiers"
+}
+
 cmd_reset() {
   case "$STACK" in
     "" | / | "$ROOT" | "$HOME") die "refusing to delete suspicious stack dir '$STACK'" ;;
@@ -1474,6 +1544,9 @@ main() {
     down) cmd_down ;;
     start | stop | kill) server_action "$cmd" "$@" ;;
     reseed) cmd_reseed "$@" ;;
+    redis-follow) cmd_redis_follow "$@" ;;
+    wipe) cmd_wipe "$@" ;;
+    rejoin) cmd_rejoin "$@" ;;
     status) cmd_status ;;
     env) cmd_env ;;
     reset) cmd_reset ;;

@@ -743,6 +743,46 @@ pub async fn replicated_everywhere(con: &mut Conn, acks: u32, timeout_ms: u64) -
     Ok(())
 }
 
+/// The failover controller's word that the active datacenter's Redis stands
+/// alone: the other datacenter, whose Redis replicated it, is lost (a
+/// failover of the Redis tier), or its Redis has not been a linked replica
+/// for the controller's failure threshold. The key [`Keys::solo`] then
+/// holds the epoch of that decision, and writes are acknowledged without
+/// waiting for `redis.replica_acks` replicas: there is none to wait for, and
+/// refusing every like would turn the loss of the standby into an outage.
+/// The controller deletes the key once a replica is linked again.
+///
+/// Read at most once per [`SOLO_CHECK`]; an unreadable key counts as not
+/// set (the wait stays).
+pub struct Solo {
+    key: String,
+    checked: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+/// How long a read of the solo flag is trusted.
+pub const SOLO_CHECK: Duration = Duration::from_secs(1);
+
+impl Solo {
+    /// The flag of the tenant with `keys`.
+    pub fn new(keys: &Keys) -> Solo {
+        Solo { key: keys.solo(), checked: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether the flag is set (read again when the last read is older than
+    /// [`SOLO_CHECK`]).
+    pub async fn is_set(&self, con: &mut Conn) -> bool {
+        let last = *self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, set)) = last
+            && at.elapsed() < SOLO_CHECK
+        {
+            return set;
+        }
+        let set = matches!(redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(con).await, Ok(1));
+        *self.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), set));
+        set
+    }
+}
+
 /// True when Redis answers a PING.
 pub async fn ping(con: &mut Conn) -> bool {
     redis::cmd("PING").query_async::<String>(con).await.is_ok()

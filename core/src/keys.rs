@@ -24,6 +24,12 @@ impl Keys {
         crate::names::key_prefix(&self.tenant)
     }
 
+    /// The failover controller's word that the active datacenter's Redis
+    /// stands alone (see [`crate::cache::Solo`]).
+    pub fn solo(&self) -> String {
+        format!("{}solo", self.prefix())
+    }
+
     /// The tenant the keys belong to.
     pub fn tenant(&self) -> &str {
         &self.tenant

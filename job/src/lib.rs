@@ -93,6 +93,8 @@ pub struct Job {
     redis: Conn,
     db: MySqlPool,
     scripts: Scripts,
+    /// The failover controller's word that the Redis stands alone.
+    solo: cache::Solo,
 }
 
 /// Retry delay: 50 ms doubling to 2 s. A DB flip (db-proxy moving to the
@@ -116,6 +118,7 @@ impl Job {
     pub fn new(tenant: TenantConfig, opts: Options) -> anyhow::Result<Job> {
         Ok(Job {
             keys: Keys::new(&tenant.name, tenant.stream.shards),
+            solo: cache::Solo::new(&Keys::new(&tenant.name, tenant.stream.shards)),
             redis: cache::connect_lazy(&tenant.redis, REDIS_TIMEOUT)?,
             db: db::connect_lazy(&tenant)?,
             scripts: Scripts::default(),
@@ -183,7 +186,10 @@ impl Job {
         // window behind the DB). Until the replicas confirm, the flush fails
         // and is retried; a master without a replica (its replica promoted,
         // none joined yet) holds the job up until one joins.
-        let acks = (self.tenant.redis.replica_acks, self.tenant.redis.replica_timeout_ms);
+        let mut acks = (self.tenant.redis.replica_acks, self.tenant.redis.replica_timeout_ms);
+        if acks.0 > 0 && self.solo.is_set(&mut con).await {
+            acks.0 = 0;
+        }
         cache::replicated_everywhere(&mut con, acks.0, acks.1)
             .await
             .inspect_err(|_| self.err("replicas"))

@@ -404,6 +404,29 @@ impl Fence {
         *self.view.lock().expect("view lock") = Some(view.clone());
         metrics::FENCE_EPOCH.with_label_values(&[&self.tenant]).set(view.epoch);
         let local = self.local();
+        // Redis answers again before anyone asked for the DB path (a flip
+        // of the Redis tier moved this process's sessions to the promoted
+        // replica, which holds every acknowledged write): go back to it
+        // under the lease, as when the DB is unreachable, rather than send
+        // every process through the DB path.
+        let ping = if local == Local::Suspect
+            && view.mode == Mode::Redis
+            && self.lease_until.load(Ordering::Acquire) > now_ms() + 1_000
+        {
+            if ping().await {
+                info!(tenant = %self.tenant, "redis answers again before the DB path was asked for; writing under the lease");
+                self.set_local(Local::Redis);
+                return;
+            }
+            None
+        } else {
+            Some(ping)
+        };
+        // Pinged just now without an answer: that stands for this step.
+        let ping = async move || match ping {
+            Some(p) => p().await,
+            None => false,
+        };
         if local == Local::Suspect && view.mode == Mode::Redis {
             match fence::raise(pool).await {
                 Ok(epoch) => {

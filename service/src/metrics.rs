@@ -85,7 +85,7 @@ pub static DEGRADED_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static REPLICA_WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "thumbup_service_replica_waits_total",
-        "transitions that waited for redis.replica_acks replicas before the reply (outcome: sent: this write's WAIT was sent; covered: another write's WAIT covered it; missed: fewer replicas confirmed within redis.replica_timeout_ms, answered UNAVAILABLE; replaced: the cluster connection was replaced between the write and its WAIT, answered UNAVAILABLE; failed: the WAIT failed)",
+        "transitions that waited for redis.replica_acks replicas before the reply (outcome: sent: this write's WAIT was sent; covered: another write's WAIT covered it; missed: fewer replicas confirmed within redis.replica_timeout_ms, answered UNAVAILABLE; replaced: the cluster connection was replaced between the write and its WAIT, answered UNAVAILABLE; failed: the WAIT failed; solo: not waited for, the failover controller says the Redis stands alone)",
         &["tenant", "outcome"]
     )
     .expect("metric registers once")

@@ -85,6 +85,9 @@ pub struct Tenant {
     /// The replicas a transition waits for before its reply
     /// (`redis.replica_acks`; group commit per stream shard).
     pub replication: std::sync::Arc<thumbup_core::conn::Replication>,
+    /// The failover controller's word that the Redis stands alone (no
+    /// replica to wait for).
+    pub solo: cache::Solo,
     /// The tenant schema with the tenant's DB user.
     pub db: MySqlPool,
     /// Version source for the DB path.
@@ -112,6 +115,7 @@ impl Tenant {
         let db = db::connect_lazy(&cfg).map_err(|e| format!("db: {e}"))?;
         Ok(Tenant {
             keys: Keys::new(&cfg.name, cfg.stream.shards),
+            solo: cache::Solo::new(&Keys::new(&cfg.name, cfg.stream.shards)),
             limiter: Limiter::new(&cfg),
             clock: VersionClock::default(),
             hot: crate::hot::HotSettings::of(&cfg.cache).map(crate::hot::HotKeys::new),

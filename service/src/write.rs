@@ -216,7 +216,11 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 t.fence.acknowledged(shard, stream_ms, event);
                 drop(permit);
                 if t.replication.acks() > 0 {
-                    Box::pin(replicated(t, &mut con, shard, w, written)).await?;
+                    if t.solo.is_set(&mut con).await {
+                        metrics::REPLICA_WAITS.with_label_values(&[t.name(), "solo"]).inc();
+                    } else {
+                        Box::pin(replicated(t, &mut con, shard, w, written)).await?;
+                    }
                 }
                 // The counts as applied so far plus this write: the job applies
                 // it within one window. They came with the transition; only a

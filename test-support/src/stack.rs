@@ -113,6 +113,17 @@ fn tls_file(var: &str, file: &str) -> PathBuf {
     dir.join("tls").join(file)
 }
 
+/// The pid of a running stack server (`redis-a`, `mariadb-a`, ...), from
+/// its pid file.
+pub fn server_pid(server: &str, instance: &str) -> Option<u32> {
+    let dir = std::env::var("THUMBUP_STACK_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join(".stack"));
+    let file = match server {
+        "redis" => dir.join(format!("redis-{instance}")).join("redis.pid"),
+        _ => dir.join(format!("mariadb-{instance}")).join("mariadbd.pid"),
+    };
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 /// The stack's CA certificate (signs every server's certificate).
 pub fn stack_ca() -> PathBuf {
     tls_file("CA", "ca.crt")

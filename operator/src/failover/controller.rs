@@ -68,6 +68,11 @@ pub(super) struct Controller {
     pub(super) failing: Failing,
     pub(super) last_error: Option<String>,
     pub(super) desired: String,
+    /// Whether the tenants' solo flags are set on the active Redis (None:
+    /// not known since the start).
+    pub(super) solo: Option<bool>,
+    /// Consecutive probes that found no replica linked to the active Redis.
+    pub(super) unlinked: u32,
 }
 
 impl Controller {
@@ -121,6 +126,8 @@ impl Controller {
             route,
             failing: Failing::default(),
             last_error: None,
+            solo: None,
+            unlinked: 0,
             opts,
         })
     }
@@ -269,6 +276,22 @@ impl Controller {
             }
         }
 
+        // The active Redis stands alone while no standby's Redis is linked
+        // to it (for the failure threshold): writes then stop waiting for
+        // a replica, and wait again once one is linked.
+        if let Some(active_redis) = self.redis.get(&active).cloned()
+            && matches!(redis_probes.get(&active), Some(Ok(_)))
+        {
+            let linked = redis_probes
+                .iter()
+                .any(|(dc, p)| *dc != active && matches!(p, Ok(p) if p.linked_to(&active_redis.address)));
+            self.unlinked = if linked { 0 } else { self.unlinked + 1 };
+            let alone = !linked && self.unlinked >= self.settings.failure_threshold;
+            if linked || alone {
+                self.mark_solo(&active_redis, alone).await;
+            }
+        }
+
         // 2. A promotion left unfinished.
         if self.route.failover.promotion_pending
             && probes[&active].is_ok()
@@ -357,6 +380,35 @@ impl Controller {
                     Verdict::Blocked(b) => self.block(b).await,
                 }
             }
+        }
+    }
+
+    /// Sets or clears the tenants' solo flags on `redis` (the active one),
+    /// unless they already are so.
+    pub(super) async fn mark_solo(&mut self, redis: &RedisServer, alone: bool) {
+        if self.solo == Some(alone) {
+            return;
+        }
+        let tenants = match self.opts.tenants.list().await {
+            Ok(t) => t.into_iter().map(|t| t.name).collect::<Vec<_>>(),
+            Err(e) => {
+                warn!(error = %e, "tenant list unreadable; solo flags left as they are");
+                return;
+            }
+        };
+        let epoch = alone.then_some(self.route.epoch);
+        match redis.set_solo(&tenants, epoch, ACTION_TIMEOUT).await {
+            Ok(()) => {
+                if alone {
+                    warn!(datacenter = %redis.dc, tenants = tenants.len(),
+                        "no replica is linked to the active Redis: likes are acknowledged without one");
+                } else {
+                    info!(datacenter = %redis.dc, tenants = tenants.len(),
+                        "a replica is linked to the active Redis: likes wait for it again");
+                }
+                self.solo = Some(alone);
+            }
+            Err(e) => warn!(error = %e, "writing the solo flags failed; retried next period"),
         }
     }
 

@@ -83,6 +83,11 @@ impl RedisProbe {
         }
     }
 
+    /// Whether this server is a replica of `active` whose link is up.
+    pub fn linked_to(&self, active: &str) -> bool {
+        !self.master && self.link_up && self.master_address.as_deref() == Some(active)
+    }
+
     /// `Ok` when this server can take over from the active one, else why not.
     pub fn standby_health(&self, active: &str) -> Result<(), String> {
         if self.master {
@@ -176,6 +181,27 @@ impl RedisServer {
         let mut c = redis::cmd("CLIENT");
         c.arg("UNPAUSE");
         self.run("unpause", timeout, vec![c]).await.map(drop)
+    }
+
+    /// Sets (`Some(epoch)`) or deletes (`None`) every tenant's solo flag
+    /// ([`thumbup_core::cache::Solo`]) on this Redis.
+    pub async fn set_solo(
+        &self,
+        tenants: &[String],
+        epoch: Option<u64>,
+        timeout: Duration,
+    ) -> Result<(), RedisActionError> {
+        let cmds = tenants
+            .iter()
+            .map(|t| {
+                let key = thumbup_core::keys::Keys::new(t, 1).solo();
+                match epoch {
+                    Some(e) => redis::cmd("SET").arg(key).arg(e).clone(),
+                    None => redis::cmd("DEL").arg(key).clone(),
+                }
+            })
+            .collect();
+        self.run("solo flag", timeout, cmds).await.map(drop)
     }
 
     /// Waits until this replica has received everything up to `offset`.

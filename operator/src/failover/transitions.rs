@@ -69,11 +69,15 @@ impl Controller {
         // The standby's Redis becomes a master before the route names it:
         // from then on the old one cannot acknowledge a like (its WAIT finds
         // no replica), and the proxies' first sessions to it take writes.
-        if let Some(r) = self.redis.get(&to)
-            && let Err(e) = r.promote(ACTION_TIMEOUT.min(self.probe_timeout * 2)).await
-        {
-            warn!(datacenter = %to, error = %e, "promoting the standby's Redis failed; no flip, retried next period");
-            return Ok(());
+        if let Some(r) = self.redis.get(&to).cloned() {
+            if let Err(e) = r.promote(ACTION_TIMEOUT.min(self.probe_timeout * 2)).await {
+                warn!(datacenter = %to, error = %e, "promoting the standby's Redis failed; no flip, retried next period");
+                return Ok(());
+            }
+            // Its replica is gone with the failed datacenter.
+            self.solo = None;
+            self.unlinked = self.settings.failure_threshold;
+            self.mark_solo(&r, true).await;
         }
         self.flip(&to, TransitionKind::Failover, reason.clone()).await?;
         info!(epoch = self.route.epoch, took = ?started.elapsed(), "route flipped");
