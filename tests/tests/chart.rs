@@ -362,6 +362,7 @@ struct FailoverYaml {
     replay_window_ms: u64,
     max_lag_ms: u64,
     catch_up_timeout_ms: u64,
+    redis_tier: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1123,6 +1124,7 @@ fn operator_config_carries_the_failover_settings_of_the_values() {
             replay_window_ms: 120_000,
             max_lag_ms: 30_000,
             catch_up_timeout_ms: 30_000,
+            redis_tier: false,
         }
     );
     let y = operator_yaml(&render(&[
@@ -1132,8 +1134,11 @@ fn operator_config_carries_the_failover_settings_of_the_values() {
         "failover.capWindowMs=86400000",
         "--set",
         "activeDatacenter=dc-b",
+        "--set",
+        "failover.redisTier=true",
     ]));
     assert_eq!((y.failover.failure_threshold, y.failover.cap_window_ms), (5, 86_400_000));
+    assert!(y.failover.redis_tier, "failover.redisTier reaches the operator config");
     assert_eq!(y.active_datacenter, "dc-b", "a new activeDatacenter reaches the operator (a planned switchover)");
     let err = try_render(&["--set", "failover.failureThreshold=0"]).expect_err("a zero threshold is refused");
     assert!(err.contains("failureThreshold"), "{err}");

@@ -252,6 +252,7 @@ failover:
   replay_window_ms: {{ .Values.failover.replayWindowMs | int64 }}
   max_lag_ms: {{ .Values.failover.maxLagMs | int64 }}
   catch_up_timeout_ms: {{ .Values.failover.catchUpTimeoutMs | int64 }}
+  redis_tier: {{ .Values.failover.redisTier | default false }}
 datacenters:
 {{- range .Values.datacenters }}
   - name: {{ .name | quote }}
