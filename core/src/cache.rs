@@ -777,6 +777,13 @@ impl Solo {
         {
             return set;
         }
+        self.read(con).await
+    }
+
+    /// Whether the flag is set, read now: a write whose replicas did not
+    /// confirm it asks again, so that the first second after the
+    /// controller's word does not refuse likes on a cached "no".
+    pub async fn read(&self, con: &mut Conn) -> bool {
         let set = matches!(redis::cmd("EXISTS").arg(&self.key).query_async::<i64>(con).await, Ok(1));
         *self.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), set));
         set

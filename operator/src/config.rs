@@ -94,13 +94,16 @@ pub struct DbProxy {
     pub port: u16,
     /// Port of its admin endpoint (metrics, health, route).
     pub admin_port: u16,
+    /// Port of its Redis listener, on the pod's loopback, used when the
+    /// Redis tier moves with the route (`failover.redis_tier`).
+    pub redis_port: u16,
     /// CPU and memory of each sidecar container.
     pub resources: Option<ResourceRequirements>,
 }
 
 impl Default for DbProxy {
     fn default() -> Self {
-        DbProxy { enabled: true, image: None, port: 3306, admin_port: 9193, resources: None }
+        DbProxy { enabled: true, image: None, port: 3306, admin_port: 9193, redis_port: 6379, resources: None }
     }
 }
 
@@ -108,6 +111,11 @@ impl DbProxy {
     /// The DB URL that tenants use when the sidecar is on.
     pub fn url(&self) -> String {
         format!("mysql://127.0.0.1:{}", self.port)
+    }
+
+    /// The Redis URL that tenants use when the sidecar forwards Redis too.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.redis_port)
     }
 }
 

@@ -154,11 +154,16 @@ pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str) -> Co
         image: Some(p.image.clone().unwrap_or_else(|| cfg.job.image.clone())),
         image_pull_policy: Some(cfg.job.image_pull_policy.clone()),
         command: Some(vec!["thumbup-db-proxy".into()]),
-        args: Some(vec![
-            format!("--listen=127.0.0.1:{}", p.port),
-            format!("--admin-listen=0.0.0.0:{}", p.admin_port),
-            format!("--route-config-map={route_namespace}/{}", cfg.failover.route_config_map),
-        ]),
+        args: Some(
+            [
+                format!("--listen=127.0.0.1:{}", p.port),
+                format!("--admin-listen=0.0.0.0:{}", p.admin_port),
+                format!("--route-config-map={route_namespace}/{}", cfg.failover.route_config_map),
+            ]
+            .into_iter()
+            .chain(cfg.failover.redis_tier.then(|| format!("--redis-listen=127.0.0.1:{}", p.redis_port)))
+            .collect(),
+        ),
         env: Some(vec![
             EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
             log_format(cfg),
@@ -415,9 +420,15 @@ pub fn tenant_config(lt: &LikeTenant, dc: &Datacenter, db_url: String) -> Tenant
 /// Passwords and tokens are file references resolved against the mounted
 /// Secret.
 pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> TenantConfig {
-    let dc = cfg.datacenter(dc).unwrap_or_else(|| cfg.active());
+    // When the sidecar forwards Redis too, the entry names the sidecar for
+    // both tiers and no longer follows the route: a flip rewrites nothing.
+    let moves_redis = cfg.db_proxy.enabled && cfg.failover.redis_tier;
+    let dc = if moves_redis { cfg.active() } else { cfg.datacenter(dc).unwrap_or_else(|| cfg.active()) };
     let db_url = if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() };
     let mut entry = tenant_config(lt, dc, db_url);
+    if moves_redis {
+        entry.redis.url = cfg.db_proxy.redis_url();
+    }
     let [db_key, redis_key, tokens_key] = names::registry_secret_keys(&entry.name);
     entry.tokens_file = Some(tokens_key);
     entry.redis.password_file = Some(redis_key);
@@ -757,6 +768,16 @@ datacenters:
         // The DB is the db-proxy sidecar (it follows the route); Redis is dc-b's.
         assert_eq!(t.db.url, "mysql://127.0.0.1:3306");
         assert_eq!(t.redis.url, "redis://redis-b:6379");
+        // With the Redis tier moving too, both tiers are the sidecar and a
+        // flip changes no byte of the entry.
+        let mut tiers = config();
+        tiers.failover.redis_tier = true;
+        let a = render_registry(&BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &tiers, "dc-a"))]));
+        let b = render_registry(&BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &tiers, "dc-b"))]));
+        assert_eq!(a, b, "the registry entry does not follow the route");
+        assert!(a.contains("redis://127.0.0.1:6379"), "{a}");
+        let sidecar = build_db_proxy_sidecar(&tiers, "thumbup");
+        assert!(sidecar.args.unwrap().contains(&"--redis-listen=127.0.0.1:6379".to_string()));
         assert_eq!(t.schema(), "thumbup_video_site");
         assert_eq!(t.cache.hot_ttl_ms, 1000, "spec.cache.hotCacheTtlMs reaches the service");
         assert_eq!(t.tokens.len(), 1);

@@ -253,6 +253,12 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
 async fn replicated(t: &Tenant, con: &mut cache::Conn, shard: u32, w: Write, written: u64) -> Result<(), Error> {
     let key = t.keys.user(w.mid, w.business_id);
     let outcome = t.replication.replicated(con, shard, &key, written).await;
+    if matches!(outcome, Err(thumbup_core::conn::NotReplicated::Missed { .. })) && t.solo.read(con).await {
+        // The controller says this Redis stands alone: the write is on
+        // the only copy there is, as every write is until a replica links.
+        metrics::REPLICA_WAITS.with_label_values(&[t.name(), "solo"]).inc();
+        return Ok(());
+    }
     let label = match &outcome {
         Ok(0) => "covered",
         Ok(_) => "sent",

@@ -345,6 +345,7 @@ struct DbProxyYaml {
     image: Option<String>,
     port: u16,
     admin_port: u16,
+    redis_port: u16,
     resources: Option<ResourceRequirements>,
 }
 
@@ -1008,7 +1009,7 @@ fn service_pods_reach_the_db_through_a_native_db_proxy_sidecar_following_the_rou
     // The operator config turns the sidecar on for the jobs too.
     let y = operator_yaml(&r);
     assert!(y.db_proxy.enabled);
-    assert_eq!((y.db_proxy.port, y.db_proxy.admin_port), (3306, 9193));
+    assert_eq!((y.db_proxy.port, y.db_proxy.admin_port, y.db_proxy.redis_port), (3306, 9193, 6379));
     assert_eq!(y.db_proxy.image, None, "the operator defaults the jobs' sidecar to the job image");
     assert!(y.db_proxy.resources.is_some_and(|r| r.requests.is_some()), "the sidecar's resources reach the jobs");
     let own = render(&["--set", "dbProxy.image=registry.example/db-proxy:1"]);

@@ -804,10 +804,7 @@ async fn planned_switchover_loses_no_write_and_pauses_db_writes_under_5s() {
 fn two_tier_tenant(name: &str, proxy: &Proxy) -> String {
     proxied_tenant(name, proxy)
         .replace(&format!("redis://127.0.0.1:{}", redis_port('a')), &format!("redis://{}", proxy.redis))
-        .replace(
-            &format!("password: pw-{name}-redis }}"),
-            &format!("password: pw-{name}-redis, replica_acks: 1, replica_timeout_ms: 1000 }}"),
-        )
+        .replace(&format!("password: pw-{name}-redis }}"), &format!("password: pw-{name}-redis, replica_acks: 1 }}"))
 }
 
 /// Writers and readers with their successes counted per second, and every

@@ -236,6 +236,7 @@ db_proxy:
   {{- end }}
   port: {{ .Values.dbProxy.port }}
   admin_port: {{ .Values.dbProxy.adminPort }}
+  redis_port: {{ .Values.dbProxy.redisPort | default 6379 }}
   {{- with .Values.dbProxy.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
@@ -328,6 +329,9 @@ ConfigMap of the release namespace.
     - --listen=127.0.0.1:{{ .Values.dbProxy.port }}
     - --admin-listen=0.0.0.0:{{ .Values.dbProxy.adminPort }}
     - --route-config-map={{ .Release.Namespace }}/{{ .Values.failover.routeConfigMap }}
+    {{- if .Values.failover.redisTier }}
+    - --redis-listen=127.0.0.1:{{ .Values.dbProxy.redisPort | default 6379 }}
+    {{- end }}
   env:
     - name: RUST_LOG
       value: info
