@@ -83,6 +83,23 @@ static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static DOWNSTREAM_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "thumbup_job_downstream_lag_seconds",
+        "age of the last downstream entry delivered to a consumer group, while it has entries to read (0: caught up)",
+        &["tenant", "group"]
+    )
+    .expect("metric registers once")
+});
+static DOWNSTREAM_BEHIND: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "thumbup_job_downstream_behind_retention",
+        "1 when a downstream consumer group's position is older than the oldest entry kept (stream.downstream_retention_secs): it has missed entries",
+        &["tenant", "group"]
+    )
+    .expect("metric registers once")
+});
+
 /// The consumer of one tenant.
 pub struct Job {
     tenant: TenantConfig,
@@ -171,7 +188,8 @@ impl Job {
             .map(|(e, from)| Downstream { event: e.clone(), from: *from })
             .chain(republished)
             .collect();
-        stream::publish_downstream(&mut con, &self.keys, &published)
+        let keep_from = now_ms() - (self.tenant.stream.downstream_retention_secs as i64) * 1000;
+        stream::publish_downstream(&mut con, &self.keys, &published, keep_from)
             .await
             .inspect_err(|_| self.err("downstream"))
             .context("downstream")?;
@@ -262,6 +280,15 @@ impl Job {
             if min_ms > 0 {
                 stream::trim_before(&mut con, &key, min_ms).await?;
             }
+        }
+        // The downstream consumers: how far behind, and whether entries
+        // they never read were dropped by the retention.
+        let (groups, oldest) = stream::downstream_groups(&mut con, &self.keys).await?;
+        let now = now_ms();
+        for g in groups {
+            let labels = [self.tenant.name.as_str(), g.name.as_str()];
+            DOWNSTREAM_LAG.with_label_values(&labels).set(g.behind_secs(now));
+            DOWNSTREAM_BEHIND.with_label_values(&labels).set(i64::from(g.missed(oldest)));
         }
         Ok(())
     }

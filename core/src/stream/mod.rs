@@ -25,9 +25,6 @@ use crate::domain::State;
 use crate::keys::{JOB_GROUP, Keys};
 use event::LikeEvent;
 
-/// Downstream entries kept (approximately).
-pub const DOWNSTREAM_MAXLEN: usize = 1_000_000;
-
 /// One decoded shard entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -180,6 +177,63 @@ pub async fn group_progress<C: ConnectionLike + Send>(
     Ok(Some(GroupProgress { lag: int("lag"), delivered_ms, oldest_pending_ms: pending.1.and_then(id_ms) }))
 }
 
+/// How far one consumer group of the downstream stream is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownstreamGroup {
+    /// The group's name.
+    pub name: String,
+    /// Unix ms of the last entry delivered to it (0: none yet).
+    pub delivered_ms: i64,
+    /// Entries not yet delivered to it (Redis's `lag`; None when Redis
+    /// cannot tell, as after entries it never read were trimmed).
+    pub lag: Option<i64>,
+}
+
+impl DownstreamGroup {
+    /// Seconds behind at `now_ms`: the age of the last entry delivered to
+    /// it, 0 when it has nothing left to read.
+    pub fn behind_secs(&self, now_ms: i64) -> i64 {
+        if self.lag == Some(0) { 0 } else { (now_ms - self.delivered_ms).max(0) / 1000 }
+    }
+
+    /// Whether it missed entries: its position is older than the oldest
+    /// entry kept (`oldest_ms`), so entries it never read were dropped.
+    pub fn missed(&self, oldest_ms: Option<i64>) -> bool {
+        self.lag != Some(0) && oldest_ms.is_some_and(|first| self.delivered_ms < first)
+    }
+}
+
+/// The downstream stream's consumer groups, and the Unix ms of its oldest
+/// entry (None when it is empty or missing).
+pub async fn downstream_groups<C: ConnectionLike + Send>(
+    con: &mut C,
+    keys: &Keys,
+) -> Result<(Vec<DownstreamGroup>, Option<i64>), RedisError> {
+    let key = keys.downstream();
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(con).await?;
+    if exists == 0 {
+        return Ok((Vec::new(), None));
+    }
+    let groups: Vec<HashMap<String, redis::Value>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(con).await?;
+    let first: StreamRangeReply =
+        redis::cmd("XRANGE").arg(&key).arg("-").arg("+").arg("COUNT").arg(1).query_async(con).await?;
+    let id_ms = |id: &str| id.split('-').next().and_then(|ms| ms.parse::<i64>().ok());
+    let oldest = first.ids.first().and_then(|e| id_ms(&e.id));
+    let groups = groups
+        .iter()
+        .map(|g| {
+            let text = |k: &str| g.get(k).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+            DownstreamGroup {
+                name: text("name").unwrap_or_default(),
+                delivered_ms: text("last-delivered-id").as_deref().and_then(id_ms).unwrap_or(0),
+                lag: g.get("lag").and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()),
+            }
+        })
+        .collect();
+    Ok((groups, oldest))
+}
+
 /// Drops the entries of shard `key` older than `min_ms` (Unix ms;
 /// approximately: whole internal nodes only, never a newer entry).
 pub async fn trim_before<C: ConnectionLike + Send>(con: &mut C, key: &str, min_ms: i64) -> Result<(), RedisError> {
@@ -319,11 +373,14 @@ pub async fn range<C: ConnectionLike + Send>(
     }
 }
 
-/// Publishes applied transitions downstream, in one pipeline.
+/// Publishes applied transitions downstream, in one pipeline, dropping
+/// entries older than `keep_from_ms` (Unix ms; approximately: whole
+/// internal nodes only, never a newer entry).
 pub async fn publish_downstream<C: ConnectionLike + Send>(
     con: &mut C,
     keys: &Keys,
     published: &[Downstream],
+    keep_from_ms: i64,
 ) -> Result<(), RedisError> {
     if published.is_empty() {
         return Ok(());
@@ -332,9 +389,9 @@ pub async fn publish_downstream<C: ConnectionLike + Send>(
     for d in published {
         pipe.cmd("XADD")
             .arg(keys.downstream())
-            .arg("MAXLEN")
+            .arg("MINID")
             .arg("~")
-            .arg(DOWNSTREAM_MAXLEN)
+            .arg(keep_from_ms.max(0))
             .arg("*")
             .arg(d.encode())
             .ignore();
