@@ -1514,6 +1514,10 @@ cmd_rejoin() { # old new
   [[ "$old" =~ ^[ab]$ && "$new" =~ ^[ab]$ && "$old" != "$new" ]] || die "usage: $0 rejoin OLD NEW (a b, or b a)"
   cmd_install
   lock_stack
+  # It starts read-only (a replica): a failover controller watching it
+  # finds nothing to fence, and no client write lands on it meanwhile.
+  mkdir -p "$(mdb_dir "$old")"
+  echo replica >"$(mdb_rolefile "$old")"
   reseed "$new" "$old"
   redis_follow "$old" "$new"
   log "datacenter $old is the standby of datacenter $new on both tiers"

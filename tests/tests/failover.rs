@@ -800,11 +800,17 @@ async fn planned_switchover_loses_no_write_and_pauses_db_writes_under_5s() {
 
 /// Tenant `name` whose DB and Redis are both reached through `proxy`, and
 /// whose likes wait for dc-b's Redis (the replica) before they are
-/// acknowledged.
+/// acknowledged. The wait is 1000 ms, the service's Redis timeout here: with
+/// the default 200 ms the writes after the flip stalled (an open problem,
+/// docs/failover.md), with 1000 ms the first WAITs on the promoted Redis
+/// time out and the service goes through the DB path back to Redis.
 fn two_tier_tenant(name: &str, proxy: &Proxy) -> String {
     proxied_tenant(name, proxy)
         .replace(&format!("redis://127.0.0.1:{}", redis_port('a')), &format!("redis://{}", proxy.redis))
-        .replace(&format!("password: pw-{name}-redis }}"), &format!("password: pw-{name}-redis, replica_acks: 1 }}"))
+        .replace(
+            &format!("password: pw-{name}-redis }}"),
+            &format!("password: pw-{name}-redis, replica_acks: 1, replica_timeout_ms: 1000 }}"),
+        )
 }
 
 /// Writers and readers with their successes counted per second, and every
@@ -923,6 +929,7 @@ fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
 async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_like_even_with_its_disks_gone() {
     let _serial = SERIAL.lock().await;
     let runs: u32 = std::env::var("THUMBUP_E2E_DC_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let _restore = RestoreTiers;
     for run in 1..=runs {
         // Odd runs: dc-a's servers are only killed. Even runs: their data
         // is deleted after the kill (the datacenter is lost with its disks).
@@ -1002,7 +1009,9 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         let served: u64 = per_sec[..14].iter().sum();
         assert!(served > 0, "run {run}: no like acknowledged within 15 s of the kill: {per_sec:?}");
 
-        // dc-a rejoins as the standby of both tiers (from nothing on even runs).
+        // dc-a rejoins as the standby of both tiers (from nothing on even
+        // runs), with the controller still running: it clears the solo
+        // flags once dc-a's Redis is linked.
         if wipe {
             stack(&["wipe", "redis", "a"]);
             stack(&["wipe", "mariadb", "a"]);
@@ -1022,8 +1031,21 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         assert!(job_b.terminate(), "dc-b's job exits cleanly");
         w.stop().await;
         site.stop().await;
-        stack(&["redis-follow", "a", "none"]);
-        stack(&["redis-follow", "b", "none"]);
-        restore_stack();
+    }
+}
+
+/// Puts the two datacenters' Redis and MariaDB back as every scenario
+/// expects them (both up, each Redis a master, dc-a's MariaDB primary),
+/// also when a scenario fails halfway: the next test binaries share them.
+struct RestoreTiers;
+
+impl Drop for RestoreTiers {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| {
+            stack(&["start", "redis", "a"]);
+            stack(&["redis-follow", "a", "none"]);
+            stack(&["redis-follow", "b", "none"]);
+            restore_stack();
+        });
     }
 }
