@@ -9,7 +9,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
 
 use crate::conn::Cluster;
-pub use crate::conn::{Conn, is_unreachable};
+pub use crate::conn::{Conn, is_read_only, is_unreachable};
 
 use crate::config::{RedisConfig, RedisTls, TenantConfig};
 use crate::domain::{Action, State};

@@ -165,6 +165,13 @@ pub fn is_unreachable(e: &RedisError) -> bool {
         || matches!(e.code(), None | Some("MASTERDOWN") | Some("LOADING"))
 }
 
+/// Whether the server refused a write because it is a replica (`READONLY`):
+/// the Redis tier moved (a planned switchover or a failover made this
+/// server a replica) and the command never ran.
+pub fn is_read_only(e: &RedisError) -> bool {
+    e.code() == Some("READONLY")
+}
+
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.is_cluster() { "Conn::Cluster" } else { "Conn::Single" })

@@ -160,6 +160,14 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 drop(permit);
                 return Err(refused(t, "functions_not_loaded", source));
             }
+            Err(source) if cache::is_read_only(&source) => {
+                // The server is a replica now (the Redis tier moved and this
+                // session has not followed yet): it refused the script
+                // before running it, so nothing was written.
+                drop(permit);
+                t.fence.check_soon();
+                return Err(refused(t, "redis_read_only", format!("redis refused the write as a replica ({source})")));
+            }
             Err(source) => {
                 // The transition may have run: until Redis answers again, the
                 // DB cannot know this record's state.

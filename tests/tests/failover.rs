@@ -1049,3 +1049,106 @@ impl Drop for RestoreTiers {
         });
     }
 }
+
+/// `INFO replication` of datacenter `dc`'s Redis: (role, master port, link up).
+async fn redis_role(dc: char) -> (String, Option<u16>, bool) {
+    let url = if dc == 'a' {
+        thumbup_test_support::stack::admin_redis_url()
+    } else {
+        thumbup_test_support::stack::admin_redis_url_b()
+    };
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.expect("admin Redis");
+    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut con).await.unwrap();
+    let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':')).map(|v| v.trim().to_string());
+    (
+        field("role").unwrap_or_default(),
+        field("master_port").and_then(|p| p.parse().ok()),
+        field("master_link_status").as_deref() == Some("up"),
+    )
+}
+
+/// Waits until `dc`'s Redis has `role` (and, for a replica, replicates
+/// `master` with its link up).
+async fn wait_redis_role(dc: char, role: &str, master: Option<char>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (r, port, up) = redis_role(dc).await;
+        let ok = r == role && master.is_none_or(|m| port == Some(redis_port(m)) && up);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "Redis {dc} is {r} (master port {port:?}, link up {up}), not {role}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back() {
+    let _serial = SERIAL.lock().await;
+    let _restore = RestoreTiers;
+    stack(&["redis-follow", "a", "none"]);
+    stack(&["redis-follow", "b", "a"]);
+    let test = "fo-dc-switch";
+    let name = test;
+    let timing = Timing { redis_tier: true, ..QUICK };
+    let site = Site::start(test, timing, world_dir(test).join("config.yaml")).await;
+    let w = World::start(test, &two_tier_tenant(name, &site.proxy)).await;
+    let t = w.tenant(name).clone();
+    thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
+        .await
+        .expect("the tenant's user on dc-b's Redis");
+    let mut job_a = w.job_named(name, 500, "job-dc-a");
+    let mut job_b = w.job_named(name, 500, "job-dc-b");
+    let client = w.client_of(name).await;
+    let load = Load::start(&client, 16, 16);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // dc-a -> dc-b.
+    let (relay_a, relay_b) = (&site.relay_a, &site.relay_b);
+    let quick = || Timing { redis_tier: true, ..QUICK };
+    std::fs::write(&site.op_config, operator_yaml("dc-b", relay_a, relay_b, &quick())).unwrap();
+    let asked = Instant::now();
+    site.wait_epoch(2, Duration::from_secs(30)).await;
+    site.wait_promoted(Duration::from_secs(30)).await;
+    let to_b = asked.elapsed();
+    let route = site.route();
+    assert_eq!(route.failover.last_transition.as_ref().map(|l| l.kind), Some(TransitionKind::Switchover));
+    assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('b')).as_str()));
+    wait_redis_role('b', "master", None, Duration::from_secs(5)).await;
+    wait_redis_role('a', "slave", Some('b'), Duration::from_secs(20)).await;
+    assert_eq!(read_only('a').await, Some(true), "the old primary DB is fenced");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // dc-a's DB rebuilt as dc-b's replica (its Redis already is one), then back.
+    stack(&["reseed", "b", "a"]);
+    std::fs::write(&site.op_config, operator_yaml("dc-a", relay_a, relay_b, &quick())).unwrap();
+    let asked = Instant::now();
+    site.wait_epoch(3, Duration::from_secs(30)).await;
+    site.wait_promoted(Duration::from_secs(30)).await;
+    let to_a = asked.elapsed();
+    wait_redis_role('a', "master", None, Duration::from_secs(5)).await;
+    wait_redis_role('b', "slave", Some('a'), Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (written, reads_ok, reads_failed) = load.stop().await;
+
+    wait_drained(&Keys::new(&t.name, t.stream.shards), Duration::from_secs(90)).await;
+    check_acked_and_states_at(&admin_url('a'), &client, &t, &written.acked).await;
+    let ex = check_exact_at(&admin_url('a'), &t).await;
+    println!(
+        "switchover of both tiers to dc-b done {to_b:?} after the config change, back to dc-a {to_a:?} after; \
+         {} likes acknowledged ({} UNAVAILABLE), all {} records on dc-a with their newest state; reads {reads_ok} ok, \
+         {reads_failed} failed; {} counts rows and {} likes exact, {} cached counts equal",
+        written.ok,
+        written.unavailable,
+        written.acked.len(),
+        ex.items,
+        ex.likes,
+        ex.cached_counts
+    );
+    assert!(written.ok > 1000, "too little load to mean anything: {}", written.ok);
+    job_a.kill();
+    assert!(job_b.terminate(), "dc-b's job exits cleanly");
+    w.stop().await;
+    site.stop().await;
+}
