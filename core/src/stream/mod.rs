@@ -209,17 +209,23 @@ pub async fn downstream_groups<C: ConnectionLike + Send>(
     con: &mut C,
     keys: &Keys,
 ) -> Result<(Vec<DownstreamGroup>, Option<i64>), RedisError> {
+    // Only commands the tenant's ACL user may run (acl_rules): XLEN,
+    // XINFO GROUPS, XINFO STREAM.
     let key = keys.downstream();
-    let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(con).await?;
-    if exists == 0 {
+    let len: i64 = redis::cmd("XLEN").arg(&key).query_async(con).await?;
+    if len == 0 {
         return Ok((Vec::new(), None));
     }
     let groups: Vec<HashMap<String, redis::Value>> =
         redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(con).await?;
-    let first: StreamRangeReply =
-        redis::cmd("XRANGE").arg(&key).arg("-").arg("+").arg("COUNT").arg(1).query_async(con).await?;
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO").arg("STREAM").arg(&key).query_async(con).await?;
     let id_ms = |id: &str| id.split('-').next().and_then(|ms| ms.parse::<i64>().ok());
-    let oldest = first.ids.first().and_then(|e| id_ms(&e.id));
+    let oldest = match info.get("first-entry") {
+        Some(redis::Value::Array(entry)) => {
+            entry.first().and_then(|id| redis::from_redis_value_ref::<String>(id).ok()).and_then(|id| id_ms(&id))
+        }
+        _ => None,
+    };
     let groups = groups
         .iter()
         .map(|g| {
