@@ -141,6 +141,28 @@ pub struct TenantConfig {
     /// Event stream layout.
     #[serde(default)]
     pub stream: StreamSettings,
+    /// Where this process reads from: its own datacenter's Redis and DB,
+    /// which may be replicas of the active datacenter's. Writes still go to
+    /// `redis` and `db` (the active datacenter). Without it every read goes
+    /// to `redis` and `db` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_reads: Option<LocalReads>,
+}
+
+/// The endpoints of this process's own datacenter, for reads (counts,
+/// states, lists). The same user, password, schema and TLS settings as the
+/// tenant's `redis` and `db`: they are replicas of the active datacenter's
+/// servers (ACL users are created on every datacenter's Redis, DB grants
+/// replicate). A cache miss loads from `db_url`; the value is written to
+/// the cache through `redis` (the active datacenter), whence it replicates.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalReads {
+    /// `redis://host:port` (or `rediss://`, as `redis.url`) of this
+    /// datacenter's Redis: a single server, not a cluster.
+    pub redis_url: String,
+    /// `mysql://host:port` of this datacenter's DB.
+    pub db_url: String,
 }
 
 /// A business: a kind of item that can be liked.
@@ -650,6 +672,20 @@ impl TenantConfig {
         }
         if self.cache.liked_list_max == 0 || self.stream.shards == 0 || self.stream.shards > 1024 {
             return Err(invalid(n, "cache.liked_list_max must be > 0 and stream.shards in 1..=1024"));
+        }
+        if let Some(local) = &self.local_reads {
+            if self.redis.cluster {
+                return Err(invalid(n, "local_reads is for a single-server Redis per datacenter, not a cluster"));
+            }
+            if !local.redis_url.starts_with(scheme) || local.redis_url.contains('@') {
+                return Err(invalid(
+                    n,
+                    format!("local_reads.redis_url must start with {scheme} as redis.url does, without credentials"),
+                ));
+            }
+            if !local.db_url.starts_with("mysql://") || local.db_url.contains('@') || local.db_url.contains('?') {
+                return Err(invalid(n, "local_reads.db_url must be mysql://host:port, without credentials or parameters"));
+            }
         }
         if self.stream.downstream_retention_secs == 0 {
             return Err(invalid(

@@ -410,6 +410,7 @@ pub fn tenant_config(lt: &LikeTenant, dc: &Datacenter, db_url: String) -> Tenant
             ..CacheSettings::default()
         },
         stream: StreamSettings::default(),
+        local_reads: None,
     }
 }
 
