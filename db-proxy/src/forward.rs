@@ -1,6 +1,7 @@
 //! The data path: accept client connections, admit each as a session under
-//! the held route, dial the active datacenter's DB (or, on the Redis
-//! listener, its Redis) and copy bytes both ways.
+//! the held route, dial the listener's [`Target`] (the active datacenter's
+//! DB or Redis, or the proxy's own datacenter's on a local-read listener)
+//! and copy bytes both ways.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,9 +15,11 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error::Error;
 use crate::metrics::{
-    CLIENT_TO_DB, DB_TO_CLIENT, Metrics, REFUSED_MAX_SESSIONS, REFUSED_NO_REDIS_ROUTE, REFUSED_NO_ROUTE,
+    CLIENT_TO_DB, DB_TO_CLIENT, Metrics, REFUSED_MAX_SESSIONS, REFUSED_NO_LOCAL_ROUTE, REFUSED_NO_REDIS_ROUTE,
+    REFUSED_NO_ROUTE,
 };
 use crate::routes::{Routes, Ticket};
+pub use crate::target::{Target, Tier};
 
 /// Size of each direction's copy buffer: a session holds two.
 const BUFFER: usize = 16 * 1024;
@@ -25,31 +28,11 @@ const BUFFER: usize = 16 * 1024;
 /// loop does not spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Which of the active datacenter's servers a listener forwards to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    /// The DB (`route.datacenters`).
-    Db,
-    /// The Redis (`route.redis`), when the route moves the Redis tier too.
-    Redis,
-}
-
-impl Tier {
-    /// The address a session opened under `route` dials, if the route has
-    /// one for this tier.
-    pub fn address(self, route: &thumbup_core::route::Route) -> Option<&str> {
-        match self {
-            Tier::Db => Some(route.active_address()),
-            Tier::Redis => route.active_redis_address(),
-        }
-    }
-}
-
 /// What every session needs.
 #[derive(Clone)]
 pub struct Forwarder {
     /// The server this listener forwards to.
-    pub tier: Tier,
+    pub target: Target,
     /// The held route and the session registry.
     pub routes: Arc<Routes>,
     /// The metrics.
@@ -85,13 +68,15 @@ impl Forwarder {
                 continue;
             };
             let this = self.clone();
-            let admitted = self.routes.admit(move |ticket| {
+            let admitted = self.routes.admit(&self.target, move |ticket| {
                 let span = info_span!(
                     "session",
                     id = ticket.id,
                     %peer,
                     epoch = ticket.route.epoch,
-                    datacenter = %ticket.route.active_datacenter,
+                    tier = this.target.tier.name(),
+                    datacenter = %this.target.datacenter(&ticket.route),
+                    local = !this.target.follows_flips(),
                 );
                 tokio::spawn(this.session(client, ticket, permit).instrument(span))
             });
@@ -105,11 +90,25 @@ impl Forwarder {
     /// One client session: ends when either side closes, on an IO error, or
     /// when a flip or the shutdown aborts the task (which drops both sockets).
     async fn session(self, client: TcpStream, ticket: Ticket, _permit: OwnedSemaphorePermit) {
-        let datacenter = ticket.route.active_datacenter.clone();
-        let Some(address) = self.tier.address(&ticket.route) else {
-            // A Redis listener under a route that does not move Redis.
-            self.metrics.refused_total.with_label_values(&[REFUSED_NO_REDIS_ROUTE]).inc();
-            warn!("closing the client: the route names no Redis for the active datacenter");
+        let datacenter = self.target.datacenter(&ticket.route).to_string();
+        let Some(address) = self.target.address(&ticket.route) else {
+            if self.target.follows_flips() {
+                // A Redis listener under a route that does not move Redis.
+                self.metrics.refused_total.with_label_values(&[REFUSED_NO_REDIS_ROUTE]).inc();
+                warn!(
+                    reason = REFUSED_NO_REDIS_ROUTE,
+                    "closing the client: the route names no Redis for the active datacenter"
+                );
+            } else {
+                // A local-read listener under a route that does not name
+                // this proxy's datacenter (or, for Redis, its Redis).
+                self.metrics.refused_total.with_label_values(&[REFUSED_NO_LOCAL_ROUTE]).inc();
+                warn!(
+                    reason = REFUSED_NO_LOCAL_ROUTE,
+                    "closing the client: the route names no {} for this proxy's datacenter {datacenter}",
+                    self.target.tier.name()
+                );
+            }
             return;
         };
         let db = match self.dial(&datacenter, address).await {

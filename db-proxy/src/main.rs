@@ -18,6 +18,20 @@ struct Cli {
     /// Redis (the route's `redis:` addresses); off unless given.
     #[arg(long, env = "THUMBUP_DB_PROXY_REDIS_LISTEN")]
     redis_listen: Option<SocketAddr>,
+    /// This proxy's own datacenter (a name in the route), which the
+    /// local-read listeners forward to; required with either of them.
+    #[arg(long, env = "THUMBUP_DB_PROXY_DATACENTER")]
+    datacenter: Option<String>,
+    /// Where local-read DB clients connect, forwarded to this datacenter's
+    /// DB (the route's `datacenters[--datacenter]`) whichever datacenter is
+    /// active; a flip does not end these sessions. Off unless given.
+    #[arg(long, env = "THUMBUP_DB_PROXY_LOCAL_LISTEN")]
+    local_listen: Option<SocketAddr>,
+    /// Where local-read Redis clients connect, forwarded to this
+    /// datacenter's Redis (the route's `redis[--datacenter]`) whichever
+    /// datacenter is active. Off unless given.
+    #[arg(long, env = "THUMBUP_DB_PROXY_LOCAL_REDIS_LISTEN")]
+    local_redis_listen: Option<SocketAddr>,
     /// Admin HTTP address: GET/PUT /route, /metrics, /healthz, /readyz.
     /// PUT /route is refused unless --route-token-file is given.
     #[arg(long, env = "THUMBUP_DB_PROXY_ADMIN_LISTEN", default_value = "127.0.0.1:9193")]
@@ -46,8 +60,9 @@ struct Cli {
     /// Milliseconds a dial of the active DB may take.
     #[arg(long, env = "THUMBUP_DB_PROXY_CONNECT_TIMEOUT_MS", default_value_t = 3000)]
     connect_timeout_ms: u64,
-    /// Once both listeners are bound, write `listen=ADDR` and `admin=ADDR`
-    /// lines here (atomically).
+    /// Once the listeners are bound, write `listen=ADDR` and `admin=ADDR`
+    /// lines here (atomically), and `redis=`, `local=`, `local_redis=` for
+    /// the optional listeners that are on.
     #[arg(long, env = "THUMBUP_DB_PROXY_READY_FILE")]
     ready_file: Option<PathBuf>,
 }
@@ -64,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
     let opts = Options {
         listen: cli.listen,
         redis_listen: cli.redis_listen,
+        datacenter: cli.datacenter,
+        local_listen: cli.local_listen,
+        local_redis_listen: cli.local_redis_listen,
         admin_listen: cli.admin_listen,
         route,
         max_sessions: cli.max_sessions,

@@ -17,6 +17,9 @@ pub const REFUSED_MAX_SESSIONS: &str = "max_sessions";
 /// `refused_total` reason: a Redis connection under a route that does not
 /// move the Redis tier.
 pub const REFUSED_NO_REDIS_ROUTE: &str = "no_redis_route";
+/// `refused_total` reason: a connection to a local-read listener under a
+/// route that names no server of that tier for the proxy's datacenter.
+pub const REFUSED_NO_LOCAL_ROUTE: &str = "no_local_route";
 
 /// Every `thumbup_db_proxy_*` metric.
 pub struct Metrics {
@@ -39,7 +42,7 @@ pub struct Metrics {
     /// Failed dials of a datacenter's DB (refused or timed out).
     pub connect_errors_total: IntCounterVec,
     /// Client connections closed on arrival, by reason (`no_route`,
-    /// `max_sessions`).
+    /// `max_sessions`, `no_redis_route`, `no_local_route`).
     pub refused_total: IntCounterVec,
 }
 
@@ -106,7 +109,7 @@ impl Metrics {
         for reason in ["stale", "conflict", "invalid", "unauthenticated"] {
             route_rejected_total.with_label_values(&[reason]);
         }
-        for reason in [REFUSED_NO_ROUTE, REFUSED_MAX_SESSIONS, REFUSED_NO_REDIS_ROUTE] {
+        for reason in [REFUSED_NO_ROUTE, REFUSED_MAX_SESSIONS, REFUSED_NO_REDIS_ROUTE, REFUSED_NO_LOCAL_ROUTE] {
             refused_total.with_label_values(&[reason]);
         }
         Ok(Metrics {
@@ -166,6 +169,8 @@ mod tests {
             "thumbup_db_proxy_connect_errors_total{datacenter=\"dc-a\"} 0",
             "thumbup_db_proxy_refused_total{reason=\"no_route\"} 0",
             "thumbup_db_proxy_refused_total{reason=\"max_sessions\"} 0",
+            "thumbup_db_proxy_refused_total{reason=\"no_redis_route\"} 0",
+            "thumbup_db_proxy_refused_total{reason=\"no_local_route\"} 0",
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }

@@ -6,6 +6,10 @@
 //! critical section that takes every session of an older epoch out of the
 //! registry to be aborted. So no session opened under an old epoch escapes
 //! the kill, and none opened after the swap dials the old datacenter.
+//!
+//! Sessions of a local-read listener ([`Target::local`]) are the exception:
+//! they read from the proxy's own datacenter whichever is active, so a newer
+//! epoch closes them only when it names another address for their server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::target::Target;
 
 /// What an accepted offer did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +44,19 @@ pub enum Accepted {
 struct Live {
     epoch: u64,
     abort: AbortHandle,
+    /// A local-read session: its target and the address it dials (None when
+    /// the route names none). None: a session of the active datacenter.
+    pinned: Option<(Target, Option<String>)>,
+}
+
+impl Live {
+    /// Whether adopting `route` (of a newer epoch) ends this session.
+    fn ended_by(&self, route: &Route) -> bool {
+        match &self.pinned {
+            None => self.epoch < route.epoch,
+            Some((target, address)) => target.address(route) != address.as_deref(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -151,8 +169,9 @@ impl Routes {
                 let datacenter = route.active_datacenter.clone();
                 let address = route.active_address().to_string();
                 let previous = inner.held.replace(Arc::new(route));
+                let held = inner.held.clone().expect("just replaced");
                 let doomed: Vec<AbortHandle> =
-                    inner.sessions.extract_if(|_, s| s.epoch < epoch).map(|(_, s)| s.abort).collect();
+                    inner.sessions.extract_if(|_, s| s.ended_by(&held)).map(|(_, s)| s.abort).collect();
                 // Under the lock, so that of two adoptions racing the gauge
                 // ends on the newer epoch.
                 self.metrics.route_epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
@@ -189,14 +208,20 @@ impl Routes {
         e
     }
 
-    /// Registers a session under the held route and starts it with `start`,
-    /// which spawns the session task. Refused while no route is held.
-    pub fn admit(self: &Arc<Self>, start: impl FnOnce(Ticket) -> JoinHandle<()>) -> Result<(), NoRoute> {
+    /// Registers a session of `target` under the held route and starts it
+    /// with `start`, which spawns the session task. Refused while no route
+    /// is held.
+    pub fn admit(
+        self: &Arc<Self>,
+        target: &Target,
+        start: impl FnOnce(Ticket) -> JoinHandle<()>,
+    ) -> Result<(), NoRoute> {
         let mut inner = self.lock();
         let route = inner.held.clone().ok_or(NoRoute)?;
         inner.next_id += 1;
         let id = inner.next_id;
-        let datacenter = route.active_datacenter.clone();
+        let datacenter = target.datacenter(&route).to_string();
+        let pinned = (!target.follows_flips()).then(|| (target.clone(), target.address(&route).map(str::to_string)));
         self.metrics.sessions.with_label_values(&[&datacenter]).inc();
         self.metrics.sessions_total.with_label_values(&[&datacenter]).inc();
         let epoch = route.epoch;
@@ -205,7 +230,7 @@ impl Routes {
         // the route and registering the session. The task's guard locks to
         // deregister, so it waits for the insert even if the task ends at once.
         let task = start(Ticket { id, route, guard });
-        inner.sessions.insert(id, Live { epoch, abort: task.abort_handle() });
+        inner.sessions.insert(id, Live { epoch, abort: task.abort_handle(), pinned });
         Ok(())
     }
 
@@ -223,6 +248,8 @@ impl Routes {
 mod tests {
     use super::*;
 
+    use crate::target::Tier;
+
     fn route(epoch: u64, active: &str) -> Route {
         let text = format!(
             "epoch: {epoch}\nactiveDatacenter: {active}\ndatacenters: {{dc-a: 'db-a:3306', dc-b: 'db-b:3306'}}"
@@ -234,15 +261,20 @@ mod tests {
         m.route_rejected_total.with_label_values(&[reason]).get()
     }
 
-    /// A session task that runs until aborted.
+    /// A session task of the active datacenter's DB that runs until aborted.
     fn idle(routes: &Arc<Routes>) {
+        idle_at(routes, &Target::active(Tier::Db));
+    }
+
+    /// A session task of `target` that runs until aborted.
+    fn idle_at(routes: &Arc<Routes>, target: &Target) {
         let start = |ticket: Ticket| {
             tokio::spawn(async move {
                 let _ticket = ticket;
                 std::future::pending::<()>().await
             })
         };
-        routes.admit(start).unwrap();
+        routes.admit(target, start).unwrap();
     }
 
     #[test]
@@ -282,7 +314,7 @@ mod tests {
     fn no_session_is_admitted_before_a_route() {
         let routes = Routes::new(Arc::new(Metrics::new().unwrap()));
         let mut started = false;
-        let got = routes.admit(|_| {
+        let got = routes.admit(&Target::active(Tier::Db), |_| {
             started = true;
             unreachable!()
         });
@@ -314,5 +346,30 @@ mod tests {
         assert_eq!((metrics.flips_total.get(), metrics.sessions_killed_total.get()), (1, 2));
         assert_eq!(routes.close_all(), 1);
         assert_eq!(routes.session_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flip_leaves_local_sessions_reading_and_an_address_change_ends_them() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let routes = Routes::new(metrics.clone());
+        routes.offer(route(1, "dc-a"), "test").unwrap();
+        let local = Target::local(Tier::Db, "dc-b");
+        idle(&routes);
+        idle_at(&routes, &local);
+        idle_at(&routes, &local);
+        assert_eq!(metrics.sessions.with_label_values(&["dc-b"]).get(), 2, "labelled by the datacenter they dial");
+        // The flip ends the active session and leaves dc-b's readers alone.
+        let got = routes.offer(route(2, "dc-b"), "test").unwrap();
+        assert_eq!(got, Accepted::Adopted { epoch: 2, datacenter: "dc-b".into(), flip: true, killed: 1 });
+        assert_eq!(routes.session_count(), 2);
+        // A route that moves dc-b's DB elsewhere ends them: their server is
+        // no longer the one the route means.
+        let moved =
+            Route::parse("epoch: 3\nactiveDatacenter: dc-b\ndatacenters: {dc-a: 'db-a:3306', dc-b: 'db-b2:3306'}")
+                .unwrap();
+        let got = routes.offer(moved, "test").unwrap();
+        assert_eq!(got, Accepted::Adopted { epoch: 3, datacenter: "dc-b".into(), flip: true, killed: 2 });
+        assert_eq!(routes.session_count(), 0);
+        assert_eq!(metrics.sessions_killed_total.get(), 3);
     }
 }
