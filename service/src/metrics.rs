@@ -145,3 +145,14 @@ pub static SERVER_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// Reads that this datacenter's servers (`local_reads`) failed, so that
+/// reads went to the active datacenter's for a moment.
+pub static LOCAL_READ_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "thumbup_service_local_read_failures_total",
+        "reads that this datacenter's Redis or DB (local_reads) failed, by tier; reads then go to the active datacenter's for 1 s",
+        &["tenant", "tier"]
+    )
+    .expect("metric registers once")
+});

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use sqlx::MySqlPool;
 use thumbup_core::cache;
 use thumbup_core::db::{self, Counts, ListEntry};
 use thumbup_core::domain::State;
@@ -18,7 +19,7 @@ use crate::error::Error;
 use crate::flight::{Flights, Join};
 use crate::hot::Lookup;
 use crate::metrics;
-use crate::tenants::{Registry, Tenant};
+use crate::tenants::{Registry, Source, Tenant};
 
 /// A DB failure of `t`'s request, noted (a connection failure makes the
 /// tenant skip the DB for a moment).
@@ -33,14 +34,40 @@ fn db_ready(t: &Tenant) -> Result<(), Error> {
     if t.db_available() { Ok(()) } else { Err(Error::DbDown(t.name().to_string())) }
 }
 
+/// Fails fast while the DB that `source` reads from falls back on is
+/// known to be down (this datacenter's DB is tried regardless).
+fn db_ready_for(t: &Tenant, source: Source) -> Result<(), Error> {
+    if source == Source::Local { Ok(()) } else { db_ready(t) }
+}
+
+/// Runs the DB read `f` on `source`'s DB; when this datacenter's DB fails
+/// it, on the tenant's own. Pass an error to [`db_err`].
+async fn db_read<T, F, Fut>(t: &Tenant, source: Source, f: F) -> Result<T, Arc<sqlx::Error>>
+where
+    F: Fn(MySqlPool) -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    if source == Source::Local {
+        match f(t.read_db(source).clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) => t.local_failed("db", &e),
+        }
+    }
+    f(t.db.clone()).await.map_err(Arc::new)
+}
+
 fn redis_err(t: &Tenant, source: redis::RedisError) -> Error {
     Error::Redis { tenant: t.name().to_string(), source }
 }
 
-/// Runs `f` against Redis; an outage yields `None`, so the caller serves
-/// from the DB. A broken connection takes the tenant off Redis; a slow
-/// answer only has the fence loop check Redis now.
-async fn try_redis<T, F>(t: &Tenant, f: F) -> Result<Option<T>, Error>
+/// Runs `f` against `source`'s Redis; an outage yields `None`, so the
+/// caller serves from the DB. A broken connection takes the tenant off
+/// Redis; a slow answer only has the fence loop check Redis now. A failure
+/// of this datacenter's Redis only sends reads to the tenant's own for a
+/// moment. While the tenant is off Redis (its writes on the DB path) no
+/// Redis answers reads, this datacenter's included: the DB path's changes
+/// are not in the cache.
+async fn try_redis<T, F>(t: &Tenant, source: Source, f: F) -> Result<Option<T>, Error>
 where
     F: Future<Output = Result<T, redis::RedisError>>,
 {
@@ -49,6 +76,10 @@ where
     }
     match f.await {
         Ok(v) => Ok(Some(v)),
+        Err(e) if source == Source::Local => {
+            t.local_failed("redis", &e);
+            Ok(None)
+        }
         Err(e) if cache::is_unreachable(&e) => {
             if e.is_timeout() {
                 t.fence.check_soon();
@@ -69,8 +100,9 @@ fn hit(cache: &str, hits: usize, misses: usize) {
 /// States of a user on items.
 pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Result<HashMap<i64, State>, Error> {
     let key = t.keys.user(mid, business);
-    let mut con = t.redis.clone();
-    let cached = try_redis(t, cache::user_view(&mut con, &key, messages)).await?;
+    let source = t.read_source();
+    let mut con = t.read_redis(source);
+    let cached = try_redis(t, source, cache::user_view(&mut con, &key, messages)).await?;
     let mut out = HashMap::new();
     let mut missing = Vec::new();
     match cached.flatten() {
@@ -88,8 +120,11 @@ pub async fn states(t: &Tenant, mid: i64, business: i64, messages: &[i64]) -> Re
     }
     hit("state", out.len(), missing.len());
     if !missing.is_empty() {
-        db_ready(t)?;
-        let found = db::load_states(&t.db, mid, business, &missing).await.map_err(|e| db_err(t, e))?;
+        db_ready_for(t, source)?;
+        let ids = &missing;
+        let found = db_read(t, source, |db| async move { db::load_states(&db, mid, business, ids).await })
+            .await
+            .map_err(|e| db_err(t, e))?;
         for m in missing {
             out.insert(m, found.get(&m).map_or(State::None, |r| r.state));
         }
@@ -189,10 +224,13 @@ async fn counts_shared(
     messages: &[i64],
     keys: &[String],
 ) -> Result<HashMap<i64, Counts>, Error> {
-    let mut con = t.redis.clone();
-    let Some(values) = try_redis(t, cache::mget(&mut con, keys)).await? else {
-        db_ready(t)?;
-        let found = db::load_counts(&t.db, business, messages).await.map_err(|e| db_err(t, e))?;
+    let source = t.read_source();
+    let mut con = t.read_redis(source);
+    let Some(values) = try_redis(t, source, cache::mget(&mut con, keys)).await? else {
+        db_ready_for(t, source)?;
+        let found = db_read(t, source, |db| async move { db::load_counts(&db, business, messages).await })
+            .await
+            .map_err(|e| db_err(t, e))?;
         return Ok(messages.iter().map(|m| (*m, found.get(m).copied().unwrap_or_default())).collect());
     };
     let mut out = HashMap::new();
@@ -222,9 +260,12 @@ async fn counts_shared(
     if !lead.is_empty() {
         // Leaders dropped unfinished (here or on an error) let their
         // followers load for themselves.
-        db_ready(t)?;
+        db_ready_for(t, source)?;
         let ids: Vec<i64> = lead.iter().map(|(m, _, _)| *m).collect();
-        let loaded = db::load_counts(&t.db, business, &ids).await.map_err(Arc::new);
+        let ids = &ids;
+        let loaded = db_read(t, source, |db| async move { db::load_counts(&db, business, ids).await }).await;
+        // Fills go to the active datacenter's Redis, whence they replicate.
+        let mut con = t.redis.clone();
         let mut filled = Vec::with_capacity(lead.len());
         for (m, key, leader) in lead {
             let answer = loaded.as_ref().map(|found| found.get(&m).copied().unwrap_or_default());
@@ -248,7 +289,7 @@ async fn counts_shared(
             // The leader's error, as it got it (it noted the outage).
             Some(Err(source)) => return Err(Error::Db { tenant: t.name().to_string(), source }),
             // The leader was cancelled: load it ourselves.
-            None => db::load_counts(&t.db, business, &[m])
+            None => db_read(t, source, |db| async move { db::load_counts(&db, business, &[m]).await })
                 .await
                 .map_err(|e| db_err(t, e))?
                 .get(&m)
@@ -263,16 +304,20 @@ async fn counts_shared(
 /// Likes received by an owner.
 pub async fn received(reg: &Registry, t: &Tenant, business: i64, up_mid: i64) -> Result<i64, Error> {
     let key = t.keys.received(business, up_mid);
-    let mut con = t.redis.clone();
-    let cached = try_redis(t, cache::mget(&mut con, std::slice::from_ref(&key))).await?;
+    let source = t.read_source();
+    let mut con = t.read_redis(source);
+    let cached = try_redis(t, source, cache::mget(&mut con, std::slice::from_ref(&key))).await?;
     if let Some(Some((likes, _, _))) = cached.as_ref().map(|v| v[0].as_deref().and_then(cache::parse_pair)) {
         hit("received", 1, 0);
         return Ok(likes);
     }
     hit("received", 0, 1);
-    db_ready(t)?;
-    let c = db::load_received(&t.db, business, up_mid).await.map_err(|e| db_err(t, e))?;
+    db_ready_for(t, source)?;
+    let c = db_read(t, source, |db| async move { db::load_received(&db, business, up_mid).await })
+        .await
+        .map_err(|e| db_err(t, e))?;
     if cached.is_some() {
+        let mut con = t.redis.clone();
         let _ = reg.scripts().set_if_newer(&mut con, &key, (c.likes, 0), c.version, t.cfg.cache.counts_ttl_secs).await;
     }
     Ok(c.likes)
@@ -291,11 +336,15 @@ pub async fn user_likes(
     page: u32,
 ) -> Result<(Vec<ListEntry>, bool), Error> {
     let want = page as usize + 1;
-    db_ready(t)?;
-    let from_db = db::list_user_likes(&t.db, mid, business, after, want as u32).await.map_err(|e| db_err(t, e))?;
+    let source = t.read_source();
+    db_ready_for(t, source)?;
+    let from_db =
+        db_read(t, source, |db| async move { db::list_user_likes(&db, mid, business, after, want as u32).await })
+            .await
+            .map_err(|e| db_err(t, e))?;
     let list_key = t.keys.user(mid, business);
-    let mut con = t.redis.clone();
-    let redis_side = try_redis(t, async {
+    let mut con = t.read_redis(source);
+    let redis_side = try_redis(t, source, async {
         let mut newest: Vec<(i64, i64)> = Vec::new();
         let mut offset = 0;
         // Ties on the time are resolved by id below, so read past them.
@@ -347,8 +396,12 @@ pub async fn item_likers(
     after: Option<ListEntry>,
     page: u32,
 ) -> Result<(Vec<ListEntry>, bool), Error> {
-    db_ready(t)?;
-    let mut rows = db::list_item_likers(&t.db, business, message, after, page + 1).await.map_err(|e| db_err(t, e))?;
+    let source = t.read_source();
+    db_ready_for(t, source)?;
+    let mut rows =
+        db_read(t, source, |db| async move { db::list_item_likers(&db, business, message, after, page + 1).await })
+            .await
+            .map_err(|e| db_err(t, e))?;
     let more = rows.len() > page as usize;
     rows.truncate(page as usize);
     Ok((rows, more))

@@ -22,7 +22,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use sqlx::MySqlPool;
 use thumbup_core::cache::Conn;
 use thumbup_core::cache::{self, Scripts};
-use thumbup_core::config::{Config, ConfigError, TenantConfig};
+use thumbup_core::config::{Config, ConfigError, RedisConfig, TenantConfig};
 use thumbup_core::db;
 use thumbup_core::keys::Keys;
 use thumbup_core::version::VersionClock;
@@ -98,6 +98,8 @@ pub struct Tenant {
     pub fence: Fence,
     /// Signs and checks the tenant's page tokens.
     pub page_key: crate::page::PageKey,
+    /// This datacenter's Redis and DB for reads (`local_reads`).
+    local: Option<Local>,
     limiter: Limiter,
     /// Until when (ms since `born`) the DB counts as down after a connection
     /// failure, so that requests fail fast instead of each waiting out the
@@ -109,11 +111,44 @@ pub struct Tenant {
 /// How long the DB is skipped after a connection failure.
 const DB_BREAK: Duration = Duration::from_secs(1);
 
+/// This datacenter's servers, for reads: replicas of the active
+/// datacenter's (or the active ones themselves). While either failed to
+/// answer within the last [`DB_BREAK`], reads go to the tenant's own.
+struct Local {
+    redis: Conn,
+    db: MySqlPool,
+    /// Until when (ms since the tenant's `born`) reads skip these.
+    down_until: AtomicU64,
+}
+
+/// Where a read goes: this datacenter's servers, or the tenant's own (the
+/// active datacenter's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `local_reads`.
+    Local,
+    /// `redis` and `db`.
+    Own,
+}
+
 impl Tenant {
     fn new(cfg: TenantConfig, redis_timeout: Duration) -> Result<Tenant, String> {
         let redis = cache::connect_lazy(&cfg.redis, redis_timeout).map_err(|e| format!("redis: {e}"))?;
         let db = db::connect_lazy(&cfg).map_err(|e| format!("db: {e}"))?;
+        let local = match &cfg.local_reads {
+            None => None,
+            Some(l) => {
+                let redis_cfg = RedisConfig { url: l.redis_url.clone(), ..cfg.redis.clone() };
+                let redis = cache::connect_lazy(&redis_cfg, redis_timeout)
+                    .map_err(|e| format!("local_reads.redis_url: {e}"))?;
+                let mut db_cfg = cfg.clone();
+                db_cfg.db.url = l.db_url.clone();
+                let db = db::connect_lazy(&db_cfg).map_err(|e| format!("local_reads.db_url: {e}"))?;
+                Some(Local { redis, db, down_until: AtomicU64::new(0) })
+            }
+        };
         Ok(Tenant {
+            local,
             keys: Keys::new(&cfg.name, cfg.stream.shards),
             solo: cache::Solo::new(&Keys::new(&cfg.name, cfg.stream.shards)),
             limiter: Limiter::new(&cfg),
@@ -178,6 +213,46 @@ impl Tenant {
     /// True while reads may be served from Redis.
     pub fn redis_up(&self) -> bool {
         self.fence.redis_reads()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Where reads go now: this datacenter's servers when `local_reads` is
+    /// set and they answered lately, else the tenant's own.
+    pub fn read_source(&self) -> Source {
+        match &self.local {
+            Some(l) if self.now_ms() >= l.down_until.load(Ordering::Relaxed) => Source::Local,
+            _ => Source::Own,
+        }
+    }
+
+    /// The Redis connection of reads from `source`.
+    pub fn read_redis(&self, source: Source) -> Conn {
+        match (&self.local, source) {
+            (Some(l), Source::Local) => l.redis.clone(),
+            _ => self.redis.clone(),
+        }
+    }
+
+    /// The DB pool of reads from `source`.
+    pub fn read_db(&self, source: Source) -> &MySqlPool {
+        match (&self.local, source) {
+            (Some(l), Source::Local) => &l.db,
+            _ => &self.db,
+        }
+    }
+
+    /// Notes that this datacenter's servers failed a read: reads go to the
+    /// tenant's own for [`DB_BREAK`].
+    pub fn local_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let Some(l) = &self.local else { return };
+        let until = (self.born.elapsed() + DB_BREAK).as_millis() as u64;
+        if l.down_until.fetch_max(until, Ordering::Relaxed) <= self.now_ms() {
+            warn!(tenant = %self.cfg.name, %error, "this datacenter's {what} failed a read: reading from the active datacenter for {DB_BREAK:?}");
+        }
+        crate::metrics::LOCAL_READ_FAILURES.with_label_values(&[&self.cfg.name, what]).inc();
     }
 
     /// Records that Redis could not be reached: writes stop going through

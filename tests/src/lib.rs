@@ -403,6 +403,95 @@ impl Drop for Job {
     }
 }
 
+/// The service binary as a child process: a datacenter's own instance,
+/// which a test can SIGKILL with the datacenter's servers. Plain gRPC (the
+/// failover suites run without TLS).
+pub struct ServiceProcess {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub addr: String,
+    /// The admin endpoint, `127.0.0.1:<port>`.
+    pub admin: String,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl ServiceProcess {
+    /// Starts `thumbup-service` on `config`, logging to `<dir>/<name>.log`;
+    /// returns once it serves gRPC.
+    pub async fn start(dir: &Path, name: &str, config: &Path) -> ServiceProcess {
+        let (grpc, admin) = (free_port(), free_port());
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(job_binary().with_file_name("thumbup-service"))
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{grpc}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn thumbup-service");
+        let p = ServiceProcess {
+            child,
+            addr: format!("http://127.0.0.1:{grpc}"),
+            admin: format!("127.0.0.1:{admin}"),
+            log,
+        };
+        let addr = format!("127.0.0.1:{grpc}");
+        wait_until(Duration::from_secs(30), Duration::from_millis(50), || async {
+            tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("{name} does not serve on {addr}: {e}"))
+        })
+        .await;
+        p
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A client sending `tenant` and `token` metadata.
+    pub async fn client(&self, tenant: &str, token: &str) -> Client {
+        let endpoint = thumbup_service::client_endpoint(&self.addr, None).unwrap();
+        let channel = endpoint.connect().await.expect("connect to the service process");
+        Client { inner: ThumbupClient::new(channel), tenant: tenant.to_string(), token: token.to_string() }
+    }
+
+    /// The sum of the samples of metric `name` with `labels`, from its
+    /// /metrics.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.admin).await.expect("admin endpoint");
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin);
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The newest-user bound of `shard` and `biz` (`Keys::newest`) as Redis
 /// holds it: `Some(bound)` once established, `None` while absent or being
 /// established.

@@ -1146,3 +1146,180 @@ async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back(
     w.stop().await;
     site.stop().await;
 }
+
+/// `tenant` (a [`tenant_yaml`] entry) with datacenter `dc`'s own Redis and
+/// MariaDB for its reads (`local_reads`), as `dc`'s service instance has it.
+fn with_local_reads(tenant: &str, dc: char) -> String {
+    format!(
+        "{tenant}    local_reads: {{ redis_url: \"redis://127.0.0.1:{}\", db_url: \"mysql://127.0.0.1:{}\" }}\n",
+        redis_port(dc),
+        db_port(dc)
+    )
+}
+
+/// The stated staleness bound of dc-b's counts: how long after dc-a's
+/// instance showed a count dc-b's instance shows it (docs/failover.md,
+/// "dc-b serves reads"). States and lists have none: a like is
+/// acknowledged once dc-b's Redis holds it.
+const STALENESS_BOUND: Duration = Duration::from_secs(1);
+
+/// Sorted samples' quantile `q` (0..=1).
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Connections of ACL user `user` to datacenter `dc`'s Redis (CLIENT LIST).
+async fn redis_clients_of(dc: char, user: &str) -> usize {
+    let url = if dc == 'a' {
+        thumbup_test_support::stack::admin_redis_url()
+    } else {
+        thumbup_test_support::stack::admin_redis_url_b()
+    };
+    let mut con = thumbup_test_support::stack::admin_redis_at(&url).await;
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
+    list.lines().filter(|l| l.split(' ').any(|f| f == format!("user={user}"))).count()
+}
+
+/// Sessions of DB user `user` on datacenter `dc`'s MariaDB (processlist).
+async fn db_sessions_of(dc: char, user: &str) -> i64 {
+    let mut db = MySqlConnection::connect(&admin_url(dc)).await.expect("admin DB");
+    sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ?")
+        .bind(user)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dc_b_serves_reads_from_its_own_servers_within_the_stated_staleness_bound() {
+    let _serial = SERIAL.lock().await;
+    let _restore = RestoreTiers;
+    stack(&["redis-follow", "a", "none"]);
+    stack(&["redis-follow", "b", "a"]);
+    let test = "fo-dc-reads";
+    let name = test;
+    let site = Site::start(test, Timing { redis_tier: true, ..QUICK }, world_dir(test).join("config.yaml")).await;
+    let tenant = two_tier_tenant(name, &site.proxy);
+    // dc-a's instance: in-process, every read and write through the proxy
+    // (dc-a is active).
+    let w = World::start(test, &tenant).await;
+    let t = w.tenant(name).clone();
+    thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
+        .await
+        .expect("the tenant's user on dc-b's Redis");
+    // dc-b's instance: a process reading from dc-b's Redis (a replica of
+    // dc-a's) and dc-b's MariaDB (a replica of dc-a's), writing through the
+    // proxy to the active datacenter.
+    let b_config = w.dir.join("dc-b.yaml");
+    std::fs::write(&b_config, format!("tenants:\n{}", with_local_reads(&tenant, 'b'))).unwrap();
+    let svc_b = ServiceProcess::start(&w.dir, "service-dc-b", &b_config).await;
+    let mut job = w.job_named(name, 500, "job-dc-a");
+    let token = format!("tok-{name}-0001");
+    let a = w.client_of(name).await;
+    let b = svc_b.client(name, &token).await;
+    let (redis_user, db_user) = (t.redis.username.clone(), t.db.username.clone());
+
+    for run in 1..=3u32 {
+        let stop = Arc::new(AtomicBool::new(false));
+        // Writers: likes of fresh users on this run's items, half through
+        // each instance; each acknowledged like is then read through dc-b's
+        // instance until it shows (its state, and every 10th its list).
+        let writers: Vec<_> = (0..8i64)
+            .map(|i| {
+                let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let via = if i % 2 == 0 { &a } else { &b };
+                    let mut seen = Vec::new();
+                    let mut n = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let mid = 5_000_000 + i64::from(run) * 1_000_000 + i * 100_000 + n;
+                        let msg = 1_000 * i64::from(run) + n % 20;
+                        let r = via.act(1, msg, mid, owner_of(msg), pb::Action::Like).await.expect("a like");
+                        // Acknowledged means dc-b's Redis holds it (the
+                        // WAIT): dc-b's first read must show it.
+                        let asked = Instant::now();
+                        let s = b.states(1, mid, &[msg]).await.expect("GetStates on dc-b");
+                        let listed = n % 10 != 0
+                            || b.user_likes(1, mid, 50).await.expect("ListUserLikes on dc-b").contains(&msg);
+                        assert!(
+                            s.get(&msg) == Some(&r.state) && listed,
+                            "run {run}: dc-b's first read after the like of {mid} on {msg} was acknowledged does \
+                             not show it (state {s:?}, listed {listed})"
+                        );
+                        seen.push(asked.elapsed());
+                    }
+                    seen
+                })
+            })
+            .collect();
+        // A sampler: a count dc-a's instance shows, then how long until
+        // dc-b's shows at least as much (the items only gain likes).
+        let sampler = {
+            let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut lags = Vec::new();
+                let mut k = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    k += 1;
+                    let msg = 1_000 * i64::from(run) + k % 20;
+                    let on_a = a.counts(1, &[msg]).await.expect("GetCounts on dc-a")[&msg].0;
+                    let asked = Instant::now();
+                    loop {
+                        let on_b = b.counts(1, &[msg]).await.expect("GetCounts on dc-b")[&msg].0;
+                        if on_b >= on_a {
+                            break;
+                        }
+                        let late = asked.elapsed();
+                        assert!(
+                            late < STALENESS_BOUND,
+                            "run {run}: dc-b shows {on_b} likes of {msg} {late:?} after dc-a showed {on_a}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    lags.push(asked.elapsed());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                lags
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        // dc-b's instance reads from dc-b's servers, not through the proxy.
+        let (on_b_redis, on_b_db) = (redis_clients_of('b', &redis_user).await, db_sessions_of('b', &db_user).await);
+        stop.store(true, Ordering::Relaxed);
+        let mut states = Vec::new();
+        for wr in writers {
+            states.extend(wr.await.expect("writer"));
+        }
+        let likes = states.len();
+        let mut counts = sampler.await.expect("sampler");
+        states.sort();
+        counts.sort();
+        let failures = svc_b.metric("thumbup_service_local_read_failures_total", &[("tenant", name)]).await as u64;
+        println!(
+            "run {run}: {likes} likes acknowledged (half through each instance); dc-b's instance showed each one at \
+             its first read (state, and every 10th in the list), which answered in p50 {:?} p99 {:?} max {:?}; counts: dc-b reached dc-a's after \
+             p50 {:?} p99 {:?} max {:?} ({} samples); dc-b's instance had {on_b_redis} connections to dc-b's Redis \
+             and {on_b_db} sessions on dc-b's MariaDB; {failures} local read failures",
+            quantile(&states, 0.5),
+            quantile(&states, 0.99),
+            quantile(&states, 1.0),
+            quantile(&counts, 0.5),
+            quantile(&counts, 0.99),
+            quantile(&counts, 1.0),
+            counts.len()
+        );
+        assert!(likes > 200 && counts.len() > 50, "run {run}: too little load to mean anything");
+        assert!(quantile(&counts, 0.99) < STALENESS_BOUND, "run {run}: counts p99 staleness over the bound");
+        assert!(on_b_redis > 0, "run {run}: dc-b's instance has no connection to dc-b's Redis");
+        assert!(on_b_db > 0, "run {run}: dc-b's instance has no session on dc-b's MariaDB");
+        assert_eq!(failures, 0, "run {run}: dc-b's reads fell back to the active datacenter");
+    }
+    job.kill();
+    drop(svc_b);
+    w.stop().await;
+    site.stop().await;
+}
