@@ -60,6 +60,12 @@ pub fn job_deployment(tenant: &str) -> String {
     format!("thumbup-job-{tenant}")
 }
 
+/// The tenant's job Deployment of the datacenter `datacenter`, when the
+/// operator runs one per datacenter (`topology.per_datacenter`).
+pub fn job_deployment_in(tenant: &str, datacenter: &str) -> String {
+    format!("{}-{datacenter}", job_deployment(tenant))
+}
+
 /// The keys of the shared registry Secret for a tenant: DB password, Redis
 /// password, tokens. The same names are what the job pod's Secret volume
 /// projects, so one config file resolves in both pods.

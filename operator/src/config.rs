@@ -16,6 +16,10 @@
 //!           tls: { mode: verify-ca, ca_file: /etc/thumbup/tls/db/ca.crt } }
 //!     redis: { url: "rediss://redis-dc-b:6380", admin_username: default, admin_password_file: /y,
 //!              tls: { ca_file: /etc/thumbup/tls/redis/ca.crt } }
+//! # Optional: a job Deployment per tenant per datacenter, pinned to the
+//! # datacenter's zone, reading from its own datacenter (needs db_proxy on
+//! # and failover.redis_tier); a datacenter's `zone` defaults to its name.
+//! topology: { per_datacenter: true, zone_label: topology.kubernetes.io/zone }
 //! ```
 
 use std::path::Path;
@@ -71,6 +75,10 @@ pub struct OperatorConfig {
     /// The failover controller.
     #[serde(default)]
     pub failover: Failover,
+    /// Where the tenants' job pods run: one Deployment, or one per
+    /// datacenter pinned to its zone.
+    #[serde(default)]
+    pub topology: Topology,
     /// Names this installation in the ownership records that it writes
     /// beside every DB schema, DB user and Redis ACL user it creates
     /// (letters, digits, `-`, `_`, `.`, `/`; at most 128). Defaults to the
@@ -97,13 +105,28 @@ pub struct DbProxy {
     /// Port of its Redis listener, on the pod's loopback, used when the
     /// Redis tier moves with the route (`failover.redis_tier`).
     pub redis_port: u16,
+    /// Port of its local-read DB listener (`--local-listen`: this pod's
+    /// own datacenter's DB), used with `topology.per_datacenter`.
+    pub local_port: u16,
+    /// Port of its local-read Redis listener (`--local-redis-listen`: this
+    /// pod's own datacenter's Redis), used with `topology.per_datacenter`.
+    pub local_redis_port: u16,
     /// CPU and memory of each sidecar container.
     pub resources: Option<ResourceRequirements>,
 }
 
 impl Default for DbProxy {
     fn default() -> Self {
-        DbProxy { enabled: true, image: None, port: 3306, admin_port: 9193, redis_port: 6379, resources: None }
+        DbProxy {
+            enabled: true,
+            image: None,
+            port: 3306,
+            admin_port: 9193,
+            redis_port: 6379,
+            local_port: 3307,
+            local_redis_port: 6380,
+            resources: None,
+        }
     }
 }
 
@@ -116,6 +139,40 @@ impl DbProxy {
     /// The Redis URL that tenants use when the sidecar forwards Redis too.
     pub fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.redis_port)
+    }
+
+    /// The DB URL that tenants read from with `topology.per_datacenter`:
+    /// the sidecar's listener for the pod's own datacenter.
+    pub fn local_url(&self) -> String {
+        format!("mysql://127.0.0.1:{}", self.local_port)
+    }
+
+    /// The Redis URL that tenants read from with `topology.per_datacenter`.
+    pub fn local_redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.local_redis_port)
+    }
+}
+
+/// Where the tenants' job pods run (the chart's `topology.*` does the same
+/// for the service).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    /// One job Deployment per tenant per datacenter (named
+    /// `thumbup-job-<tenant>-<datacenter>`), each pinned by a nodeSelector
+    /// to its datacenter's zone, its db-proxy sidecar started with
+    /// `--datacenter` and the local-read listeners; the registry entry
+    /// then reads from those listeners (`local_reads`). Needs
+    /// `db_proxy.enabled` and `failover.redis_tier`. Off: one Deployment,
+    /// placed anywhere.
+    pub per_datacenter: bool,
+    /// The node label whose value is a datacenter's zone.
+    pub zone_label: String,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology { per_datacenter: false, zone_label: "topology.kubernetes.io/zone".into() }
     }
 }
 
@@ -185,6 +242,17 @@ pub struct Datacenter {
     pub db: Endpoint<DbTls>,
     /// The Redis.
     pub redis: Endpoint<RedisTls>,
+    /// The value of the nodes' `topology.zone_label` in this datacenter
+    /// (with `topology.per_datacenter`). Defaults to the name.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Datacenter {
+    /// The zone whose nodes run this datacenter's pods: `zone`, else the name.
+    pub fn zone(&self) -> &str {
+        self.zone.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A server, the address the service and job use, admin credentials and
@@ -356,6 +424,7 @@ impl OperatorConfig {
             }
             dirs.push(dir);
         }
+        c.validate_topology()?;
         let mut names: Vec<&str> = c.datacenters.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
@@ -410,6 +479,50 @@ impl OperatorConfig {
             }
         }
         Ok(c)
+    }
+
+    /// What `topology.per_datacenter` needs: the sidecar with its Redis
+    /// listener (the registry entry must not follow the route: it is the
+    /// same for every datacenter's pods), distinct sidecar ports, and
+    /// datacenter names that can end a Deployment name.
+    fn validate_topology(&self) -> Result<(), ConfigError> {
+        let t = &self.topology;
+        if !t.per_datacenter {
+            return Ok(());
+        }
+        if !self.db_proxy.enabled || !self.failover.redis_tier {
+            return Err(ConfigError::Invalid(
+                "topology.per_datacenter needs db_proxy.enabled and failover.redis_tier: the pods of every datacenter read through their sidecar's local listeners and write through the ones that follow the route".into(),
+            ));
+        }
+        if t.zone_label.trim().is_empty() {
+            return Err(ConfigError::Invalid("topology.zone_label is empty".into()));
+        }
+        let p = &self.db_proxy;
+        let mut ports = [p.port, p.admin_port, p.redis_port, p.local_port, p.local_redis_port];
+        ports.sort_unstable();
+        if ports.windows(2).any(|w| w[0] == w[1]) || ports[0] == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "db_proxy: port, admin_port, redis_port, local_port and local_redis_port must be distinct and non-zero: {ports:?}"
+            )));
+        }
+        for dc in &self.datacenters {
+            let n = &dc.name;
+            let label = !n.is_empty()
+                && n.len() <= 20
+                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !n.starts_with('-')
+                && !n.ends_with('-');
+            if !label {
+                return Err(ConfigError::Invalid(format!(
+                    "topology.per_datacenter: datacenter name {n:?} ends the job Deployments' names: lowercase letters, digits and '-', at most 20"
+                )));
+            }
+            if dc.zone().trim().is_empty() {
+                return Err(ConfigError::Invalid(format!("{n}: zone is empty")));
+            }
+        }
+        Ok(())
     }
 
     /// The datacenter named `name`.
@@ -577,6 +690,33 @@ datacenters:
             (format!("{GOOD}failover: {{ failure_threshold: 0 }}\n"), "must be positive"),
             (format!("{GOOD}failover: {{ replay_window_ms: 1000 }}\n"), "at least max_lag_ms"),
             (format!("{GOOD}installation_id: \"a|b\"\n"), "installation_id"),
+        ];
+        for (text, want) in cases {
+            let err = OperatorConfig::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn per_datacenter_topology_needs_the_sidecar_and_the_redis_tier_and_zones_default_to_names() {
+        let on = format!("{GOOD}failover: {{ redis_tier: true }}\ntopology: {{ per_datacenter: true }}\n")
+            .replace("admin_password: pw }", "admin_password: pw }\n    zone: eu-west-1a");
+        let c = OperatorConfig::parse(&on, "test").unwrap();
+        assert!(c.topology.per_datacenter);
+        assert_eq!(c.topology.zone_label, "topology.kubernetes.io/zone");
+        assert_eq!(c.active().zone(), "eu-west-1a");
+        assert_eq!(
+            (c.db_proxy.local_url().as_str(), c.db_proxy.local_redis_url().as_str()),
+            ("mysql://127.0.0.1:3307", "redis://127.0.0.1:6380")
+        );
+        let named = OperatorConfig::parse(&on.replace("\n    zone: eu-west-1a", ""), "test").unwrap();
+        assert_eq!(named.active().zone(), "dc-a", "the zone defaults to the datacenter's name");
+        assert!(!OperatorConfig::parse(GOOD, "test").unwrap().topology.per_datacenter, "off by default");
+        let cases = [
+            (on.replace("redis_tier: true", "redis_tier: false"), "needs db_proxy.enabled and failover.redis_tier"),
+            (format!("{on}db_proxy: {{ enabled: false }}\n"), "needs db_proxy.enabled and failover.redis_tier"),
+            (format!("{on}db_proxy: {{ local_port: 3306 }}\n"), "must be distinct"),
+            (on.replace("per_datacenter: true", "per_datacenter: true, zone_label: ''"), "zone_label is empty"),
         ];
         for (text, want) in cases {
             let err = OperatorConfig::parse(&text, "test").unwrap_err().to_string();

@@ -18,7 +18,9 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::Serialize;
 
-use thumbup_core::config::{Business, CacheSettings, DbConfig, Limits, RedisConfig, StreamSettings, TenantConfig};
+use thumbup_core::config::{
+    Business, CacheSettings, DbConfig, Limits, LocalReads, RedisConfig, StreamSettings, TenantConfig,
+};
 use thumbup_core::names;
 
 use crate::config::{Datacenter, OperatorConfig};
@@ -32,6 +34,9 @@ pub const REGISTRY_KEY: &str = "tenants.yaml";
 pub const JOB_ADMIN_PORT: i32 = 9191;
 /// Name of the db-proxy sidecar container.
 pub const DB_PROXY_CONTAINER: &str = "db-proxy";
+/// The label naming the datacenter of a per-datacenter job Deployment and
+/// its pods (`topology.per_datacenter`; the chart's service pods carry it too).
+pub const DATACENTER_LABEL: &str = "thumbup.io/datacenter";
 
 /// A tenant's secrets, kept in its Secret. Generated once and then read
 /// back on every reconcile, so re-runs do not rotate them. The account
@@ -136,8 +141,10 @@ pub fn build_tenant_secret(lt: &LikeTenant, c: &Credentials, entry: &TenantConfi
 /// The db-proxy sidecar: a native sidecar (an init container that keeps
 /// running), so it is up before the job's first DB session and stops after
 /// the job has flushed its window. It follows the route ConfigMap
-/// `route_namespace/<failover.route_config_map>`.
-pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str) -> Container {
+/// `route_namespace/<failover.route_config_map>`. In a pod pinned to the
+/// datacenter `datacenter` (`topology.per_datacenter`) it also serves the
+/// local-read listeners for that datacenter's DB and Redis.
+pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str, datacenter: Option<&str>) -> Container {
     let p = &cfg.db_proxy;
     let probe = |path: &str, period| Probe {
         http_get: Some(HTTPGetAction {
@@ -162,6 +169,13 @@ pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str) -> Co
             ]
             .into_iter()
             .chain(cfg.failover.redis_tier.then(|| format!("--redis-listen=127.0.0.1:{}", p.redis_port)))
+            .chain(datacenter.into_iter().flat_map(|dc| {
+                [
+                    format!("--datacenter={dc}"),
+                    format!("--local-listen=127.0.0.1:{}", p.local_port),
+                    format!("--local-redis-listen=127.0.0.1:{}", p.local_redis_port),
+                ]
+            }))
             .collect(),
         ),
         env: Some(vec![
@@ -210,12 +224,68 @@ fn log_format(cfg: &OperatorConfig) -> EnvVar {
     EnvVar { name: "THUMBUP_LOG_FORMAT".into(), value: Some(cfg.job.log_format.clone()), ..EnvVar::default() }
 }
 
-/// The job Deployment of the tenant, owned by the LikeTenant. With db-proxy
-/// on, it carries the sidecar following the route in `route_namespace` (the
+/// The job Deployments the tenant should have: one per datacenter with
+/// `topology.per_datacenter` ([`build_job_deployment_in`]), else the one
+/// [`build_job_deployment`].
+pub fn build_job_deployments(lt: &LikeTenant, cfg: &OperatorConfig, route_namespace: &str) -> Vec<Deployment> {
+    if cfg.topology.per_datacenter {
+        cfg.datacenters.iter().map(|dc| build_job_deployment_in(lt, cfg, route_namespace, dc)).collect()
+    } else {
+        vec![build_job_deployment(lt, cfg, route_namespace)]
+    }
+}
+
+/// The job Deployment of the tenant, owned by the LikeTenant, placed
+/// anywhere (without `topology.per_datacenter`). With db-proxy on, it
+/// carries the sidecar following the route in `route_namespace` (the
 /// operator's namespace).
 pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespace: &str) -> Deployment {
+    job_deployment(lt, cfg, route_namespace, None)
+}
+
+/// The job Deployment of the tenant in the datacenter `dc`
+/// (`topology.per_datacenter`): named `thumbup-job-<tenant>-<dc>`, its
+/// pods labelled with the datacenter and pinned by a nodeSelector to its
+/// zone, their sidecar serving the local-read listeners for `dc`. Each
+/// datacenter runs `spec.job.replicas` pods: they share the stream as
+/// consumers of one group (each pod's consumer name is its pod name), so
+/// the survivors already run when a datacenter is lost.
+pub fn build_job_deployment_in(
+    lt: &LikeTenant,
+    cfg: &OperatorConfig,
+    route_namespace: &str,
+    dc: &Datacenter,
+) -> Deployment {
+    job_deployment(lt, cfg, route_namespace, Some(dc))
+}
+
+/// Whether `d`, a job Deployment that the operator made, belongs to a layout
+/// that `cfg` no longer runs: a plain one with `topology.per_datacenter`, a
+/// per-datacenter one without it, or one of a datacenter that the config no
+/// longer lists. Told apart by the [`DATACENTER_LABEL`] alone, so that the
+/// operator finds them after a restart with a new config without knowing
+/// the old one. Only a Deployment controlled by a LikeTenant counts.
+pub fn is_stale_job_deployment(cfg: &OperatorConfig, d: &Deployment) -> bool {
+    let by_tenant = d
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == LikeTenant::kind(&()) && o.controller == Some(true));
+    let datacenter = d.metadata.labels.as_ref().and_then(|l| l.get(DATACENTER_LABEL));
+    by_tenant
+        && match datacenter {
+            None => cfg.topology.per_datacenter,
+            Some(dc) => !cfg.topology.per_datacenter || cfg.datacenter(dc).is_none(),
+        }
+}
+
+fn job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespace: &str, dc: Option<&Datacenter>) -> Deployment {
     let t = lt.tenant();
-    let labels = tenant_labels(&t);
+    let mut labels = tenant_labels(&t);
+    if let Some(dc) = dc {
+        labels.insert(DATACENTER_LABEL.into(), dc.name.clone());
+    }
     let [db_key, redis_key, tokens_key] = names::registry_secret_keys(&t);
     let spec = &lt.spec.job;
     let probe = |path: &str, period| Probe {
@@ -307,7 +377,8 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
         security_context: Some(restricted()),
         ..Container::default()
     };
-    let init_containers = cfg.db_proxy.enabled.then(|| vec![build_db_proxy_sidecar(cfg, route_namespace)]);
+    let init_containers =
+        cfg.db_proxy.enabled.then(|| vec![build_db_proxy_sidecar(cfg, route_namespace, dc.map(|dc| dc.name.as_str()))]);
     let item = |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
     // The Secret's keys under the names its `tenants.yaml` references.
     let volumes = vec![Volume {
@@ -325,8 +396,17 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
         ..Volume::default()
     }];
     let volumes = volumes.into_iter().chain(ca_volumes.into_iter().map(|(v, _)| v)).collect();
+    let (name, node_selector) = match dc {
+        Some(dc) => (
+            names::job_deployment_in(&t, &dc.name),
+            Some(BTreeMap::from([(cfg.topology.zone_label.clone(), dc.zone().to_string())])),
+        ),
+        None => (names::job_deployment(&t), None),
+    };
+    let mut metadata = owned_meta(lt, name);
+    metadata.labels = Some(labels.clone());
     Deployment {
-        metadata: owned_meta(lt, names::job_deployment(&t)),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector { match_labels: Some(labels.clone()), ..LabelSelector::default() },
@@ -352,6 +432,7 @@ pub fn build_job_deployment(lt: &LikeTenant, cfg: &OperatorConfig, route_namespa
                     // The job never talks to the Kubernetes API; the db-proxy
                     // sidecar watches the route ConfigMap and needs the token.
                     automount_service_account_token: Some(cfg.db_proxy.enabled),
+                    node_selector,
                     ..PodSpec::default()
                 }),
             },
@@ -429,6 +510,14 @@ pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> Tenant
     let mut entry = tenant_config(lt, dc, db_url);
     if moves_redis {
         entry.redis.url = cfg.db_proxy.redis_url();
+    }
+    // Per datacenter, every pod reads from its own datacenter through its
+    // sidecar's local listeners: the same loopback URLs in every
+    // datacenter, so the entry stays the same bytes wherever the route
+    // points (the config refuses per_datacenter without moves_redis).
+    if cfg.topology.per_datacenter && moves_redis {
+        entry.local_reads =
+            Some(LocalReads { redis_url: cfg.db_proxy.local_redis_url(), db_url: cfg.db_proxy.local_url() });
     }
     let [db_key, redis_key, tokens_key] = names::registry_secret_keys(&entry.name);
     entry.tokens_file = Some(tokens_key);
@@ -777,13 +866,106 @@ datacenters:
         let b = render_registry(&BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &tiers, "dc-b"))]));
         assert_eq!(a, b, "the registry entry does not follow the route");
         assert!(a.contains("redis://127.0.0.1:6379"), "{a}");
-        let sidecar = build_db_proxy_sidecar(&tiers, "thumbup");
+        let sidecar = build_db_proxy_sidecar(&tiers, "thumbup", None);
         assert!(sidecar.args.unwrap().contains(&"--redis-listen=127.0.0.1:6379".to_string()));
+        assert!(!a.contains("local_reads"), "no local reads unless per datacenter: {a}");
+        // Per datacenter, the entry also names the sidecar's local-read
+        // listeners, and still does not follow the route.
+        let mut zones = tiers.clone();
+        zones.topology.per_datacenter = true;
+        let entry_a = registry_entry(&lt, &zones, "dc-a");
+        let a = render_registry(&BTreeMap::from([("video-site".to_string(), entry_a.clone())]));
+        let b = render_registry(&BTreeMap::from([("video-site".to_string(), registry_entry(&lt, &zones, "dc-b"))]));
+        assert_eq!(a, b, "per datacenter too, the registry entry does not follow the route");
+        let local = entry_a.local_reads.expect("local_reads per datacenter");
+        assert_eq!(
+            (local.redis_url.as_str(), local.db_url.as_str()),
+            ("redis://127.0.0.1:6380", "mysql://127.0.0.1:3307")
+        );
+        std::fs::write(dir.join(REGISTRY_KEY), &a).unwrap();
+        let parsed = thumbup_core::config::Config::load(&dir.join(REGISTRY_KEY)).unwrap();
+        assert_eq!(parsed.tenant("video-site").unwrap().local_reads, Some(local), "the service config takes it");
         assert_eq!(t.schema(), "thumbup_video_site");
         assert_eq!(t.cache.hot_ttl_ms, 1000, "spec.cache.hotCacheTtlMs reaches the service");
         assert_eq!(t.tokens.len(), 1);
         assert!(t.has_business(2));
         assert_eq!(parse_registry(&text).unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn per_datacenter() -> OperatorConfig {
+        let mut cfg = config();
+        cfg.failover.redis_tier = true;
+        cfg.topology.per_datacenter = true;
+        cfg.datacenters[1].zone = Some("zone-b".into());
+        cfg
+    }
+
+    #[test]
+    fn per_datacenter_each_datacenter_gets_a_job_deployment_pinned_to_its_zone_reading_locally() {
+        let lt = tenant();
+        let cfg = per_datacenter();
+        let ds = build_job_deployments(&lt, &cfg, "thumbup");
+        let names: Vec<_> = ds.iter().map(|d| d.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["thumbup-job-video-site-dc-a", "thumbup-job-video-site-dc-b"]);
+        for (d, (dc, zone)) in ds.iter().zip([("dc-a", "dc-a"), ("dc-b", "zone-b")]) {
+            let spec = d.spec.clone().unwrap();
+            let selector = spec.selector.match_labels.clone().unwrap();
+            assert_eq!(selector.get(DATACENTER_LABEL).map(String::as_str), Some(dc), "selectors do not overlap");
+            let template = spec.template;
+            let pod_labels = template.metadata.unwrap().labels.unwrap();
+            assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "the selector selects its pods");
+            let pod = template.spec.unwrap();
+            assert_eq!(
+                pod.node_selector,
+                Some(BTreeMap::from([("topology.kubernetes.io/zone".to_string(), zone.to_string())])),
+                "{dc}"
+            );
+            let args = pod.init_containers.unwrap()[0].args.clone().unwrap();
+            assert_eq!(
+                args,
+                [
+                    "--listen=127.0.0.1:3306",
+                    "--admin-listen=0.0.0.0:9193",
+                    "--route-config-map=thumbup/thumbup-route",
+                    "--redis-listen=127.0.0.1:6379",
+                    &format!("--datacenter={dc}"),
+                    "--local-listen=127.0.0.1:3307",
+                    "--local-redis-listen=127.0.0.1:6380",
+                ]
+            );
+            // The job's consumer name is its pod's name: distinct per pod
+            // across both Deployments.
+            let consumer = pod.containers[0].env.iter().flatten().find(|e| e.name == "THUMBUP_CONSUMER").unwrap();
+            let field = consumer.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).unwrap();
+            assert_eq!(field.field_path, "metadata.name");
+            assert_eq!(d.metadata.owner_references, owned_meta(&lt, String::new()).owner_references);
+        }
+        // Off: the one Deployment as before, placed anywhere.
+        let one = build_job_deployments(&lt, &config(), "thumbup");
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].metadata.name.as_deref(), Some("thumbup-job-video-site"));
+        let pod = one[0].spec.clone().unwrap().template.spec.unwrap();
+        assert!(pod.node_selector.is_none());
+        assert!(!one[0].spec.clone().unwrap().selector.match_labels.unwrap().contains_key(DATACENTER_LABEL));
+    }
+
+    #[test]
+    fn job_deployments_of_the_other_layout_or_of_a_dropped_datacenter_are_stale() {
+        let lt = tenant();
+        let (off, on) = (config(), per_datacenter());
+        let plain = build_job_deployment(&lt, &off, "thumbup");
+        let zoned = build_job_deployments(&lt, &on, "thumbup");
+        let stale = |cfg: &OperatorConfig, d: &Deployment| is_stale_job_deployment(cfg, d);
+        assert!(!stale(&off, &plain) && zoned.iter().all(|d| !stale(&on, d)), "what is built is not stale");
+        assert!(stale(&on, &plain), "turned on: the plain one goes");
+        assert!(zoned.iter().all(|d| stale(&off, d)), "turned off: the per-datacenter ones go");
+        let mut one_dc = on.clone();
+        one_dc.datacenters.truncate(1);
+        let left: Vec<bool> = zoned.iter().map(|d| stale(&one_dc, d)).collect();
+        assert_eq!(left, [false, true], "a datacenter dropped from the config: its Deployment goes");
+        let mut foreign = plain.clone();
+        foreign.metadata.owner_references = None;
+        assert!(!stale(&on, &foreign), "only a LikeTenant's Deployments are touched");
     }
 }

@@ -166,17 +166,24 @@ pub(super) async fn apply(lt: &LikeTenant, ctx: &Context) -> Result<Action> {
 
     let ns = lt.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let deployment = resources::build_job_deployment(lt, &cfg, &ctx.namespace);
-    let name = names::job_deployment(&tenant);
-    let applied = deployments
-        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&deployment))
-        .await
-        .map_err(kube_err(&tenant, "applying the job Deployment"))?;
+    // One Deployment, or one per datacenter (topology.per_datacenter).
+    let wanted = resources::build_job_deployments(lt, &cfg, &ctx.namespace);
     let want = lt.spec.job.replicas;
-    let s = applied.status.unwrap_or_default();
-    let rolled = s.observed_generation >= applied.metadata.generation;
-    let available = s.available_replicas.unwrap_or(0);
-    let job_ready = rolled && available >= want && s.updated_replicas.unwrap_or(0) >= want;
+    let (mut job_ready, mut available, mut wanted_pods) = (true, 0, 0);
+    for deployment in &wanted {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let applied = deployments
+            .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(deployment))
+            .await
+            .map_err(kube_err(&tenant, "applying the job Deployment"))?;
+        let s = applied.status.unwrap_or_default();
+        let rolled = s.observed_generation >= applied.metadata.generation;
+        let up = s.available_replicas.unwrap_or(0);
+        job_ready &= rolled && up >= want && s.updated_replicas.unwrap_or(0) >= want;
+        available += up;
+        wanted_pods += want;
+    }
+    let want = wanted_pods;
     conds.set(
         condition::JOB_READY,
         job_ready,
@@ -219,12 +226,13 @@ pub(super) async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Option<Act
         return Ok(Some(Action::requeue(PROMOTION_RECHECK)));
     }
 
-    // The job first, so nothing writes while the rest goes away.
+    // The jobs first, so nothing writes while the rest goes away: those of
+    // the configured layout (one, or one per datacenter; the controller's
+    // start removed the other layout's, and the owner references take any
+    // left with the LikeTenant).
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    match deployments.delete(&names::job_deployment(&tenant), &DeleteParams::foreground()).await {
-        Ok(_) => {}
-        Err(e) if is_status(&e, 404) => {}
-        Err(e) => return Err(kube_err(&tenant, "deleting the job Deployment")(e)),
+    for d in resources::build_job_deployments(lt, &cfg, &ctx.namespace) {
+        delete_job_deployment(lt, &deployments, d.metadata.name.as_deref().unwrap_or_default()).await?;
     }
     // A LikeTenant that never owned the name (a conflicting duplicate) must
     // not remove the owner's registry entry, users or data.
@@ -243,4 +251,14 @@ pub(super) async fn cleanup(lt: &LikeTenant, ctx: &Context) -> Result<Option<Act
     publish(lt, ctx, EventType::Normal, reason, note, "Cleanup").await;
     succeeded(lt, ctx);
     Ok(None)
+}
+
+/// Deletes one job Deployment of the tenant (foreground: its pods go
+/// first); one that is already gone is fine.
+async fn delete_job_deployment(lt: &LikeTenant, deployments: &Api<Deployment>, name: &str) -> Result<()> {
+    match deployments.delete(name, &DeleteParams::foreground()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
+        Err(e) => Err(kube_err(&lt.tenant(), "deleting the job Deployment")(e)),
+    }
 }

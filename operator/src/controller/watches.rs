@@ -6,17 +6,18 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::Api;
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use thumbup_core::route::Route;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Context;
 use super::reconcile::{error_policy, reconcile};
 use crate::crd::LikeTenant;
 use crate::error::{Error, Result};
+use crate::resources;
 
 /// What wakes the controller for a LikeTenant: its generation (spec
 /// changes and the start of deletion) and its finalizers. Status and other
@@ -97,6 +98,7 @@ pub async fn run(
         .applied_objects()
         .predicate_filter(trigger, Default::default());
     let jobs = watcher::Config::default().labels("app.kubernetes.io/managed-by=thumbup-operator");
+    let sweep = tokio::spawn(remove_stale_job_deployments(ctx.clone(), deployments.clone()));
     let flips = route_flips(ctx.route.clone());
     let out = Controller::for_stream(stream, reader)
         .owns(deployments, jobs)
@@ -118,9 +120,46 @@ pub async fn run(
         };
         let e = Error::WatchForbidden { resource, scope, verb, code, message };
         tracing::error!(error = %e, "tenant controller stopped");
+        sweep.abort();
         return Err(e);
     }
+    sweep.abort();
     Ok(())
+}
+
+/// How often the sweep of stale job Deployments tries to list them.
+const SWEEP_ATTEMPTS: u32 = 5;
+
+/// Once per controller start: deletes the job Deployments of a layout that
+/// the config no longer runs ([`resources::is_stale_job_deployment`]: the
+/// plain one after `topology.per_datacenter` was turned on, the
+/// per-datacenter ones after it was turned off or their datacenter left the
+/// config). A config change restarts the operator (the chart rolls its pods
+/// on the config's checksum), so once per start is enough, and the
+/// reconcile of each tenant makes no extra request for it.
+async fn remove_stale_job_deployments(ctx: Arc<Context>, deployments: Api<Deployment>) {
+    let params = ListParams::default().labels("app.kubernetes.io/managed-by=thumbup-operator");
+    for attempt in 1..=SWEEP_ATTEMPTS {
+        let listed = match deployments.list(&params).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                warn!(error = %e, attempt, "listing the job Deployments for stale ones");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        for d in listed.items.iter().filter(|d| resources::is_stale_job_deployment(&ctx.config, d)) {
+            let (Some(name), Some(ns)) = (d.metadata.name.as_deref(), d.metadata.namespace.as_deref()) else {
+                continue;
+            };
+            let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+            match api.delete(name, &DeleteParams::foreground()).await {
+                Ok(_) => info!(namespace = ns, deployment = name, "deleted a job Deployment of another topology"),
+                Err(e) => warn!(namespace = ns, deployment = name, error = %e, "deleting a stale job Deployment"),
+            }
+        }
+        return;
+    }
 }
 
 #[cfg(test)]
