@@ -40,6 +40,9 @@ const CLUSTER_WIDE: &[&str] = &[
     "datacenterSecret.existingSecret=thumbup-data-credentials",
 ];
 
+/// The service per datacenter, pinned to each zone, reading locally.
+const PER_DATACENTER: &[&str] = &["--set", "topology.perDatacenter=true", "--set", "failover.redisTier=true"];
+
 /// Every optional monitoring object on.
 const ALL_METRICS_ON: &[&str] = &[
     "--set",
@@ -335,7 +338,16 @@ struct OperatorYaml {
     job: JobYaml,
     db_proxy: DbProxyYaml,
     failover: FailoverYaml,
+    /// Only with topology.perDatacenter.
+    topology: Option<TopologyYaml>,
     datacenters: Vec<DatacenterYaml>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct TopologyYaml {
+    per_datacenter: bool,
+    zone_label: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,6 +358,9 @@ struct DbProxyYaml {
     port: u16,
     admin_port: u16,
     redis_port: u16,
+    /// Only with topology.perDatacenter.
+    local_port: Option<u16>,
+    local_redis_port: Option<u16>,
     resources: Option<ResourceRequirements>,
 }
 
@@ -386,6 +401,8 @@ struct JobYaml {
 #[serde(deny_unknown_fields)]
 struct DatacenterYaml {
     name: String,
+    /// Only with topology.perDatacenter.
+    zone: Option<String>,
     db: EndpointYaml,
     redis: EndpointYaml,
 }
@@ -586,12 +603,21 @@ datacenters:
     thumbup_operator::config::OperatorConfig::parse(&text, "test").unwrap()
 }
 
+/// The operator config of the chart rendered with [`PER_DATACENTER`], as
+/// the operator loads it.
+fn per_datacenter_operator_config() -> thumbup_operator::config::OperatorConfig {
+    let r = render(PER_DATACENTER);
+    let cm: ConfigMap = r.get(&fullname_of("operator"));
+    let text = cm.data.as_ref().and_then(|d| d.get("operator.yaml")).expect("ConfigMap key operator.yaml");
+    thumbup_operator::config::OperatorConfig::parse(text, "the chart's operator.yaml").expect("the operator takes it")
+}
+
 // ---------------------------------------------------------------- tests
 
 #[test]
 fn every_pod_of_the_chart_and_the_operator_passes_pod_security_restricted() {
     let mut pods: Vec<(String, PodSpec)> = Vec::new();
-    for args in [&[][..], CLUSTER_WIDE, &["--set", "dbProxy.enabled=false"][..]] {
+    for args in [&[][..], CLUSTER_WIDE, &["--set", "dbProxy.enabled=false"][..], PER_DATACENTER] {
         let r = render(args);
         for d in r.of_kind("Deployment") {
             let dep: Deployment = r.get(&d.name);
@@ -606,6 +632,16 @@ fn every_pod_of_the_chart_and_the_operator_passes_pod_security_restricted() {
         let lt = thumbup_operator::crd::LikeTenant::new("demo", spec);
         let d = thumbup_operator::resources::build_job_deployment(&lt, &job_operator_config(db_proxy), NAMESPACE);
         pods.push((format!("operator job Deployment (db-proxy {db_proxy})"), pod_spec(&d).clone()));
+    }
+    let lt = thumbup_operator::crd::LikeTenant::new(
+        "demo",
+        thumbup_operator::crd::LikeTenantSpec::with_businesses(vec![thumbup_operator::crd::Business {
+            id: 1,
+            name: "video".into(),
+        }]),
+    );
+    for d in thumbup_operator::resources::build_job_deployments(&lt, &per_datacenter_operator_config(), NAMESPACE) {
+        pods.push((format!("operator job Deployment {:?}", d.metadata.name), pod_spec(&d).clone()));
     }
     assert!(pods.len() >= 8, "{}", pods.len());
     let violations: Vec<String> = pods.iter().flat_map(|(name, pod)| restricted_violations(name, pod)).collect();
@@ -661,7 +697,8 @@ fn chart_passes_helm_lint_strict() {
 
 #[test]
 fn every_rendered_object_parses_as_its_kubernetes_type_without_unknown_fields() {
-    for args in [&[][..], CLUSTER_WIDE, ALL_METRICS_ON] {
+    let per_datacenter_metrics = [PER_DATACENTER, ALL_METRICS_ON].concat();
+    for args in [&[][..], CLUSTER_WIDE, ALL_METRICS_ON, &per_datacenter_metrics] {
         let r = render(args);
         assert!(r.docs.len() >= 7, "too few objects: {:?}", r.names());
         let errors: Vec<String> = r.docs.iter().filter_map(|d| check_doc(d).err()).collect();
@@ -1736,4 +1773,106 @@ fn operator_service_and_job_wait_before_their_first_probe() {
     for p in [&c.readiness_probe, &c.liveness_probe] {
         assert!(p.as_ref().and_then(|p| p.initial_delay_seconds).is_some_and(|s| s > 0), "job: {p:?}");
     }
+}
+
+#[test]
+fn per_datacenter_renders_a_service_deployment_pinned_to_each_zone_with_a_local_read_sidecar() {
+    let mut args = PER_DATACENTER.to_vec();
+    args.extend(["--set", "datacenters[1].zone=zone-b", "--set", "nodeSelector.disk=ssd"]);
+    let r = render(&args);
+    let service = fullname_of("service");
+    assert!(!r.has::<Deployment>(&service), "no service Deployment without a datacenter: {:?}", r.names());
+    let spanning: Service = r.get(&service);
+    let spanning = spanning.spec.unwrap().selector.unwrap();
+    for (dc, other, zone) in [("dc-a", "dc-b", "dc-a"), ("dc-b", "dc-a", "zone-b")] {
+        let name = format!("{service}-{dc}");
+        let d: Deployment = r.get(&name);
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(2), "service.replicas per datacenter");
+        let selector = spec.selector.match_labels.clone().unwrap();
+        assert_eq!(selector.get("thumbup.io/datacenter").map(String::as_str), Some(dc), "{name}: selectors apart");
+        let pod_labels = spec.template.metadata.clone().unwrap().labels.unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "{name} selects its pods");
+        let pod = pod_spec(&d);
+        let node_selector = pod.node_selector.clone().unwrap();
+        assert_eq!(node_selector.get("topology.kubernetes.io/zone").map(String::as_str), Some(zone), "{name}");
+        assert_eq!(
+            node_selector.get("disk").map(String::as_str),
+            Some("ssd"),
+            "{name}: the values' nodeSelector stays"
+        );
+        let sidecar = &pod.init_containers.as_ref().expect("the sidecar")[0];
+        assert_eq!(
+            command(sidecar),
+            [
+                "thumbup-db-proxy",
+                "--listen=127.0.0.1:3306",
+                "--admin-listen=0.0.0.0:9193",
+                &format!("--route-config-map={NAMESPACE}/thumbup-route"),
+                "--redis-listen=127.0.0.1:6379",
+                &format!("--datacenter={dc}"),
+                "--local-listen=127.0.0.1:3307",
+                "--local-redis-listen=127.0.0.1:6380",
+            ]
+        );
+        // The spanning Service selects these pods; this datacenter's Service
+        // and budget select them and not the other datacenter's.
+        assert!(spanning.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "{service} selects {name}'s pods");
+        let own: Service = r.get(&name);
+        let own = own.spec.unwrap().selector.unwrap();
+        assert!(own.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "Service {name} selects its pods");
+        assert_eq!(own.get("thumbup.io/datacenter").map(String::as_str), Some(dc));
+        let pdb: PodDisruptionBudget = r.get(&name);
+        let pdb = pdb.spec.unwrap().selector.unwrap().match_labels.unwrap();
+        assert!(pdb.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "PDB {name} selects its pods");
+        assert_eq!(pdb.get("thumbup.io/datacenter").map(String::as_str), Some(dc), "and not {other}'s");
+    }
+    assert!(!r.has::<PodDisruptionBudget>(&service), "one budget per datacenter, none spanning both");
+
+    // The operator config says the same, and the operator takes it.
+    let y = operator_yaml(&r);
+    assert_eq!(
+        y.topology,
+        Some(TopologyYaml { per_datacenter: true, zone_label: "topology.kubernetes.io/zone".into() })
+    );
+    let zones: Vec<_> = y.datacenters.iter().map(|d| d.zone.clone().unwrap_or_default()).collect();
+    assert_eq!(zones, ["dc-a", "zone-b"]);
+    assert_eq!((y.db_proxy.local_port, y.db_proxy.local_redis_port), (Some(3307), Some(6380)));
+    let cfg = per_datacenter_operator_config();
+    assert!(cfg.topology.per_datacenter && cfg.failover.redis_tier);
+    let lt = thumbup_operator::crd::LikeTenant::new(
+        "demo",
+        thumbup_operator::crd::LikeTenantSpec::with_businesses(vec![thumbup_operator::crd::Business {
+            id: 1,
+            name: "video".into(),
+        }]),
+    );
+    let entry = thumbup_operator::resources::registry_entry(&lt, &cfg, "dc-b");
+    let local = entry.local_reads.expect("the registry entry reads locally");
+    assert_eq!((local.db_url.as_str(), local.redis_url.as_str()), ("mysql://127.0.0.1:3307", "redis://127.0.0.1:6380"));
+    let jobs = thumbup_operator::resources::build_job_deployments(&lt, &cfg, NAMESPACE);
+    let names: Vec<_> = jobs.iter().map(|d| d.metadata.name.clone().unwrap()).collect();
+    assert_eq!(names, ["thumbup-job-demo-dc-a", "thumbup-job-demo-dc-b"]);
+
+    // Off (the default), the one Deployment as before and no topology in
+    // the operator config.
+    let off = render(&[]);
+    assert!(off.has::<Deployment>(&service) && !off.has::<Deployment>(&format!("{service}-dc-a")));
+    assert!(pod_spec(&off.get::<Deployment>(&service)).node_selector.is_none());
+    let y = operator_yaml(&off);
+    assert!(y.topology.is_none() && y.db_proxy.local_port.is_none() && y.datacenters.iter().all(|d| d.zone.is_none()));
+}
+
+#[test]
+fn per_datacenter_without_the_sidecar_or_the_redis_tier_fails_the_render() {
+    for extra in [&["--set", "failover.redisTier=false"][..], &["--set", "dbProxy.enabled=false"][..]] {
+        let mut args = PER_DATACENTER.to_vec();
+        args.extend_from_slice(extra);
+        let err = try_render(&args).expect_err("refused");
+        assert!(err.contains("topology.perDatacenter needs dbProxy.enabled and failover.redisTier"), "{err}");
+    }
+    let mut args = PER_DATACENTER.to_vec();
+    args.extend(["--set", "dbProxy.localPort=3306"]);
+    let err = try_render(&args).expect_err("a port used twice");
+    assert!(err.contains("must be distinct"), "{err}");
 }

@@ -206,6 +206,8 @@ The CA Secrets' volume mounts and volumes (operator and service pods).
 
 {{- define "thumbup.operatorConfig" -}}
 {{- include "thumbup.validateDatacenters" . }}
+{{- $perDc := (.Values.topology | default dict).perDatacenter }}
+{{- $_ := include "thumbup.placements" . }}
 {{- $secrets := printf "%s/secrets" (include "thumbup.operatorConfigDir" .) -}}
 active_datacenter: {{ .Values.activeDatacenter | quote }}
 registry:
@@ -237,6 +239,10 @@ db_proxy:
   port: {{ .Values.dbProxy.port }}
   admin_port: {{ .Values.dbProxy.adminPort }}
   redis_port: {{ .Values.dbProxy.redisPort | default 6379 }}
+  {{- if $perDc }}
+  local_port: {{ .Values.dbProxy.localPort | default 3307 }}
+  local_redis_port: {{ .Values.dbProxy.localRedisPort | default 6380 }}
+  {{- end }}
   {{- with .Values.dbProxy.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
@@ -254,9 +260,17 @@ failover:
   max_lag_ms: {{ .Values.failover.maxLagMs | int64 }}
   catch_up_timeout_ms: {{ .Values.failover.catchUpTimeoutMs | int64 }}
   redis_tier: {{ .Values.failover.redisTier | default false }}
+{{- if $perDc }}
+topology:
+  per_datacenter: true
+  zone_label: {{ .Values.topology.zoneLabel | quote }}
+{{- end }}
 datacenters:
 {{- range .Values.datacenters }}
   - name: {{ .name | quote }}
+    {{- if $perDc }}
+    zone: {{ .zone | default .name | quote }}
+    {{- end }}
     db:
       url: {{ .db.url | quote }}
       admin_username: {{ .db.adminUsername | quote }}
@@ -292,25 +306,67 @@ datacenters:
 The pod placement and hardening that the operator and the service share.
 */}}
 {{- define "thumbup.podCommon" -}}
-{{- with .Values.imagePullSecrets }}
+{{- include "thumbup.podCommonWith" (dict "ctx" . "nodeSelector" .Values.nodeSelector) }}
+{{- end }}
+
+{{/*
+The same with a given nodeSelector; call with (dict "ctx" $ "nodeSelector"
+$selector). The service of one datacenter (topology.perDatacenter) adds its
+zone to the values' nodeSelector.
+*/}}
+{{- define "thumbup.podCommonWith" -}}
+{{- with .ctx.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.podSecurityContext }}
+{{- with .ctx.Values.podSecurityContext }}
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.nodeSelector }}
+{{- with .nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.affinity }}
+{{- with .ctx.Values.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with .ctx.Values.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the service runs, as a JSON list of placements: one without a
+datacenter (name ""), or with topology.perDatacenter one per datacenter
+({"name": <datacenter>, "zone": <its zone label value>}). Fails the render
+on a per-datacenter setting the operator would refuse.
+*/}}
+{{- define "thumbup.placements" -}}
+{{- $t := .Values.topology | default dict }}
+{{- if $t.perDatacenter }}
+{{- if not (and .Values.dbProxy.enabled .Values.failover.redisTier) }}
+{{- fail "topology.perDatacenter needs dbProxy.enabled and failover.redisTier: the pods of every datacenter read through their sidecar's local listeners and write through the ones that follow the route" }}
+{{- end }}
+{{- if not $t.zoneLabel }}
+{{- fail "topology.zoneLabel is empty: the node label whose value is a datacenter's zone" }}
+{{- end }}
+{{- $ports := list (int .Values.dbProxy.port) (int .Values.dbProxy.adminPort) (int (.Values.dbProxy.redisPort | default 6379)) (int (.Values.dbProxy.localPort | default 3307)) (int (.Values.dbProxy.localRedisPort | default 6380)) }}
+{{- if ne (len $ports) (len (uniq $ports)) }}
+{{- fail (printf "dbProxy: port, adminPort, redisPort, localPort and localRedisPort must be distinct: %v" $ports) }}
+{{- end }}
+{{- $list := list }}
+{{- range .Values.datacenters }}
+{{- $name := printf "%s-%s" (include "thumbup.serviceName" $) .name }}
+{{- if gt (len $name) 63 }}
+{{- fail (printf "topology.perDatacenter: the service Deployment %s is longer than 63 characters: shorten the release name, fullnameOverride or the datacenter name" $name) }}
+{{- end }}
+{{- $list = append $list (dict "name" .name "zone" (.zone | default .name)) }}
+{{- end }}
+{{- toJson $list }}
+{{- else }}
+{{- toJson (list (dict "name" "" "zone" "")) }}
 {{- end }}
 {{- end }}
 
@@ -320,6 +376,18 @@ before the main container, stopped after it). It follows the route
 ConfigMap of the release namespace.
 */}}
 {{- define "thumbup.dbProxySidecar" -}}
+{{- include "thumbup.dbProxySidecarIn" (dict "ctx" . "datacenter" "") }}
+{{- end }}
+
+{{/*
+The sidecar of a pod pinned to a datacenter; call with (dict "ctx" $
+"datacenter" NAME). With a datacenter (topology.perDatacenter) it also
+serves the local-read listeners for that datacenter's DB and Redis, which
+the registry entry's local_reads names.
+*/}}
+{{- define "thumbup.dbProxySidecarIn" -}}
+{{- $dc := .datacenter }}
+{{- with .ctx -}}
 - name: db-proxy
   image: {{ .Values.dbProxy.image | default (include "thumbup.image" .) | quote }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -331,6 +399,11 @@ ConfigMap of the release namespace.
     - --route-config-map={{ .Release.Namespace }}/{{ .Values.failover.routeConfigMap }}
     {{- if .Values.failover.redisTier }}
     - --redis-listen=127.0.0.1:{{ .Values.dbProxy.redisPort | default 6379 }}
+    {{- end }}
+    {{- if $dc }}
+    - --datacenter={{ $dc }}
+    - --local-listen=127.0.0.1:{{ .Values.dbProxy.localPort | default 3307 }}
+    - --local-redis-listen=127.0.0.1:{{ .Values.dbProxy.localRedisPort | default 6380 }}
     {{- end }}
   env:
     - name: RUST_LOG
@@ -367,4 +440,5 @@ ConfigMap of the release namespace.
   securityContext:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
 {{- end }}
