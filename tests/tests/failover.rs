@@ -29,6 +29,7 @@ use thumbup_e2e::*;
 use thumbup_operator::failover::{self, Notice};
 use thumbup_service::pb;
 use thumbup_test_support::stack::{server_pid, stack};
+use thumbup_test_support::wait::wait_until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -820,12 +821,21 @@ struct Load {
 
 impl Load {
     fn start(client: &Client, writers: usize, readers: usize) -> Load {
+        Load::across(client, client, Arc::new(AtomicBool::new(false)), writers, readers)
+    }
+
+    /// Half the writers and readers go to `a` (dc-a's instance) and half to
+    /// `b`, until `a_lost` is set: then all go to `b`, as the clients'
+    /// load balancer would send them once dc-a is dark. A call to `a` that
+    /// fails once `a_lost` is set is not acknowledged, whatever its status.
+    fn across(a: &Client, b: &Client, a_lost: Arc<AtomicBool>, writers: usize, readers: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let ok_per_sec: Arc<Vec<AtomicU64>> = Arc::new((0..600).map(|_| AtomicU64::new(0)).collect());
         let writers = (0..writers)
             .map(|i| {
-                let (c, stop, per_sec) = (client.clone(), stop.clone(), ok_per_sec.clone());
+                let (a, b, lost) = (a.clone(), b.clone(), a_lost.clone());
+                let (stop, per_sec) = (stop.clone(), ok_per_sec.clone());
                 tokio::spawn(async move {
                     let mut out = Written::default();
                     let mut n: i64 = 0;
@@ -836,6 +846,8 @@ impl Load {
                         let mid = 10_000 + i as i64 * 1_000_000 + n;
                         let msg = 1 + n % 50;
                         let action = if n % 5 == 0 { pb::Action::Dislike } else { pb::Action::Like };
+                        let to_a = i % 2 == 0 && !lost.load(Ordering::Relaxed);
+                        let c = if to_a { &a } else { &b };
                         match c.act(1, msg, mid, owner_of(msg), action).await {
                             Ok(r) => {
                                 out.ok += 1;
@@ -845,7 +857,9 @@ impl Load {
                                     b.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
-                            Err(s) if s.code() == tonic::Code::Unavailable => {
+                            Err(s)
+                                if s.code() == tonic::Code::Unavailable || (to_a && lost.load(Ordering::Relaxed)) =>
+                            {
                                 out.unavailable += 1;
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
@@ -858,13 +872,14 @@ impl Load {
             .collect();
         let readers = (0..readers)
             .map(|i| {
-                let (c, stop) = (client.clone(), stop.clone());
+                let (a, b, lost, stop) = (a.clone(), b.clone(), a_lost.clone(), stop.clone());
                 tokio::spawn(async move {
                     let (mut ok, mut failed) = (0u64, 0u64);
                     let mut n = i as i64;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
                         let msgs: Vec<i64> = (0..5).map(|k| 1 + (n * 7 + k) % 50).collect();
+                        let c = if i % 2 == 0 && !lost.load(Ordering::Relaxed) { &a } else { &b };
                         match c.counts(1, &msgs).await {
                             Ok(_) => ok += 1,
                             Err(_) => {
@@ -936,31 +951,46 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         let route = site.route();
         assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('a')).as_str()));
         let name = test.clone();
-        let w = World::start(&test, &two_tier_tenant(&name, &site.proxy)).await;
+        // Each datacenter has its own service instance, reading from its own
+        // servers and writing through the proxy: dc-b's runs in-process
+        // (its metrics are this process's), dc-a's is a process killed with
+        // dc-a's servers.
+        let tenant = two_tier_tenant(&name, &site.proxy);
+        let w = World::start(&test, &with_local_reads(&tenant, 'b')).await;
         let t = w.tenant(&name).clone();
         // The tenant's ACL user on dc-b's Redis (ACL users do not replicate).
         thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
             .await
             .expect("the tenant's user on dc-b's Redis");
+        let a_config = w.dir.join("dc-a.yaml");
+        std::fs::write(&a_config, format!("tenants:\n{}", with_local_reads(&tenant, 'a'))).unwrap();
+        let mut svc_a = ServiceProcess::start(&w.dir, "service-dc-a", &a_config).await;
         let mut job_a = w.job_named(&name, 500, "job-dc-a");
         let mut job_b = w.job_named(&name, 500, "job-dc-b");
         let client = w.client_of(&name).await;
-        let load = Load::start(&client, 16, 16);
+        let client_a = svc_a.client(&name, &format!("tok-{name}-0001")).await;
+        let a_lost = Arc::new(AtomicBool::new(false));
+        let load = Load::across(&client_a, &client, a_lost.clone(), 16, 16);
         tokio::time::sleep(Duration::from_secs(6)).await;
         let before = load.rate(Duration::from_secs(2), Duration::from_secs(6));
         let degraded_before = counter("thumbup_service_degraded_writes_total", &[("tenant", &name)]);
 
-        // dc-a goes dark: its MariaDB, its Redis and its job, at once.
-        // One kill(1) for both servers (stack.sh's kills take its lock one
-        // after the other), then the job; stack.sh then waits for them.
-        let pids: Vec<String> = [("redis", "a"), ("mariadb", "a")]
+        // dc-a goes dark: its MariaDB, its Redis, its service instance and
+        // its job, at once. One kill(1) for the servers and the service
+        // (stack.sh's kills take its lock one after the other), then the
+        // job; stack.sh then waits for them. The clients of dc-a's instance
+        // move to dc-b's.
+        let mut pids: Vec<String> = [("redis", "a"), ("mariadb", "a")]
             .iter()
             .map(|(s, i)| server_pid(s, i).unwrap_or_else(|| panic!("{s}-{i} has no pid file")).to_string())
             .collect();
+        pids.push(svc_a.pid().to_string());
+        a_lost.store(true, Ordering::Relaxed);
         let killed = Instant::now();
         let status = Command::new("kill").arg("-KILL").args(&pids).status().expect("kill");
         assert!(status.success(), "kill -KILL {pids:?}");
         job_a.kill();
+        svc_a.kill();
         stack(&["kill", "mariadb", "a"]);
         stack(&["kill", "redis", "a"]);
         let killed_at = load.started.elapsed();
@@ -1112,6 +1142,23 @@ async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back(
     wait_redis_role('b', "master", None, Duration::from_secs(5)).await;
     wait_redis_role('a', "slave", Some('b'), Duration::from_secs(20)).await;
     assert_eq!(read_only('a').await, Some(true), "the old primary DB is fenced");
+    // No process of the tenant is left on dc-a's servers: the proxy ended
+    // the service's and the jobs' sessions of both tiers, and they are on
+    // dc-b's now.
+    let (redis_user, db_user) = (t.redis.username.as_str(), t.db.username.as_str());
+    let left = wait_until(Duration::from_secs(5), Duration::from_millis(100), || async {
+        let on = (redis_clients_of('a', redis_user).await, db_sessions_of('a', db_user).await);
+        let now = (redis_clients_of('b', redis_user).await, db_sessions_of('b', db_user).await);
+        if on == (0, 0) && now.0 > 0 && now.1 > 0 {
+            Ok(now)
+        } else {
+            Err(format!(
+                "after the switchover to dc-b: {on:?} Redis connections and DB sessions on dc-a, {now:?} on dc-b"
+            ))
+        }
+    })
+    .await;
+    println!("after the switchover to dc-b: no connection of the tenant on dc-a's servers, {left:?} on dc-b's");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // dc-a's DB rebuilt as dc-b's replica (its Redis already is one), then back.
