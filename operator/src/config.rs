@@ -521,6 +521,14 @@ impl OperatorConfig {
             if dc.zone().trim().is_empty() {
                 return Err(ConfigError::Invalid(format!("{n}: zone is empty")));
             }
+            // thumbup-job-<tenant>-<dc>: with datacenters `b` and `a-b`,
+            // tenant `x-a` in `b` and tenant `x` in `a-b` would share a name.
+            if let Some(other) = self.datacenters.iter().find(|o| n.ends_with(&format!("-{}", o.name))) {
+                return Err(ConfigError::Invalid(format!(
+                    "topology.per_datacenter: datacenter name {n:?} ends with \"-{}\", another datacenter's name: two tenants' job Deployments could share a name",
+                    other.name
+                )));
+            }
         }
         Ok(())
     }
@@ -717,6 +725,13 @@ datacenters:
             (format!("{on}db_proxy: {{ enabled: false }}\n"), "needs db_proxy.enabled and failover.redis_tier"),
             (format!("{on}db_proxy: {{ local_port: 3306 }}\n"), "must be distinct"),
             (on.replace("per_datacenter: true", "per_datacenter: true, zone_label: ''"), "zone_label is empty"),
+            (
+                on.replace(
+                    "    zone: eu-west-1a",
+                    "    zone: eu-west-1a\n  - name: b-dc-a\n    db: { url: \"mysql://db-b:3306\", admin_username: r, admin_password: p }\n    redis: { url: \"redis://redis-b:6379\", admin_username: d, admin_password: p }",
+                ),
+                "another datacenter's name",
+            ),
         ];
         for (text, want) in cases {
             let err = OperatorConfig::parse(&text, "test").unwrap_err().to_string();

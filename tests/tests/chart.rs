@@ -1875,4 +1875,8 @@ fn per_datacenter_without_the_sidecar_or_the_redis_tier_fails_the_render() {
     args.extend(["--set", "dbProxy.localPort=3306"]);
     let err = try_render(&args).expect_err("a port used twice");
     assert!(err.contains("must be distinct"), "{err}");
+    let mut args = PER_DATACENTER.to_vec();
+    args.extend(["--set", "datacenters[1].name=b-dc-a"]);
+    let err = try_render(&args).expect_err("job Deployment names that could collide");
+    assert!(err.contains("ends with -dc-a, another datacenter's name"), "{err}");
 }

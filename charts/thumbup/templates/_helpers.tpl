@@ -362,6 +362,12 @@ on a per-datacenter setting the operator would refuse.
 {{- if gt (len $name) 63 }}
 {{- fail (printf "topology.perDatacenter: the service Deployment %s is longer than 63 characters: shorten the release name, fullnameOverride or the datacenter name" $name) }}
 {{- end }}
+{{- $dc := .name }}
+{{- range $.Values.datacenters }}
+{{- if hasSuffix (printf "-%s" .name) $dc }}
+{{- fail (printf "topology.perDatacenter: datacenter name %s ends with -%s, another datacenter's name: two tenants' job Deployments (thumbup-job-<tenant>-<datacenter>) could share a name" $dc .name) }}
+{{- end }}
+{{- end }}
 {{- $list = append $list (dict "name" .name "zone" (.zone | default .name)) }}
 {{- end }}
 {{- toJson $list }}
