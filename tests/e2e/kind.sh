@@ -33,7 +33,18 @@
 #       (helm upgrade --set activeDatacenter=dc-b): the route ConfigMap names
 #       dc-b at epoch 2, dc-a is fenced, the LikeTenant's status and a
 #       Switchover Event say so, and a like after it lands on dc-b;
-#   12. deletes the cluster (unless KEEP_CLUSTER=1).
+#   12. the whole-datacenter steps: the tenant deleted, the release
+#       uninstalled and the data layer started again from nothing, dc-b's
+#       Redis made a replica of dc-a's; the chart installed with
+#       topology.perDatacenter, failover.redisTier and replicaAcks 1 (a service
+#       Deployment per zone, the operator on dc-b, CoreDNS on the control
+#       plane); the tenant's job Deployments per zone; 20 likes through dc-b's
+#       service (thumbup-service-dc-b); then dc-a lost as a whole (its kind
+#       node container killed, its MariaDB and Redis pods deleted): the route
+#       names dc-b at epoch 2 within E2E_FLIP_BOUND seconds, likes through
+#       dc-b's service succeed again, and every like acknowledged before the
+#       loss reads LIKE on dc-b, in the counts and in mariadb-dc-b's records;
+#   13. deletes the cluster (unless KEEP_CLUSTER=1).
 # On failure it dumps the state of both namespaces (get, describe, events,
 # logs) before the cluster goes.
 #
@@ -45,6 +56,8 @@
 #   E2E_TIMEOUT=<s>       upper bound of each wait for a rollout/condition (default 300)
 #   E2E_TENANT_WAIT=<s>   how long the service may take to pick up a new tenant's
 #                         registry files (kubelet propagation; default 150)
+#   E2E_FLIP_BOUND=<s>    how soon after dc-a's loss the route must name dc-b
+#                         (default 60; the local stack measures about 6 s)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -293,6 +306,44 @@ counts_are() { # message expected-line-fragment
   grep -q "message=$1 $2" <<<"$out"
 }
 
+# ---------------------------------------------------------------- data layer
+
+job_done() {
+  local s
+  s="$(kc get job mariadb-replication -n "$DATA_NS" \
+    -o 'jsonpath={.status.conditions[?(@.type=="Complete")].status}/{.status.conditions[?(@.type=="Failed")].status}')" \
+    || return 1
+  [[ "$s" == */True ]] && fail "job mariadb-replication failed"
+  [[ "$s" == True/* ]]
+}
+
+# Starts MariaDB and Redis of both datacenters from tests/e2e/manifests (the
+# namespace and the Secret thumbup-data-credentials exist), each pinned to
+# its zone, and makes mariadb-dc-b a GTID replica of mariadb-dc-a. Storage is
+# an emptyDir: after a delete of the StatefulSets this starts from nothing.
+start_data_layer() {
+  local sts node zone
+  kc apply -f "$MANIFESTS/mariadb.yaml" -f "$MANIFESTS/redis.yaml"
+  for sts in mariadb-dc-a mariadb-dc-b redis-dc-a redis-dc-b; do
+    info "waiting for statefulset/$sts"
+    kc_wait rollout status "statefulset/$sts" -n "$DATA_NS" --timeout="${WAIT}s"
+  done
+  for sts in mariadb-dc-a mariadb-dc-b redis-dc-a redis-dc-b; do
+    node="$(kc get pod "$sts-0" -n "$DATA_NS" -o 'jsonpath={.spec.nodeName}')"
+    zone="$(kc get node "$node" -o 'jsonpath={.metadata.labels.topology\.kubernetes\.io/zone}')"
+    [[ "$zone" == "${sts#*-}" ]] || fail "$sts-0 runs on $node in zone '$zone', not ${sts#*-}"
+    info "$sts-0 runs on $node (zone $zone)"
+  done
+
+  info "making mariadb-dc-b a replica of mariadb-dc-a (job mariadb-replication)"
+  kc apply -f "$MANIFESTS/mariadb-replication.yaml"
+  poll "$WAIT" "job mariadb-replication to complete" job_done
+  kc logs -n "$DATA_NS" job/mariadb-replication | sed 's/^/    | /' || true
+  has_acl_user dc-a default || fail "redis-dc-a: default user missing from ACL USERS"
+  has_acl_user dc-b default || fail "redis-dc-b: default user missing from ACL USERS"
+  info "redis-dc-a and redis-dc-b answer as the default user"
+}
+
 # ---------------------------------------------------------------- diagnostics
 
 dump_namespace() { # namespace
@@ -412,33 +463,7 @@ kc create secret generic thumbup-data-credentials -n "$DATA_NS" \
   --from-literal=dc-b-redis-password="$DC_B_REDIS_PASSWORD" \
   --from-literal=replication-password="$(random_password)" \
   --dry-run=client -o yaml | kc apply -f -
-kc apply -f "$MANIFESTS/mariadb.yaml" -f "$MANIFESTS/redis.yaml"
-for sts in mariadb-dc-a mariadb-dc-b redis-dc-a redis-dc-b; do
-  info "waiting for statefulset/$sts"
-  kc_wait rollout status "statefulset/$sts" -n "$DATA_NS" --timeout="${WAIT}s"
-done
-for sts in mariadb-dc-a mariadb-dc-b redis-dc-a redis-dc-b; do
-  node="$(kc get pod "$sts-0" -n "$DATA_NS" -o 'jsonpath={.spec.nodeName}')"
-  zone="$(kc get node "$node" -o 'jsonpath={.metadata.labels.topology\.kubernetes\.io/zone}')"
-  [[ "$zone" == "${sts#*-}" ]] || fail "$sts-0 runs on $node in zone '$zone', not ${sts#*-}"
-  info "$sts-0 runs on $node (zone $zone)"
-done
-
-info "making mariadb-dc-b a replica of mariadb-dc-a (job mariadb-replication)"
-kc apply -f "$MANIFESTS/mariadb-replication.yaml"
-job_done() {
-  local s
-  s="$(kc get job mariadb-replication -n "$DATA_NS" \
-    -o 'jsonpath={.status.conditions[?(@.type=="Complete")].status}/{.status.conditions[?(@.type=="Failed")].status}')" \
-    || return 1
-  [[ "$s" == */True ]] && fail "job mariadb-replication failed"
-  [[ "$s" == True/* ]]
-}
-poll "$WAIT" "job mariadb-replication to complete" job_done
-kc logs -n "$DATA_NS" job/mariadb-replication | sed 's/^/    | /' || true
-has_acl_user dc-a default || fail "redis-dc-a: default user missing from ACL USERS"
-has_acl_user dc-b default || fail "redis-dc-b: default user missing from ACL USERS"
-info "redis-dc-a and redis-dc-b answer as the default user"
+start_data_layer
 
 step "installing chart $CHART as release $RELEASE in namespace $NS"
 cat >"$WORK/values.yaml" <<EOF
@@ -620,6 +645,192 @@ poll 90 "counts of message 9 to read likes=2 (applied on dc-b)" counts_are 9 'li
 out="$(db_admin dc-b "SELECT COUNT(*) FROM $TENANT_SCHEMA.like_records WHERE message_id = 9 AND state = 1")"
 [[ "$out" == 2 ]] || fail "mariadb-dc-b holds $out LIKE records of message 9, want 2"
 info "route on dc-b at epoch 2, dc-a fenced, both likes on mariadb-dc-b, status and Event say so"
+
+step "whole datacenter: a fresh install with topology.perDatacenter and the Redis tier"
+# The switchover left dc-a fenced and following nothing: this part starts
+# over from an empty data layer, with dc-b's Redis a replica of dc-a's, and
+# installs the chart with a service and jobs per datacenter.
+kc_wait delete liketenant "$TENANT" -n "$NS" --wait --timeout=180s
+bounded 600 helm --kube-context "$CONTEXT" uninstall "$RELEASE" -n "$NS" --wait --timeout "${WAIT}s"
+# What the operator wrote, not Helm: the route (its epoch starts again at
+# 1), the switchover request, the registry, the Lease.
+kc delete configmap "$ROUTE_CM" "$ROUTE_CM-switchover" thumbup-tenants -n "$NS" --ignore-not-found
+kc delete secret "$REGISTRY_SECRET" -n "$NS" --ignore-not-found
+kc delete lease "$OPERATOR_DEPLOY" -n "$NS" --ignore-not-found
+kc delete pod "$CLIENT_POD" -n "$NS" --ignore-not-found --wait
+kc_wait delete -f "$MANIFESTS/mariadb-replication.yaml" -f "$MANIFESTS/redis.yaml" -f "$MANIFESTS/mariadb.yaml" \
+  --ignore-not-found --wait --timeout="${WAIT}s"
+start_data_layer
+info "making redis-dc-b a replica of redis-dc-a (the failover controller moves the roles from here on)"
+redis_admin dc-b CONFIG SET masteruser default >/dev/null
+redis_admin dc-b CONFIG SET masterauth "$DC_A_REDIS_PASSWORD" >/dev/null
+redis_admin dc-b REPLICAOF "redis-dc-a.$DATA_NS.svc" 6379 >/dev/null
+redis_follows_dc_a() {
+  local out
+  out="$(redis_admin dc-b INFO replication)" || return 2
+  grep -q 'master_link_status:up' <<<"$out"
+}
+poll 120 "redis-dc-b to replicate redis-dc-a (master_link_status:up)" redis_follows_dc_a
+# What must outlive dc-a runs elsewhere: CoreDNS on the control plane (a
+# replica on dc-a's worker would fail lookups until the node is declared
+# lost), the operator (it runs the failover controller) and the client pod
+# on dc-b. In production: operator replicas in several zones (the Lease
+# moves within its 15 s).
+kc -n kube-system patch deployment coredns --type merge \
+  -p '{"spec":{"template":{"spec":{"nodeSelector":{"node-role.kubernetes.io/control-plane":""}}}}}'
+kc_wait -n kube-system rollout status deployment/coredns --timeout="${WAIT}s"
+cat >"$WORK/whole-datacenter-values.yaml" <<VALUES
+image:
+  repository: $IMAGE_REPO
+  tag: $IMAGE_TAG
+  pullPolicy: Never
+# The operator (and its failover controller) in the surviving datacenter;
+# the per-datacenter service Deployments put their own zone over this.
+nodeSelector:
+  topology.kubernetes.io/zone: dc-b
+topology:
+  perDatacenter: true
+failover:
+  redisTier: true
+datacenters:
+  - name: dc-a
+    db:
+      url: "mysql://mariadb-dc-a.$DATA_NS.svc:3306"
+      adminUsername: root
+      adminPassword: "$DC_A_DB_PASSWORD"
+    redis:
+      url: "redis://redis-dc-a.$DATA_NS.svc:6379"
+      adminUsername: default
+      adminPassword: "$DC_A_REDIS_PASSWORD"
+      # A like is acknowledged once dc-b's Redis holds it.
+      replicaAcks: 1
+  - name: dc-b
+    db:
+      url: "mysql://mariadb-dc-b.$DATA_NS.svc:3306"
+      adminUsername: root
+      adminPassword: "$DC_B_DB_PASSWORD"
+    redis:
+      url: "redis://redis-dc-b.$DATA_NS.svc:6379"
+      adminUsername: default
+      adminPassword: "$DC_B_REDIS_PASSWORD"
+      replicaAcks: 1
+VALUES
+bounded 600 helm --kube-context "$CONTEXT" install "$RELEASE" "$CHART" -n "$NS" \
+  -f "$WORK/whole-datacenter-values.yaml" --timeout "${WAIT}s"
+info "waiting for deployment/$OPERATOR_DEPLOY, $SERVICE_DEPLOY-dc-a and $SERVICE_DEPLOY-dc-b to be Available"
+kc_wait wait --for=condition=Available "deployment/$OPERATOR_DEPLOY" "deployment/$SERVICE_DEPLOY-dc-a" \
+  "deployment/$SERVICE_DEPLOY-dc-b" -n "$NS" --timeout="${WAIT}s"
+has_object deployment "$SERVICE_DEPLOY" && fail "deployment/$SERVICE_DEPLOY exists beside the per-datacenter ones"
+zones_of_pods() { # label-selector -> the zones of the nodes its pods run on, sorted, one a line
+  local node
+  for node in $(kc get pods -n "$NS" -l "$1" -o 'jsonpath={range .items[*]}{.spec.nodeName}{"\n"}{end}'); do
+    kc get node "$node" -o 'jsonpath={.metadata.labels.topology\.kubernetes\.io/zone}{"\n"}'
+  done | sort -u
+}
+for dc in dc-a dc-b; do
+  zones="$(zones_of_pods "app.kubernetes.io/component=service,thumbup.io/datacenter=$dc")"
+  [[ "$zones" == "$dc" ]] || fail "the pods of $SERVICE_DEPLOY-$dc run in zone(s) '$zones', not $dc"
+done
+info "$SERVICE_DEPLOY-dc-a runs in zone dc-a, $SERVICE_DEPLOY-dc-b in zone dc-b"
+poll 60 "the route ConfigMap $ROUTE_CM to name dc-a at epoch 1" route_is dc-a 1
+route_moves_redis() {
+  local text
+  text="$(kc get configmap "$ROUTE_CM" -n "$NS" -o 'jsonpath={.data.route\.yaml}')" || return 2
+  grep -q '^redis:' <<<"$text"
+}
+poll 60 "the route to carry the Redis addresses (failover.redisTier)" route_moves_redis
+
+step "whole datacenter: tenant $TENANT per datacenter, likes through dc-b's service"
+kc apply -f "$ROOT/examples/liketenant.yaml"
+kc_wait wait --for=condition=Ready "liketenant/$TENANT" -n "$NS" --timeout=180s
+kc_wait wait --for=condition=Available "deployment/$JOB_DEPLOY-dc-a" "deployment/$JOB_DEPLOY-dc-b" \
+  -n "$NS" --timeout="${WAIT}s"
+has_object deployment "$JOB_DEPLOY" && fail "deployment/$JOB_DEPLOY exists beside the per-datacenter ones"
+for dc in dc-a dc-b; do
+  zones="$(zones_of_pods "thumbup.io/tenant=$TENANT,thumbup.io/datacenter=$dc")"
+  [[ "$zones" == "$dc" ]] || fail "the pods of $JOB_DEPLOY-$dc run in zone(s) '$zones', not $dc"
+done
+info "deployment/$JOB_DEPLOY-dc-a and $JOB_DEPLOY-dc-b are Available, each in its zone"
+registry="$(kc get configmap thumbup-tenants -n "$NS" -o 'jsonpath={.data.tenants\.yaml}')"
+grep -q 'local_reads:' <<<"$registry" || fail "the registry entry has no local_reads: $registry"
+TOKEN="$(secret_value "$TENANT_SECRET" token)"
+info "starting pod $CLIENT_POD on a dc-b node"
+kc run "$CLIENT_POD" -n "$NS" --image="$IMAGE" --image-pull-policy=Never --restart=Never \
+  --labels=app.kubernetes.io/part-of=thumbup-e2e \
+  --overrides='{"apiVersion":"v1","spec":{"nodeSelector":{"topology.kubernetes.io/zone":"dc-b"}}}' \
+  --command -- sleep 3600
+kc_wait wait --for=condition=Ready "pod/$CLIENT_POD" -n "$NS" --timeout="${WAIT}s"
+poll "$TENANT_WAIT" "every thumbup-service pod to serve tenant $TENANT" service_serves_tenant
+SERVICE_DC_B_ADDR="http://$SERVICE_NAME-dc-b.$NS.svc.cluster.local:50051"
+ctl_b() { ctl_at "$SERVICE_DC_B_ADDR" "$@"; }
+# Likes of message 11 before the loss, each acknowledged only once dc-b's
+# Redis holds it (replicaAcks 1): every one of them must be on dc-b after.
+BEFORE=20
+for ((i = 1; i <= BEFORE; i++)); do
+  out="$(ctl_b like --mid $((3000 + i)) --message 11 --up 42 2>&1)" || fail "like $i before the loss failed: $out"
+done
+info "$BEFORE likes of message 11 acknowledged through $SERVICE_NAME-dc-b"
+
+step "whole datacenter: dc-a is lost (its node, MariaDB and Redis at once)"
+DC_A_NODE="$(kc get nodes -l topology.kubernetes.io/zone=dc-a -o 'jsonpath={.items[0].metadata.name}')"
+[[ -n "$DC_A_NODE" ]] || fail "no node in zone dc-a"
+FLIP_BOUND="${E2E_FLIP_BOUND:-60}"
+lost_at=$SECONDS
+# A power loss: the node's container (kubelet, MariaDB, Redis, dc-a's
+# service and job pods) killed at once. The pods of dc-a's MariaDB and
+# Redis are then deleted from the API, so that their Services lose the
+# endpoints now rather than when the node is declared lost; the new pods of
+# their StatefulSets are bound to dc-a's dead node and never start.
+bounded 60 docker kill "$DC_A_NODE" >/dev/null
+kc delete pod mariadb-dc-a-0 redis-dc-a-0 -n "$DATA_NS" --force --grace-period=0 --wait=false >/dev/null 2>&1 || true
+info "killed node $DC_A_NODE (zone dc-a) and deleted mariadb-dc-a-0 and redis-dc-a-0"
+# Likes of other users (message 12) all along: refused until the flip, they
+# must succeed after it.
+in_a_row=0
+tries=0
+flipped_at=""
+while ((SECONDS - lost_at < FLIP_BOUND + 60)); do
+  if [[ -z "$flipped_at" ]] && route_is dc-b 2; then
+    flipped_at=$SECONDS
+    info "the route names dc-b at epoch 2, $((flipped_at - lost_at)) s after the loss"
+  fi
+  tries=$((tries + 1))
+  if ctl_b like --mid $((4000 + tries)) --message 12 --up 42 >/dev/null 2>&1; then
+    in_a_row=$((in_a_row + 1))
+    if [[ -n "$flipped_at" ]] && ((in_a_row >= 5)); then
+      break
+    fi
+  else
+    in_a_row=0
+  fi
+  sleep 1
+done
+[[ -n "$flipped_at" ]] || fail "the route did not name dc-b within $((FLIP_BOUND + 60)) s of the loss"
+((flipped_at - lost_at <= FLIP_BOUND)) \
+  || fail "the route named dc-b $((flipped_at - lost_at)) s after the loss (bound ${FLIP_BOUND}s)"
+((in_a_row >= 5)) || fail "likes through $SERVICE_NAME-dc-b did not succeed again after the flip ($tries tries)"
+info "likes through $SERVICE_NAME-dc-b succeed again ($tries tries since the loss, the last 5 in a row)"
+
+step "whole datacenter: every like acknowledged before the loss is on dc-b"
+for ((i = 1; i <= BEFORE; i++)); do
+  out="$(ctl_b states --mid $((3000 + i)) 11 2>&1)" || fail "reading user $((3000 + i))'s state on dc-b failed: $out"
+  grep -q 'message=11 state=LIKE' <<<"$out" || fail "user $((3000 + i))'s acknowledged like is not on dc-b: $out"
+done
+info "all $BEFORE users' states read LIKE through $SERVICE_NAME-dc-b"
+counts_b_are() { # message expected-line-fragment
+  local out
+  out="$(ctl_b counts "$1" 2>&1)" || return 2
+  grep -q "message=$1 $2" <<<"$out"
+}
+poll 120 "counts of message 11 on dc-b to read likes=$BEFORE" counts_b_are 11 "likes=$BEFORE dislikes=0"
+dc_b_records_are() { # count
+  local out
+  out="$(db_admin dc-b "SELECT COUNT(*) FROM $TENANT_SCHEMA.like_records WHERE message_id = 11 AND state = 1")" \
+    || return 2
+  [[ "$out" == "$1" ]]
+}
+poll 120 "mariadb-dc-b to hold the $BEFORE LIKE records of message 11 (dc-b's job)" dc_b_records_are "$BEFORE"
+info "message 11: likes=$BEFORE through dc-b's service and $BEFORE LIKE records on mariadb-dc-b"
 
 step "done"
 if [[ "$KEEP_CLUSTER" != 1 ]]; then
