@@ -59,7 +59,7 @@ use thumbup_operator::controller::{self, Context};
 use thumbup_operator::crd::{FINALIZER, LikeTenant};
 use thumbup_operator::failover;
 use thumbup_operator::metrics::Metrics;
-use thumbup_operator::resources::JOB_CONFIG_DIR;
+use thumbup_operator::resources::{DB_PROXY_CONTAINER, JOB_CONFIG_DIR};
 use thumbup_service::pb;
 use thumbup_service::registry_api::{REGISTRY_KEY, RegistryApi, SERVICE_API_PERMISSIONS};
 use thumbup_test_support::api::{FakeApi, lt_path, permission};
@@ -214,48 +214,48 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(dir: &Path, route_file: &Path, ports: &Ports, datacenter: Option<&str>) -> Proxy {
+    /// Runs the sidecar as the job Deployment's pod spec has it (`args`),
+    /// but following `route_file` instead of the route ConfigMap and with
+    /// its admin endpoint on the loopback.
+    fn start(dir: &Path, route_file: &Path, sidecar_args: &[String]) -> Proxy {
         let bin = thumbup_e2e::job_binary().with_file_name("thumbup-db-proxy");
         assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
         let ready = dir.join("proxy.ready");
         let token_file = dir.join("proxy.route-token");
         std::fs::write(&token_file, format!("{PROXY_ROUTE_TOKEN}\n")).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("proxy.log")).unwrap();
-        let at = |port: u16| format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(bin);
-        cmd.args(["--listen", &at(ports.db), "--redis-listen", &at(ports.redis), "--admin-listen", &at(ports.admin)])
+        let mut admin = None;
+        let args: Vec<String> = sidecar_args
+            .iter()
+            .filter(|a| !a.starts_with("--route-config-map="))
+            .map(|a| match a.strip_prefix("--admin-listen=0.0.0.0:") {
+                Some(port) => {
+                    admin = Some(format!("127.0.0.1:{port}"));
+                    format!("--admin-listen=127.0.0.1:{port}")
+                }
+                None => a.clone(),
+            })
+            .collect();
+        let admin: SocketAddr = admin.expect("the sidecar's --admin-listen").parse().unwrap();
+        let child = Command::new(bin)
+            .args(&args)
             .arg("--route-file")
             .arg(route_file)
             .arg("--route-token-file")
             .arg(&token_file)
             .arg("--ready-file")
-            .arg(&ready);
-        if let Some(dc) = datacenter {
-            cmd.args([
-                "--datacenter",
-                dc,
-                "--local-listen",
-                &at(ports.local),
-                "--local-redis-listen",
-                &at(ports.local_redis),
-            ]);
-        }
-        let child =
-            cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().expect("spawn thumbup-db-proxy");
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn thumbup-db-proxy");
         let deadline = Instant::now() + Duration::from_secs(15);
-        let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready)
-                && t.contains("admin=")
-            {
-                break t;
-            }
+        while !std::fs::read_to_string(&ready).is_ok_and(|t| t.contains("admin=")) {
             assert!(Instant::now() < deadline, "db-proxy did not write {}", ready.display());
             std::thread::sleep(Duration::from_millis(50));
-        };
-        if datacenter.is_some() {
-            assert!(text.contains(&format!("local_redis={}", at(ports.local_redis))), "ready file: {text}");
         }
-        Proxy { child, admin: format!("127.0.0.1:{}", ports.admin).parse().unwrap() }
+        Proxy { child, admin }
     }
 
     /// The epoch the proxy holds (0 before any route).
@@ -406,6 +406,8 @@ fn registry_watch(objects: Arc<Mutex<BTreeMap<String, Value>>>) -> (kube::Client
 /// The service in-process on port 0, following the registry in the API
 /// (its registry files are never synced here).
 async fn service(dir: &Path, api: kube::Client) -> (String, tokio::sync::oneshot::Sender<()>) {
+    // The registry files' directory, which the kubelet has not synced.
+    std::fs::create_dir_all(dir.join("service-unsynced")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let opts = thumbup_service::Options {
@@ -489,8 +491,9 @@ async fn apply(fake: &FakeApi, ctx: &Arc<Context>, name: &str) -> LikeTenant {
 /// What the kubelet mounts for the job container: the job Deployment's
 /// `tenant` Secret volume (the tenant Secret's keys under its items'
 /// paths) in `dir`, and the container's arguments with `dir` for the mount
-/// and a loopback admin port. Returns (args, consumer name).
-fn job_mount(fake: &FakeApi, name: &str, deployment: &str, dir: &Path) -> Vec<String> {
+/// and a loopback admin port. Returns those and the db-proxy sidecar's
+/// arguments.
+fn job_mount(fake: &FakeApi, name: &str, deployment: &str, dir: &Path) -> (Vec<String>, Vec<String>) {
     let d = stored(fake, &format!("/apis/apps/v1/namespaces/team/deployments/{deployment}"));
     let pod = &d["spec"]["template"]["spec"];
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tenant").expect("tenant volume");
@@ -503,7 +506,7 @@ fn job_mount(fake: &FakeApi, name: &str, deployment: &str, dir: &Path) -> Vec<St
         std::fs::write(dir.join(path), secret_key(&secret, key)).unwrap();
     }
     let job = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "job").expect("job container");
-    job["args"]
+    let job_args = job["args"]
         .as_array()
         .unwrap()
         .iter()
@@ -511,10 +514,36 @@ fn job_mount(fake: &FakeApi, name: &str, deployment: &str, dir: &Path) -> Vec<St
             let a = a.as_str().unwrap().replace(JOB_CONFIG_DIR, &dir.display().to_string());
             if a.starts_with("--admin-listen=") { "--admin-listen=127.0.0.1:0".to_string() } else { a }
         })
-        .collect()
+        .collect();
+    let sidecar = pod["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == DB_PROXY_CONTAINER))
+        .expect("the db-proxy sidecar");
+    let sidecar_args = sidecar["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    (job_args, sidecar_args)
 }
 
-fn spawn_job(args: &[String], consumer: &str, log: &Path) -> Child {
+/// The job process, SIGKILLed when dropped (a failed check leaves none running).
+struct JobProcess(Child);
+
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The failover controller's task, aborted when dropped: a failed check
+/// must not leave it probing while the stack is put back.
+struct FailoverTask(tokio::task::JoinHandle<Result<(), failover::FailoverError>>);
+
+impl Drop for FailoverTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_job(args: &[String], consumer: &str, log: &Path) -> JobProcess {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(thumbup_e2e::job_binary())
         .args(args)
@@ -524,11 +553,13 @@ fn spawn_job(args: &[String], consumer: &str, log: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(out)
         .spawn()
+        .map(JobProcess)
         .expect("spawn thumbup-job")
 }
 
 /// SIGTERMs the job and waits for it; true when it exited 0.
-fn terminate(job: &mut Child) -> bool {
+fn terminate(job: &mut JobProcess) -> bool {
+    let job = &mut job.0;
     let _ = Command::new("kill").arg("-TERM").arg(job.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -672,16 +703,14 @@ async fn flip_scenario(per_datacenter: bool) {
     std::fs::write(&tenants_file, "tenants: []\n").unwrap();
     let opts = failover::Options::local(op_config.clone(), route_file.clone(), tenants_file.clone()).unwrap();
     let (stop_failover, stopped) = tokio::sync::oneshot::channel::<()>();
-    let failover_task = tokio::spawn(failover::run(opts, async {
+    let mut failover_task = FailoverTask(tokio::spawn(failover::run(opts, async {
         let _ = stopped.await;
-    }));
+    })));
     let route = wait_route(&route_file, 1, Duration::from_secs(10)).await;
     assert_eq!(
         (route.active_datacenter.as_str(), route.active_redis_address()),
         ("dc-a", Some(redis_addr('a').as_str()))
     );
-    let proxy = Proxy::start(&dir, &route_file, &ports, per_datacenter.then_some("dc-b"));
-    proxy.wait_epoch(1, Duration::from_secs(5)).await;
 
     // The tenant controller against the mocked API server, given the route.
     let (op_client, fake) = FakeApi::start(BTreeMap::new());
@@ -741,7 +770,23 @@ async fn flip_scenario(per_datacenter: bool) {
         (names::job_deployment(name), format!("{}-pod-0", names::job_deployment(name)))
     };
     let job_dir = dir.join("job-mount");
-    let job_args = job_mount(&fake, name, &deployment, &job_dir);
+    let (job_args, sidecar_args) = job_mount(&fake, name, &deployment, &job_dir);
+    // The sidecar of that pod: the proxy both the job and the service use.
+    let at = |port: u16| format!("127.0.0.1:{port}");
+    let mut want = vec![format!("--listen={}", at(ports.db)), format!("--redis-listen={}", at(ports.redis))];
+    if per_datacenter {
+        want.extend([
+            "--datacenter=dc-b".to_string(),
+            format!("--local-listen={}", at(ports.local)),
+            format!("--local-redis-listen={}", at(ports.local_redis)),
+        ]);
+    }
+    assert!(want.iter().all(|w| sidecar_args.contains(w)), "[{layout}] sidecar args {sidecar_args:?}, want {want:?}");
+    let proxy = Proxy::start(&dir, &route_file, &sidecar_args);
+    proxy.wait_epoch(1, Duration::from_secs(5)).await;
+    println!(
+        "[{layout}] db-proxy started with the job Deployment's sidecar arguments {sidecar_args:?} (route file for the ConfigMap)"
+    );
     let config_arg = job_args.iter().find_map(|a| a.strip_prefix("--config=")).expect("--config").to_string();
     let t: TenantConfig =
         Config::load_tenant(Path::new(&config_arg), Some(&job_dir), name).expect("the job's mounted config loads");
@@ -752,9 +797,9 @@ async fn flip_scenario(per_datacenter: bool) {
     let (addr, stop_service) = service(&dir, svc_api).await;
     let token = String::from_utf8(secret_key(&stored(&fake, &tenant_secret_path(name)), "token")).unwrap();
     let c = client(&addr, name, &token).await;
-    wait_until(Duration::from_secs(30), Duration::from_millis(50), || async {
+    let first = wait_until(Duration::from_secs(30), Duration::from_millis(50), || async {
         match c.act(1, 1, 1, owner_of(1), pb::Action::Like).await {
-            Ok(_) => Ok(()),
+            Ok(r) => Ok(r),
             Err(s) => Err(format!("the service does not serve {name} from the registry in the API: {s:?}")),
         }
     })
@@ -808,7 +853,8 @@ async fn flip_scenario(per_datacenter: bool) {
         after.1, after.0.0, after.0.1, after.0.2, after.0.3
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (acked, ok, unavailable, reads, reads_failed) = load.stop().await;
+    let (mut acked, ok, unavailable, reads, reads_failed) = load.stop().await;
+    keep_newest(&mut acked, (1, 1, 1), (first.version, first.state));
     // Still none on dc-a once the load after the flip has run.
     let later = sessions(&redis_user, &db_user).await;
     assert_eq!((later.0, later.1), (0, 0), "[{layout}] sessions back on dc-a's servers: {later:?}");
@@ -878,7 +924,7 @@ async fn flip_scenario(per_datacenter: bool) {
     let _ = stop_service.send(());
     drop(proxy);
     let _ = stop_failover.send(());
-    failover_task.await.expect("failover controller task").expect("the failover controller ended cleanly");
+    (&mut failover_task.0).await.expect("failover controller task").expect("the failover controller ended cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
