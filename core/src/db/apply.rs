@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::mysql::MySqlPool;
 use sqlx::{MySql, QueryBuilder, Row};
 
-use super::{CHUNK, Record, push_key_join, state_of};
+use super::{Record, push_key_join, rows_per_statement, state_of};
 use crate::domain::{Delta, State};
 use crate::event::LikeEvent;
 
@@ -52,7 +52,7 @@ impl Sums {
 
     pub(super) async fn write(&self, tx: &mut sqlx::Transaction<'_, MySql>) -> Result<(), sqlx::Error> {
         let counts: Vec<_> = self.counts.iter().filter(|(_, d)| !d.is_zero()).collect();
-        for chunk in counts.chunks(CHUNK) {
+        for chunk in counts.chunks(rows_per_statement(5)) {
             let mut q = QueryBuilder::<MySql>::new(
                 "INSERT INTO like_counts (business_id, message_id, likes, dislikes, version) ",
             );
@@ -66,7 +66,7 @@ impl Sums {
             q.build().execute(&mut **tx).await?;
         }
         let received: Vec<_> = self.received.iter().filter(|(_, d)| **d != 0).collect();
-        for chunk in received.chunks(CHUNK) {
+        for chunk in received.chunks(rows_per_statement(4)) {
             let mut q = QueryBuilder::<MySql>::new("INSERT INTO received_likes (business_id, up_mid, likes, version) ");
             q.push_values(chunk, |mut b, ((biz, up), d)| {
                 b.push_bind(*biz).push_bind(*up).push_bind(**d).push_bind(1i64);
@@ -83,7 +83,7 @@ pub(super) async fn lock_records(
     keys: &[(i64, i64, i64)],
 ) -> Result<HashMap<(i64, i64, i64), Record>, sqlx::Error> {
     let mut out = HashMap::new();
-    for chunk in keys.chunks(CHUNK) {
+    for chunk in keys.chunks(rows_per_statement(3)) {
         let mut q =
             QueryBuilder::<MySql>::new("SELECT r.mid, r.business_id, r.message_id, r.up_mid, r.state, r.version FROM ");
         let key = ["mid", "business_id", "message_id"];
@@ -108,7 +108,7 @@ pub(super) async fn upsert_records(
     tx: &mut sqlx::Transaction<'_, MySql>,
     events: &[&LikeEvent],
 ) -> Result<(), sqlx::Error> {
-    for chunk in events.chunks(CHUNK) {
+    for chunk in events.chunks(rows_per_statement(7)) {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO like_records (mid, business_id, message_id, up_mid, state, version, mtime) ",
         );

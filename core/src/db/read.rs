@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use sqlx::mysql::MySqlPool;
 use sqlx::{MySql, QueryBuilder, Row};
 
-use super::{CHUNK, Counts, ListEntry, Record, push_key_join, state_of};
+use super::{Counts, ListEntry, Record, push_key_join, rows_per_statement, state_of};
 use crate::cache::Warm;
 use crate::domain::State;
 
@@ -53,7 +53,7 @@ pub async fn load_states(
     messages: &[i64],
 ) -> Result<HashMap<i64, Record>, sqlx::Error> {
     let mut out = HashMap::new();
-    for chunk in messages.chunks(CHUNK) {
+    for chunk in messages.chunks(rows_per_statement(1)) {
         let mut q =
             QueryBuilder::<MySql>::new("SELECT message_id, state, version, up_mid FROM like_records WHERE mid = ");
         q.push_bind(mid).push(" AND business_id = ").push_bind(business).push(" AND message_id IN (");
@@ -81,7 +81,7 @@ pub async fn load_counts(
     messages: &[i64],
 ) -> Result<HashMap<i64, Counts>, sqlx::Error> {
     let mut out = HashMap::new();
-    for chunk in messages.chunks(CHUNK) {
+    for chunk in messages.chunks(rows_per_statement(1)) {
         let mut q = QueryBuilder::<MySql>::new(
             "SELECT message_id, likes, dislikes, version FROM like_counts WHERE business_id = ",
         );
@@ -123,7 +123,7 @@ pub async fn load_received_many(
     owners: &[(i64, i64)],
 ) -> Result<HashMap<(i64, i64), Counts>, sqlx::Error> {
     let mut out = HashMap::new();
-    for chunk in owners.chunks(CHUNK) {
+    for chunk in owners.chunks(rows_per_statement(2)) {
         let mut q = QueryBuilder::<MySql>::new("SELECT r.business_id, r.up_mid, r.likes, r.version FROM ");
         push_key_join(&mut q, "received_likes", ["business_id", "up_mid"], chunk.iter().map(|(biz, up)| [*biz, *up]));
         for row in q.build().fetch_all(pool).await? {
