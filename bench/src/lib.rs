@@ -63,7 +63,9 @@ pub enum Scenario {
     Freshness,
     /// f: memory per like in Redis and the DB (a million likes, one run).
     Memory,
-    /// All of them: a, b, c, d, e, g, then f.
+    /// h: the failover controller's replay of a 120 s window at 15k likes/s.
+    Recovery,
+    /// All of them: a, b, c, d, e, g, f, then h.
     All,
 }
 
@@ -169,6 +171,19 @@ pub struct Args {
     /// Items of the memory scenario (f).
     #[arg(long, default_value_t = 100_000)]
     pub memory_items: u64,
+    /// Events in the replayed window of the recovery scenario (h): 120 s at
+    /// 15,000 likes a second.
+    #[arg(long, default_value_t = 1_800_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub recovery_events: i64,
+    /// Seconds the window spans (the default `failover.replay_window_ms`).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub recovery_window_secs: u64,
+    /// Seconds of it the standby's DB lacks (the default `failover.max_lag_ms`).
+    #[arg(long, default_value_t = 30)]
+    pub recovery_lag_secs: u64,
+    /// Stream shards of the recovery scenario's tenant.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub recovery_shards: u32,
     /// Output folder of report.md and latency.svg.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -278,6 +293,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     }
     if all || args.scenario == Scenario::Memory {
         report.sections.push(scenarios::memory(&ctx, &args).await?);
+    }
+    if all || args.scenario == Scenario::Recovery {
+        report.sections.push(scenarios::recovery(&ctx, &args).await?);
     }
     if let Some(spread) = cluster_spread(&ctx, &args).await? {
         report.preamble.push(spread);

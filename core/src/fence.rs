@@ -122,11 +122,18 @@ pub async fn view(pool: &MySqlPool) -> Result<View, sqlx::Error> {
     let mode = Mode::from_code(row.try_get::<i8, _>("mode")? as i64)?;
     let epoch = row.try_get("epoch")?;
     let floor_ms = row.try_get("floor_ms")?;
-    let mut watermarks = HashMap::new();
-    for r in sqlx::query("SELECT shard, applied_ms FROM stream_watermarks").fetch_all(pool).await? {
-        watermarks.insert(r.try_get::<i32, _>("shard")? as u32, r.try_get("applied_ms")?);
-    }
+    let watermarks = watermarks(pool).await?;
     Ok(View { mode, epoch, watermarks, floor_ms })
+}
+
+/// The watermarks: per stream shard, every entry whose id is below it is
+/// applied to this DB (shards the job never marked are absent).
+pub async fn watermarks(pool: &MySqlPool) -> Result<HashMap<u32, i64>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for r in sqlx::query("SELECT shard, applied_ms FROM stream_watermarks").fetch_all(pool).await? {
+        out.insert(r.try_get::<i32, _>("shard")? as u32, r.try_get("applied_ms")?);
+    }
+    Ok(out)
 }
 
 /// Raises the watermarks of shards (the job, after it applied and

@@ -50,12 +50,15 @@ async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
         "--memory-likes=2000".into(),
         "--memory-users=200".into(),
         "--memory-items=200".into(),
+        "--recovery-events=6000".into(),
+        "--recovery-window-secs=6".into(),
+        "--recovery-lag-secs=2".into(),
         format!("--out={}", out.display()),
     ]);
     let report = thumbup_bench::run(args).await.expect("thumbup-bench run");
     let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
     let order: Vec<&str> = titles.iter().map(|t| &t[..2]).collect();
-    assert_eq!(order, ["a.", "b.", "c.", "d.", "e.", "g.", "f."], "{titles:?}");
+    assert_eq!(order, ["a.", "b.", "c.", "d.", "e.", "g.", "f.", "h."], "{titles:?}");
     let (a, b, c) = (&report.sections[0], &report.sections[1], &report.sections[2]);
     let (d, e, g, f) = (&report.sections[3], &report.sections[4], &report.sections[5], &report.sections[6]);
 
@@ -110,6 +113,11 @@ async fn every_scenario_measures_service_and_baseline_and_writes_the_report() {
     assert_eq!(metric(f, "failed likes"), 0.0);
     assert!(metric(f, "MEMORY USAGE of the scenario's keys per like") > 0.0);
     assert!(metric(f, "DB like_records bytes per record") > 0.0);
+    // h: the replay read the window from the watermarks on and applied
+    // exactly what the standby lacked (the last 2 of 6 s).
+    let h = &report.sections[7];
+    assert_eq!(metric(h, "events applied"), 2000.0);
+    assert!(metric(h, "events read") >= 2000.0 && metric(h, "replay time (s)") > 0.0);
 
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     assert!(md.contains("| target | measured (median) | goal | verdict |"), "{md}");

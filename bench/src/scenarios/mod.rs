@@ -6,7 +6,8 @@
 //! connections and the cache prefill; `reads` (scenario a), `writes`
 //! (scenario b), `mixed` (scenario c), `fresh` (d, fresh users, and e, the
 //! Redis-only like), `memory` (f), `freshness` (g), `naive` (the DB-only
-//! baseline of b and d) and `measure` (figures across runs) hold the rest.
+//! baseline of b and d), `recovery` (h, the replay after a flip) and
+//! `measure` (figures across runs) hold the rest.
 
 mod fresh;
 mod freshness;
@@ -15,6 +16,7 @@ mod memory;
 mod mixed;
 mod naive;
 mod reads;
+pub mod recovery;
 mod writes;
 
 pub use fresh::{fresh_writes, redis_only};
@@ -23,6 +25,7 @@ pub use memory::{memory, memory_item};
 pub use mixed::{mixed, mixed_write};
 pub use naive::NAIVE_SCHEMA;
 pub use reads::reads;
+pub use recovery::recovery;
 pub use writes::{hot_action, hot_writes, quiesce};
 
 use std::sync::Arc;

@@ -361,22 +361,48 @@ pub async fn range<C: ConnectionLike + Send>(
     page: usize,
     out: &mut Batch,
 ) -> Result<usize, RedisError> {
-    let key = keys.stream(shard);
-    let mut start = format!("{since_ms}-0");
+    let mut cursor = Cursor::since(since_ms);
     let mut n = 0;
     loop {
-        let reply: StreamRangeReply =
-            redis::cmd("XRANGE").arg(&key).arg(&start).arg("+").arg("COUNT").arg(page).query_async(con).await?;
-        let got = reply.ids.len();
+        let got = range_page(con, keys, shard, &mut cursor, page, out).await?;
         n += got;
-        for sid in reply.ids {
-            start = format!("({}", sid.id);
-            out.push(keys, shard, sid);
-        }
         if got < page {
             return Ok(n);
         }
     }
+}
+
+/// Where a paged read of a shard ([`range_page`]) goes on.
+#[derive(Debug, Clone)]
+pub struct Cursor(String);
+
+impl Cursor {
+    /// From the first entry at or after `since_ms` (Unix ms).
+    pub fn since(since_ms: i64) -> Cursor {
+        Cursor(format!("{since_ms}-0"))
+    }
+}
+
+/// Reads up to `page` entries of one shard from `cursor` on, outside the
+/// consumer group, into `out`, and moves `cursor` past them. Fewer than
+/// `page` entries: the end of the shard was reached.
+pub async fn range_page<C: ConnectionLike + Send>(
+    con: &mut C,
+    keys: &Keys,
+    shard: u32,
+    cursor: &mut Cursor,
+    page: usize,
+    out: &mut Batch,
+) -> Result<usize, RedisError> {
+    let key = keys.stream(shard);
+    let reply: StreamRangeReply =
+        redis::cmd("XRANGE").arg(&key).arg(&cursor.0).arg("+").arg("COUNT").arg(page).query_async(con).await?;
+    let got = reply.ids.len();
+    for sid in reply.ids {
+        cursor.0 = format!("({}", sid.id);
+        out.push(keys, shard, sid);
+    }
+    Ok(got)
 }
 
 /// Publishes applied transitions downstream, in one pipeline, dropping
