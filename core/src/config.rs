@@ -684,7 +684,10 @@ impl TenantConfig {
                 ));
             }
             if !local.db_url.starts_with("mysql://") || local.db_url.contains('@') || local.db_url.contains('?') {
-                return Err(invalid(n, "local_reads.db_url must be mysql://host:port, without credentials or parameters"));
+                return Err(invalid(
+                    n,
+                    "local_reads.db_url must be mysql://host:port, without credentials or parameters",
+                ));
             }
         }
         if self.stream.downstream_retention_secs == 0 {
