@@ -201,6 +201,10 @@ pub struct RedisConfig {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub replica_acks: u32,
     /// How long a write waits for `replica_acks` replicas (default 200).
+    /// Must be below the service's Redis timeout (`--redis-timeout-ms`,
+    /// default 500): the wait holds the connection, and a health check
+    /// queued behind it must not time out. The service refuses the config
+    /// otherwise.
     #[serde(default = "default_replica_timeout_ms", skip_serializing_if = "is_default_replica_timeout")]
     pub replica_timeout_ms: u64,
     /// ACL user; its key pattern is limited to the tenant prefix.

@@ -133,9 +133,10 @@ impl Job {
 
     /// A job for `tenant`; connects lazily.
     pub fn new(tenant: TenantConfig, opts: Options) -> anyhow::Result<Job> {
+        let keys = Keys::new(&tenant.name, tenant.stream.shards);
         Ok(Job {
-            keys: Keys::new(&tenant.name, tenant.stream.shards),
-            solo: cache::Solo::new(&Keys::new(&tenant.name, tenant.stream.shards)),
+            solo: cache::Solo::new(&keys),
+            keys,
             redis: cache::connect_lazy(&tenant.redis, REDIS_TIMEOUT)?,
             db: db::connect_lazy(&tenant)?,
             scripts: Scripts::default(),

@@ -133,6 +133,17 @@ pub enum Source {
 
 impl Tenant {
     fn new(cfg: TenantConfig, redis_timeout: Duration) -> Result<Tenant, String> {
+        // A WAIT holds the (multiplexed) connection it is sent on for up to
+        // replica_timeout_ms: a health check queued behind it must not time
+        // out, or every missed wait would take the tenant off Redis.
+        if cfg.redis.replica_acks > 0 && Duration::from_millis(cfg.redis.replica_timeout_ms) >= redis_timeout {
+            return Err(format!(
+                "redis.replica_timeout_ms ({} ms) must be below this service's Redis timeout ({} ms, \
+                 --redis-timeout-ms): a replica wait holds the connection, and a PING queued behind it would time out",
+                cfg.redis.replica_timeout_ms,
+                redis_timeout.as_millis()
+            ));
+        }
         let redis = cache::connect_lazy(&cfg.redis, redis_timeout).map_err(|e| format!("redis: {e}"))?;
         let db = db::connect_lazy(&cfg).map_err(|e| format!("db: {e}"))?;
         let local = match &cfg.local_reads {
@@ -147,10 +158,11 @@ impl Tenant {
                 Some(Local { redis, db, down_until: AtomicU64::new(0) })
             }
         };
+        let keys = Keys::new(&cfg.name, cfg.stream.shards);
         Ok(Tenant {
             local,
-            keys: Keys::new(&cfg.name, cfg.stream.shards),
-            solo: cache::Solo::new(&Keys::new(&cfg.name, cfg.stream.shards)),
+            solo: cache::Solo::new(&keys),
+            keys,
             limiter: Limiter::new(&cfg),
             clock: VersionClock::default(),
             hot: crate::hot::HotSettings::of(&cfg.cache).map(crate::hot::HotKeys::new),
@@ -576,6 +588,24 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn replicated_tenant(replica_timeout_ms: u64) -> TenantConfig {
+        let text = format!(
+            "tenants:\n  - name: waits\n    businesses: [{{ name: video, id: 1 }}]\n    tokens: [token-0001]\n    \
+             redis: {{ url: 'redis://127.0.0.1:1', username: u, password: pw, replica_acks: 1, \
+             replica_timeout_ms: {replica_timeout_ms} }}\n    \
+             db: {{ url: 'mysql://127.0.0.1:1', username: u, password: pw }}\n"
+        );
+        Config::parse(&text, "test").expect("config").tenants.remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_replica_wait_as_long_as_the_redis_timeout_is_refused_with_the_reason() {
+        let timeout = Duration::from_millis(500);
+        let err = Tenant::new(replicated_tenant(500), timeout).err().expect("refused");
+        assert!(err.contains("replica_timeout_ms (500 ms) must be below") && err.contains("(500 ms"), "{err}");
+        assert!(Tenant::new(replicated_tenant(499), timeout).is_ok());
+    }
 
     fn limiter(limits: &str) -> Limiter {
         let text = format!(

@@ -224,11 +224,7 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
                 t.fence.acknowledged(shard, stream_ms, event);
                 drop(permit);
                 if t.replication.acks() > 0 {
-                    if t.solo.is_set(&mut con).await {
-                        metrics::REPLICA_WAITS.with_label_values(&[t.name(), "solo"]).inc();
-                    } else {
-                        Box::pin(replicated(t, &mut con, shard, w, written)).await?;
-                    }
+                    Box::pin(replicated(t, &mut con, shard, w, written)).await?;
                 }
                 // The counts as applied so far plus this write: the job applies
                 // it within one window. They came with the transition; only a
@@ -259,12 +255,20 @@ async fn via_redis(reg: &Registry, t: &Tenant, w: Write) -> Result<Attempt, Erro
 /// in time the write took effect on the master but is not acknowledged:
 /// UNAVAILABLE, saying so.
 async fn replicated(t: &Tenant, con: &mut cache::Conn, shard: u32, w: Write, written: u64) -> Result<(), Error> {
+    // While the controller says this Redis stands alone (no replica to wait
+    // for), the write is on the only copy there is, as every write is until
+    // a replica links: no wait. The flag as cached (read at most once a
+    // second) first; a wait that missed reads it afresh, since the
+    // controller may have set it since.
+    let solo = || metrics::REPLICA_WAITS.with_label_values(&[t.name(), "solo"]).inc();
+    if t.solo.is_set(con).await {
+        solo();
+        return Ok(());
+    }
     let key = t.keys.user(w.mid, w.business_id);
     let outcome = t.replication.replicated(con, shard, &key, written).await;
     if matches!(outcome, Err(thumbup_core::conn::NotReplicated::Missed { .. })) && t.solo.read(con).await {
-        // The controller says this Redis stands alone: the write is on
-        // the only copy there is, as every write is until a replica links.
-        metrics::REPLICA_WAITS.with_label_values(&[t.name(), "solo"]).inc();
+        solo();
         return Ok(());
     }
     let label = match &outcome {
