@@ -10,7 +10,7 @@
 #    provisions and migrates them,
 # 4. starts thumbup-service and thumbup-job (window 250 ms, the default)
 #    on free ports, logs in bench-results/,
-# 5. runs thumbup-bench --scenario all (extra arguments are passed on, e.g.
+# 5. runs thumbup-bench --scenario all (a to h; extra arguments are passed on, e.g.
 #    `bash bench/run.sh --duration-secs 5 --runs 3`), which writes
 #    bench-results/report.md and bench-results/latency.svg,
 # 6. stops service and job; the stack keeps running.
