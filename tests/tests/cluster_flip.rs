@@ -137,6 +137,15 @@ async fn read_only(dc: char) -> Option<bool> {
     Some(v != 0)
 }
 
+/// Whether datacenter `dc`'s MariaDB replicates with both threads running.
+async fn replicating(dc: char) -> bool {
+    use sqlx::Row;
+    let Ok(mut con) = MySqlConnection::connect(&admin_url(dc)).await else { return false };
+    let Ok(Some(row)) = sqlx::raw_sql("SHOW SLAVE STATUS").fetch_optional(&mut con).await else { return false };
+    let running = |k: &str| row.try_get::<String, _>(k).is_ok_and(|v| v == "Yes");
+    running("Slave_IO_Running") && running("Slave_SQL_Running")
+}
+
 /// `INFO replication` role of datacenter `dc`'s Redis.
 async fn redis_role(dc: char) -> String {
     let mut con = admin_redis_at(&admin_redis(dc)).await;
@@ -682,7 +691,12 @@ async fn flip_scenario(per_datacenter: bool) {
     stack(&["redis-follow", "a", "none"]);
     stack(&["redis-follow", "b", "none"]);
     forget(name).await;
-    stack(&["reseed", "a", "b"]);
+    // dc-b a fresh replica of dc-a's MariaDB, unless it already replicates
+    // a writable dc-a (as `RestoreTiers` leaves them): a reseed copies all
+    // of dc-a, a minute here.
+    if read_only('a').await != Some(false) || !replicating('b').await {
+        stack(&["reseed", "a", "b"]);
+    }
     stack(&["redis-follow", "b", "a"]);
 
     let dir = std::env::temp_dir().join(format!("thumbup-cluster-flip-{name}-{}", std::process::id()));
