@@ -387,6 +387,18 @@ mod tests {
         matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_)) if buf == msg)
     }
 
+    /// Whether the session stops echoing within 4 s (the route file is
+    /// polled every 200 ms).
+    async fn ends(s: &mut tokio::net::TcpStream) -> bool {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !echoes(s, b"x").await {
+                return true;
+            }
+        }
+        false
+    }
+
     #[tokio::test]
     async fn a_local_session_reads_its_own_datacenter_across_a_flip_and_ends_when_its_address_moves() {
         let dir = std::env::temp_dir().join(format!("thumbup-db-proxy-flip-{}", std::process::id()));
@@ -444,29 +456,13 @@ mod tests {
         // The flip to dc-b (the file is polled every 200 ms) ends the
         // active session and leaves the local reader reading.
         write_route(2, "dc-b", db_b);
-        let mut flipped = false;
-        for _ in 0..40 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if !echoes(&mut active, b"w").await {
-                flipped = true;
-                break;
-            }
-        }
-        assert!(flipped, "the flip ends the session of the active datacenter");
+        assert!(ends(&mut active).await, "the flip ends the session of the active datacenter");
         assert!(echoes(&mut reader, b"still reading").await, "a flip leaves a local session open");
 
         // A route naming another address for dc-b's DB ends it.
         let db_b2 = echo_server().await;
         write_route(3, "dc-b", db_b2);
-        let mut ended = false;
-        for _ in 0..40 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if !echoes(&mut reader, b"r").await {
-                ended = true;
-                break;
-            }
-        }
-        assert!(ended, "a local session ends when its datacenter's address changes");
+        assert!(ends(&mut reader).await, "a local session ends when its datacenter's address changes");
         let mut fresh = tokio::net::TcpStream::connect(local).await.unwrap();
         assert!(echoes(&mut fresh, b"new server").await);
 

@@ -12,6 +12,8 @@
 //! `REQUIRE SSL`; [`World::start`] checks that each tenant's DB session is
 //! encrypted and that a plaintext one is refused.
 
+pub mod datacenters;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -416,7 +418,8 @@ pub struct ServiceProcess {
     pub log: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

@@ -38,7 +38,6 @@
 //! MariaDB primary with dc-b a fresh replica) even when a check fails.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,12 +47,14 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
-use sqlx::{Connection, MySqlConnection};
 use thumbup_core::config::{Config, TenantConfig};
 use thumbup_core::keys::Keys;
 use thumbup_core::names;
 use thumbup_core::route::{Route, TransitionKind};
-use thumbup_e2e::{Acked, Client, check_acked_and_states_at, check_exact_at, keep_newest, owner_of, wait_drained};
+use thumbup_e2e::datacenters::*;
+use thumbup_e2e::{
+    Acked, Client, check_acked_and_states_at, check_exact_at, free_port, keep_newest, owner_of, wait_drained,
+};
 use thumbup_operator::config::OperatorConfig;
 use thumbup_operator::controller::{self, Context};
 use thumbup_operator::crd::{FINALIZER, LikeTenant};
@@ -64,19 +65,13 @@ use thumbup_service::pb;
 use thumbup_service::registry_api::{REGISTRY_KEY, RegistryApi, SERVICE_API_PERMISSIONS};
 use thumbup_test_support::api::{FakeApi, lt_path, permission};
 use thumbup_test_support::operator::{forget, tenant};
-use thumbup_test_support::stack::{
-    admin_db_url, admin_db_url_b, admin_redis_at, admin_redis_url, admin_redis_url_b, split, stack,
-};
+use thumbup_test_support::stack::{split, stack};
 use thumbup_test_support::wait::wait_until;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// The operator's namespace, where the registry is.
 const NS: &str = "thumbup";
 const REGISTRY_CM: &str = "thumbup-tenants";
 const REGISTRY_SECRET: &str = "thumbup-tenant-credentials";
-/// The token the proxy takes `PUT /route` with (not used: it follows the file).
-const PROXY_ROUTE_TOKEN: &str = "cluster-flip-route-token-0001";
 
 fn cm_path() -> String {
     format!("/api/v1/namespaces/{NS}/configmaps/{REGISTRY_CM}")
@@ -91,34 +86,9 @@ fn tenant_secret_path(name: &str) -> String {
 }
 
 /// The admin URL of datacenter `dc`'s MariaDB ('a' or 'b').
-fn admin_url(dc: char) -> String {
-    if dc == 'a' { admin_db_url() } else { admin_db_url_b() }
-}
-
-fn admin_redis(dc: char) -> String {
-    if dc == 'a' { admin_redis_url() } else { admin_redis_url_b() }
-}
-
 /// `host:port` of datacenter `dc`'s Redis.
 fn redis_addr(dc: char) -> String {
-    split(&admin_redis(dc)).0.trim_start_matches("redis://").to_string()
-}
-
-/// Connections of ACL user `user` to datacenter `dc`'s Redis (CLIENT LIST).
-async fn redis_clients_of(dc: char, user: &str) -> usize {
-    let mut con = admin_redis_at(&admin_redis(dc)).await;
-    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
-    list.lines().filter(|l| l.split(' ').any(|f| f == format!("user={user}"))).count()
-}
-
-/// Sessions of DB user `user` on datacenter `dc`'s MariaDB (processlist).
-async fn db_sessions_of(dc: char, user: &str) -> i64 {
-    let mut db = MySqlConnection::connect(&admin_url(dc)).await.expect("admin DB");
-    sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ?")
-        .bind(user)
-        .fetch_one(&mut db)
-        .await
-        .unwrap()
+    split(&admin_redis_of(dc)).0.trim_start_matches("redis://").to_string()
 }
 
 /// The tenant's sessions on each server: (Redis a, DB a, Redis b, DB b).
@@ -129,32 +99,6 @@ async fn sessions(redis_user: &str, db_user: &str) -> (usize, i64, usize, i64) {
         redis_clients_of('b', redis_user).await,
         db_sessions_of('b', db_user).await,
     )
-}
-
-async fn read_only(dc: char) -> Option<bool> {
-    let mut con = MySqlConnection::connect(&admin_url(dc)).await.ok()?;
-    let v: i64 = sqlx::query_scalar("SELECT @@read_only").fetch_one(&mut con).await.ok()?;
-    Some(v != 0)
-}
-
-/// Whether datacenter `dc`'s MariaDB replicates with both threads running.
-async fn replicating(dc: char) -> bool {
-    use sqlx::Row;
-    let Ok(mut con) = MySqlConnection::connect(&admin_url(dc)).await else { return false };
-    let Ok(Some(row)) = sqlx::raw_sql("SHOW SLAVE STATUS").fetch_optional(&mut con).await else { return false };
-    let running = |k: &str| row.try_get::<String, _>(k).is_ok_and(|v| v == "Yes");
-    running("Slave_IO_Running") && running("Slave_SQL_Running")
-}
-
-/// `INFO replication` role of datacenter `dc`'s Redis.
-async fn redis_role(dc: char) -> String {
-    let mut con = admin_redis_at(&admin_redis(dc)).await;
-    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut con).await.unwrap();
-    info.lines().find_map(|l| l.strip_prefix("role:")).unwrap_or_default().trim().to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The sidecar's ports, chosen before the operator config is written (the
@@ -192,7 +136,7 @@ impl Ports {
 fn operator_yaml(active: &str, ports: &Ports, per_datacenter: bool) -> String {
     let dc = |name: &str, dc: char| {
         let (db, db_user, db_pw) = split(&admin_url(dc));
-        let (redis, r_user, r_pw) = split(&admin_redis(dc));
+        let (redis, r_user, r_pw) = split(&admin_redis_of(dc));
         format!(
             "  - name: {name}\n    db: {{ url: \"{db}\", admin_username: \"{db_user}\", admin_password: \"{db_pw}\" }}\n    redis: {{ url: \"{redis}\", admin_username: \"{r_user}\", admin_password: \"{r_pw}\", replica_acks: 1 }}\n"
         )
@@ -217,103 +161,6 @@ fn operator_yaml(active: &str, ports: &Ports, per_datacenter: bool) -> String {
 
 /// A `thumbup-db-proxy` child process on `ports`, following a route file;
 /// with `datacenter`, also the local-read listeners of that datacenter.
-struct Proxy {
-    child: Child,
-    admin: SocketAddr,
-}
-
-impl Proxy {
-    /// Runs the sidecar as the job Deployment's pod spec has it (`args`),
-    /// but following `route_file` instead of the route ConfigMap and with
-    /// its admin endpoint on the loopback.
-    fn start(dir: &Path, route_file: &Path, sidecar_args: &[String]) -> Proxy {
-        let bin = thumbup_e2e::job_binary().with_file_name("thumbup-db-proxy");
-        assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
-        let ready = dir.join("proxy.ready");
-        let token_file = dir.join("proxy.route-token");
-        std::fs::write(&token_file, format!("{PROXY_ROUTE_TOKEN}\n")).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("proxy.log")).unwrap();
-        let mut admin = None;
-        let args: Vec<String> = sidecar_args
-            .iter()
-            .filter(|a| !a.starts_with("--route-config-map="))
-            .map(|a| match a.strip_prefix("--admin-listen=0.0.0.0:") {
-                Some(port) => {
-                    admin = Some(format!("127.0.0.1:{port}"));
-                    format!("--admin-listen=127.0.0.1:{port}")
-                }
-                None => a.clone(),
-            })
-            .collect();
-        let admin: SocketAddr = admin.expect("the sidecar's --admin-listen").parse().unwrap();
-        let child = Command::new(bin)
-            .args(&args)
-            .arg("--route-file")
-            .arg(route_file)
-            .arg("--route-token-file")
-            .arg(&token_file)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn thumbup-db-proxy");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !std::fs::read_to_string(&ready).is_ok_and(|t| t.contains("admin=")) {
-            assert!(Instant::now() < deadline, "db-proxy did not write {}", ready.display());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Proxy { child, admin }
-    }
-
-    /// The epoch the proxy holds (0 before any route).
-    async fn epoch(&self) -> u64 {
-        let Ok(mut s) = TcpStream::connect(self.admin).await else { return 0 };
-        let req = format!("GET /route HTTP/1.0\r\nHost: {}\r\n\r\n", self.admin);
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return 0;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out).await;
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-        serde_json::from_str::<Value>(body).ok().and_then(|v| v["epoch"].as_u64()).unwrap_or(0)
-    }
-
-    async fn wait_epoch(&self, epoch: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.epoch().await < epoch {
-            assert!(Instant::now() < deadline, "db-proxy never adopted epoch {epoch}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Puts the two datacenters' Redis and MariaDB back as the other suites
-/// expect them (both up, each Redis a master, dc-a's MariaDB primary and
-/// dc-b a fresh replica), also when a check fails halfway.
-struct RestoreTiers;
-
-impl Drop for RestoreTiers {
-    fn drop(&mut self) {
-        let _ = std::panic::catch_unwind(|| {
-            stack(&["start", "redis", "a"]);
-            stack(&["redis-follow", "a", "none"]);
-            stack(&["redis-follow", "b", "none"]);
-            stack(&["start", "mariadb", "a"]);
-            stack(&["start", "mariadb", "b"]);
-            stack(&["reseed", "a", "b"]);
-        });
-    }
-}
-
 fn status(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": reason, "reason": reason, "code": code})
 }
@@ -694,7 +541,7 @@ async fn flip_scenario(per_datacenter: bool) {
     // dc-b a fresh replica of dc-a's MariaDB, unless it already replicates
     // a writable dc-a (as `RestoreTiers` leaves them): a reseed copies all
     // of dc-a, a minute here.
-    if read_only('a').await != Some(false) || !replicating('b').await {
+    if read_only('a').await != Some(false) || replication_threads('b').await != (true, true) {
         stack(&["reseed", "a", "b"]);
     }
     stack(&["redis-follow", "b", "a"]);
@@ -796,7 +643,7 @@ async fn flip_scenario(per_datacenter: bool) {
         ]);
     }
     assert!(want.iter().all(|w| sidecar_args.contains(w)), "[{layout}] sidecar args {sidecar_args:?}, want {want:?}");
-    let proxy = Proxy::start(&dir, &route_file, &sidecar_args);
+    let proxy = Proxy::with_args(&dir, "proxy", &route_file, &sidecar_args);
     proxy.wait_epoch(1, Duration::from_secs(5)).await;
     println!(
         "[{layout}] db-proxy started with the job Deployment's sidecar arguments {sidecar_args:?} (route file for the ConfigMap)"
@@ -844,7 +691,7 @@ async fn flip_scenario(per_datacenter: bool) {
     assert_eq!(route.failover.last_transition.as_ref().map(|l| l.kind), Some(TransitionKind::Switchover));
     assert_eq!(route.active_redis_address(), Some(redis_addr('b').as_str()));
     assert_eq!(read_only('a').await, Some(true), "the old primary DB is fenced");
-    assert_eq!(redis_role('b').await, "master", "dc-b's Redis is promoted");
+    assert_eq!(redis_role('b').await.0, "master", "dc-b's Redis is promoted");
     let proxy_after = asked.elapsed();
 
     // No session of the tenant's users is left on dc-a's servers; some are on dc-b's.

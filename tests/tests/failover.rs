@@ -14,8 +14,8 @@
 //! time (a lock) in any order.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -25,12 +25,12 @@ use sqlx::{Connection, MySqlConnection};
 use thumbup_core::config::TenantConfig;
 use thumbup_core::keys::Keys;
 use thumbup_core::route::{Route, TransitionKind};
+use thumbup_e2e::datacenters::*;
 use thumbup_e2e::*;
 use thumbup_operator::failover::{self, Notice};
 use thumbup_service::pb;
 use thumbup_test_support::stack::{server_pid, stack};
 use thumbup_test_support::wait::wait_until;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -53,25 +53,6 @@ fn redis_port(dc: char) -> u16 {
 
 fn db_admin_password() -> String {
     env_or("THUMBUP_DB_ADMIN_PASSWORD", "thumbup-admin")
-}
-
-/// The admin URL of datacenter `dc`'s MariaDB ('a' or 'b').
-fn admin_url(dc: char) -> String {
-    format!("mysql://thumbup_admin:{}@127.0.0.1:{}", db_admin_password(), db_port(dc))
-}
-
-async fn read_only(dc: char) -> Option<bool> {
-    let mut con = MySqlConnection::connect(&admin_url(dc)).await.ok()?;
-    let v: i64 = sqlx::query_scalar("SELECT @@read_only").fetch_one(&mut con).await.ok()?;
-    Some(v != 0)
-}
-
-/// Whether datacenter `dc`'s MariaDB replicates with its SQL thread running.
-async fn replicating(dc: char) -> bool {
-    let Ok(mut con) = MySqlConnection::connect(&admin_url(dc)).await else { return false };
-    let Ok(Some(row)) = sqlx::raw_sql("SHOW SLAVE STATUS").fetch_optional(&mut con).await else { return false };
-    use sqlx::Row;
-    row.try_get::<String, _>("Slave_SQL_Running").is_ok_and(|v| v == "Yes")
 }
 
 /// A TCP relay in front of a DB that refuses connections on demand.
@@ -129,104 +110,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// A `thumbup-db-proxy` child process following a route file.
-struct Proxy {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    /// Its Redis listener (used when the route moves the Redis tier).
-    redis: SocketAddr,
-}
-
-fn proxy_binary() -> PathBuf {
-    let bin = job_binary().with_file_name("thumbup-db-proxy");
-    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
-    bin
-}
-
-impl Proxy {
-    fn start(dir: &Path, name: &str, route_file: &Path) -> Proxy {
-        let ready = dir.join(format!("{name}.ready"));
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap();
-        let token_file = dir.join(format!("{name}.route-token"));
-        std::fs::write(&token_file, format!("{PROXY_ROUTE_TOKEN}\n")).unwrap();
-        let child = Command::new(proxy_binary())
-            .args(["--listen", "127.0.0.1:0", "--redis-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .arg("--route-file")
-            .arg(route_file)
-            .arg("--route-token-file")
-            .arg(&token_file)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn thumbup-db-proxy");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready)
-                && t.contains("admin=")
-            {
-                break t;
-            }
-            assert!(Instant::now() < deadline, "db-proxy {name} did not write {}", ready.display());
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let field = |k: &str| -> SocketAddr {
-            text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).expect("ready file")
-        };
-        Proxy { child, listen: field("listen="), admin: field("admin="), redis: field("redis=") }
-    }
-
-    /// The epoch the proxy holds (0 before any route).
-    async fn epoch(&self) -> u64 {
-        let (status, body) = http(self.admin, "GET", "/route", "").await;
-        if status != 200 {
-            return 0;
-        }
-        serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["epoch"].as_u64()).unwrap_or(0)
-    }
-
-    async fn wait_epoch(&self, epoch: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.epoch().await < epoch {
-            assert!(Instant::now() < deadline, "db-proxy never adopted epoch {epoch}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal HTTP/1.0 exchange: (status, body).
-/// The token the proxies of these tests take `PUT /route` with.
-const PROXY_ROUTE_TOKEN: &str = "failover-route-token-0001";
-
-/// One HTTP request; a `PUT` carries the proxies' route token.
-async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr).await else { return (0, String::new()) };
-    let auth = if method == "PUT" { format!("Authorization: Bearer {PROXY_ROUTE_TOKEN}\r\n") } else { String::new() };
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/yaml\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
 }
 
 /// The failover settings of a scenario (operator config `failover:`).
@@ -498,14 +381,6 @@ async fn set_io_thread(dc: char, running: bool) {
     sqlx::raw_sql(sql).execute(&mut con).await.expect("replication control");
 }
 
-/// Leaves the stack as every scenario expects it: both servers up, dc-a
-/// primary, dc-b a fresh replica.
-fn restore_stack() {
-    stack(&["start", "mariadb", "a"]);
-    stack(&["start", "mariadb", "b"]);
-    stack(&["reseed", "a", "b"]);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unplanned_failover_flips_within_10s_and_loses_no_acknowledged_like() {
     let _serial = SERIAL.lock().await;
@@ -671,7 +546,7 @@ async fn no_flapping_below_threshold_or_grace_and_no_second_flip_inside_the_cap_
 
     // dc-a becomes a healthy standby of dc-b; then dc-b fails inside the cap window.
     stack(&["reseed", "b", "a"]);
-    assert!(replicating('a').await, "dc-a should be a healthy standby of dc-b, so that only the cap blocks");
+    assert!(replication_threads('a').await.1, "dc-a should be a healthy standby of dc-b, so that only the cap blocks");
     site.relay_b.refuse_all();
     let n = site.notice("FailoverCapReached", Duration::from_secs(15)).await;
     assert!(n.warning, "{n:?}");
@@ -1058,40 +933,6 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
     }
 }
 
-/// Puts the two datacenters' Redis and MariaDB back as every scenario
-/// expects them (both up, each Redis a master, dc-a's MariaDB primary),
-/// also when a scenario fails halfway: the next test binaries share them.
-struct RestoreTiers;
-
-impl Drop for RestoreTiers {
-    fn drop(&mut self) {
-        let _ = std::panic::catch_unwind(|| {
-            stack(&["start", "redis", "a"]);
-            stack(&["redis-follow", "a", "none"]);
-            stack(&["redis-follow", "b", "none"]);
-            restore_stack();
-        });
-    }
-}
-
-/// `INFO replication` of datacenter `dc`'s Redis: (role, master port, link up).
-async fn redis_role(dc: char) -> (String, Option<u16>, bool) {
-    let url = if dc == 'a' {
-        thumbup_test_support::stack::admin_redis_url()
-    } else {
-        thumbup_test_support::stack::admin_redis_url_b()
-    };
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.expect("admin Redis");
-    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut con).await.unwrap();
-    let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':')).map(|v| v.trim().to_string());
-    (
-        field("role").unwrap_or_default(),
-        field("master_port").and_then(|p| p.parse().ok()),
-        field("master_link_status").as_deref() == Some("up"),
-    )
-}
-
 /// Waits until `dc`'s Redis has `role` (and, for a replica, replicates
 /// `master` with its link up).
 async fn wait_redis_role(dc: char, role: &str, master: Option<char>, within: Duration) {
@@ -1216,28 +1057,6 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
         return Duration::ZERO;
     }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-/// Connections of ACL user `user` to datacenter `dc`'s Redis (CLIENT LIST).
-async fn redis_clients_of(dc: char, user: &str) -> usize {
-    let url = if dc == 'a' {
-        thumbup_test_support::stack::admin_redis_url()
-    } else {
-        thumbup_test_support::stack::admin_redis_url_b()
-    };
-    let mut con = thumbup_test_support::stack::admin_redis_at(&url).await;
-    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut con).await.unwrap();
-    list.lines().filter(|l| l.split(' ').any(|f| f == format!("user={user}"))).count()
-}
-
-/// Sessions of DB user `user` on datacenter `dc`'s MariaDB (processlist).
-async fn db_sessions_of(dc: char, user: &str) -> i64 {
-    let mut db = MySqlConnection::connect(&admin_url(dc)).await.expect("admin DB");
-    sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ?")
-        .bind(user)
-        .fetch_one(&mut db)
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
