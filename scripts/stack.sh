@@ -49,6 +49,11 @@
 #   cluster-wait-ok            wait until every running node has cluster_state:ok, every slot is
 #                              served by a live master and every replica's link is up
 #   cluster-masters            print the ports of the masters that serve slots, one per line
+#   cluster-split  a|b         the cluster as if it spanned two datacenters: nodes BASE..BASE+2
+#                              are datacenter a's, BASE+3..BASE+5 b's; the named half becomes the
+#                              masters of every slot (coordinated CLUSTER FAILOVER, nothing lost),
+#                              each with one replica in the other half (failover.redis_tier on a
+#                              cluster; the nodes of a lost datacenter rejoin with cluster-start)
 #   cluster-rebalance          spread the slots evenly over the masters (`redis-cli --cluster
 #                              rebalance`, retried until the nodes agree), then wait until
 #                              every node agrees on the slots again
@@ -1084,6 +1089,114 @@ cluster_masters() {
   rc_nodes "$p" | awk "$RC_AWK_PORT"'$3 ~ /(^|,)master(,|$)/ && $3 !~ /fail/ && NF > 8 { print port_of($2) }' | sort -n
 }
 
+# The ports of datacenter I's nodes of the cluster: a the first half of
+# BASE..BASE+5, b the second.
+cluster_half() { # a|b
+  local i off=0
+  [[ "$1" == b ]] && off=$((CLUSTER_NODES / 2))
+  for ((i = 0; i < CLUSTER_NODES / 2; i++)); do echo $((CLUSTER_BASE + off + i)); done
+}
+
+# Lines "port role master-port has-slots id link" of the configured nodes
+# that answer, each as the node itself says (INFO replication, its own line
+# of CLUSTER NODES): gossip about others lags behind a failover.
+rc_roles() {
+  local p role mport slots id link
+  while read -r p; do
+    rc_live "$p" || continue
+    role="$(rc_rinfo "$p" role)"
+    mport="$(rc_rinfo "$p" master_port)"
+    link="$(rc_rinfo "$p" master_link_status)"
+    read -r id slots < <(rc_nodes "$p" | awk '$3 ~ /(^|,)myself(,|$)/ { print $1, (NF > 8) }')
+    [[ -n "${id:-}" ]] || continue
+    if [[ "$role" == master ]]; then
+      echo "$p master - ${slots:-0} $id -"
+    else
+      echo "$p replica ${mport:--} 0 $id ${link:-down}"
+    fi
+  done < <(cluster_ports)
+}
+
+# Makes datacenter I's half of the nodes the masters of every slot, each
+# with a replica in the other half (a cluster spanning two datacenters):
+# coordinated CLUSTER FAILOVER (nothing lost) on its nodes that are
+# replicas, CLUSTER REPLICATE to pair the others.
+cluster_split() { # a|b
+  local want="$1" other wanted i roles ready port role mp slots id link n target out mport mid
+  [[ "$want" == a || "$want" == b ]] || die "usage: $0 cluster-split a|b"
+  other=a
+  [[ "$want" == a ]] && other=b
+  cluster_wait_ok
+  wanted=" $(cluster_half "$want" | paste -sd' ' -) "
+  declare -A asked=()
+  for ((i = 0; ; i++)); do
+    roles="$(rc_roles)"
+    ready=1
+    while read -r port role mp slots id link; do
+      [[ "$wanted" == *" $port "* && "$role" == replica ]] || continue
+      ready=0
+      if [[ "$wanted" == *" $mp "* ]]; then
+        # Its master is in the same half: follow a master of the other half
+        # instead, then take over from it.
+        target="$(awk -v w="$wanted" '$2 == "master" && $4 == 1 && index(w, " " $1 " ") == 0 { print $5; exit }' <<<"$roles")"
+        if [[ -n "$target" ]]; then
+          log "redis-cluster-$port: replicating a master of datacenter $other first"
+          out="$(rcli "$port" cluster replicate "$target" 2>&1 || true)"
+          [[ "$out" == OK ]] || log "redis-cluster-$port: CLUSTER REPLICATE: $out (retried)"
+          sleep 1
+        fi
+      elif [[ "$link" == up ]] && ((${asked[$port]:-0} + 12 <= i)); then
+        log "redis-cluster-$port takes over from redis-cluster-$mp (CLUSTER FAILOVER, coordinated)"
+        out="$(rcli "$port" cluster failover 2>&1 || true)"
+        [[ "$out" == OK ]] || log "redis-cluster-$port: CLUSTER FAILOVER: $out (retried)"
+        asked[$port]=$i
+      fi
+    done <<<"$roles"
+    if ((ready)); then
+      # Every node of the wanted half is a master: one replica each from
+      # the other half.
+      while read -r port role mp slots id link; do
+        [[ "$wanted" != *" $port "* ]] || continue
+        if [[ "$role" == master && "$slots" == 1 ]]; then
+          # Still handing its slots over.
+          ready=0
+          continue
+        fi
+        n="$(awk -v m="$mp" '$2 == "replica" && $3 == m' <<<"$roles" | wc -l)"
+        if [[ "$role" == master ]] || ((n > 1)); then
+          target=""
+          while read -r mport mid; do
+            if [[ "$(awk -v m="$mport" '$2 == "replica" && $3 == m' <<<"$roles" | wc -l)" == 0 ]]; then
+              target="$mid"
+              break
+            fi
+          done < <(awk -v w="$wanted" '$2 == "master" && index(w, " " $1 " ") > 0 { print $1, $5 }' <<<"$roles")
+          if [[ -n "$target" ]]; then
+            ready=0
+            log "redis-cluster-$port: replicating a master of datacenter $want without a replica"
+            out="$(rcli "$port" cluster replicate "$target" 2>&1 || true)"
+            [[ "$out" == OK ]] || log "redis-cluster-$port: CLUSTER REPLICATE: $out (retried)"
+            # One at a time: the next decision reads the nodes again.
+            sleep 1
+            break
+          fi
+        fi
+      done <<<"$roles"
+    fi
+    # Done: the wanted half serves every slot, and each of its masters has
+    # one replica of the other half, linked.
+    if ((ready)) &&
+      [[ "$(awk '$2 == "master" && $4 == 1 { print $1 }' <<<"$roles" | paste -sd' ' -)" == "$(cluster_half "$want" | paste -sd' ' -)" &&
+      "$(awk -v w="$wanted" 'index(w, " " $1 " ") == 0 && $2 == "replica" && $6 == "up" { print $3 }' <<<"$roles" | sort -nu | paste -sd' ' -)" == "$(cluster_half "$want" | paste -sd' ' -)" ]]; then
+      break
+    fi
+    ((i < TIMEOUT * 4)) || die "datacenter $want's nodes are not the masters after ${TIMEOUT}s: $(tr '\n' ';' <<<"$roles")"
+    sleep 0.25
+  done
+  cluster_wait_ok
+  log "redis cluster split: masters $(cluster_half "$want" | paste -sd' ' -) (datacenter $want), their replicas $(cluster_half "$other" | paste -sd' ' -) (datacenter $other)"
+}
+
 # `redis-cli --cluster <cmd>` against the first running member; prints its
 # output without colours.
 rc_cluster_cli() { # cmd, args...
@@ -1563,6 +1676,7 @@ main() {
     cluster-wait-ok) cluster_wait_ok ;;
     cluster-masters) cluster_masters ;;
     cluster-rebalance) cluster_rebalance ;;
+    cluster-split) cluster_split "$@" ;;
     -h | --help | help) usage ;;
     *) usage; exit 2 ;;
   esac

@@ -204,12 +204,18 @@ pub struct Failover {
     /// How long a planned switchover waits for the standby to catch up
     /// before it gives up and unfences the active DB.
     pub catch_up_timeout_ms: u64,
-    /// The Redis tier moves with the route: each datacenter's Redis is a
-    /// single server, the standby's a replica of the active one's; the
+    /// The Redis tier moves with the route. Either each datacenter's Redis
+    /// is a single server, the standby's a replica of the active one's; the
     /// probes cover both tiers, a flip promotes the standby's Redis and
     /// makes the old one its replica, and the proxies (`--redis-listen`)
-    /// forward Redis sessions to the active datacenter. Give the tenants
-    /// `redis.replica_acks` of at least 1 (see docs/failover.md).
+    /// forward Redis sessions to the active datacenter. Or every
+    /// datacenter's `redis` (`cluster: true`) lists its own nodes of one
+    /// Redis Cluster spanning them, the active datacenter's nodes the
+    /// masters with a replica each in the standby: a flip moves every
+    /// slot with `CLUSTER FAILOVER` (TAKEOVER when the masters are gone),
+    /// and the tenants reach the cluster through every datacenter's nodes.
+    /// Give the tenants `redis.replica_acks` of at least 1 (see
+    /// docs/failover.md).
     pub redis_tier: bool,
 }
 
@@ -443,9 +449,21 @@ impl OperatorConfig {
                     dc.name
                 )));
             }
-            if c.failover.redis_tier && (dc.redis.cluster || dc.redis.host_port().is_none()) {
+            if c.failover.redis_tier && dc.redis.cluster != c.active().redis.cluster {
                 return Err(ConfigError::Invalid(format!(
-                    "{}: failover.redis_tier needs redis.url to be one server's redis://host:port (not a cluster)",
+                    "{}: failover.redis_tier needs every datacenter's Redis to be one server, or every one its nodes of one cluster (redis.cluster)",
+                    dc.name
+                )));
+            }
+            if c.failover.redis_tier && dc.redis.host_port().is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: failover.redis_tier needs redis.url to be redis://host:port",
+                    dc.name
+                )));
+            }
+            if c.failover.redis_tier && dc.redis.cluster && dc.redis.replica_acks == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: failover.redis_tier with a cluster needs redis.replica_acks of at least 1: a like is safe from the loss of its datacenter only once the other datacenter's replica holds it",
                     dc.name
                 )));
             }
@@ -489,6 +507,11 @@ impl OperatorConfig {
         let t = &self.topology;
         if !t.per_datacenter {
             return Ok(());
+        }
+        if self.redis_tier_cluster() {
+            return Err(ConfigError::Invalid(
+                "topology.per_datacenter reads through the sidecar's local listeners, which forward to one Redis server per datacenter, not to a cluster's nodes".into(),
+            ));
         }
         if !self.db_proxy.enabled || !self.failover.redis_tier {
             return Err(ConfigError::Invalid(
@@ -542,6 +565,12 @@ impl OperatorConfig {
     /// `namespace` (the operator's).
     pub fn installation(&self, namespace: &str) -> String {
         self.installation_id.clone().unwrap_or_else(|| namespace.to_string())
+    }
+
+    /// Whether the Redis tier that moves with the route is one cluster
+    /// spanning the datacenters (`failover.redis_tier` and `redis.cluster`).
+    pub fn redis_tier_cluster(&self) -> bool {
+        self.failover.redis_tier && self.datacenters.iter().all(|d| d.redis.cluster)
     }
 
     /// The active datacenter (validated to exist).
@@ -616,6 +645,21 @@ impl Endpoint<RedisTls> {
         }
         self.admin_url_with(&params)
     }
+
+    /// Each node a cluster's `url` and `seeds` name, as `(host:port, admin
+    /// URL of that node alone)`; one server's own otherwise.
+    pub fn node_admin_urls(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        std::iter::once(&self.url)
+            .chain(&self.seeds)
+            .map(|url| {
+                let node =
+                    Endpoint { url: url.clone(), admin_url: None, cluster: false, seeds: Vec::new(), ..self.clone() };
+                let address =
+                    node.host_port().ok_or_else(|| ConfigError::Invalid(format!("{url}: not redis://host:port")))?;
+                Ok((address, node.admin_url()?))
+            })
+            .collect()
+    }
 }
 
 /// Percent-encodes what may not appear in a URL's user-info.
@@ -663,6 +707,50 @@ datacenters:
         let db = GOOD.replace(r#"admin_password: "p@ss:w/rd" }"#, r#"admin_password: "x", cluster: true }"#);
         let err = OperatorConfig::parse(&db, "test").unwrap_err().to_string();
         assert!(err.contains("Redis settings, not the DB's"), "{err}");
+    }
+
+    #[test]
+    fn the_redis_tier_is_one_server_per_datacenter_or_one_cluster_spanning_them_with_replica_acks() {
+        let cluster = |n: &str, acks: u32| {
+            format!(
+                "redis://redis-{n}:6379\", admin_username: default, admin_password: pw, cluster: true, seeds: [\"redis://redis-{n}2:6379\"], replica_acks: {acks} }}"
+            )
+        };
+        let two = format!(
+            "{GOOD}  - name: dc-b\n    db: {{ url: \"mysql://db-b:3306\", admin_username: root, admin_password: x }}\n    redis: {{ url: \"redis://redis-b:6379\", admin_username: default, admin_password: pw }}\n"
+        );
+        let both = two
+            .replacen("redis://redis-a:6379\", admin_username: default, admin_password: pw }", &cluster("a", 1), 1)
+            .replacen("redis://redis-b:6379\", admin_username: default, admin_password: pw }", &cluster("b", 1), 1);
+        let tier = format!("{both}failover: {{ redis_tier: true }}\n");
+        let c = OperatorConfig::parse(&tier, "test").unwrap();
+        assert!(c.redis_tier_cluster());
+        let nodes = c.active().redis.node_admin_urls().unwrap();
+        assert_eq!(
+            nodes,
+            vec![
+                ("redis-a:6379".to_string(), "redis://default:pw@redis-a:6379".to_string()),
+                ("redis-a2:6379".to_string(), "redis://default:pw@redis-a2:6379".to_string()),
+            ]
+        );
+        for (text, err) in [
+            (
+                tier.replacen(
+                    &cluster("b", 1),
+                    "redis://redis-b:6379\", admin_username: default, admin_password: pw }",
+                    1,
+                ),
+                "every one its nodes of one cluster",
+            ),
+            (tier.replacen(&cluster("b", 1), &cluster("b", 0), 1), "replica_acks of at least 1"),
+            (
+                format!("{tier}db_proxy: {{ enabled: true }}\ntopology: {{ per_datacenter: true }}\n"),
+                "not to a cluster's nodes",
+            ),
+        ] {
+            let e = OperatorConfig::parse(&text, "test").unwrap_err().to_string();
+            assert!(e.contains(err), "{e}");
+        }
     }
 
     #[test]

@@ -168,7 +168,10 @@ pub fn build_db_proxy_sidecar(cfg: &OperatorConfig, route_namespace: &str, datac
                 format!("--route-config-map={route_namespace}/{}", cfg.failover.route_config_map),
             ]
             .into_iter()
-            .chain(cfg.failover.redis_tier.then(|| format!("--redis-listen=127.0.0.1:{}", p.redis_port)))
+            .chain(
+                (cfg.failover.redis_tier && !cfg.redis_tier_cluster())
+                    .then(|| format!("--redis-listen=127.0.0.1:{}", p.redis_port)),
+            )
             .chain(datacenter.into_iter().flat_map(|dc| {
                 [
                     format!("--datacenter={dc}"),
@@ -504,12 +507,21 @@ pub fn tenant_config(lt: &LikeTenant, dc: &Datacenter, db_url: String) -> Tenant
 pub fn registry_entry(lt: &LikeTenant, cfg: &OperatorConfig, dc: &str) -> TenantConfig {
     // When the sidecar forwards Redis too, the entry names the sidecar for
     // both tiers and no longer follows the route: a flip rewrites nothing.
-    let moves_redis = cfg.db_proxy.enabled && cfg.failover.redis_tier;
-    let dc = if moves_redis { cfg.active() } else { cfg.datacenter(dc).unwrap_or_else(|| cfg.active()) };
+    // A cluster spanning the datacenters moves its slots itself: the entry
+    // names every datacenter's nodes (the client finds the cluster through
+    // whichever answer) and, likewise, no longer follows the route.
+    let cluster = cfg.redis_tier_cluster();
+    let moves_redis = cfg.db_proxy.enabled && cfg.failover.redis_tier && !cluster;
+    let fixed = moves_redis || cluster;
+    let dc = if fixed { cfg.active() } else { cfg.datacenter(dc).unwrap_or_else(|| cfg.active()) };
     let db_url = if cfg.db_proxy.enabled { cfg.db_proxy.url() } else { dc.db.url.clone() };
     let mut entry = tenant_config(lt, dc, db_url);
     if moves_redis {
         entry.redis.url = cfg.db_proxy.redis_url();
+    }
+    if cluster {
+        let others = cfg.datacenters.iter().filter(|d| d.name != dc.name);
+        entry.redis.seeds.extend(others.flat_map(|d| std::iter::once(&d.redis.url).chain(&d.redis.seeds)).cloned());
     }
     // Per datacenter, every pod reads from its own datacenter through its
     // sidecar's local listeners: the same loopback URLs in every
@@ -891,6 +903,33 @@ datacenters:
         assert!(t.has_business(2));
         assert_eq!(parse_registry(&text).unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_cluster_spanning_the_datacenters_is_named_whole_in_the_entry_which_does_not_follow_the_route() {
+        let lt = tenant();
+        let mut cfg = config();
+        cfg.failover.redis_tier = true;
+        for (dc, n) in cfg.datacenters.iter_mut().zip(["a", "b"]) {
+            dc.redis.cluster = true;
+            dc.redis.replica_acks = 1;
+            dc.redis.url = format!("redis://redis-{n}1:6379");
+            dc.redis.seeds = vec![format!("redis://redis-{n}2:6379")];
+        }
+        let a = registry_entry(&lt, &cfg, "dc-a");
+        assert_eq!(a, registry_entry(&lt, &cfg, "dc-b"), "a flip changes no byte of the entry");
+        assert!(a.redis.cluster);
+        assert_eq!(a.redis.replica_acks, 1);
+        let mut nodes: Vec<&str> =
+            std::iter::once(a.redis.url.as_str()).chain(a.redis.seeds.iter().map(String::as_str)).collect();
+        nodes.sort_unstable();
+        assert_eq!(
+            nodes,
+            ["redis://redis-a1:6379", "redis://redis-a2:6379", "redis://redis-b1:6379", "redis://redis-b2:6379"]
+        );
+        // The cluster moves its slots itself: the sidecar forwards no Redis.
+        let args = build_db_proxy_sidecar(&cfg, "thumbup", None).args.unwrap();
+        assert!(!args.iter().any(|a| a.starts_with("--redis-listen")), "{args:?}");
     }
 
     fn per_datacenter() -> OperatorConfig {

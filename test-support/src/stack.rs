@@ -41,6 +41,36 @@ pub fn use_cluster() {
     CLUSTER_MODE.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Cluster mode for as long as the returned guard lives, then as before:
+/// one test of a binary whose other tests use the single servers (it must
+/// hold the binary's lock, the mode is process-wide).
+pub fn cluster_mode_scope() -> ClusterModeScope {
+    ClusterModeScope(CLUSTER_MODE.swap(true, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// See [`cluster_mode_scope`].
+pub struct ClusterModeScope(bool);
+
+impl Drop for ClusterModeScope {
+    fn drop(&mut self) {
+        CLUSTER_MODE.store(self.0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The ports of datacenter `dc`'s (`'a'` or `'b'`) nodes of the stack's
+/// Redis Cluster when it spans the two datacenters (`stack.sh
+/// cluster-split`): the first three, or the last three.
+pub fn cluster_half(dc: char) -> Vec<u16> {
+    let off = if dc == 'b' { 3 } else { 0 };
+    (0..3).map(|i| cluster_port() + off + i).collect()
+}
+
+/// The pid of a running node of the stack's Redis Cluster.
+pub fn cluster_node_pid(port: u16) -> Option<u32> {
+    let dir = std::env::var("THUMBUP_STACK_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join(".stack"));
+    std::fs::read_to_string(dir.join(format!("redis-cluster-{port}")).join("redis.pid")).ok()?.trim().parse().ok()
+}
+
 /// The first port of the stack's Redis Cluster (six nodes from it).
 pub fn cluster_port() -> u16 {
     env_or("THUMBUP_REDIS_CLUSTER_PORT", "27001").parse().expect("THUMBUP_REDIS_CLUSTER_PORT")

@@ -29,7 +29,7 @@ use thumbup_e2e::datacenters::*;
 use thumbup_e2e::*;
 use thumbup_operator::failover::{self, Notice};
 use thumbup_service::pb;
-use thumbup_test_support::stack::{server_pid, stack};
+use thumbup_test_support::stack::{cluster_half, cluster_mode_scope, cluster_node_pid, server_pid, stack};
 use thumbup_test_support::wait::wait_until;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -119,6 +119,9 @@ struct Timing {
     grace_ms: u64,
     /// `failover.redis_tier`: the Redis tier moves with the route.
     redis_tier: bool,
+    /// The Redis tier is the stack's Redis Cluster spanning both
+    /// datacenters (`stack.sh cluster-split`), not one server each.
+    cluster: bool,
 }
 
 /// The defaults of the operator config.
@@ -129,10 +132,11 @@ fn defaults() -> Timing {
         threshold: f.failure_threshold,
         grace_ms: f.grace_period_ms,
         redis_tier: false,
+        cluster: false,
     }
 }
 /// Quicker probing for the scenarios that only watch the controller.
-const QUICK: Timing = Timing { period_ms: 300, threshold: 3, grace_ms: 1_500, redis_tier: false };
+const QUICK: Timing = Timing { period_ms: 300, threshold: 3, grace_ms: 1_500, redis_tier: false, cluster: false };
 
 /// The controller, its relays, its files and a db-proxy.
 struct Site {
@@ -243,16 +247,23 @@ impl Site {
 fn operator_yaml(active: &str, relay_a: &Relay, relay_b: &Relay, t: &Timing) -> String {
     let pw = db_admin_password();
     let rpw = env_or("THUMBUP_REDIS_ADMIN_PASSWORD", "thumbup-admin");
-    let dc = |name: &str, db: u16, relay: &Relay, redis: u16| {
+    let dc = |name: &str, db: u16, relay: &Relay, redis: char| {
+        // One server, or the datacenter's nodes of the cluster.
+        let redis = if t.cluster {
+            let nodes: Vec<String> = cluster_half(redis).iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
+            format!("url: {}, cluster: true, seeds: [{}], replica_acks: 1", nodes[0], nodes[1..].join(", "))
+        } else {
+            format!("url: \"redis://127.0.0.1:{}\"", redis_port(redis))
+        };
         format!(
-            "  - name: {name}\n    db: {{ url: \"mysql://127.0.0.1:{db}\", admin_url: \"mysql://{}\", admin_username: thumbup_admin, admin_password: \"{pw}\" }}\n    redis: {{ url: \"redis://127.0.0.1:{redis}\", admin_username: default, admin_password: \"{rpw}\" }}\n",
+            "  - name: {name}\n    db: {{ url: \"mysql://127.0.0.1:{db}\", admin_url: \"mysql://{}\", admin_username: thumbup_admin, admin_password: \"{pw}\" }}\n    redis: {{ {redis}, admin_username: default, admin_password: \"{rpw}\" }}\n",
             relay.addr
         )
     };
     format!(
         "active_datacenter: {active}\ndatacenters:\n{}{}failover:\n  probe_period_ms: {}\n  probe_timeout_ms: 1000\n  failure_threshold: {}\n  grace_period_ms: {}\n  catch_up_timeout_ms: 10000\n  redis_tier: {}\n",
-        dc("dc-a", db_port('a'), relay_a, redis_port('a')),
-        dc("dc-b", db_port('b'), relay_b, redis_port('b')),
+        dc("dc-a", db_port('a'), relay_a, 'a'),
+        dc("dc-b", db_port('b'), relay_b, 'b'),
         t.period_ms,
         t.threshold,
         t.grace_ms,
@@ -809,36 +820,122 @@ fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
+/// How the two datacenters' Redis tier is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RedisLayout {
+    /// One server each, dc-b's a replica of dc-a's, reached through the
+    /// proxy; each service instance reads from its own datacenter's.
+    Servers,
+    /// The stack's Redis Cluster spanning both: dc-a's three nodes the
+    /// masters, each with its replica among dc-b's three.
+    Cluster,
+}
+
+/// Puts the stack's Redis Cluster back whole (every node running, dc-a's
+/// half the masters), also when a scenario fails halfway.
+struct RestoreCluster;
+
+impl Drop for RestoreCluster {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| {
+            for p in cluster_half('a').into_iter().chain(cluster_half('b')) {
+                stack(&["cluster-start", &p.to_string()]);
+            }
+            stack(&["cluster-split", "a"]);
+        });
+    }
+}
+
+/// The ports of the cluster's masters that serve slots (`stack.sh cluster-masters`).
+fn cluster_masters() -> Vec<u16> {
+    let out = Command::new("bash")
+        .arg(thumbup_test_support::stack::root().join("scripts/stack.sh"))
+        .arg("cluster-masters")
+        .output()
+        .expect("stack.sh cluster-masters");
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_like_even_with_its_disks_gone() {
     let _serial = SERIAL.lock().await;
     let runs: u32 = std::env::var("THUMBUP_E2E_DC_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    whole_datacenter_outage(RedisLayout::Servers, runs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_datacenter_outage_with_a_redis_cluster_spanning_both_moves_every_slot_and_loses_no_acknowledged_like()
+{
+    let _serial = SERIAL.lock().await;
+    let _cluster = cluster_mode_scope();
+    let runs: u32 = std::env::var("THUMBUP_E2E_DC_CLUSTER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    whole_datacenter_outage(RedisLayout::Cluster, runs).await;
+}
+
+/// The whole-datacenter outage, `runs` times: 16 writers of fresh likes and
+/// 16 readers, half through dc-a's service instance (a process) and half
+/// through dc-b's (in-process), the jobs of both datacenters running;
+/// dc-a's MariaDB, its Redis (every node of it) and its service instance
+/// killed with one `kill -KILL`, its job with them; on even runs dc-a's data
+/// deleted before it rejoins.
+async fn whole_datacenter_outage(layout: RedisLayout, runs: u32) {
     let _restore = RestoreTiers;
+    let _restore_cluster = (layout == RedisLayout::Cluster).then_some(RestoreCluster);
+    let tag = if layout == RedisLayout::Cluster { "cluster-" } else { "" };
     for run in 1..=runs {
         // Odd runs: dc-a's servers are only killed. Even runs: their data
         // is deleted after the kill (the datacenter is lost with its disks).
         let wipe = run % 2 == 0;
-        stack(&["redis-follow", "a", "none"]);
-        stack(&["redis-follow", "b", "a"]);
-        let test = format!("fo-dc-{run}");
-        let timing = Timing { redis_tier: true, ..defaults() };
+        match layout {
+            RedisLayout::Servers => {
+                stack(&["redis-follow", "a", "none"]);
+                stack(&["redis-follow", "b", "a"]);
+            }
+            RedisLayout::Cluster => stack(&["cluster-split", "a"]),
+        }
+        let test = format!("fo-dc-{tag}{run}");
+        let timing = Timing { redis_tier: true, cluster: layout == RedisLayout::Cluster, ..defaults() };
         let site = Site::start(&test, timing, world_dir(&test).join("config.yaml")).await;
         let route = site.route();
-        assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('a')).as_str()));
+        match layout {
+            RedisLayout::Servers => {
+                assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('a')).as_str()))
+            }
+            // The clients speak to the cluster itself: no Redis address in the route.
+            RedisLayout::Cluster => {
+                assert!(route.redis.is_empty(), "{route:?}");
+                assert_eq!(cluster_masters(), cluster_half('a'), "dc-a's nodes are the masters");
+            }
+        }
         let name = test.clone();
-        // Each datacenter has its own service instance, reading from its own
-        // servers and writing through the proxy: dc-b's runs in-process
-        // (its metrics are this process's), dc-a's is a process killed with
-        // dc-a's servers.
-        let tenant = two_tier_tenant(&name, &site.proxy);
-        let w = World::start(&test, &with_local_reads(&tenant, 'b')).await;
+        // Each datacenter has its own service instance, writing through the
+        // proxy (and, with one Redis server each, reading from its own
+        // servers): dc-b's runs in-process (its metrics are this process's),
+        // dc-a's is a process killed with dc-a's servers.
+        let (tenant_b, tenant_a) = match layout {
+            RedisLayout::Servers => {
+                let tenant = two_tier_tenant(&name, &site.proxy);
+                (with_local_reads(&tenant, 'b'), with_local_reads(&tenant, 'a'))
+            }
+            // Every node of the cluster as a seed, a like waiting for its
+            // master's replica (test-support's cluster tenant).
+            RedisLayout::Cluster => {
+                let tenant = proxied_tenant(&name, &site.proxy);
+                assert!(tenant.contains("replica_acks: 1"), "{tenant}");
+                (tenant.clone(), tenant)
+            }
+        };
+        let w = World::start(&test, &tenant_b).await;
         let t = w.tenant(&name).clone();
-        // The tenant's ACL user on dc-b's Redis (ACL users do not replicate).
-        thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
-            .await
-            .expect("the tenant's user on dc-b's Redis");
+        if layout == RedisLayout::Servers {
+            // The tenant's ACL user on dc-b's Redis (ACL users do not
+            // replicate; provisioning a cluster reaches every node).
+            thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
+                .await
+                .expect("the tenant's user on dc-b's Redis");
+        }
         let a_config = w.dir.join("dc-a.yaml");
-        std::fs::write(&a_config, format!("tenants:\n{}", with_local_reads(&tenant, 'a'))).unwrap();
+        std::fs::write(&a_config, format!("tenants:\n{tenant_a}")).unwrap();
         let mut svc_a = ServiceProcess::start(&w.dir, "service-dc-a", &a_config).await;
         let mut job_a = w.job_named(&name, 500, "job-dc-a");
         let mut job_b = w.job_named(&name, 500, "job-dc-b");
@@ -855,10 +952,15 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         // (stack.sh's kills take its lock one after the other), then the
         // job; stack.sh then waits for them. The clients of dc-a's instance
         // move to dc-b's.
-        let mut pids: Vec<String> = [("redis", "a"), ("mariadb", "a")]
-            .iter()
-            .map(|(s, i)| server_pid(s, i).unwrap_or_else(|| panic!("{s}-{i} has no pid file")).to_string())
-            .collect();
+        let redis_pids: Vec<u32> = match layout {
+            RedisLayout::Servers => vec![server_pid("redis", "a").expect("redis-a has no pid file")],
+            RedisLayout::Cluster => cluster_half('a')
+                .into_iter()
+                .map(|p| cluster_node_pid(p).unwrap_or_else(|| panic!("cluster node {p} has no pid file")))
+                .collect(),
+        };
+        let mut pids: Vec<String> = redis_pids.iter().map(u32::to_string).collect();
+        pids.push(server_pid("mariadb", "a").expect("mariadb-a has no pid file").to_string());
         pids.push(svc_a.pid().to_string());
         a_lost.store(true, Ordering::Relaxed);
         let killed = Instant::now();
@@ -867,14 +969,27 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         job_a.kill();
         svc_a.kill();
         stack(&["kill", "mariadb", "a"]);
-        stack(&["kill", "redis", "a"]);
+        match layout {
+            RedisLayout::Servers => stack(&["kill", "redis", "a"]),
+            RedisLayout::Cluster => {
+                for p in cluster_half('a') {
+                    stack(&["cluster-kill", &p.to_string()]);
+                }
+            }
+        }
         let killed_at = load.started.elapsed();
         let flipped = site.wait_epoch(2, Duration::from_secs(30)).await;
         let flip = flipped - killed;
         site.proxy.wait_epoch(2, Duration::from_secs(5)).await;
         let route = site.route();
         assert_eq!(route.active_datacenter, "dc-b");
-        assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('b')).as_str()));
+        match layout {
+            RedisLayout::Servers => {
+                assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('b')).as_str()))
+            }
+            // Every slot moved to dc-b's nodes before the route named dc-b.
+            RedisLayout::Cluster => assert_eq!(cluster_masters(), cluster_half('b'), "dc-b's nodes took every slot"),
+        }
         let counts_hit = || counter("thumbup_service_cache_lookups_total", &[("cache", "counts"), ("result", "hit")]);
         let counts_miss = || counter("thumbup_service_cache_lookups_total", &[("cache", "counts"), ("result", "miss")]);
         let (hit0, miss0) = (counts_hit(), counts_miss());
@@ -891,10 +1006,10 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         let (written, reads_ok, reads_failed) = load.stop().await;
         let ratio = hits as f64 / (hits + misses).max(1) as f64;
         println!(
-            "run {run} ({}): the route (DB and Redis) flipped {flip:?} after the SIGKILL; likes/s before {before:.0}, \
-             per second after the kill {per_sec:?}; back to 80% in second {:?} after the kill; {degraded} likes took \
-             the DB path; counts-cache hit ratio in the 10 s after the flip {ratio:.3} ({hits} hits, {misses} misses); \
-             {} likes acknowledged, {} UNAVAILABLE; reads {reads_ok} ok, {reads_failed} failed",
+            "run {run} ({layout:?}, {}): the route (DB and Redis) flipped {flip:?} after the SIGKILL; likes/s before \
+             {before:.0}, per second after the kill {per_sec:?}; back to 80% in second {:?} after the kill; {degraded} \
+             likes took the DB path; counts-cache hit ratio in the 10 s after the flip {ratio:.3} ({hits} hits, \
+             {misses} misses); {} likes acknowledged, {} UNAVAILABLE; reads {reads_ok} ok, {reads_failed} failed",
             if wipe { "dc-a's data deleted" } else { "dc-a's data kept" },
             recovered.map(|s| s - killed_at.as_secs()),
             written.ok,
@@ -911,16 +1026,38 @@ async fn a_whole_datacenter_outage_flips_both_tiers_and_loses_no_acknowledged_li
         // dc-a rejoins as the standby of both tiers (from nothing on even
         // runs), with the controller still running: it clears the solo
         // flags once dc-a's Redis is linked.
-        if wipe {
-            stack(&["wipe", "redis", "a"]);
-            stack(&["wipe", "mariadb", "a"]);
+        match layout {
+            RedisLayout::Servers => {
+                if wipe {
+                    stack(&["wipe", "redis", "a"]);
+                    stack(&["wipe", "mariadb", "a"]);
+                }
+                stack(&["rejoin", "a", "b"]);
+            }
+            // Each of dc-a's nodes starts again as a replica of the dc-b
+            // node that took its slots (a wiped one: of a master without
+            // a replica).
+            RedisLayout::Cluster => {
+                for p in cluster_half('a') {
+                    if wipe {
+                        stack(&["cluster-wipe", &p.to_string()]);
+                    }
+                }
+                if wipe {
+                    stack(&["wipe", "mariadb", "a"]);
+                }
+                stack(&["reseed", "b", "a"]);
+                for p in cluster_half('a') {
+                    stack(&["cluster-start", &p.to_string()]);
+                }
+                assert_eq!(cluster_masters(), cluster_half('b'), "dc-a's nodes rejoined as replicas");
+            }
         }
-        stack(&["rejoin", "a", "b"]);
-        // Redis a now mirrors dc-b's: the drain and cache checks read it.
+        // dc-a's Redis now mirrors dc-b's: the drain and cache checks read it.
         let ex = check_on_dc_b(&client, &t, &written.acked).await;
         println!(
-            "run {run}: all {} acknowledged records on dc-b with their newest state; {} counts rows and {} likes exact, \
-             {} cached counts equal",
+            "run {run} ({layout:?}): all {} acknowledged records on dc-b with their newest state; {} counts rows and \
+             {} likes exact, {} cached counts equal",
             written.acked.len(),
             ex.items,
             ex.likes,

@@ -10,9 +10,10 @@ use jiff::Timestamp;
 use thumbup_core::route::{FailoverRecord, Route};
 use tracing::{error, info, warn};
 
+use super::cluster::{self, ClusterSide};
 use super::decide::{self, Failing, Settings, Verdict};
 use super::metrics::{EPOCH, PROBE_FAILURES, STANDBY_LAG};
-use super::redis::{RedisActionError, RedisProbe, RedisServer};
+use super::redis::{RedisActionError, RedisServer, Tier, TierProbe};
 use super::{FailoverError, Notice, Options, db, kube};
 use crate::config::OperatorConfig;
 
@@ -53,7 +54,7 @@ pub async fn run_with_admin(
 }
 
 /// Each datacenter's Redis probe (empty without `failover.redis_tier`).
-pub(super) type RedisProbes = BTreeMap<String, Result<RedisProbe, RedisActionError>>;
+pub(super) type RedisProbes = BTreeMap<String, Result<TierProbe, RedisActionError>>;
 
 pub(super) struct Controller {
     pub(super) opts: Options,
@@ -62,8 +63,9 @@ pub(super) struct Controller {
     pub(super) probe_timeout: Duration,
     pub(super) servers: BTreeMap<String, db::Server>,
     /// Each datacenter's Redis when the Redis tier moves with the route
-    /// (`failover.redis_tier`); empty otherwise.
-    pub(super) redis: BTreeMap<String, RedisServer>,
+    /// (`failover.redis_tier`): one server, or its nodes of a cluster
+    /// spanning the datacenters; empty otherwise.
+    pub(super) redis: BTreeMap<String, Tier>,
     pub(super) route: Route,
     pub(super) failing: Failing,
     pub(super) last_error: Option<String>,
@@ -83,18 +85,41 @@ impl Controller {
         let mut redis = BTreeMap::new();
         let mut redis_addresses = BTreeMap::new();
         for dc in &opts.config.datacenters {
-            if f.redis_tier {
+            if f.redis_tier && dc.redis.cluster {
+                let config = |e: crate::config::ConfigError| FailoverError::Config(e.to_string());
+                let auth = (dc.redis.admin_username.clone(), dc.redis.password().map_err(config)?);
+                let nodes = dc
+                    .redis
+                    .node_admin_urls()
+                    .map_err(config)?
+                    .into_iter()
+                    .map(|(address, admin_url)| RedisServer {
+                        dc: dc.name.clone(),
+                        admin_url,
+                        address,
+                        auth: auth.clone(),
+                    })
+                    .collect();
+                let side = ClusterSide {
+                    dc: dc.name.clone(),
+                    nodes,
+                    cluster_admin_url: dc.redis.admin_url().map_err(config)?,
+                };
+                // No address in the route: the clients speak to the cluster
+                // itself, which moves its slots.
+                redis.insert(dc.name.clone(), Tier::Cluster(side));
+            } else if f.redis_tier {
                 let config = |e: crate::config::ConfigError| FailoverError::Config(e.to_string());
                 let address =
                     dc.redis.host_port().ok_or_else(|| FailoverError::Config(format!("{}: redis.url", dc.name)))?;
                 redis.insert(
                     dc.name.clone(),
-                    RedisServer {
+                    Tier::Server(RedisServer {
                         dc: dc.name.clone(),
                         admin_url: dc.redis.admin_url().map_err(config)?,
                         address: address.clone(),
                         auth: (dc.redis.admin_username.clone(), dc.redis.password().map_err(config)?),
-                    },
+                    }),
                 );
                 redis_addresses.insert(dc.name.clone(), address);
             }
@@ -260,31 +285,24 @@ impl Controller {
         }
 
         // ... and only the active Redis: another one that answers as a
-        // master becomes the active one's replica.
-        for (dc, p) in &redis_probes {
-            if *dc != active
-                && matches!(p, Ok(p) if p.master)
-                && !self.route.failover.promotion_pending
-                && let Some(master) = self.redis.get(&active)
-            {
-                match self.redis[dc].follow(master, ACTION_TIMEOUT).await {
-                    Ok(()) => {
-                        warn!(datacenter = %dc, "fenced a non-active Redis master: it now replicates the active one")
-                    }
-                    Err(e) => warn!(datacenter = %dc, error = %e, "fencing a non-active Redis master failed"),
-                }
-            }
+        // master becomes the active one's replica; a cluster's slots that
+        // another datacenter's node took (the cluster's own failover of one
+        // master) go back to the active datacenter's node once it
+        // replicates that node again.
+        if !self.route.failover.promotion_pending {
+            self.fence_redis(&active, &redis_probes).await;
         }
 
         // The active Redis stands alone while no standby's Redis is linked
         // to it (for the failure threshold): writes then stop waiting for
         // a replica, and wait again once one is linked.
         if let Some(active_redis) = self.redis.get(&active).cloned()
-            && matches!(redis_probes.get(&active), Some(Ok(_)))
+            && let Some(Ok(active_probe)) = redis_probes.get(&active)
         {
+            let address = self.route.active_redis_address().unwrap_or_default();
             let linked = redis_probes
                 .iter()
-                .any(|(dc, p)| *dc != active && matches!(p, Ok(p) if p.linked_to(&active_redis.address)));
+                .any(|(dc, p)| *dc != active && matches!(p, Ok(p) if p.links(active_probe, address)));
             self.unlinked = if linked { 0 } else { self.unlinked + 1 };
             let alone = !linked && self.unlinked >= self.settings.failure_threshold;
             if linked || alone {
@@ -385,7 +403,7 @@ impl Controller {
 
     /// Sets or clears the tenants' solo flags on `redis` (the active one),
     /// unless they already are so.
-    pub(super) async fn mark_solo(&mut self, redis: &RedisServer, alone: bool) {
+    pub(super) async fn mark_solo(&mut self, redis: &Tier, alone: bool) {
         if self.solo == Some(alone) {
             return;
         }
@@ -400,15 +418,49 @@ impl Controller {
         match redis.set_solo(&tenants, epoch, ACTION_TIMEOUT).await {
             Ok(()) => {
                 if alone {
-                    warn!(datacenter = %redis.dc, tenants = tenants.len(),
+                    warn!(datacenter = %redis.dc(), tenants = tenants.len(),
                         "no replica is linked to the active Redis: likes are acknowledged without one");
                 } else {
-                    info!(datacenter = %redis.dc, tenants = tenants.len(),
+                    info!(datacenter = %redis.dc(), tenants = tenants.len(),
                         "a replica is linked to the active Redis: likes wait for it again");
                 }
                 self.solo = Some(alone);
             }
             Err(e) => warn!(error = %e, "writing the solo flags failed; retried next period"),
+        }
+    }
+
+    /// Makes every Redis but the active datacenter's a replica: a server
+    /// that answers as a master follows the active one; a cluster's slots
+    /// served by another datacenter's node go back to the active
+    /// datacenter's node that replicates it.
+    async fn fence_redis(&self, active: &str, probes: &RedisProbes) {
+        let Some(master) = self.redis.get(active) else { return };
+        for (dc, p) in probes {
+            if dc == active {
+                continue;
+            }
+            match (&self.redis[dc], master, p, probes.get(active)) {
+                (Tier::Server(s), Tier::Server(m), Ok(TierProbe::Server(p)), _) if p.master => {
+                    match s.follow(m, ACTION_TIMEOUT).await {
+                        Ok(()) => warn!(datacenter = %dc,
+                            "fenced a non-active Redis master: it now replicates the active one"),
+                        Err(e) => warn!(datacenter = %dc, error = %e, "fencing a non-active Redis master failed"),
+                    }
+                }
+                (Tier::Cluster(_), Tier::Cluster(m), Ok(TierProbe::Cluster(p)), Some(Ok(TierProbe::Cluster(ap))))
+                    if !p.masters_here().is_empty() =>
+                {
+                    for r in cluster::hand_back(m, ap, p, ACTION_TIMEOUT).await {
+                        match r {
+                            Ok(node) => warn!(datacenter = %dc, node = %node,
+                                "slots served in a non-active datacenter: handed back to the active one's node"),
+                            Err(e) => warn!(datacenter = %dc, error = %e, "handing slots back failed"),
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 

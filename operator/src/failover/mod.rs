@@ -32,6 +32,7 @@
 //! route, `tenants` reads the tenant list for the replay, `notice` is what
 //! is told to people, `metrics` what is counted.
 
+pub mod cluster;
 mod controller;
 pub mod db;
 pub mod decide;

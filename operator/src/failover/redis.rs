@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use redis::{Cmd, Value};
 use thumbup_core::cache::{self, Conn};
 
+use super::cluster::{ClusterProbe, ClusterSide};
+
 /// A Redis action that failed; the text says which server and step.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisActionError {
@@ -25,6 +27,14 @@ pub enum RedisActionError {
         step: &'static str,
         /// The deadline.
         after: Duration,
+    },
+    /// No node of a datacenter's part of the cluster answered.
+    #[error("{dc} Redis: none of its cluster nodes answers (first: {first})")]
+    Down {
+        /// Datacenter.
+        dc: String,
+        /// The first node's failure.
+        first: String,
     },
     /// The server refused or failed.
     #[error("{dc} Redis: {step}: {source}")]
@@ -116,7 +126,12 @@ impl RedisServer {
         }
     }
 
-    async fn run(&self, step: &'static str, after: Duration, cmds: Vec<Cmd>) -> Result<Vec<Value>, RedisActionError> {
+    pub(super) async fn run(
+        &self,
+        step: &'static str,
+        after: Duration,
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<Value>, RedisActionError> {
         self.within(step, after, async {
             let mut con: Conn = cache::admin_connect(&self.admin_url, after).await?;
             let mut out = Vec::new();
@@ -217,6 +232,157 @@ impl RedisServer {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One datacenter's Redis tier: one server, or its nodes of a cluster
+/// spanning the datacenters.
+#[derive(Debug, Clone)]
+pub enum Tier {
+    /// One server (`REPLICAOF` moves it).
+    Server(RedisServer),
+    /// Nodes of the one cluster (`CLUSTER FAILOVER` moves them).
+    Cluster(ClusterSide),
+}
+
+/// What a probe of a datacenter's Redis tier saw. A cluster datacenter
+/// fails its probe only when none of its nodes answers.
+#[derive(Debug)]
+pub enum TierProbe {
+    /// `INFO replication` of the server.
+    Server(RedisProbe),
+    /// Each node.
+    Cluster(ClusterProbe),
+}
+
+impl Tier {
+    /// The datacenter.
+    pub fn dc(&self) -> &str {
+        match self {
+            Tier::Server(s) => &s.dc,
+            Tier::Cluster(c) => &c.dc,
+        }
+    }
+
+    /// Probes the server, or every node at once.
+    pub async fn probe(&self, timeout: Duration) -> Result<TierProbe, RedisActionError> {
+        match self {
+            Tier::Server(s) => s.probe(timeout).await.map(TierProbe::Server),
+            Tier::Cluster(c) => {
+                let p = c.probe(timeout).await;
+                match p.down() {
+                    Some(e) => Err(RedisActionError::Down { dc: c.dc.clone(), first: e.to_string() }),
+                    None => Ok(TierProbe::Cluster(p)),
+                }
+            }
+        }
+    }
+
+    /// Sets (`Some(epoch)`) or deletes (`None`) every tenant's solo flag.
+    pub async fn set_solo(
+        &self,
+        tenants: &[String],
+        epoch: Option<u64>,
+        timeout: Duration,
+    ) -> Result<(), RedisActionError> {
+        match self {
+            Tier::Server(s) => s.set_solo(tenants, epoch, timeout).await,
+            Tier::Cluster(c) => c.set_solo(tenants, epoch, timeout).await,
+        }
+    }
+
+    /// Makes this datacenter's Redis take writes, at once: `REPLICAOF NO
+    /// ONE`, or every slot to its nodes (coordinated where the old master
+    /// answers, a takeover where it does not). Idempotent.
+    pub async fn promote(&self, timeout: Duration) -> Result<(), RedisActionError> {
+        match self {
+            Tier::Server(s) => s.promote(timeout).await,
+            Tier::Cluster(c) => c.take_slots(false, ACTION_WAIT.max(timeout), timeout).await,
+        }
+    }
+}
+
+impl Tier {
+    /// Makes this (the old active datacenter's) Redis a replica of
+    /// `master`'s. A cluster's old masters need nothing: when they answer
+    /// again they learn that their slots moved and follow the new owners.
+    pub async fn follow(&self, master: &Tier, timeout: Duration) -> Result<(), RedisActionError> {
+        match (self, master) {
+            (Tier::Server(s), Tier::Server(m)) => s.follow(m, timeout).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// A planned switchover's move of the Redis tier from `old` to this
+    /// datacenter, losing nothing: one server pauses its clients' writes
+    /// (for `pause`), this one receives everything up to there and is
+    /// promoted; a cluster's nodes here each run a coordinated `CLUSTER
+    /// FAILOVER` (the engine's own pause and catch-up), within `catch_up`.
+    pub async fn switch_from(
+        &self,
+        old: &Tier,
+        pause: Duration,
+        catch_up: Duration,
+        timeout: Duration,
+    ) -> Result<(), RedisActionError> {
+        match (self, old) {
+            (Tier::Server(new), Tier::Server(old)) => {
+                let offset = old.pause_writes(pause, timeout).await?;
+                new.wait_offset(offset, catch_up).await?;
+                new.promote(timeout).await
+            }
+            (Tier::Cluster(new), _) => new.take_slots(true, catch_up, timeout).await,
+            (Tier::Server(new), Tier::Cluster(_)) => Err(RedisActionError::Redis {
+                dc: new.dc.clone(),
+                step: "switch over",
+                source: redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "one datacenter is a cluster, the other not",
+                )),
+            }),
+        }
+    }
+
+    /// Undoes an interrupted [`Tier::switch_from`]: `old` takes writes
+    /// again and this datacenter's Redis replicates it.
+    pub async fn undo_switch(&self, old: &Tier, catch_up: Duration, timeout: Duration) -> Vec<RedisActionError> {
+        let mut failed = Vec::new();
+        match (self, old) {
+            (Tier::Server(new), Tier::Server(old)) => {
+                // The target may have been promoted: it follows the active
+                // Redis again, which takes writes again.
+                failed.extend(new.follow(old, timeout).await.err());
+                failed.extend(old.unpause(timeout).await.err());
+            }
+            (_, Tier::Cluster(old)) => failed.extend(old.take_slots(true, catch_up, timeout).await.err()),
+            _ => {}
+        }
+        failed
+    }
+}
+
+/// How long a cluster's takeover may take before the promotion is retried.
+const ACTION_WAIT: Duration = Duration::from_secs(10);
+
+impl TierProbe {
+    /// `Ok` when this datacenter's Redis can take over from the active one
+    /// (at `active_address` for one server), else why not.
+    pub fn standby_health(&self, active_address: &str) -> Result<(), String> {
+        match self {
+            TierProbe::Server(p) => p.standby_health(active_address),
+            TierProbe::Cluster(p) => p.standby_health(),
+        }
+    }
+
+    /// Whether this standby's Redis holds every like the active one
+    /// (`active`, at `active_address`) takes before it is acknowledged:
+    /// its replica link(s) up.
+    pub fn links(&self, active: &TierProbe, active_address: &str) -> bool {
+        match (self, active) {
+            (TierProbe::Server(p), _) => p.linked_to(active_address),
+            (TierProbe::Cluster(p), TierProbe::Cluster(a)) => p.links(a),
+            (TierProbe::Cluster(_), TierProbe::Server(_)) => false,
         }
     }
 }

@@ -152,26 +152,15 @@ impl Controller {
             && let Some((old, new)) = &redis_pair
         {
             let pause = catch_up + ACTION_TIMEOUT * 2;
-            caught_up = async {
-                let offset = old.pause_writes(pause, ACTION_TIMEOUT).await?;
-                new.wait_offset(offset, catch_up).await?;
-                new.promote(ACTION_TIMEOUT).await
-            }
-            .await
-            .map_err(|e| e.to_string());
+            caught_up = new.switch_from(old, pause, catch_up, ACTION_TIMEOUT).await.map_err(|e| e.to_string());
         }
         if let Err(e) = caught_up {
             if let Err(u) = self.servers[&from].unfence(ACTION_TIMEOUT).await {
                 error!(datacenter = %from, error = %u, "could not make the active DB writable again");
             }
             if let Some((old, new)) = &redis_pair {
-                // The target may have been promoted: it follows the active
-                // Redis again, which takes writes again.
-                if let Err(u) = new.follow(old, ACTION_TIMEOUT).await {
-                    error!(datacenter = %to, error = %u, "could not make the target's Redis a replica again");
-                }
-                if let Err(u) = old.unpause(ACTION_TIMEOUT).await {
-                    error!(datacenter = %from, error = %u, "could not end the pause of the active Redis");
+                for u in new.undo_switch(old, catch_up, ACTION_TIMEOUT).await {
+                    error!(datacenter = %to, error = %u, "could not give the Redis tier back to the active datacenter");
                 }
             }
             return self.switchover_failed(to, e).await;
