@@ -21,8 +21,10 @@
 #   wipe redis|mariadb I       delete a stopped server's data for good (a datacenter lost with its
 #                              disks): Redis keeps only its ACL file, MariaDB is initialised empty
 #                              and marked a replica, so that it never starts writable
-#   rejoin OLD NEW             the old datacenter OLD (a|b, wiped or not) rejoins as the standby of
+#   rejoin OLD NEW [cluster]   the old datacenter OLD (a|b, wiped or not) rejoins as the standby of
 #                              both tiers of NEW: MariaDB reseeded from NEW, Redis a replica of NEW's
+#                              (with `cluster`: OLD's half of the Redis Cluster, see cluster-split,
+#                              started again, each node a replica of a node of NEW)
 #   status                     one line per server: running/stopped, port, writable or read-only, replication
 #                              (and per cluster node, as cluster-status)
 #   env                        print `export` lines for the admin URLs, ports (b: *_B), TLS files
@@ -1622,9 +1624,10 @@ cmd_wipe() { # redis|mariadb instance
   fi
 }
 
-cmd_rejoin() { # old new
-  local old="${1:-}" new="${2:-}"
-  [[ "$old" =~ ^[ab]$ && "$new" =~ ^[ab]$ && "$old" != "$new" ]] || die "usage: $0 rejoin OLD NEW (a b, or b a)"
+cmd_rejoin() { # old new [cluster]
+  local old="${1:-}" new="${2:-}" tier="${3:-}" p
+  [[ "$old" =~ ^[ab]$ && "$new" =~ ^[ab]$ && "$old" != "$new" && "$tier" =~ ^(cluster)?$ ]] ||
+    die "usage: $0 rejoin OLD NEW [cluster] (a b, or b a)"
   cmd_install
   lock_stack
   # It starts read-only (a replica): a failover controller watching it
@@ -1632,7 +1635,16 @@ cmd_rejoin() { # old new
   mkdir -p "$(mdb_dir "$old")"
   echo replica >"$(mdb_rolefile "$old")"
   reseed "$new" "$old"
-  redis_follow "$old" "$new"
+  if [[ "$tier" == cluster ]]; then
+    # OLD's half of the Redis Cluster: a node that kept its data learns
+    # that its slots moved and replicates the node that took them; a wiped
+    # one joins as the replica of a master without one.
+    while read -r p; do
+      cluster_start "$p"
+    done < <(cluster_half "$old")
+  else
+    redis_follow "$old" "$new"
+  fi
   log "datacenter $old is the standby of datacenter $new on both tiers"
 }
 

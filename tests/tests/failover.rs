@@ -1046,10 +1046,7 @@ async fn whole_datacenter_outage(layout: RedisLayout, runs: u32) {
                 if wipe {
                     stack(&["wipe", "mariadb", "a"]);
                 }
-                stack(&["reseed", "b", "a"]);
-                for p in cluster_half('a') {
-                    stack(&["cluster-start", &p.to_string()]);
-                }
+                stack(&["rejoin", "a", "b", "cluster"]);
                 assert_eq!(cluster_masters(), cluster_half('b'), "dc-a's nodes rejoined as replicas");
             }
         }
@@ -1088,18 +1085,40 @@ async fn wait_redis_role(dc: char, role: &str, master: Option<char>, within: Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back() {
     let _serial = SERIAL.lock().await;
+    planned_switchover(RedisLayout::Servers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_switchover_moves_every_slot_of_a_cluster_spanning_both_with_zero_loss_and_switches_back() {
+    let _serial = SERIAL.lock().await;
+    let _cluster = cluster_mode_scope();
+    planned_switchover(RedisLayout::Cluster).await;
+}
+
+/// Both tiers to dc-b and back under 16 writers and 16 readers, nothing lost.
+async fn planned_switchover(layout: RedisLayout) {
     let _restore = RestoreTiers;
-    stack(&["redis-follow", "a", "none"]);
-    stack(&["redis-follow", "b", "a"]);
-    let test = "fo-dc-switch";
+    let _restore_cluster = (layout == RedisLayout::Cluster).then_some(RestoreCluster);
+    let cluster = layout == RedisLayout::Cluster;
+    match layout {
+        RedisLayout::Servers => {
+            stack(&["redis-follow", "a", "none"]);
+            stack(&["redis-follow", "b", "a"]);
+        }
+        RedisLayout::Cluster => stack(&["cluster-split", "a"]),
+    }
+    let test = if cluster { "fo-dc-cluster-switch" } else { "fo-dc-switch" };
     let name = test;
-    let timing = Timing { redis_tier: true, ..QUICK };
+    let timing = Timing { redis_tier: true, cluster, ..QUICK };
     let site = Site::start(test, timing, world_dir(test).join("config.yaml")).await;
-    let w = World::start(test, &two_tier_tenant(name, &site.proxy)).await;
+    let tenant = if cluster { proxied_tenant(name, &site.proxy) } else { two_tier_tenant(name, &site.proxy) };
+    let w = World::start(test, &tenant).await;
     let t = w.tenant(name).clone();
-    thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
-        .await
-        .expect("the tenant's user on dc-b's Redis");
+    if !cluster {
+        thumbup_core::provision::provision_redis(&thumbup_test_support::stack::admin_redis_url_b(), &t)
+            .await
+            .expect("the tenant's user on dc-b's Redis");
+    }
     let mut job_a = w.job_named(name, 500, "job-dc-a");
     let mut job_b = w.job_named(name, 500, "job-dc-b");
     let client = w.client_of(name).await;
@@ -1108,7 +1127,7 @@ async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back(
 
     // dc-a -> dc-b.
     let (relay_a, relay_b) = (&site.relay_a, &site.relay_b);
-    let quick = || Timing { redis_tier: true, ..QUICK };
+    let quick = || Timing { redis_tier: true, cluster, ..QUICK };
     std::fs::write(&site.op_config, operator_yaml("dc-b", relay_a, relay_b, &quick())).unwrap();
     let asked = Instant::now();
     site.wait_epoch(2, Duration::from_secs(30)).await;
@@ -1116,27 +1135,40 @@ async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back(
     let to_b = asked.elapsed();
     let route = site.route();
     assert_eq!(route.failover.last_transition.as_ref().map(|l| l.kind), Some(TransitionKind::Switchover));
-    assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('b')).as_str()));
-    wait_redis_role('b', "master", None, Duration::from_secs(5)).await;
-    wait_redis_role('a', "slave", Some('b'), Duration::from_secs(20)).await;
     assert_eq!(read_only('a').await, Some(true), "the old primary DB is fenced");
-    // No process of the tenant is left on dc-a's servers: the proxy ended
-    // the service's and the jobs' sessions of both tiers, and they are on
-    // dc-b's now.
     let (redis_user, db_user) = (t.redis.username.as_str(), t.db.username.as_str());
-    let left = wait_until(Duration::from_secs(5), Duration::from_millis(100), || async {
-        let on = (redis_clients_of('a', redis_user).await, db_sessions_of('a', db_user).await);
-        let now = (redis_clients_of('b', redis_user).await, db_sessions_of('b', db_user).await);
-        if on == (0, 0) && now.0 > 0 && now.1 > 0 {
-            Ok(now)
-        } else {
-            Err(format!(
-                "after the switchover to dc-b: {on:?} Redis connections and DB sessions on dc-a, {now:?} on dc-b"
-            ))
-        }
-    })
-    .await;
-    println!("after the switchover to dc-b: no connection of the tenant on dc-a's servers, {left:?} on dc-b's");
+    if cluster {
+        // Every slot moved before the route named dc-b: no write of the
+        // tenant can land on dc-a's nodes, replicas now.
+        assert_eq!(cluster_masters(), cluster_half('b'), "dc-b's nodes serve every slot at the flip");
+        let left = wait_until(Duration::from_secs(5), Duration::from_millis(100), || async {
+            let on = db_sessions_of('a', db_user).await;
+            let now = db_sessions_of('b', db_user).await;
+            if on == 0 && now > 0 { Ok(now) } else { Err(format!("{on} DB sessions on dc-a, {now} on dc-b")) }
+        })
+        .await;
+        println!("after the switchover to dc-b: every slot on dc-b's nodes, no DB session on dc-a, {left} on dc-b");
+    } else {
+        assert_eq!(route.active_redis_address(), Some(format!("127.0.0.1:{}", redis_port('b')).as_str()));
+        wait_redis_role('b', "master", None, Duration::from_secs(5)).await;
+        wait_redis_role('a', "slave", Some('b'), Duration::from_secs(20)).await;
+        // No process of the tenant is left on dc-a's servers: the proxy
+        // ended the service's and the jobs' sessions of both tiers, and
+        // they are on dc-b's now.
+        let left = wait_until(Duration::from_secs(5), Duration::from_millis(100), || async {
+            let on = (redis_clients_of('a', redis_user).await, db_sessions_of('a', db_user).await);
+            let now = (redis_clients_of('b', redis_user).await, db_sessions_of('b', db_user).await);
+            if on == (0, 0) && now.0 > 0 && now.1 > 0 {
+                Ok(now)
+            } else {
+                Err(format!(
+                    "after the switchover to dc-b: {on:?} Redis connections and DB sessions on dc-a, {now:?} on dc-b"
+                ))
+            }
+        })
+        .await;
+        println!("after the switchover to dc-b: no connection of the tenant on dc-a's servers, {left:?} on dc-b's");
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // dc-a's DB rebuilt as dc-b's replica (its Redis already is one), then back.
@@ -1146,8 +1178,12 @@ async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back(
     site.wait_epoch(3, Duration::from_secs(30)).await;
     site.wait_promoted(Duration::from_secs(30)).await;
     let to_a = asked.elapsed();
-    wait_redis_role('a', "master", None, Duration::from_secs(5)).await;
-    wait_redis_role('b', "slave", Some('a'), Duration::from_secs(20)).await;
+    if cluster {
+        assert_eq!(cluster_masters(), cluster_half('a'), "dc-a's nodes serve every slot again at the flip");
+    } else {
+        wait_redis_role('a', "master", None, Duration::from_secs(5)).await;
+        wait_redis_role('b', "slave", Some('a'), Duration::from_secs(20)).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (written, reads_ok, reads_failed) = load.stop().await;
 
@@ -1155,9 +1191,9 @@ async fn a_planned_switchover_moves_both_tiers_with_zero_loss_and_switches_back(
     check_acked_and_states_at(&admin_url('a'), &client, &t, &written.acked).await;
     let ex = check_exact_at(&admin_url('a'), &t).await;
     println!(
-        "switchover of both tiers to dc-b done {to_b:?} after the config change, back to dc-a {to_a:?} after; \
-         {} likes acknowledged ({} UNAVAILABLE), all {} records on dc-a with their newest state; reads {reads_ok} ok, \
-         {reads_failed} failed; {} counts rows and {} likes exact, {} cached counts equal",
+        "switchover ({layout:?}) of both tiers to dc-b done {to_b:?} after the config change, back to dc-a {to_a:?} \
+         after; {} likes acknowledged ({} UNAVAILABLE), all {} records on dc-a with their newest state; reads \
+         {reads_ok} ok, {reads_failed} failed; {} counts rows and {} likes exact, {} cached counts equal",
         written.ok,
         written.unavailable,
         written.acked.len(),

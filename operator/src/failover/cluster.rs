@@ -25,6 +25,10 @@ use redis::Value;
 
 use super::redis::{RedisActionError, RedisProbe, RedisServer};
 
+/// How long the engine lets a coordinated `CLUSTER FAILOVER` run before it
+/// gives up (and a little more).
+const MANUAL_FAILOVER_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// One datacenter's nodes of the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterSide {
@@ -124,11 +128,15 @@ impl ClusterProbe {
             .unwrap_or_default()
     }
 
-    /// Whether every slot is served by a master of this datacenter.
+    /// Whether every slot is served by a master of this datacenter, as
+    /// every node of it that answered sees the cluster (a client that asks
+    /// any of them for the slot map then finds only live masters).
     pub fn serves_every_slot(&self) -> bool {
         let mine = self.ids();
-        let masters = self.slot_masters();
-        !masters.is_empty() && masters.iter().all(|m| mine.contains(m))
+        self.answered().all(|n| {
+            let mut masters = n.view.iter().filter(|l| l.master && l.slots).peekable();
+            masters.peek().is_some() && masters.all(|l| mine.contains(l.id.as_str()))
+        }) && self.answered().next().is_some()
     }
 
     /// `Ok` when this datacenter can take over every slot: each of its
@@ -214,7 +222,7 @@ impl ClusterSide {
         timeout: Duration,
     ) -> Result<(), RedisActionError> {
         let started = Instant::now();
-        let mut asked = BTreeSet::new();
+        let mut asked: std::collections::BTreeMap<String, Instant> = Default::default();
         loop {
             let probe = self.probe(timeout).await;
             if probe.serves_every_slot() {
@@ -237,11 +245,12 @@ impl ClusterSide {
                         )),
                     });
                 }
-                // A coordinated failover asked once runs for up to its own
-                // timeout (about 5 s); asking again meanwhile is refused.
-                if link_up && !asked.insert(node.address.clone()) {
+                // A coordinated failover runs for up to the engine's own
+                // timeout (5 s); asked again only after that.
+                if link_up && asked.get(&node.address).is_some_and(|at| at.elapsed() < MANUAL_FAILOVER_TIMEOUT) {
                     continue;
                 }
+                asked.insert(node.address.clone(), Instant::now());
                 let mut c = redis::cmd("CLUSTER");
                 c.arg("FAILOVER");
                 if !link_up {

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use super::controller::{ACTION_TIMEOUT, Controller, RedisProbes};
 use super::decide::{Block, Failing};
 use super::metrics::{BLOCKED, EPOCH, FLIPS, REPLAYED};
+use super::redis::Tier;
 use super::{FailoverError, Notice, db, replay};
 
 /// How long after the replay its cached keys are deleted a second time.
@@ -69,18 +70,32 @@ impl Controller {
         // The standby's Redis becomes a master before the route names it:
         // from then on the old one cannot acknowledge a like (its WAIT finds
         // no replica), and the proxies' first sessions to it take writes.
+        let mut solo_after_flip = None;
         if let Some(r) = self.redis.get(&to).cloned() {
             if let Err(e) = r.promote(ACTION_TIMEOUT.min(self.probe_timeout * 2)).await {
                 warn!(datacenter = %to, error = %e, "promoting the standby's Redis failed; no flip, retried next period");
                 return Ok(());
             }
+            info!(datacenter = %to, took = ?started.elapsed(), "the standby's Redis serves every key");
             // Its replica is gone with the failed datacenter.
             self.solo = None;
             self.unlinked = self.settings.failure_threshold;
-            self.mark_solo(&r, true).await;
+            match r {
+                Tier::Server(_) => self.mark_solo(&r, true).await,
+                // A cluster's new masters take writes only after the
+                // engine's rejoin delay (min(cluster-node-timeout, 5 s)
+                // after they last saw themselves in the minority): the
+                // flags, written through the cluster, wait for it; the
+                // DB's route need not.
+                Tier::Cluster(_) => solo_after_flip = Some(r),
+            }
         }
         self.flip(&to, TransitionKind::Failover, reason.clone()).await?;
         info!(epoch = self.route.epoch, took = ?started.elapsed(), "route flipped");
+        if let Some(r) = solo_after_flip {
+            self.mark_solo(&r, true).await;
+            info!(datacenter = %to, took = ?started.elapsed(), "solo flags set on the cluster");
+        }
         match self.servers[&from].fence(ACTION_TIMEOUT.min(self.probe_timeout * 2)).await {
             Ok(n) => info!(datacenter = %from, sessions_ended = n, "old primary fenced"),
             Err(e) => warn!(datacenter = %from, error = %e, "old primary unreachable; fenced when it answers again"),
