@@ -1880,3 +1880,38 @@ fn per_datacenter_without_the_sidecar_or_the_redis_tier_fails_the_render() {
     let err = try_render(&args).expect_err("job Deployment names that could collide");
     assert!(err.contains("ends with -dc-a, another datacenter's name"), "{err}");
 }
+
+#[test]
+fn a_redis_cluster_spanning_the_datacenters_gets_no_sidecar_redis_listener_and_no_per_datacenter_layout() {
+    let cluster: &[&str] = &[
+        "--set",
+        "failover.redisTier=true",
+        "--set",
+        "datacenters[0].redis.cluster=true",
+        "--set",
+        "datacenters[0].redis.replicaAcks=1",
+        "--set",
+        "datacenters[1].redis.cluster=true",
+        "--set",
+        "datacenters[1].redis.replicaAcks=1",
+    ];
+    let r = render(cluster);
+    let d: Deployment = r.get(&fullname_of("service"));
+    let sidecar = &pod_spec(&d).init_containers.as_ref().expect("the sidecar")[0];
+    let args = command(sidecar);
+    assert!(!args.iter().any(|a| a.starts_with("--redis-listen")), "the cluster moves its slots itself: {args:?}");
+    let cm: ConfigMap = r.get(&fullname_of("operator"));
+    let text = cm.data.as_ref().and_then(|d| d.get("operator.yaml")).expect("ConfigMap key operator.yaml");
+    let cfg = thumbup_operator::config::OperatorConfig::parse(text, "the chart's operator.yaml").expect("taken");
+    assert!(cfg.redis_tier_cluster(), "the operator sees one cluster spanning the datacenters");
+    // With one server per datacenter the sidecar forwards Redis.
+    let r = render(&["--set", "failover.redisTier=true"]);
+    let d: Deployment = r.get(&fullname_of("service"));
+    let args = command(&pod_spec(&d).init_containers.as_ref().expect("the sidecar")[0]);
+    assert!(args.contains(&"--redis-listen=127.0.0.1:6379".to_string()), "{args:?}");
+    // Local reads forward to one server per datacenter: refused.
+    let mut per_dc = cluster.to_vec();
+    per_dc.extend(["--set", "topology.perDatacenter=true"]);
+    let err = try_render(&per_dc).expect_err("refused");
+    assert!(err.contains("not to a cluster's nodes"), "{err}");
+}

@@ -338,6 +338,22 @@ tolerations:
 {{- end }}
 
 {{/*
+"true" when the Redis tier that moves with the route is one Redis Cluster
+spanning the datacenters (failover.redisTier and every datacenter's
+redis.cluster): the cluster moves its slots itself, no sidecar forwards
+Redis. Empty otherwise.
+*/}}
+{{- define "thumbup.redisTierCluster" -}}
+{{- if .Values.failover.redisTier }}
+{{- $all := true }}
+{{- range .Values.datacenters }}
+{{- if not (and .redis .redis.cluster) }}{{ $all = false }}{{ end }}
+{{- end }}
+{{- if $all }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Where the service runs, as a JSON list of placements: one without a
 datacenter (name ""), or with topology.perDatacenter one per datacenter
 ({"name": <datacenter>, "zone": <its zone label value>}). Fails the render
@@ -348,6 +364,9 @@ on a per-datacenter setting the operator would refuse.
 {{- if $t.perDatacenter }}
 {{- if not (and .Values.dbProxy.enabled .Values.failover.redisTier) }}
 {{- fail "topology.perDatacenter needs dbProxy.enabled and failover.redisTier: the pods of every datacenter read through their sidecar's local listeners and write through the ones that follow the route" }}
+{{- end }}
+{{- if include "thumbup.redisTierCluster" . }}
+{{- fail "topology.perDatacenter reads through the sidecar's local listeners, which forward to one Redis server per datacenter, not to a cluster's nodes" }}
 {{- end }}
 {{- if not $t.zoneLabel }}
 {{- fail "topology.zoneLabel is empty: the node label whose value is a datacenter's zone" }}
@@ -403,7 +422,7 @@ the registry entry's local_reads names.
     - --listen=127.0.0.1:{{ .Values.dbProxy.port }}
     - --admin-listen=0.0.0.0:{{ .Values.dbProxy.adminPort }}
     - --route-config-map={{ .Release.Namespace }}/{{ .Values.failover.routeConfigMap }}
-    {{- if .Values.failover.redisTier }}
+    {{- if and .Values.failover.redisTier (not (include "thumbup.redisTierCluster" .)) }}
     - --redis-listen=127.0.0.1:{{ .Values.dbProxy.redisPort | default 6379 }}
     {{- end }}
     {{- if $dc }}

@@ -36,9 +36,10 @@ pub struct ClusterSide {
     pub dc: String,
     /// Its nodes, each reached on its own (`redis://admin:pw@host:port`).
     pub nodes: Vec<RedisServer>,
-    /// The datacenter's admin URL with `cluster=true` (the solo flags are
-    /// written through the cluster client, each to its slot's master).
-    pub cluster_admin_url: String,
+    /// The whole cluster through this datacenter's nodes (its admin URL
+    /// with `cluster=true`): the solo flags are written through the
+    /// cluster client, each to its slot's master.
+    pub cluster: RedisServer,
 }
 
 /// One line of `CLUSTER NODES`.
@@ -263,22 +264,6 @@ impl ClusterSide {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    /// Sets or deletes every tenant's solo flag through the cluster client.
-    pub async fn set_solo(
-        &self,
-        tenants: &[String],
-        epoch: Option<u64>,
-        timeout: Duration,
-    ) -> Result<(), RedisActionError> {
-        let server = RedisServer {
-            dc: self.dc.clone(),
-            admin_url: self.cluster_admin_url.clone(),
-            address: self.nodes.first().map(|n| n.address.clone()).unwrap_or_default(),
-            auth: self.nodes.first().map(|n| n.auth.clone()).unwrap_or_default(),
-        };
-        server.set_solo(tenants, epoch, timeout).await
     }
 }
 

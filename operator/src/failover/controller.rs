@@ -100,11 +100,13 @@ impl Controller {
                         auth: auth.clone(),
                     })
                     .collect();
-                let side = ClusterSide {
+                let cluster = RedisServer {
                     dc: dc.name.clone(),
-                    nodes,
-                    cluster_admin_url: dc.redis.admin_url().map_err(config)?,
+                    admin_url: dc.redis.admin_url().map_err(config)?,
+                    address: dc.redis.host_port().unwrap_or_default(),
+                    auth: auth.clone(),
                 };
+                let side = ClusterSide { dc: dc.name.clone(), nodes, cluster };
                 // No address in the route: the clients speak to the cluster
                 // itself, which moves its slots.
                 redis.insert(dc.name.clone(), Tier::Cluster(side));

@@ -288,7 +288,7 @@ impl Tier {
     ) -> Result<(), RedisActionError> {
         match self {
             Tier::Server(s) => s.set_solo(tenants, epoch, timeout).await,
-            Tier::Cluster(c) => c.set_solo(tenants, epoch, timeout).await,
+            Tier::Cluster(c) => c.cluster.set_solo(tenants, epoch, timeout).await,
         }
     }
 
