@@ -868,8 +868,80 @@ async fn a_whole_datacenter_outage_with_a_redis_cluster_spanning_both_moves_ever
 {
     let _serial = SERIAL.lock().await;
     let _cluster = cluster_mode_scope();
-    let runs: u32 = std::env::var("THUMBUP_E2E_DC_CLUSTER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let runs: u32 = std::env::var("THUMBUP_E2E_DC_CLUSTER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     whole_datacenter_outage(RedisLayout::Cluster, runs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_master_lost_alone_in_a_cluster_spanning_both_moves_to_dc_b_and_back_with_nothing_lost() {
+    let _serial = SERIAL.lock().await;
+    let _cluster = cluster_mode_scope();
+    let _restore = RestoreTiers;
+    let _restore_cluster = RestoreCluster;
+    stack(&["cluster-split", "a"]);
+    let test = "fo-dc-cluster-one";
+    let timing = Timing { redis_tier: true, cluster: true, ..QUICK };
+    let site = Site::start(test, timing, world_dir(test).join("config.yaml")).await;
+    let w = World::start(test, &proxied_tenant(test, &site.proxy)).await;
+    let t = w.tenant(test).clone();
+    let mut job = w.job_named(test, 500, "job-dc-a");
+    let client = w.client_of(test).await;
+    let load = Load::start(&client, 16, 16);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = load.rate(Duration::from_secs(1), Duration::from_secs(4));
+
+    // One of dc-a's masters dies alone: the cluster's own failover promotes
+    // its replica, a dc-b node without a replica of its own, so the
+    // controller sets the solo flags (its likes would wait in vain).
+    let lost = cluster_half('a')[0];
+    let killed_at = load.started.elapsed();
+    stack(&["cluster-kill", &lost.to_string()]);
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let k = killed_at.as_secs() + 1;
+    let per_sec: Vec<u64> = (k..k + 15).map(|s| load.ok_per_sec[s as usize].load(Ordering::Relaxed)).collect();
+    let recovered =
+        (k..k + 15).find(|s| load.rate(Duration::from_secs(*s), Duration::from_secs(s + 1)) >= 0.8 * before);
+    let masters = cluster_masters();
+    assert_eq!(site.route().epoch, 1, "one Redis master is not a datacenter: no flip");
+    assert!(
+        masters.iter().any(|p| cluster_half('b').contains(p)),
+        "the cluster's own failover moved the lost master's slots to dc-b: {masters:?}"
+    );
+    let recovered =
+        recovered.unwrap_or_else(|| panic!("never back to 80% of {before:.0}/s after the master's loss: {per_sec:?}"));
+    assert!(recovered + 1 - killed_at.as_secs() <= 15, "back to 80% only {recovered} s in: {per_sec:?}");
+
+    // It comes back as the dc-b node's replica; the controller hands the
+    // slots back to it (coordinated CLUSTER FAILOVER, nothing lost).
+    stack(&["cluster-start", &lost.to_string()]);
+    let started = Instant::now();
+    let back = wait_until(Duration::from_secs(30), Duration::from_millis(200), || async {
+        let m = cluster_masters();
+        if m == cluster_half('a') { Ok(m) } else { Err(format!("the masters are {m:?}")) }
+    })
+    .await;
+    let handed_back = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (written, reads_ok, reads_failed) = load.stop().await;
+    wait_drained(&Keys::new(&t.name, t.stream.shards), Duration::from_secs(90)).await;
+    check_acked_and_states_at(&admin_url('a'), &client, &t, &written.acked).await;
+    let ex = check_exact_at(&admin_url('a'), &t).await;
+    println!(
+        "one dc-a master ({lost}) lost alone: no flip; likes/s before {before:.0}, per second after {per_sec:?}, \
+         back to 80% in second {} after; the slots back on dc-a's nodes {back:?} {handed_back:?} after it restarted; \
+         {} likes acknowledged ({} UNAVAILABLE), all {} records with their newest state; reads {reads_ok} ok, \
+         {reads_failed} failed; {} counts rows and {} likes exact",
+        recovered - killed_at.as_secs(),
+        written.ok,
+        written.unavailable,
+        written.acked.len(),
+        ex.items,
+        ex.likes
+    );
+    assert!(written.ok > 1000, "too little load to mean anything: {}", written.ok);
+    assert!(job.terminate(), "the job exits cleanly");
+    w.stop().await;
+    site.stop().await;
 }
 
 /// The whole-datacenter outage, `runs` times: 16 writers of fresh likes and

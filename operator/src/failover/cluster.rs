@@ -36,10 +36,11 @@ pub struct ClusterSide {
     pub dc: String,
     /// Its nodes, each reached on its own (`redis://admin:pw@host:port`).
     pub nodes: Vec<RedisServer>,
-    /// The whole cluster through this datacenter's nodes (its admin URL
-    /// with `cluster=true`): the solo flags are written through the
-    /// cluster client, each to its slot's master.
-    pub cluster: RedisServer,
+    /// The whole cluster through each of this datacenter's nodes (its
+    /// admin URL with `cluster=true`), tried in turn: the solo flags are
+    /// written through the cluster client, each to its slot's master, and
+    /// any node that answers leads the client to the others.
+    pub cluster: Vec<RedisServer>,
 }
 
 /// One line of `CLUSTER NODES`.
@@ -162,14 +163,22 @@ impl ClusterProbe {
         }
     }
 
-    /// Whether every master of `active` that holds slots has a replica in
-    /// this datacenter whose link is up (a like waits for it).
+    /// Whether every like can be waited for: every master of `active` that
+    /// holds slots has a replica in this datacenter whose link is up, and
+    /// every other master holding slots (one of this datacenter's nodes
+    /// that the cluster's own failover promoted when its master in `active`
+    /// failed alone) has a linked replica anywhere. Otherwise the likes of
+    /// some slots wait for a replica in vain.
     pub fn links(&self, active: &ClusterProbe) -> bool {
         let active_ids = active.ids();
-        let linked: BTreeSet<&str> =
-            self.answered().filter(|n| n.replication.link_up).filter_map(|n| n.me.master_id.as_deref()).collect();
-        let masters: Vec<&str> = active.slot_masters().into_iter().filter(|m| active_ids.contains(m)).collect();
-        !masters.is_empty() && masters.iter().all(|m| linked.contains(m))
+        let linked = |p: &ClusterProbe| -> BTreeSet<String> {
+            p.answered().filter(|n| n.replication.link_up).filter_map(|n| n.me.master_id.clone()).collect()
+        };
+        let here = linked(self);
+        let anywhere: BTreeSet<String> = here.union(&linked(active)).cloned().collect();
+        let masters = active.slot_masters();
+        !masters.is_empty()
+            && masters.iter().all(|m| if active_ids.contains(m) { here.contains(*m) } else { anywhere.contains(*m) })
     }
 
     /// This datacenter's nodes that are masters holding slots (a standby's
@@ -180,6 +189,25 @@ impl ClusterProbe {
 }
 
 impl ClusterSide {
+    /// Sets (`Some(epoch)`) or deletes (`None`) every tenant's solo flag
+    /// through the cluster client, entering it by the first of this
+    /// datacenter's nodes that answers.
+    pub async fn set_solo(
+        &self,
+        tenants: &[String],
+        epoch: Option<u64>,
+        timeout: Duration,
+    ) -> Result<(), RedisActionError> {
+        let mut last = None;
+        for entry in &self.cluster {
+            match entry.set_solo(tenants, epoch, timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(RedisActionError::Down { dc: self.dc.clone(), first: "no node configured".into() }))
+    }
+
     /// Probes every node (`CLUSTER NODES`, `INFO replication`) at once.
     pub async fn probe(&self, timeout: Duration) -> ClusterProbe {
         let nodes = futures::future::join_all(self.nodes.iter().map(|n| async move {
@@ -272,18 +300,27 @@ impl ClusterSide {
 /// lost): after a master of the active datacenter failed alone, the
 /// cluster's own failover promoted its replica in the other datacenter, and
 /// once the old master answers again (as that node's replica) the active
-/// datacenter serves its slots again.
+/// datacenter serves its slots again. A node asked within the engine's
+/// timeout of a coordinated failover (`asked`) is not asked again: asking
+/// restarts the handshake.
 pub async fn hand_back(
     active: &ClusterSide,
     active_probe: &ClusterProbe,
     standby_probe: &ClusterProbe,
+    asked: &mut std::collections::BTreeMap<String, Instant>,
     timeout: Duration,
 ) -> Vec<Result<String, RedisActionError>> {
     let masters: BTreeSet<&str> = standby_probe.masters_here().into_iter().collect();
     let mut out = Vec::new();
+    asked.retain(|_, at| at.elapsed() < MANUAL_FAILOVER_TIMEOUT);
     for (node, (_, p)) in active.nodes.iter().zip(&active_probe.nodes) {
         let Ok(p) = p else { continue };
-        if !p.me.master && p.replication.link_up && p.me.master_id.as_deref().is_some_and(|m| masters.contains(m)) {
+        if !p.me.master
+            && p.replication.link_up
+            && p.me.master_id.as_deref().is_some_and(|m| masters.contains(m))
+            && !asked.contains_key(&node.address)
+        {
+            asked.insert(node.address.clone(), Instant::now());
             let mut c = redis::cmd("CLUSTER");
             c.arg("FAILOVER");
             out.push(node.run("cluster failover", timeout, vec![c]).await.map(|_| node.address.clone()));
@@ -353,6 +390,25 @@ x 127.0.0.1:7009@17009 master - 0 0 0 connected
         let half = ClusterProbe { nodes: vec![node(NODES, "b1", true), node(NODES, "b2", false)] };
         assert_eq!(half.standby_health(), Ok(()));
         assert!(!half.links(&active));
+        // The cluster's own failover moved a2's slots to b2 (a2 failed
+        // alone): b2 has no replica until a2 is back as its replica.
+        const MOVED: &str = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:7002@17002 master,fail - 0 0 2 disconnected
+b1 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+b2 127.0.0.1:7005@17005 master - 0 0 3 connected 5461-10922
+";
+        let a_moved = ClusterProbe { nodes: vec![node(MOVED, "a1", true)] };
+        let b_moved = ClusterProbe { nodes: vec![node(MOVED, "b1", true), node(MOVED, "b2", true)] };
+        assert!(!b_moved.links(&a_moved), "b2's likes would wait for a replica it does not have");
+        assert_eq!(b_moved.masters_here(), ["b2"]);
+        let back = MOVED.replace(
+            "a2 127.0.0.1:7002@17002 master,fail - 0 0 2 disconnected",
+            "a2 127.0.0.1:7002@17002 slave b2 0 0 3 connected",
+        );
+        let a_back = ClusterProbe { nodes: vec![node(&back, "a1", true), node(&back, "a2", true)] };
+        let b_back = ClusterProbe { nodes: vec![node(&back, "b1", true), node(&back, "b2", true)] };
+        assert!(b_back.links(&a_back), "a2 is back as b2's replica");
         // A master with no replica here: not a standby.
         let one = ClusterProbe { nodes: vec![node(NODES, "b1", true)] };
         assert!(one.standby_health().unwrap_err().contains("replicates the master(s) a2"));

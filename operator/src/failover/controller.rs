@@ -75,6 +75,9 @@ pub(super) struct Controller {
     pub(super) solo: Option<bool>,
     /// Consecutive probes that found no replica linked to the active Redis.
     pub(super) unlinked: u32,
+    /// The active datacenter's cluster nodes last asked to take their slots
+    /// back, and when.
+    pub(super) handbacks: BTreeMap<String, std::time::Instant>,
 }
 
 impl Controller {
@@ -99,13 +102,8 @@ impl Controller {
                         address,
                         auth: auth.clone(),
                     })
-                    .collect();
-                let cluster = RedisServer {
-                    dc: dc.name.clone(),
-                    admin_url: dc.redis.admin_url().map_err(config)?,
-                    address: dc.redis.host_port().unwrap_or_default(),
-                    auth: auth.clone(),
-                };
+                    .collect::<Vec<_>>();
+                let cluster = nodes.iter().map(|n: &RedisServer| n.as_cluster_entry()).collect();
                 let side = ClusterSide { dc: dc.name.clone(), nodes, cluster };
                 // No address in the route: the clients speak to the cluster
                 // itself, which moves its slots.
@@ -155,6 +153,7 @@ impl Controller {
             last_error: None,
             solo: None,
             unlinked: 0,
+            handbacks: BTreeMap::new(),
             opts,
         })
     }
@@ -436,7 +435,7 @@ impl Controller {
     /// that answers as a master follows the active one; a cluster's slots
     /// served by another datacenter's node go back to the active
     /// datacenter's node that replicates it.
-    async fn fence_redis(&self, active: &str, probes: &RedisProbes) {
+    async fn fence_redis(&mut self, active: &str, probes: &RedisProbes) {
         let Some(master) = self.redis.get(active) else { return };
         for (dc, p) in probes {
             if dc == active {
@@ -453,7 +452,7 @@ impl Controller {
                 (Tier::Cluster(_), Tier::Cluster(m), Ok(TierProbe::Cluster(p)), Some(Ok(TierProbe::Cluster(ap))))
                     if !p.masters_here().is_empty() =>
                 {
-                    for r in cluster::hand_back(m, ap, p, ACTION_TIMEOUT).await {
+                    for r in cluster::hand_back(m, ap, p, &mut self.handbacks, ACTION_TIMEOUT).await {
                         match r {
                             Ok(node) => warn!(datacenter = %dc, node = %node,
                                 "slots served in a non-active datacenter: handed back to the active one's node"),

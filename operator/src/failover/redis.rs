@@ -114,6 +114,13 @@ impl RedisProbe {
 }
 
 impl RedisServer {
+    /// This node as the way into its whole cluster (its admin URL with
+    /// [`cache::ADMIN_CLUSTER_PARAM`]).
+    pub fn as_cluster_entry(&self) -> RedisServer {
+        let sep = if self.admin_url.contains('?') { '&' } else { '?' };
+        RedisServer { admin_url: format!("{}{sep}{}=true", self.admin_url, cache::ADMIN_CLUSTER_PARAM), ..self.clone() }
+    }
+
     async fn within<T>(
         &self,
         step: &'static str,
@@ -288,7 +295,7 @@ impl Tier {
     ) -> Result<(), RedisActionError> {
         match self {
             Tier::Server(s) => s.set_solo(tenants, epoch, timeout).await,
-            Tier::Cluster(c) => c.cluster.set_solo(tenants, epoch, timeout).await,
+            Tier::Cluster(c) => c.set_solo(tenants, epoch, timeout).await,
         }
     }
 
